@@ -1,0 +1,232 @@
+"""Message schemas of the cloud ↔ agent wire (pydantic v2), each carrying `schema_version`.
+
+Desired/reported flow: the coordinator publishes a device's `DesiredState` retained, and the agent
+reconciles towards it and publishes its `ReportedState` retained. A device that was offline converges
+when it reconnects, because the broker hands it the retained desired state; nothing is resent.
+
+Messages ignore unknown fields, so a newer peer may add fields within one schema version; a change
+that an older peer would misread bumps `SCHEMA_VERSION`.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from protocol.errors import ErrorCode
+from protocol.topics import DEVICE_ID_PATTERN
+
+SCHEMA_VERSION = 1
+
+DeviceId = Annotated[str, StringConstraints(pattern=DEVICE_ID_PATTERN)]
+Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+Version = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}$")]
+
+
+def utcnow() -> datetime:
+    """Timezone-aware current time in UTC."""
+    return datetime.now(UTC)
+
+
+class _Part(BaseModel):
+    """A nested part of a message: immutable, unknown fields ignored."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class Message(_Part):
+    """A top-level message on a topic."""
+
+    schema_version: int = SCHEMA_VERSION
+
+
+class ModelFormat(StrEnum):
+    """Serialized model formats a runtime can load."""
+
+    ONNX = "onnx"
+    TFLITE = "tflite"
+
+
+class Datatype(StrEnum):
+    """Tensor element types, named as in the Open Inference Protocol (KServe v2)."""
+
+    BOOL = "BOOL"
+    UINT8 = "UINT8"
+    INT8 = "INT8"
+    INT16 = "INT16"
+    INT32 = "INT32"
+    INT64 = "INT64"
+    FP16 = "FP16"
+    FP32 = "FP32"
+    FP64 = "FP64"
+
+
+class TensorSpec(_Part):
+    """A declared model input or output; `-1` in `shape` marks a dynamic dimension."""
+
+    name: str = Field(min_length=1, max_length=256)
+    datatype: Datatype
+    shape: list[int]
+
+
+class ArtifactRef(_Part):
+    """Where to fetch a model file and what it must hash to."""
+
+    url: str = Field(min_length=1, max_length=2048)
+    sha256: Sha256Hex
+    size: int = Field(ge=0)
+    format: ModelFormat = ModelFormat.ONNX
+
+
+class ModelRef(_Part):
+    """One model version, identified by name, version and content digest."""
+
+    name: Name
+    version: Version
+    sha256: Sha256Hex
+
+
+class ModelSpec(_Part):
+    """The model a device should run: identity, artifact and declared tensors."""
+
+    name: Name
+    version: Version
+    artifact: ArtifactRef
+    inputs: list[TensorSpec] = Field(min_length=1)
+    outputs: list[TensorSpec] = Field(default_factory=list)
+
+    @property
+    def ref(self) -> ModelRef:
+        """The identity of this model version."""
+        return ModelRef(name=self.name, version=self.version, sha256=self.artifact.sha256)
+
+
+class DesiredState(Message):
+    """What the coordinator wants a device to run. `generation` grows with every change."""
+
+    device_id: DeviceId
+    generation: int = Field(ge=0)
+    deployment_id: str | None = None
+    model: ModelSpec | None = None
+    issued_at: datetime = Field(default_factory=utcnow)
+
+
+class ErrorInfo(_Part):
+    """Why something failed, and whether retrying can help."""
+
+    code: ErrorCode
+    message: str = Field(max_length=4096)
+    retryable: bool = False
+
+    @classmethod
+    def of(cls, code: ErrorCode, message: str) -> ErrorInfo:
+        """An `ErrorInfo` whose `retryable` follows the code."""
+        return cls(code=code, message=message[:4096], retryable=code.is_retryable)
+
+
+class UpdatePhase(StrEnum):
+    """Where a device is on the update path (the agent's persisted state machine)."""
+
+    IDLE = "idle"
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    STAGING = "staging"
+    LOADING = "loading"
+    WARMING_UP = "warming_up"
+    SWITCHING = "switching"
+    ACTIVE = "active"
+    FAILED = "failed"
+
+
+class UpdateStatus(_Part):
+    """Progress of the device towards one desired generation."""
+
+    generation: int = Field(ge=0)
+    phase: UpdatePhase
+    target: ModelRef | None = None
+    error: ErrorInfo | None = None
+
+
+class Capabilities(_Part):
+    """What a device can run: runtimes, CPU and memory."""
+
+    runtimes: list[str] = Field(default_factory=list)
+    arch: str = ""
+    cpu_features: list[str] = Field(default_factory=list)
+    memory_mb: int | None = None
+    os: str = ""
+
+
+class DeviceStatus(StrEnum):
+    """Connectivity as the device (or its last will) reports it."""
+
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+class ReportedState(Message):
+    """What a device runs and how its update is going. Its last will carries only `status=offline`."""
+
+    device_id: DeviceId
+    status: DeviceStatus = DeviceStatus.ONLINE
+    active_model: ModelRef | None = None
+    update: UpdateStatus | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+    agent_version: str | None = None
+    capabilities: Capabilities | None = None
+    inference_url: str | None = None
+    reported_at: datetime = Field(default_factory=utcnow)
+
+
+class EventKind(StrEnum):
+    """Kinds of device events."""
+
+    UPDATE_STARTED = "update.started"
+    UPDATE_PROGRESS = "update.progress"
+    UPDATE_FAILED = "update.failed"
+    UPDATE_ACTIVATED = "update.activated"
+    MESSAGE_REJECTED = "message.rejected"
+    AGENT_STARTED = "agent.started"
+
+
+class DeviceEvent(Message):
+    """A progress or failure event from a device (not retained)."""
+
+    device_id: DeviceId
+    kind: EventKind
+    generation: int | None = None
+    phase: UpdatePhase | None = None
+    message: str = Field(default="", max_length=4096)
+    error: ErrorInfo | None = None
+    at: datetime = Field(default_factory=utcnow)
+
+
+class LatencySummary(_Part):
+    """Latency percentiles of one telemetry window, in milliseconds."""
+
+    p50_ms: float = Field(ge=0)
+    p95_ms: float = Field(ge=0)
+    p99_ms: float = Field(ge=0)
+    max_ms: float = Field(ge=0)
+    mean_ms: float = Field(ge=0)
+
+
+class TelemetryWindow(Message):
+    """Counts of one reporting window. `seq` is per device and never reused, so duplicates can be dropped."""
+
+    device_id: DeviceId
+    seq: int = Field(ge=0)
+    window_start: datetime
+    window_end: datetime
+    model: ModelRef | None = None
+    inference_count: int = Field(ge=0)
+    error_count: int = Field(ge=0)
+    latency: LatencySummary | None = None
+    # Counts per bucket of `protocol.telemetry.LATENCY_BUCKETS_MS` (last bucket: above the last bound),
+    # so the coordinator can merge windows into exact-to-the-bucket percentiles.
+    latency_histogram: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)
+    class_counts: dict[str, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
