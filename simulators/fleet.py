@@ -1,0 +1,130 @@
+"""A fleet of real agents in one process: the real `agent.Agent`, one identity and data directory each.
+
+Used by the demo, the end-to-end tests, benchmarks and fault injection. Nothing is faked: every
+agent has its own MQTT connection, its own slots on disk, its own runtime session and (optionally)
+its own local inference endpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent import Agent, AgentConfig
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """How to build a simulated fleet."""
+
+    devices: int
+    data_root: Path
+    coordinator_url: str | None = None
+    mqtt_url: str | None = None
+    topic_base: str | None = None
+    id_prefix: str = "sim"
+    tags: Mapping[str, str] = field(default_factory=dict)
+    canary_fraction: float = 0.1
+    http: bool = True
+    telemetry_interval_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.devices < 1:
+            raise ValueError(f"a fleet needs at least one device, got {self.devices}")
+        if self.coordinator_url is None and self.mqtt_url is None:
+            raise ValueError("a fleet needs a coordinator URL or an MQTT URL")
+
+
+def device_id(config: FleetConfig, index: int) -> str:
+    """The id of the fleet's `index`-th device (zero padded so they sort)."""
+    return f"{config.id_prefix}-{index:04d}"
+
+
+def device_tags(config: FleetConfig, index: int) -> dict[str, str]:
+    """Tags of one simulated device: the fleet's own, a ring (canary/main) and a site."""
+    canaries = max(1, round(config.devices * config.canary_fraction))
+    tags = {"fleet": config.id_prefix, "ring": "canary" if index < canaries else "main", "site": f"site-{index % 3}"}
+    tags.update(config.tags)
+    return tags
+
+
+def agent_config(config: FleetConfig, index: int) -> AgentConfig:
+    """The configuration of one simulated device."""
+    ident = device_id(config, index)
+    extra: dict[str, object] = {}
+    if config.topic_base is not None:
+        extra["topic_base"] = config.topic_base
+    return AgentConfig(
+        device_id=ident,
+        data_dir=config.data_root / ident,
+        coordinator_url=config.coordinator_url,
+        mqtt_url=config.mqtt_url,
+        tags=device_tags(config, index),
+        http_port=0 if config.http else None,
+        telemetry_interval_s=config.telemetry_interval_s,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+class SimulatedFleet:
+    """N real agents started and stopped together."""
+
+    def __init__(self, config: FleetConfig) -> None:
+        self.config = config
+        self.agents: list[Agent] = [Agent(agent_config(config, i)) for i in range(config.devices)]
+
+    def __enter__(self) -> SimulatedFleet:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def device_ids(self) -> list[str]:
+        """Ids of every device of the fleet, in order."""
+        return [device_id(self.config, i) for i in range(self.config.devices)]
+
+    def start(self, progress: ProgressFn | None = None) -> None:
+        """Start every agent; each loads its active slot and connects."""
+        for done, agent in enumerate(self.agents, start=1):
+            agent.start()
+            if progress:
+                progress(done, len(self.agents))
+
+    def stop(self) -> None:
+        """Stop every agent (flushing telemetry and reporting offline); errors of one do not stop the rest."""
+        for agent in self.agents:
+            try:
+                agent.stop()
+            except Exception:  # one broken agent must not leave the others running
+                log.exception("stopping agent %s failed", agent.config.device_id)
+
+    def running(self, version: str) -> list[Agent]:
+        """Agents whose active model has `version`."""
+        return [a for a in self.agents if a.active_model is not None and a.active_model.version == version]
+
+    def wait_for_version(self, version: str, timeout: float, progress: ProgressFn | None = None) -> bool:
+        """Wait until every agent serves `version`; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ready = len(self.running(version))
+            if progress:
+                progress(ready, len(self.agents))
+            if ready == len(self.agents):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+
+    def flush_telemetry(self) -> None:
+        """Publish every agent's current telemetry window now."""
+        for agent in self.agents:
+            agent.flush_telemetry()

@@ -1,0 +1,96 @@
+"""Inference traffic for a simulated fleet: held-out digits sent to each device's local endpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+
+from agent import Agent
+from compression.reference import load_digits_split
+
+
+@dataclass
+class DeviceTraffic:
+    """What was sent to one device and how it answered."""
+
+    device_id: str
+    sent: int = 0
+    errors: int = 0
+    correct: int = 0
+
+    @property
+    def accuracy(self) -> float:
+        """Share of answered requests whose predicted class was right."""
+        answered = self.sent - self.errors
+        return self.correct / answered if answered else 0.0
+
+
+def digits_samples(shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out digits shaped for a model input of `shape` (batch dimension first)."""
+    split = load_digits_split()
+    per_sample = [d if d > 0 else 1 for d in shape[1:]]
+    return split.x_test.reshape([-1, *per_sample]).astype(np.float32), split.y_test
+
+
+def oip_request(input_name: str, sample: np.ndarray) -> dict[str, object]:
+    """An Open Inference Protocol request body for one sample."""
+    batch = sample[np.newaxis]
+    return {
+        "inputs": [{"name": input_name, "shape": list(batch.shape), "datatype": "FP32", "data": batch.ravel().tolist()}]
+    }
+
+
+def _drive_one(agent: Agent, requests: int, offset: int) -> DeviceTraffic:
+    traffic = DeviceTraffic(agent.config.device_id)
+    model = agent.loaded_model
+    active = agent.active_model
+    if model is None or active is None:
+        traffic.sent, traffic.errors = requests, requests
+        return traffic
+    spec = model.inputs[0]
+    x, y = digits_samples(spec.shape)
+    url = agent.inference_url
+    with httpx.Client(timeout=10.0) as client:
+        for i in range(requests):
+            index = (offset + i) % len(x)
+            traffic.sent += 1
+            try:
+                predicted = _predict(agent, client, url, active.name, spec.name, x[index])
+            except (httpx.HTTPError, RuntimeError):
+                traffic.errors += 1
+                continue
+            traffic.correct += int(predicted == y[index])
+    return traffic
+
+
+def _predict(agent: Agent, client: httpx.Client, url: str | None, name: str, input_name: str, sample: np.ndarray) -> int:
+    if url is None:  # no local endpoint: call the agent in process (the same code path the endpoint uses)
+        outputs = agent.infer({input_name: sample[np.newaxis]})
+        return int(np.argmax(next(iter(outputs.values()))[0]))
+    response = client.post(f"{url}/v2/models/{name}/infer", json=oip_request(input_name, sample))
+    if response.status_code != 200:
+        raise RuntimeError(f"{response.status_code}: {response.text}")
+    first = response.json()["outputs"][0]
+    return int(np.argmax(first["data"]))
+
+
+def drive_inference(
+    agents: Sequence[Agent],
+    requests_per_device: int,
+    *,
+    workers: int = 4,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[DeviceTraffic]:
+    """Send `requests_per_device` digits to every agent (a few devices at a time); returns per-device results."""
+    results: list[DeviceTraffic] = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(_drive_one, agent, requests_per_device, i * 7) for i, agent in enumerate(agents)]
+        for done, future in enumerate(futures, start=1):
+            results.append(future.result())
+            if progress:
+                progress(done, len(futures))
+    return results
