@@ -1,0 +1,100 @@
+"""Domain errors of the coordinator. Services raise them; the API maps them to HTTP problems at the edge.
+
+Exception tree::
+
+    CloudError                        anything the coordinator refuses or cannot do
+    ├── RequestError                  the caller is at fault; retrying the same request cannot help
+    │   ├── NotFoundError             (404) a model, version, artifact, device or deployment does not exist
+    │   ├── ConflictError             (409) it exists already (same model name and version pushed twice)
+    │   ├── InvalidInputError         (422) the input is well-formed but unusable; `field` names the culprit
+    │   │   ├── InvalidModelError         the uploaded file is not a model of the declared format
+    │   │   └── EmptyTargetError          a deployment target that matches no device
+    │   └── UnauthorizedError         (401) missing or wrong admin token
+    ├── ConfigurationError            the operator's settings are unusable (fatal at start-up)
+    └── TransientError                an external system failed; retrying later may help
+        ├── BrokerStartError          the embedded MQTT broker could not listen
+        └── PublishError              a desired state could not be handed to the broker
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BrokerStartError",
+    "CloudError",
+    "ConfigurationError",
+    "ConflictError",
+    "EmptyTargetError",
+    "InvalidInputError",
+    "InvalidModelError",
+    "NotFoundError",
+    "PublishError",
+    "RequestError",
+    "TransientError",
+    "UnauthorizedError",
+]
+
+
+class CloudError(Exception):
+    """Base of every coordinator error; `retryable` says whether trying again can help."""
+
+    retryable: bool = False
+
+
+class RequestError(CloudError):
+    """A request the caller must change before it can succeed."""
+
+    status_code: int = 400
+
+
+class NotFoundError(RequestError):
+    """The named thing does not exist."""
+
+    status_code = 404
+
+
+class ConflictError(RequestError):
+    """The thing to create exists already."""
+
+    status_code = 409
+
+
+class InvalidInputError(RequestError):
+    """Input that parses but cannot be used; `field` names the offending input when known."""
+
+    status_code = 422
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class InvalidModelError(InvalidInputError):
+    """An uploaded file that is not a valid model of its declared format."""
+
+
+class EmptyTargetError(InvalidInputError):
+    """A deployment target that selects no device."""
+
+
+class UnauthorizedError(RequestError):
+    """A write without a valid admin token."""
+
+    status_code = 401
+
+
+class ConfigurationError(CloudError):
+    """Settings the coordinator refuses to run with (e.g. a placeholder secret in production)."""
+
+
+class TransientError(CloudError):
+    """A failure of an external system; the same operation may succeed later."""
+
+    retryable = True
+
+
+class BrokerStartError(TransientError):
+    """The embedded MQTT broker did not start listening."""
+
+
+class PublishError(TransientError):
+    """A message could not be handed to the MQTT broker."""
