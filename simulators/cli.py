@@ -23,7 +23,9 @@ def sim(
     ),
     mqtt_url: Annotated[str | None, typer.Option(help="MQTT broker URL, if not the coordinator's.")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Root of the devices' data dirs (default: a temp dir).")] = None,
-    prefix: Annotated[str, typer.Option(help="Device ids are PREFIX-0000, PREFIX-0001, ...; tag fleet=PREFIX.")] = "sim",
+    prefix: Annotated[
+        str, typer.Option(help="Device ids are PREFIX-0000, PREFIX-0001, ...; tag fleet=PREFIX.")
+    ] = "sim",
     duration: Annotated[float, typer.Option(help="Stop after this many seconds (0: until Ctrl-C).")] = 0.0,
     rps: Annotated[float, typer.Option(help="Inference requests per second per device (0: none).")] = 1.0,
     http: Annotated[bool, typer.Option(help="Give every device its local inference endpoint.")] = True,
@@ -34,8 +36,12 @@ def sim(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with tempfile.TemporaryDirectory(prefix="edgefleet-sim-") as tmp:
         config = FleetConfig(
-            devices=devices, data_root=data_dir or Path(tmp), coordinator_url=coordinator, mqtt_url=mqtt_url,
-            id_prefix=prefix, http=http,
+            devices=devices,
+            data_root=data_dir or Path(tmp),
+            coordinator_url=coordinator,
+            mqtt_url=mqtt_url,
+            id_prefix=prefix,
+            http=http,
         )
         fleet = SimulatedFleet(config)
         console.print(f"starting {devices} agents against {coordinator} ...")
@@ -52,7 +58,7 @@ def sim(
                 for agent in fleet.agents:
                     key = f"{agent.active_model.name}:{agent.active_model.version}" if agent.active_model else "-"
                     versions[key] = versions.get(key, 0) + 1
-                console.print("  " + "  ".join(f"{k} ×{v}" for k, v in sorted(versions.items())))
+                console.print("  " + "  ".join(f"{k} x{v}" for k, v in sorted(versions.items())))
                 stop.wait(max(0.0, 1.0 - (time.monotonic() - started)) + 4.0)
         except KeyboardInterrupt:
             pass

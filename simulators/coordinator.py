@@ -41,14 +41,16 @@ class CoordinatorClient:
         """Coordinator version, MQTT URL and topic base."""
         return dict(self._request("GET", "/api/v1/info"))
 
-    def push_model(self, path: Path, *, name: str, version: str) -> dict[str, Any]:
-        """Upload a model file as `name:version`."""
+    def push_model(self, path: Path, *, name: str, version: str, inputs: str | None = None) -> dict[str, Any]:
+        """Upload a model file as `name:version` (`inputs`: JSON tensor specs, else derived by the registry)."""
+        data = {"version": version} | ({"inputs": inputs} if inputs else {})
         with path.open("rb") as fh:
             files = {"file": (path.name, fh, "application/octet-stream")}
-            return dict(self._request("POST", f"/api/v1/models/{name}/versions", data={"version": version}, files=files))
+            return dict(self._request("POST", f"/api/v1/models/{name}/versions", data=data, files=files))
 
-    def deploy(self, *, model: str, version: str, tags: dict[str, str] | None = None,
-               device_ids: list[str] | None = None) -> dict[str, Any]:
+    def deploy(
+        self, *, model: str, version: str, tags: dict[str, str] | None = None, device_ids: list[str] | None = None
+    ) -> dict[str, Any]:
         """Deploy `model:version` to devices chosen by tags or ids."""
         target: dict[str, Any] = {"tags": tags} if tags else {"device_ids": device_ids or []}
         body = {"model": model, "version": version, "target": target}
@@ -63,6 +65,15 @@ class CoordinatorClient:
         body = self._request("GET", "/api/v1/devices")
         return list(body["data"] if isinstance(body, dict) else body)
 
+    def telemetry(self, device_id: str) -> list[dict[str, Any]]:
+        """The telemetry windows the coordinator stored for one device."""
+        body = self._request("GET", f"/api/v1/devices/{device_id}/telemetry")
+        return list(body["data"] if isinstance(body, dict) else body)
+
+    def stats(self) -> dict[str, Any]:
+        """The coordinator's MQTT ingest counters."""
+        return dict(self._request("GET", "/api/v1/stats"))
+
     def fleet_summary(self) -> dict[str, Any]:
         """Per-device versions, inference counts and latency percentiles."""
         return dict(self._request("GET", "/api/v1/fleet/summary"))
@@ -71,8 +82,15 @@ class CoordinatorClient:
 class CoordinatorProcess:
     """`edgefleet up` in a subprocess with its own data directory; the way the demo and e2e tests run it."""
 
-    def __init__(self, data_dir: Path, *, mqtt_url: str | None = None, database_url: str | None = None,
-                 topic_base: str | None = None, startup_timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        mqtt_url: str | None = None,
+        database_url: str | None = None,
+        topic_base: str | None = None,
+        startup_timeout: float = 60.0,
+    ) -> None:
         self.data_dir = data_dir
         self.mqtt_url = mqtt_url
         self.database_url = database_url

@@ -68,7 +68,9 @@ def run_demo(console: Console, root: Path, *, devices: int, requests: int, timeo
             f"    {MODEL_NAME}:{MODEL_VERSION}  sha256 {str(pushed.get('sha256', ''))[:12]}…  "
             f"{len(model.onnx_bytes)} bytes  held-out accuracy {model.accuracy:.3f}"
         )
-        fleet_config = FleetConfig(devices=devices, data_root=root / "devices", coordinator_url=client.url, id_prefix="demo")
+        fleet_config = FleetConfig(
+            devices=devices, data_root=root / "devices", coordinator_url=client.url, id_prefix="demo"
+        )
         with SimulatedFleet(fleet_config) as fleet:
             console.print(f"[bold]3/6[/] {devices} device agents started; waiting for them to enrol ...")
             _wait_for_enrolment(client, fleet.device_ids, timeout)
@@ -104,10 +106,16 @@ def _wait_for_enrolment(client: CoordinatorClient, device_ids: list[str], timeou
     raise DemoError(f"only {len(wanted & known)} of {len(wanted)} devices enrolled within {timeout:.0f}s")
 
 
-def _watch_deployment(console: Console, client: CoordinatorClient, deployment_id: Any, total: int,
-                      timeout: float) -> None:
-    columns = (TextColumn("    active"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-               TimeElapsedColumn())
+def _watch_deployment(
+    console: Console, client: CoordinatorClient, deployment_id: Any, total: int, timeout: float
+) -> None:
+    columns = (
+        TextColumn("    active"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+    )
     deadline = time.monotonic() + timeout
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("", total=total)
@@ -118,7 +126,9 @@ def _watch_deployment(console: Console, client: CoordinatorClient, deployment_id
             failed = [t for t in targets if t.get("status") == "failed"]
             progress.update(task, completed=done, description=f"failed {len(failed)}")
             if failed:
-                reasons = "; ".join(f"{t.get('device_id')}: {t.get('error_message') or t.get('error')}" for t in failed[:3])
+                reasons = "; ".join(
+                    f"{t.get('device_id')}: {t.get('error_message') or t.get('error')}" for t in failed[:3]
+                )
                 raise DemoError(f"{len(failed)} devices failed the update: {reasons}")
             if done == total:
                 return
@@ -148,8 +158,12 @@ def _summary_table(summary: dict[str, Any], traffic: list[DeviceTraffic]) -> Tab
         local = sent.get(str(ident))
         model = f"{device.get('model_name') or '-'}:{device.get('model_version') or '-'}"
         table.add_row(
-            str(ident), model, str(device.get("inference_count", 0)), str(device.get("error_count", 0)),
-            _ms(device.get("latency_p50_ms")), _ms(device.get("latency_p95_ms")),
+            str(ident),
+            model,
+            str(device.get("inference_count", 0)),
+            str(device.get("error_count", 0)),
+            _ms(device.get("latency_p50_ms")),
+            _ms(device.get("latency_p95_ms")),
             f"{local.accuracy:.2f}" if local else "-",
         )
     return table

@@ -67,7 +67,9 @@ def _drive_one(agent: Agent, requests: int, offset: int) -> DeviceTraffic:
     return traffic
 
 
-def _predict(agent: Agent, client: httpx.Client, url: str | None, name: str, input_name: str, sample: np.ndarray) -> int:
+def _predict(
+    agent: Agent, client: httpx.Client, url: str | None, name: str, input_name: str, sample: np.ndarray
+) -> int:
     if url is None:  # no local endpoint: call the agent in process (the same code path the endpoint uses)
         outputs = agent.infer({input_name: sample[np.newaxis]})
         return int(np.argmax(next(iter(outputs.values()))[0]))

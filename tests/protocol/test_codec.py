@@ -27,7 +27,10 @@ SHA = "a" * 64
 def desired() -> DesiredState:
     artifact = ArtifactRef(url="http://127.0.0.1:8080/api/v1/artifacts/" + SHA, sha256=SHA, size=10)
     spec = ModelSpec(
-        name="digits", version="1.0", artifact=artifact, inputs=[TensorSpec(name="input", datatype="FP32", shape=[-1, 64])]
+        name="digits",
+        version="1.0",
+        artifact=artifact,
+        inputs=[TensorSpec(name="input", datatype="FP32", shape=[-1, 64])],
     )
     return DesiredState(device_id="dev-1", generation=3, model=spec)
 
