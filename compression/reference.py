@@ -40,9 +40,7 @@ def load_digits_split(test_fraction: float = 0.25, seed: int = 0) -> DigitsSplit
     digits = load_digits()
     x = (digits.data / 16.0).astype(np.float32)
     y = digits.target.astype(np.int64)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=test_fraction, random_state=seed, stratify=y
-    )
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y)
     return DigitsSplit(x_train, y_train, x_test, y_test)
 
 
