@@ -1,0 +1,169 @@
+"""The agent's typed configuration: a TOML file, overridden by `EDGEFLEET_AGENT_*` environment variables.
+
+Example (`edgefleet-agent init` prints a commented one)::
+
+    device_id = "cam-0001"
+    data_dir = "/var/lib/edgefleet-agent"
+    coordinator_url = "http://coordinator:8000"   # the MQTT URL and topic base come from /api/v1/info
+    [tags]
+    site = "lab"
+
+Every key can be overridden by `EDGEFLEET_AGENT_<KEY>` (e.g. `EDGEFLEET_AGENT_HTTP_PORT=disabled`,
+`EDGEFLEET_AGENT_TAGS=site=lab,ring=canary`). A relative `data_dir` in a file is relative to that file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from agent.errors import ConfigError
+from protocol import TopicError, Topics, validate_device_id
+
+__all__ = ["ENV_PREFIX", "AgentConfig", "load_config"]
+
+ENV_PREFIX = "EDGEFLEET_AGENT_"
+_DISABLED = {"", "none", "off", "disabled", "false", "no"}
+
+
+class AgentConfig(BaseModel):
+    """Settings of one agent; built directly (simulators, tests) or by `load_config` (the daemon)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    device_id: str = Field(description="this device's id; it appears in MQTT topics")
+    data_dir: Path = Field(description="where slots, downloads, update state and telemetry seq live")
+    coordinator_url: str | None = Field(default=None, description="base URL of the coordinator's HTTP API")
+    mqtt_url: str | None = Field(default=None, description="mqtt://[user:pass@]host:port; else from the coordinator")
+    mqtt_client_id: str | None = Field(default=None, description="MQTT client id; derived from device and base")
+    topic_base: str | None = Field(default=None, description="topic base; else from the coordinator, else default")
+    tags: dict[str, str] = Field(default_factory=dict, description="labels used for deployment targeting")
+    http_host: str = Field(default="127.0.0.1", description="address of the local inference endpoint")
+    http_port: int | None = Field(default=8500, ge=0, le=65535, description="0 = ephemeral, None = no endpoint")
+    telemetry_interval_s: float = Field(default=10.0, gt=0, le=86400)
+    reconnect_min_s: float = Field(default=1.0, gt=0, le=3600)
+    reconnect_max_s: float = Field(default=60.0, gt=0, le=3600)
+    download_timeout_s: float = Field(default=60.0, gt=0, le=86400, description="per-request network timeout")
+    download_attempts: int = Field(default=3, ge=1, le=20, description="tries before a download is reported failed")
+    intra_op_threads: int = Field(default=1, ge=1, le=256, description="runtime threads per inference")
+
+    @field_validator("device_id")
+    @classmethod
+    def _valid_device_id(cls, value: str) -> str:
+        try:
+            return validate_device_id(value)
+        except TopicError as exc:
+            raise ValueError(str(exc)) from exc
+
+    @field_validator("topic_base")
+    @classmethod
+    def _valid_topic_base(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                Topics(value)
+            except TopicError as exc:
+                raise ValueError(str(exc)) from exc
+        return value
+
+    @field_validator("coordinator_url", "mqtt_url")
+    @classmethod
+    def _valid_url(cls, value: str | None) -> str | None:
+        if value is not None and "://" not in value:
+            raise ValueError(f"{value!r} is not a URL (expected scheme://host:port)")
+        return value.rstrip("/") if value else value
+
+    @field_validator("http_port", mode="before")
+    @classmethod
+    def _port_or_disabled(cls, value: Any) -> Any:
+        if value is None or value is False or (isinstance(value, str) and value.strip().lower() in _DISABLED):
+            return None
+        return value
+
+    @model_validator(mode="after")
+    def _reachable(self) -> AgentConfig:
+        if self.coordinator_url is None and self.mqtt_url is None:
+            raise ValueError("set mqtt_url, or coordinator_url to fetch it from the coordinator")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError(f"reconnect_max_s ({self.reconnect_max_s}) is below reconnect_min_s")
+        return self
+
+
+def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> AgentConfig:
+    """Read `path` (TOML, optional) and apply `EDGEFLEET_AGENT_*` overrides from `env` (default: os.environ)."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    source = "environment"
+    if path is not None:
+        source = str(path)
+        values = _read_toml(path)
+        if isinstance(values.get("data_dir"), str) and not Path(values["data_dir"]).is_absolute():
+            values["data_dir"] = str((path.parent / values["data_dir"]).resolve())
+    from_env = _env_overrides(env)
+    values.update(from_env)
+    try:
+        return AgentConfig(**values)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, source, set(from_env))) from exc
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration file ({exc.strerror or exc})") from exc
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    known = set(AgentConfig.model_fields)
+    found: dict[str, Any] = {}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        if key not in known:
+            raise ConfigError(f"environment {name}: unknown setting {key!r} (known: {', '.join(sorted(known))})")
+        found[key] = _parse_tags(name, raw) if key == "tags" else raw
+    return found
+
+
+def _parse_tags(name: str, raw: str) -> dict[str, str]:
+    """Tags from the environment: a JSON object or `k=v,k2=v2`."""
+    raw = raw.strip()
+    if raw.startswith("{"):
+        try:
+            parsed = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"environment {name}: not a JSON object ({exc})") from exc
+        if not isinstance(parsed, dict):
+            raise ConfigError(f"environment {name}: expected a JSON object of strings")
+        return {str(k): str(v) for k, v in parsed.items()}
+    tags: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"environment {name}: {item!r} is not key=value")
+        tags[key.strip()] = value.strip()
+    return tags
+
+
+def _explain(exc: ValidationError, source: str, env_keys: set[str]) -> str:
+    """One line per problem, naming the key and where its value came from."""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<file>"
+        origin = f"environment {ENV_PREFIX}{key.split('.')[0].upper()}" if key.split(".")[0] in env_keys else source
+        reason = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            reason = f"unknown key (known: {', '.join(sorted(AgentConfig.model_fields))})"
+        lines.append(f"{origin}: key {key!r}: {reason}")
+    return "invalid agent configuration:\n  " + "\n  ".join(lines)

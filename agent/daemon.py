@@ -1,0 +1,339 @@
+"""`Agent`: one device's daemon, wiring config, runtime, update worker, endpoint, telemetry and MQTT.
+
+Many agents can run in one process (simulated fleets): nothing here is process-global, and each agent
+has its own data directory, MQTT client, update worker and telemetry timer (plus an optional endpoint).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import platform
+import threading
+from collections.abc import Mapping
+from importlib import metadata
+
+import httpx
+import numpy as np
+
+from agent.config import AgentConfig
+from agent.errors import AgentError, TransportError
+from agent.runtime import LoadedModel, RuntimeRegistry, default_registry
+from agent.server import InferenceServer, create_app
+from agent.serving import Serving
+from agent.telemetry import SeqCounter, TelemetryPublisher, TelemetryRecorder
+from agent.transport import MqttTransport, Transport, client_id_for, parse_mqtt_url
+from agent.update import (
+    ArtifactFetcher,
+    SlotStore,
+    StateFile,
+    UpdateExecutor,
+    UpdateState,
+    UpdateWorker,
+    load_model,
+    transition_event,
+)
+from protocol import (
+    DEFAULT_BASE,
+    Capabilities,
+    DesiredState,
+    DeviceEvent,
+    DeviceStatus,
+    ErrorCode,
+    ErrorInfo,
+    EventKind,
+    MalformedMessageError,
+    ModelRef,
+    ReportedState,
+    TelemetryWindow,
+    Topics,
+    UpdateStatus,
+    decode,
+    encode,
+)
+
+__all__ = ["Agent", "agent_version", "resolve_broker"]
+
+log = logging.getLogger(__name__)
+
+
+def agent_version() -> str:
+    """The installed edgefleet version."""
+    try:
+        return metadata.version("edgefleet")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def resolve_broker(config: AgentConfig, timeout_s: float = 10.0) -> tuple[str, str]:
+    """`(mqtt_url, topic_base)`: configured values, else the coordinator's `GET /api/v1/info`."""
+    mqtt_url, base = config.mqtt_url, config.topic_base
+    if mqtt_url is None or base is None:
+        if config.coordinator_url is None:
+            return str(mqtt_url), base or DEFAULT_BASE
+        url = f"{config.coordinator_url}/api/v1/info"
+        try:
+            response = httpx.get(url, timeout=timeout_s)
+            response.raise_for_status()
+            info = response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise TransportError(f"cannot fetch the broker address from {url}: {exc}") from exc
+        if not isinstance(info, dict):
+            raise TransportError(f"{url} did not answer a JSON object")
+        mqtt_url = mqtt_url or info.get("mqtt_url")
+        base = base or info.get("topic_base") or DEFAULT_BASE
+        if not isinstance(mqtt_url, str) or not mqtt_url:
+            raise TransportError(f"{url} names no mqtt_url; set mqtt_url in the agent configuration")
+    return mqtt_url, str(base)
+
+
+def _capabilities(registry: RuntimeRegistry) -> Capabilities:
+    memory_mb = None
+    with contextlib.suppress(AttributeError, ValueError, OSError):  # not every OS reports physical memory
+        memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
+    return Capabilities(
+        runtimes=registry.names(), arch=platform.machine(), os=platform.system().lower(), memory_mb=memory_mb
+    )
+
+
+class Agent:
+    """One device: `Agent(config)` builds nothing yet; `start()` loads, serves and connects; `stop()` ends."""
+
+    def __init__(self, config: AgentConfig, *, registry: RuntimeRegistry | None = None) -> None:
+        self.config = config
+        self._registry = registry or default_registry(config.intra_op_threads)
+        self._recorder = TelemetryRecorder()
+        self._serving = Serving(record=self._recorder.record)
+        self._slots = SlotStore(config.data_dir / "slots")
+        self._lock = threading.Lock()
+        self._rejected = 0
+        self._started = False
+        self._topics: Topics | None = None
+        self._transport: Transport | None = None
+        self._worker: UpdateWorker | None = None
+        self._fetcher: ArtifactFetcher | None = None
+        self._telemetry: TelemetryPublisher | None = None
+        self._server: InferenceServer | None = None
+
+    # -- public API -------------------------------------------------------------------------------
+
+    @property
+    def active_model(self) -> ModelRef | None:
+        """Identity of the model being served."""
+        active = self._serving.current()
+        return active.ref if active else None
+
+    @property
+    def loaded_model(self) -> LoadedModel | None:
+        """The model being served (its `inputs`/`outputs` describe requests)."""
+        active = self._serving.current()
+        return active.model if active else None
+
+    @property
+    def update_status(self) -> UpdateStatus | None:
+        """Progress towards the latest desired generation; None before any desired state."""
+        return self._worker.state.status() if self._worker is not None else None
+
+    @property
+    def inference_url(self) -> str | None:
+        """Base URL of the local inference endpoint, when it runs."""
+        return self._server.url if self._server is not None else None
+
+    @property
+    def rejected_messages(self) -> int:
+        """How many malformed messages this agent dropped."""
+        return self._rejected
+
+    def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one inference on the served model, counted in telemetry; `NoModelError` before a model is loaded."""
+        return self._serving.infer(inputs)
+
+    def wait_for_model(self, version: str, timeout: float) -> bool:
+        """Wait until the served model has `version`; False after `timeout` seconds."""
+        return self._serving.wait_for(lambda a: a is not None and a.spec.version == version, timeout)
+
+    def flush_telemetry(self) -> None:
+        """Publish the current telemetry window now (nothing when it is empty or the agent is not started)."""
+        if self._telemetry is not None:
+            self._telemetry.flush()
+
+    def start(self) -> None:
+        """Load the active slot, resume an interrupted update, start the endpoint and connect (non-blocking)."""
+        if self._started:
+            raise RuntimeError(f"agent {self.config.device_id} is already started")
+        cfg = self.config
+        mqtt_url, base = resolve_broker(cfg, timeout_s=min(cfg.download_timeout_s, 10.0))
+        address = parse_mqtt_url(mqtt_url)
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        self._topics = topics = Topics(base)
+        self._load_active_slot()
+        self._fetcher = ArtifactFetcher(
+            timeout_s=cfg.download_timeout_s,
+            attempts=cfg.download_attempts,
+            base_url=cfg.coordinator_url,
+            sleep=lambda s: self._worker.sleep(s) if self._worker else False,
+        )
+        executor = UpdateExecutor(
+            slots=self._slots,
+            downloads=cfg.data_dir / "downloads",
+            registry=self._registry,
+            serving=self._serving,
+            fetcher=self._fetcher,
+        )
+        self._worker = UpdateWorker(
+            name=cfg.device_id,
+            state_file=StateFile(cfg.data_dir / "update-state.json"),
+            executor=executor,
+            slots=self._slots,
+            serving=self._serving,
+            on_transition=self._on_transition,
+        )
+        self._worker.resume()
+        try:
+            if cfg.http_port is not None:
+                self._server = InferenceServer(
+                    create_app(self._serving, version=agent_version()),
+                    host=cfg.http_host,
+                    port=cfg.http_port,
+                    name=cfg.device_id,
+                )
+                self._server.start()
+            offline = ReportedState(device_id=cfg.device_id, status=DeviceStatus.OFFLINE, tags=cfg.tags)
+            self._transport = MqttTransport(
+                address=address,
+                client_id=cfg.mqtt_client_id or client_id_for(cfg.device_id, base),
+                subscriptions=[topics.desired(cfg.device_id)],
+                will=(topics.reported(cfg.device_id), encode(offline)),
+                reconnect_min_s=cfg.reconnect_min_s,
+                reconnect_max_s=cfg.reconnect_max_s,
+            )
+            self._telemetry = TelemetryPublisher(
+                device_id=cfg.device_id,
+                recorder=self._recorder,
+                seq=SeqCounter(cfg.data_dir / "telemetry-seq"),
+                publish=self._publish_telemetry,
+                interval_s=cfg.telemetry_interval_s,
+            )
+            self._transport.start(on_message=self._on_message, on_connect=self._on_connect)
+            self._telemetry.start()
+            self._worker.start()
+        except BaseException:
+            self._shutdown(report=False)
+            raise
+        self._started = True
+        self._event(EventKind.AGENT_STARTED, message=f"agent {agent_version()} started")
+        log.info("agent %s started (model: %s, endpoint: %s)", cfg.device_id, self.active_model, self.inference_url)
+
+    def stop(self) -> None:
+        """Flush telemetry, report offline, disconnect and stop the endpoint; safe to call twice."""
+        if not self._started:
+            return
+        self._started = False
+        self._shutdown(report=True)
+        log.info("agent %s stopped", self.config.device_id)
+
+    def __enter__(self) -> Agent:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _shutdown(self, *, report: bool) -> None:
+        if self._worker is not None:
+            self._worker.stop()
+        if self._telemetry is not None:
+            self._telemetry.stop()
+            if report:
+                try:
+                    self._telemetry.flush()
+                except Exception:
+                    log.exception("final telemetry flush of %s failed", self.config.device_id)
+        if self._transport is not None:
+            if report:
+                self._report(status=DeviceStatus.OFFLINE)
+            self._transport.close(timeout=5.0)
+        if self._server is not None:
+            self._server.stop()
+        if self._fetcher is not None:
+            self._fetcher.close()
+        self._transport = self._telemetry = self._server = self._fetcher = None
+
+    def _load_active_slot(self) -> None:
+        content = self._slots.active()
+        if content is None:
+            return
+        try:
+            self._serving.swap(load_model(self._registry, content.spec, content.path))
+        except AgentError as exc:
+            log.error("cannot load the active slot %s (%s); serving nothing until an update", content.slot, exc)
+
+    def _on_connect(self) -> None:
+        self._report()
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        assert self._topics is not None
+        if topic != self._topics.desired(self.config.device_id):
+            return
+        if not payload:
+            log.info("desired state of %s was cleared (empty retained message); nothing to do", self.config.device_id)
+            return
+        try:
+            desired = decode(DesiredState, payload)
+        except MalformedMessageError as exc:
+            self._reject(topic, str(exc))
+            return
+        if desired.device_id != self.config.device_id:
+            self._reject(
+                topic, f"desired state for device {desired.device_id!r} on the topic of {self.config.device_id!r}"
+            )
+            return
+        assert self._worker is not None
+        self._worker.submit(desired)
+
+    def _reject(self, topic: str, reason: str) -> None:
+        with self._lock:
+            self._rejected += 1
+        log.warning("rejected message on %s: %s", topic, reason)
+        self._event(EventKind.MESSAGE_REJECTED, message=reason, error=ErrorInfo.of(ErrorCode.MALFORMED_MESSAGE, reason))
+
+    def _on_transition(self, old: UpdateState, new: UpdateState) -> None:
+        kind = transition_event(old, new)
+        if kind is not None:
+            target = f"{new.target.name}:{new.target.version}" if new.target else "nothing"
+            self._event(
+                kind, generation=new.generation, phase=new.phase, message=f"{new.phase.value} {target}", error=new.error
+            )
+        self._report()
+
+    def _report(self, status: DeviceStatus = DeviceStatus.ONLINE) -> None:
+        transport, topics = self._transport, self._topics
+        if transport is None or topics is None:
+            return
+        state = ReportedState(
+            device_id=self.config.device_id,
+            status=status,
+            active_model=self.active_model,
+            update=self.update_status,
+            tags=self.config.tags,
+            agent_version=agent_version(),
+            capabilities=_capabilities(self._registry),
+            inference_url=self.inference_url,
+        )
+        transport.publish(topics.reported(self.config.device_id), encode(state), qos=1, retain=True)
+
+    def _event(self, kind: EventKind, **fields: object) -> None:
+        transport, topics = self._transport, self._topics
+        if transport is None or topics is None:
+            return
+        event = DeviceEvent(device_id=self.config.device_id, kind=kind, **fields)
+        transport.publish(topics.events(self.config.device_id), encode(event), qos=1)
+
+    def _publish_telemetry(self, window: TelemetryWindow) -> None:
+        transport, topics = self._transport, self._topics
+        if transport is None or topics is None:
+            raise TransportError("telemetry published before the transport started")
+        transport.publish(topics.telemetry(self.config.device_id), encode(window), qos=1)

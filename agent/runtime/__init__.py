@@ -1,0 +1,23 @@
+"""Model runtimes behind one small interface: `ModelRuntime.load(path) -> LoadedModel`.
+
+ONNX Runtime today; LiteRT (TFLite) plugs in as another `ModelRuntime` for `ModelFormat.TFLITE`.
+"""
+
+from agent.runtime._tensors import check_inputs, datatype_of, numpy_dtype, warmup_inputs
+from agent.runtime.base import LoadedModel, ModelRuntime
+from agent.runtime.onnx import OnnxModel, OnnxRuntime
+from agent.runtime.registry import RuntimeRegistry, available_runtimes, default_registry
+
+__all__ = [
+    "LoadedModel",
+    "ModelRuntime",
+    "OnnxModel",
+    "OnnxRuntime",
+    "RuntimeRegistry",
+    "available_runtimes",
+    "check_inputs",
+    "datatype_of",
+    "default_registry",
+    "numpy_dtype",
+    "warmup_inputs",
+]

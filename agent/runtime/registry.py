@@ -1,0 +1,60 @@
+"""Runtimes by model format, per agent (no process-global registry)."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterable
+
+from agent.errors import UnsupportedFormatError
+from agent.runtime.base import ModelRuntime
+from agent.runtime.onnx import OnnxRuntime
+from protocol import ModelFormat
+
+__all__ = ["RuntimeRegistry", "available_runtimes", "default_registry"]
+
+
+class RuntimeRegistry:
+    """The runtimes one agent can use, looked up by `ModelFormat`."""
+
+    def __init__(self, runtimes: Iterable[ModelRuntime] = ()) -> None:
+        self._by_format: dict[ModelFormat, ModelRuntime] = {}
+        for runtime in runtimes:
+            self.register(runtime)
+
+    def register(self, runtime: ModelRuntime) -> None:
+        """Add (or replace) the runtime for `runtime.format`."""
+        self._by_format[runtime.format] = runtime
+
+    def for_format(self, fmt: ModelFormat) -> ModelRuntime:
+        """The runtime for `fmt`; `UnsupportedFormatError` if this device has none."""
+        try:
+            return self._by_format[fmt]
+        except KeyError:
+            have = ", ".join(sorted(f.value for f in self._by_format)) or "none"
+            raise UnsupportedFormatError(f"no runtime for format {fmt.value!r} on this device (have: {have})") from None
+
+    @property
+    def formats(self) -> list[ModelFormat]:
+        """Formats this registry can load."""
+        return sorted(self._by_format, key=lambda f: f.value)
+
+    def names(self) -> list[str]:
+        """Runtime names for the device's capabilities."""
+        return [self._by_format[f].name for f in self.formats]
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def default_registry(intra_op_threads: int = 1) -> RuntimeRegistry:
+    """Every runtime installed on this device, configured with `intra_op_threads`."""
+    registry = RuntimeRegistry()
+    if _installed("onnxruntime"):
+        registry.register(OnnxRuntime(intra_op_threads))
+    return registry
+
+
+def available_runtimes() -> list[str]:
+    """Names of the runtimes installed on this device (for `Capabilities.runtimes`)."""
+    return default_registry().names()

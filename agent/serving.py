@@ -1,0 +1,80 @@
+"""The model being served, swapped atomically while inferences run, and inference with telemetry."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from agent.errors import AgentError, InferenceFailedError, NoModelError
+from agent.runtime import LoadedModel
+from protocol import ModelRef, ModelSpec
+
+__all__ = ["ActiveModel", "InferenceRecorder", "Serving"]
+
+# Called after every inference: (model, latency in ms, ok, first output or None).
+InferenceRecorder = Callable[[ModelRef, float, bool, "np.ndarray | None"], None]
+
+
+@dataclass(frozen=True)
+class ActiveModel:
+    """A loaded model together with the spec it was deployed as."""
+
+    spec: ModelSpec
+    model: LoadedModel
+
+    @property
+    def ref(self) -> ModelRef:
+        """Identity of the served model."""
+        return self.spec.ref
+
+
+class Serving:
+    """Holds the active model. The swap replaces a reference under a lock; an inference that already took
+    the old model finishes on it (the old session lives until its last caller returns)."""
+
+    def __init__(self, record: InferenceRecorder | None = None) -> None:
+        self._lock = threading.Condition()
+        self._active: ActiveModel | None = None
+        self._record = record
+
+    def current(self) -> ActiveModel | None:
+        """The active model right now (a snapshot: it stays valid after a swap)."""
+        with self._lock:
+            return self._active
+
+    def swap(self, new: ActiveModel) -> ActiveModel | None:
+        """Serve `new` from now on; returns the previous model."""
+        with self._lock:
+            old, self._active = self._active, new
+            self._lock.notify_all()
+        return old
+
+    def wait_for(self, predicate: Callable[[ActiveModel | None], bool], timeout: float) -> bool:
+        """Wait until `predicate(current model)` holds; False after `timeout` seconds."""
+        with self._lock:
+            return self._lock.wait_for(lambda: predicate(self._active), timeout=timeout)
+
+    def infer(self, inputs: Mapping[str, np.ndarray], active: ActiveModel | None = None) -> dict[str, np.ndarray]:
+        """Run `inputs` on `active` (default: the current model) and record the outcome for telemetry."""
+        active = active or self.current()
+        if active is None:
+            raise NoModelError("no model is loaded yet")
+        start = time.perf_counter()
+        try:
+            outputs = active.model.infer(inputs)
+        except AgentError:
+            self._note(active.ref, start, ok=False, first=None)
+            raise
+        except Exception as exc:  # a runtime bug must reach the caller as an agent error, and be counted
+            self._note(active.ref, start, ok=False, first=None)
+            raise InferenceFailedError(f"inference failed: {exc}") from exc
+        self._note(active.ref, start, ok=True, first=next(iter(outputs.values()), None))
+        return outputs
+
+    def _note(self, ref: ModelRef, start: float, *, ok: bool, first: np.ndarray | None) -> None:
+        if self._record is not None:
+            self._record(ref, (time.perf_counter() - start) * 1000.0, ok, first)

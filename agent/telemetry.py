@@ -1,0 +1,200 @@
+"""Telemetry windows: inference and error counts, latency percentiles and histogram, predicted classes.
+
+`TelemetryRecorder` collects (thread-safe); `build_window` turns a closed window into the wire message
+(pure); `SeqCounter` hands out the per-device `seq`, persisted *before* use so it is never reused
+across restarts; `TelemetryPublisher` closes and publishes a window every interval and on `flush()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from agent._fs import atomic_write_bytes
+from protocol import LatencySummary, ModelRef, TelemetryWindow, utcnow
+from protocol.telemetry import latency_histogram
+
+__all__ = ["SeqCounter", "TelemetryPublisher", "TelemetryRecorder", "WindowCounts", "build_window"]
+
+log = logging.getLogger(__name__)
+
+# Latencies kept per window for exact percentiles; the histogram counts every inference regardless.
+MAX_LATENCY_SAMPLES = 20_000
+
+
+@dataclass
+class WindowCounts:
+    """What happened in one window (mutable while open, handed out once closed)."""
+
+    start: datetime
+    end: datetime | None = None
+    model: ModelRef | None = None
+    inferences: int = 0
+    errors: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    histogram: list[int] = field(default_factory=lambda: latency_histogram([]))
+    classes: dict[str, int] = field(default_factory=dict)
+
+
+def _percentile(ordered: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(ordered), q * 100.0)) if ordered else 0.0
+
+
+def build_window(device_id: str, seq: int, counts: WindowCounts) -> TelemetryWindow:
+    """The wire message of a closed window."""
+    latency = None
+    if counts.latencies_ms:
+        ordered = sorted(counts.latencies_ms)
+        latency = LatencySummary(
+            p50_ms=_percentile(ordered, 0.50),
+            p95_ms=_percentile(ordered, 0.95),
+            p99_ms=_percentile(ordered, 0.99),
+            max_ms=ordered[-1],
+            mean_ms=sum(ordered) / len(ordered),
+        )
+    return TelemetryWindow(
+        device_id=device_id,
+        seq=seq,
+        window_start=counts.start,
+        window_end=counts.end or utcnow(),
+        model=counts.model,
+        inference_count=counts.inferences,
+        error_count=counts.errors,
+        latency=latency,
+        latency_histogram=counts.histogram,
+        class_counts=dict(counts.classes),
+    )
+
+
+def predicted_classes(output: np.ndarray | None) -> list[int]:
+    """Argmax per row of a `[batch, classes]` output; nothing for any other shape."""
+    if output is None or output.ndim != 2 or output.shape[1] < 1 or not np.issubdtype(output.dtype, np.number):
+        return []
+    return [int(i) for i in np.argmax(output, axis=1)]
+
+
+class TelemetryRecorder:
+    """Collects inference outcomes into the open window; `take()` closes it and opens the next."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open = WindowCounts(start=utcnow())
+
+    def record(self, model: ModelRef, latency_ms: float, ok: bool, first_output: np.ndarray | None) -> None:
+        """Count one inference (matches `serving.InferenceRecorder`)."""
+        classes = predicted_classes(first_output) if ok else []
+        latency_ms = max(0.0, latency_ms)
+        with self._lock:
+            w = self._open
+            w.model = model
+            w.inferences += 1
+            if not ok:
+                w.errors += 1
+            if len(w.latencies_ms) < MAX_LATENCY_SAMPLES:
+                w.latencies_ms.append(latency_ms)
+            w.histogram[_bucket(latency_ms)] += 1
+            for cls in classes:
+                w.classes[str(cls)] = w.classes.get(str(cls), 0) + 1
+
+    def take(self) -> WindowCounts | None:
+        """Close the open window; None (and the window stays open) when nothing happened in it."""
+        with self._lock:
+            if self._open.inferences == 0:
+                return None
+            closed, self._open = self._open, WindowCounts(start=utcnow())
+        closed.end = self._open.start
+        return closed
+
+
+def _bucket(latency_ms: float) -> int:
+    return latency_histogram([latency_ms]).index(1)
+
+
+class SeqCounter:
+    """Per-device telemetry sequence numbers, persisted in `path` before each is used."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+        self._next = self._load()
+
+    def _load(self) -> int:
+        try:
+            value = int(self._path.read_text().strip())
+            if value < 0:
+                raise ValueError(f"negative seq {value}")
+            return value
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError) as exc:
+            # Never reuse a seq: without the file, continue from the clock (ms), above any small counter.
+            fallback = int(time.time() * 1000)
+            log.warning("unreadable telemetry seq %s (%s); continuing at %d", self._path, exc, fallback)
+            return fallback
+
+    def next(self) -> int:
+        """The next seq; the one after it is on disk before this returns."""
+        with self._lock:
+            seq = self._next
+            atomic_write_bytes(self._path, str(seq + 1).encode())
+            self._next = seq + 1
+            return seq
+
+
+class TelemetryPublisher:
+    """Publishes the recorder's windows every `interval_s` and on `flush()`; empty windows are not sent."""
+
+    def __init__(
+        self,
+        *,
+        device_id: str,
+        recorder: TelemetryRecorder,
+        seq: SeqCounter,
+        publish: Callable[[TelemetryWindow], None],
+        interval_s: float,
+    ) -> None:
+        self._device_id = device_id
+        self._recorder = recorder
+        self._seq = seq
+        self._publish = publish
+        self._interval = interval_s
+        self._flush_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the interval timer thread."""
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name=f"telemetry-{self._device_id}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the timer (without flushing; the caller decides)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def flush(self) -> TelemetryWindow | None:
+        """Close and publish the current window now; returns it, or None when it was empty."""
+        with self._flush_lock:
+            counts = self._recorder.take()
+            if counts is None:
+                return None
+            window = build_window(self._device_id, self._seq.next(), counts)
+            self._publish(window)
+            return window
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self.flush()
+            except Exception:  # a full disk or a broken publish must not end telemetry for good
+                log.exception("publishing telemetry of %s failed", self._device_id)

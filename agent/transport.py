@@ -1,0 +1,208 @@
+"""The MQTT transport behind a small interface, with the real paho-mqtt 2.x implementation.
+
+The session is persistent (`clean_session=False`, a stable client id), so the broker keeps the
+subscription and QoS 1 messages across short disconnects, and paho resends unacknowledged QoS 1
+publishes after reconnecting (bounded by `max_queued`). The last will is the device's `offline`
+reported state, retained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import unquote, urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.errors import ConfigError
+
+__all__ = ["BrokerAddress", "MqttTransport", "Transport", "client_id_for", "parse_mqtt_url"]
+
+log = logging.getLogger(__name__)
+
+MessageHandler = Callable[[str, bytes], None]
+ConnectHandler = Callable[[], None]
+
+
+class Transport(Protocol):
+    """What the agent needs from a message transport."""
+
+    def start(self, *, on_message: MessageHandler, on_connect: ConnectHandler) -> None:
+        """Connect in the background (non-blocking), subscribing again after every (re)connect."""
+        ...
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        """Queue a message; QoS 1 messages survive disconnects up to the queue limit."""
+        ...
+
+    @property
+    def connected(self) -> bool:
+        """True while connected to the broker."""
+        ...
+
+    def close(self, *, timeout: float) -> None:
+        """Deliver what is queued (up to `timeout`), disconnect cleanly (no last will) and stop."""
+        ...
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """Where and how to connect to the broker."""
+
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+
+
+def parse_mqtt_url(url: str) -> BrokerAddress:
+    """`mqtt://[user:pass@]host[:1883]` or `mqtts://...[:8883]`; `ConfigError` for anything else."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parts.hostname:
+        raise ConfigError(f"mqtt_url {url!r}: expected mqtt://host:port or mqtts://host:port")
+    tls = parts.scheme in ("mqtts", "ssl")
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError as exc:
+        raise ConfigError(f"mqtt_url {url!r}: {exc}") from exc
+    return BrokerAddress(
+        host=parts.hostname,
+        port=port,
+        tls=tls,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+    )
+
+
+def client_id_for(device_id: str, topic_base: str) -> str:
+    """A stable client id per (topic base, device): the persistent session belongs to that identity."""
+    return f"ef-{device_id}-{hashlib.sha256(topic_base.encode()).hexdigest()[:8]}"
+
+
+class MqttTransport:
+    """paho-mqtt 2.x client with last will, persistent session, backoff reconnects and resubscription."""
+
+    def __init__(
+        self,
+        *,
+        address: BrokerAddress,
+        client_id: str,
+        subscriptions: list[str],
+        will: tuple[str, bytes],
+        reconnect_min_s: float = 1.0,
+        reconnect_max_s: float = 60.0,
+        keepalive_s: int = 30,
+        max_queued: int = 1000,
+    ) -> None:
+        self._address = address
+        self._subscriptions = subscriptions
+        self._keepalive = keepalive_s
+        self._on_message: MessageHandler | None = None
+        self._on_connect: ConnectHandler | None = None
+        self._connected = threading.Event()
+        self._pending: list[mqtt.MQTTMessageInfo] = []
+        self._pending_lock = threading.Lock()
+        client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=False,
+            protocol=mqtt.MQTTv311,
+        )
+        client.will_set(will[0], will[1], qos=1, retain=True)
+        client.reconnect_delay_set(max(1, round(reconnect_min_s)), max(1, round(reconnect_max_s)))
+        client.max_queued_messages_set(max_queued)
+        if address.username is not None:
+            client.username_pw_set(address.username, address.password)
+        if address.tls:
+            client.tls_set_context(ssl.create_default_context())
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = self._handle_message
+        self._client = client
+
+    @property
+    def connected(self) -> bool:
+        """True while connected to the broker."""
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Wait for the first (or next) connection; False after `timeout` seconds."""
+        return self._connected.wait(timeout)
+
+    def start(self, *, on_message: MessageHandler, on_connect: ConnectHandler) -> None:
+        """Connect in the background; paho's loop thread reconnects with exponential backoff."""
+        self._on_message, self._on_connect = on_message, on_connect
+        self._client.connect_async(self._address.host, self._address.port, keepalive=self._keepalive)
+        self._client.loop_start()
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        """Queue a publish (sent now, or after the next reconnect for QoS 1)."""
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            log.warning("MQTT queue full; dropped a message to %s", topic)
+            return
+        if qos > 0:
+            with self._pending_lock:
+                self._pending = [p for p in self._pending if not p.is_published()]
+                self._pending.append(info)
+
+    def close(self, *, timeout: float) -> None:
+        """Wait (bounded) for queued QoS 1 messages while connected, then disconnect and stop the loop."""
+        deadline = time.monotonic() + timeout
+        with self._pending_lock:
+            pending = list(self._pending)
+        for info in pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self.connected:
+                break
+            try:
+                info.wait_for_publish(remaining)
+            except (RuntimeError, ValueError):
+                continue
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._connected.clear()
+
+    def _handle_connect(self, client: mqtt.Client, _userdata: Any, flags: Any, reason: Any, _props: Any) -> None:
+        if reason.is_failure:
+            log.warning("MQTT connection to %s:%s refused: %s", self._address.host, self._address.port, reason)
+            return
+        log.info(
+            "MQTT connected to %s:%s (session present: %s)",
+            self._address.host,
+            self._address.port,
+            flags.session_present,
+        )
+        for topic in self._subscriptions:
+            client.subscribe(topic, qos=1)
+        self._connected.set()
+        self._call(self._on_connect)
+
+    def _handle_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        self._connected.clear()
+        if reason.is_failure:
+            log.warning(
+                "MQTT disconnected from %s:%s: %s; reconnecting", self._address.host, self._address.port, reason
+            )
+
+    def _handle_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if self._on_message is not None:
+            self._call(self._on_message, message.topic, bytes(message.payload))
+
+    @staticmethod
+    def _call(handler: Callable[..., None] | None, *args: Any) -> None:
+        # paho stops its loop thread on an exception escaping a callback; a bad message must not do that.
+        if handler is None:
+            return
+        try:
+            handler(*args)
+        except Exception:
+            log.exception("MQTT handler failed")

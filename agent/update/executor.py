@@ -1,0 +1,155 @@
+"""The thin IO side of the update path: one step function per phase, in a table.
+
+Each step does its IO and raises an `UpdateError` on failure; `UpdateExecutor.run` turns the outcome
+into the event the pure core (`machine.handle`) decides on. The previous model keeps serving until the
+switching step, which persists the new active slot first and then swaps the served model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from agent.errors import AgentError, ArtifactVerificationError, InvalidModelError, StorageError, WarmupError
+from agent.runtime import RuntimeRegistry, warmup_inputs
+from agent.serving import ActiveModel, Serving
+from agent.update.fetch import ArtifactFetcher, DownloadCancelledError
+from agent.update.machine import StepFailed, StepSucceeded
+from agent.update.slots import SlotStore
+from agent.update.state import UpdateState
+from protocol import ErrorCode, ErrorInfo, ModelSpec, UpdatePhase, VerificationError, verify_artifact
+
+__all__ = ["UpdateExecutor", "load_model"]
+
+log = logging.getLogger(__name__)
+
+Step = Callable[[UpdateState, ModelSpec, Callable[[], bool]], None]
+
+
+def load_model(registry: RuntimeRegistry, spec: ModelSpec, path: Path) -> ActiveModel:
+    """Load `path` with the runtime for its format and check it takes the declared inputs."""
+    model = registry.for_format(spec.artifact.format).load(path)
+    declared = {t.name for t in spec.inputs}
+    actual = {t.name for t in model.inputs}
+    if declared != actual:
+        raise InvalidModelError(
+            f"model {spec.name}:{spec.version} takes inputs {sorted(actual)}, "
+            f"the deployment declares {sorted(declared)}"
+        )
+    return ActiveModel(spec=spec, model=model)
+
+
+class UpdateExecutor:
+    """Runs the step of the current phase; keeps the loaded candidate between loading and switching."""
+
+    def __init__(
+        self,
+        *,
+        slots: SlotStore,
+        downloads: Path,
+        registry: RuntimeRegistry,
+        serving: Serving,
+        fetcher: ArtifactFetcher,
+    ) -> None:
+        self._slots = slots
+        self._downloads = downloads
+        self._registry = registry
+        self._serving = serving
+        self._fetcher = fetcher
+        self._candidate: ActiveModel | None = None
+        self._steps: dict[UpdatePhase, Step] = {
+            UpdatePhase.DOWNLOADING: self._download,
+            UpdatePhase.VERIFYING: self._verify,
+            UpdatePhase.STAGING: self._stage,
+            UpdatePhase.LOADING: self._load,
+            UpdatePhase.WARMING_UP: self._warm_up,
+            UpdatePhase.SWITCHING: self._switch,
+        }
+
+    @property
+    def phases(self) -> frozenset[UpdatePhase]:
+        """The phases this executor has a step for."""
+        return frozenset(self._steps)
+
+    def run(self, state: UpdateState, cancelled: Callable[[], bool]) -> StepSucceeded | StepFailed | None:
+        """Do the step of `state.phase`; None when it was cancelled (state unchanged, resumable)."""
+        step = self._steps.get(state.phase)
+        if step is None or state.target is None:
+            return StepFailed(ErrorInfo.of(ErrorCode.INTERNAL, f"no step for phase {state.phase.value} without target"))
+        try:
+            step(state, state.target, cancelled)
+        except DownloadCancelledError as exc:
+            log.info("update to generation %s paused: %s", state.generation, exc)
+            return None
+        except AgentError as exc:
+            self._candidate = None
+            return StepFailed(exc.error_info())
+        except Exception as exc:  # a bug in a step must fail the update, not kill the worker
+            log.exception("update step %s crashed", state.phase.value)
+            self._candidate = None
+            return StepFailed(ErrorInfo.of(ErrorCode.INTERNAL, f"{state.phase.value}: {type(exc).__name__}: {exc}"))
+        return StepSucceeded()
+
+    def _part(self, spec: ModelSpec) -> Path:
+        return self._downloads / f"{spec.artifact.sha256}.part"
+
+    def _download(self, state: UpdateState, spec: ModelSpec, cancelled: Callable[[], bool]) -> None:
+        part = self._part(spec)
+        # Leftovers of superseded updates would otherwise pile up on a small device's disk.
+        for stale in self._downloads.glob("*.part"):
+            if stale != part:
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+        self._fetcher.fetch(spec.artifact.url, part, expected_size=spec.artifact.size, cancelled=cancelled)
+
+    def _verify(self, state: UpdateState, spec: ModelSpec, cancelled: Callable[[], bool]) -> None:
+        part = self._part(spec)
+        try:
+            verify_artifact(part, spec.artifact)
+        except VerificationError as exc:
+            with contextlib.suppress(OSError):
+                part.unlink()  # the bytes are bad; a later attempt must download again
+            raise ArtifactVerificationError(str(exc), code=exc.code) from exc
+        except OSError as exc:
+            raise StorageError(f"cannot read the downloaded artifact: {exc}") from exc
+
+    def _stage(self, state: UpdateState, spec: ModelSpec, cancelled: Callable[[], bool]) -> None:
+        slot = state.slot or self._slots.inactive_slot()
+        part = self._part(spec)
+        self._slots.stage(slot, part, spec)
+        with contextlib.suppress(OSError):
+            part.unlink()
+
+    def _load(self, state: UpdateState, spec: ModelSpec, cancelled: Callable[[], bool]) -> None:
+        content = self._slots.read(state.slot or self._slots.inactive_slot(), verify=False)
+        if content is None or content.ref != spec.ref:
+            raise StorageError(f"slot {state.slot} does not hold {spec.name}:{spec.version} any more")
+        self._candidate = load_model(self._registry, spec, content.path)
+
+    def _warm_up(self, state: UpdateState, spec: ModelSpec, cancelled: Callable[[], bool]) -> None:
+        candidate = self._require_candidate(spec)
+        try:
+            outputs = candidate.model.infer(warmup_inputs(candidate.model.inputs))
+        except AgentError as exc:
+            raise WarmupError(f"warm-up inference failed: {exc}") from exc
+        for name, value in outputs.items():
+            array = np.asarray(value)
+            if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+                raise WarmupError(f"warm-up output {name!r} is not finite (NaN or Inf on zero input)")
+
+    def _switch(self, state: UpdateState, spec: ModelSpec, cancelled: Callable[[], bool]) -> None:
+        candidate = self._require_candidate(spec)
+        if state.slot is None:
+            raise StorageError("no slot recorded for the staged model")
+        self._slots.activate(state.slot)  # on disk first: a restart from here on serves the new model
+        self._serving.swap(candidate)
+        self._candidate = None
+
+    def _require_candidate(self, spec: ModelSpec) -> ActiveModel:
+        if self._candidate is None or self._candidate.ref != spec.ref:
+            raise AgentError(f"{spec.name}:{spec.version} is not loaded (the loading step did not run)")
+        return self._candidate

@@ -1,0 +1,162 @@
+"""The update worker: one thread per agent that feeds events to the pure core and runs the steps.
+
+Desired states arrive from the MQTT thread through `submit` (only the newest pending one is kept).
+The worker persists every transition before running the next step and reports it through
+`on_transition`. A newer desired state for another model cancels a running download at the next chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from agent.serving import Serving
+from agent.update.executor import UpdateExecutor
+from agent.update.machine import DesiredReceived, Event, Restarted, handle
+from agent.update.slots import SlotStore
+from agent.update.state import StateFile, UpdateState
+from protocol import DesiredState, ModelRef
+
+__all__ = ["UpdateWorker"]
+
+log = logging.getLogger(__name__)
+
+Transition = Callable[[UpdateState, UpdateState], None]
+
+
+class UpdateWorker:
+    """Owns the update state of one agent."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        state_file: StateFile,
+        executor: UpdateExecutor,
+        slots: SlotStore,
+        serving: Serving,
+        on_transition: Transition,
+    ) -> None:
+        self._name = name
+        self._file = state_file
+        self._executor = executor
+        self._slots = slots
+        self._serving = serving
+        self._on_transition = on_transition
+        self._cond = threading.Condition()
+        self._pending: DesiredState | None = None
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._state = state_file.load()
+
+    @property
+    def state(self) -> UpdateState:
+        """The current update state."""
+        return self._state
+
+    def resume(self) -> None:
+        """Decide about an update interrupted by a restart (call once, before `start`)."""
+        current = self._serving.current()
+        staged = self._slots.read(self._state.slot) if self._state.slot and self._state.in_progress else None
+        self._apply(
+            Restarted(
+                active=current.ref if current else None,
+                active_slot=self._slots.active_slot(),
+                staged=staged.ref if staged else None,
+            )
+        )
+
+    def submit(self, desired: DesiredState) -> None:
+        """Hand over a desired state (from any thread); the newest generation wins."""
+        with self._cond:
+            if self._pending is None or desired.generation >= self._pending.generation:
+                self._pending = desired
+            self._cond.notify_all()
+
+    def start(self) -> None:
+        """Start the worker thread."""
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=f"update-{self._name}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop after the current step (a download is cancelled at its next chunk)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("update worker %s did not stop within %.0fs", self._name, timeout)
+            self._thread = None
+
+    def sleep(self, seconds: float) -> bool:
+        """Wait `seconds` unless stopping; True when interrupted (used between download attempts)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._stopping, timeout=seconds)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._stopping or self._pending is not None or self._state.in_progress)
+                if self._stopping:
+                    return
+                desired, self._pending = self._pending, None
+            try:
+                if desired is not None:
+                    self._apply(self._desired_event(desired))
+                if self._state.in_progress:
+                    event = self._executor.run(self._state, self._cancelled)
+                    if event is not None:
+                        self._apply(event)
+            except Exception:  # keep serving and keep listening, whatever a step or a report did
+                log.exception("update worker %s: unexpected error", self._name)
+                self.sleep(1.0)
+
+    def _desired_event(self, desired: DesiredState) -> DesiredReceived:
+        current = self._serving.current()
+        active_slot = self._slots.active_slot()
+        staged = None
+        if desired.model is not None and (
+            self._state.generation is None or desired.generation > self._state.generation
+        ):
+            content = self._slots.read(self._slots.inactive_slot())
+            staged = content.ref if content is not None else None
+        return DesiredReceived(
+            desired=desired, active=current.ref if current else None, active_slot=active_slot, staged=staged
+        )
+
+    def _cancelled(self) -> bool:
+        """True when the running step should stop: the agent stops, or a newer desired state wants another model."""
+        with self._cond:
+            if self._stopping:
+                return True
+            pending, target = self._pending, self._state.target
+        if pending is None or self._state.generation is None or pending.generation <= self._state.generation:
+            return False
+        wanted: ModelRef | None = pending.model.ref if pending.model is not None else None
+        return target is None or wanted != target.ref
+
+    def _apply(self, event: Event) -> None:
+        old = self._state
+        new = handle(old, event)
+        if new == old:
+            return
+        try:
+            self._file.save(new)
+        except OSError:
+            log.exception("cannot persist the update state of %s; continuing in memory", self._name)
+        self._state = new
+        log.info(
+            "update %s: generation %s %s -> %s%s",
+            self._name,
+            new.generation,
+            old.phase.value,
+            new.phase.value,
+            f" ({new.error.code.value}: {new.error.message})" if new.error else "",
+        )
+        try:
+            self._on_transition(old, new)
+        except Exception:
+            log.exception("reporting the update transition of %s failed", self._name)
