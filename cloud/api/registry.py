@@ -1,0 +1,106 @@
+"""Routes of the model registry and the artifact store."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Path, UploadFile
+from fastapi.responses import FileResponse
+from pydantic import TypeAdapter, ValidationError
+
+from cloud.api.deps import AdminDep, CoordinatorDep, SessionDep
+from cloud.errors import InvalidInputError
+from cloud.models import ModelPublic, ModelsPublic, ModelVersionPublic
+from cloud.services import registry
+from protocol.messages import ModelFormat, Name, TensorSpec, Version
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["registry"])
+
+NamePath = Annotated[Name, Path(description="Model name: letters, digits, '.', '_' and '-'.")]
+_SPECS = TypeAdapter(list[TensorSpec])
+
+
+def _tensor_specs(raw: str | None, field: str) -> list[TensorSpec] | None:
+    """Parse a JSON list of tensor specs from a form field; `InvalidInputError` names the field."""
+    if raw is None or not raw.strip():
+        return None
+    try:
+        return _SPECS.validate_python(json.loads(raw))
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(f"{field}: not JSON ({exc})", field=field) from exc
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise InvalidInputError(f"{field}[{where}]: {first['msg']}", field=field) from exc
+
+
+@router.post(
+    "/models/{name}/versions",
+    status_code=201,
+    dependencies=[AdminDep],
+    summary="Push a model version (multipart upload)",
+)
+def push_model_version(
+    name: NamePath,
+    version: Annotated[Version, Form(description="Version string, e.g. 1.0.")],
+    file: Annotated[UploadFile, File(description="The model file.")],
+    session: SessionDep,
+    coordinator: CoordinatorDep,
+    format: Annotated[ModelFormat, Form(description="Model format.")] = ModelFormat.ONNX,
+    inputs: Annotated[str | None, Form(description="JSON list of TensorSpec; derived from ONNX if absent.")] = None,
+    outputs: Annotated[str | None, Form(description="JSON list of TensorSpec.")] = None,
+) -> ModelVersionPublic:
+    """Store the file and register it; the ONNX graph supplies inputs/outputs unless they are given."""
+    record = registry.push_model_version(
+        session=session,
+        store=coordinator.store,
+        name=name,
+        version=version,
+        stream=file.file,
+        format=format,
+        inputs=_tensor_specs(inputs, "inputs"),
+        outputs=_tensor_specs(outputs, "outputs"),
+    )
+    return registry.version_public(record, public_url=coordinator.public_url)
+
+
+@router.get("/models", summary="List models and their versions")
+def list_models(session: SessionDep, coordinator: CoordinatorDep) -> ModelsPublic:
+    """Every model with its versions."""
+    rows = registry.list_models(session=session)
+    data = [registry.model_public(m, v, public_url=coordinator.public_url) for m, v in rows]
+    return ModelsPublic(data=data, count=len(data))
+
+
+@router.get("/models/{name}", summary="One model and its versions")
+def get_model(name: NamePath, session: SessionDep, coordinator: CoordinatorDep) -> ModelPublic:
+    """A model with its versions, oldest first."""
+    model, versions = registry.get_model(session=session, name=name)
+    return registry.model_public(model, versions, public_url=coordinator.public_url)
+
+
+@router.get("/models/{name}/versions/{version}", summary="One model version")
+def get_model_version(
+    name: NamePath, version: Annotated[Version, Path()], session: SessionDep, coordinator: CoordinatorDep
+) -> ModelVersionPublic:
+    """A model version with its digest, size, tensors and artifact URL."""
+    record = registry.get_model_version(session=session, name=name, version=version)
+    return registry.version_public(record, public_url=coordinator.public_url)
+
+
+@router.get(
+    "/artifacts/{sha256}",
+    summary="Artifact bytes (HTTP Range supported)",
+    response_class=FileResponse,
+    responses={206: {"description": "Partial content"}, 416: {"description": "Range not satisfiable"}},
+)
+def get_artifact(
+    sha256: Annotated[str, Path(pattern=r"^[0-9a-f]{64}$", description="Hex sha256 of the artifact.")],
+    coordinator: CoordinatorDep,
+) -> FileResponse:
+    """Stream the artifact; Starlette's FileResponse answers Range requests with 206 or 416."""
+    path = coordinator.store.path(sha256)
+    return FileResponse(path, media_type="application/octet-stream", headers={"Cache-Control": "public, immutable"})

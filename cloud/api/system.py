@@ -1,0 +1,48 @@
+"""Health and coordinator information."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+
+from cloud import __version__
+from cloud.api.deps import CoordinatorDep
+
+__all__ = ["health_router", "router"]
+
+router = APIRouter(tags=["system"])
+health_router = APIRouter(tags=["system"])
+
+
+@health_router.get("/healthz", summary="Liveness and readiness")
+def healthz(coordinator: CoordinatorDep) -> JSONResponse:
+    """200 when the database answers and the bridge is connected (or MQTT is disabled), else 503."""
+    checks: dict[str, Any] = {}
+    try:
+        with coordinator.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except SQLAlchemyError as exc:
+        checks["database"] = f"error: {exc.__class__.__name__}"
+    bridge = coordinator.bridge
+    checks["broker"] = "disabled" if bridge is None else ("ok" if bridge.connected else "disconnected")
+    ready = checks["database"] == "ok" and checks["broker"] in {"ok", "disabled"}
+    return JSONResponse(
+        {"status": "ok" if ready else "unavailable", "checks": checks}, status_code=200 if ready else 503
+    )
+
+
+@router.get("/info", summary="Coordinator version, MQTT URL and topic base")
+def info(coordinator: CoordinatorDep) -> dict[str, Any]:
+    """What an agent or operator needs to talk to this coordinator."""
+    return {
+        "version": __version__,
+        "mqtt_url": coordinator.mqtt_url,
+        "topic_base": coordinator.settings.topic_base,
+        "public_url": coordinator.public_url,
+        "environment": coordinator.settings.environment.value,
+    }

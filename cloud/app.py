@@ -1,0 +1,131 @@
+"""`create_app(settings)`: the coordinator's FastAPI application, its broker, bridge and database wiring.
+
+Nothing is started at import time. The app's lifespan opens the database, creates the admin token,
+starts the embedded broker when no `mqtt_url` is configured, and connects the MQTT bridge; it shuts all
+of them down in reverse order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI
+from sqlalchemy.engine import Engine
+
+from cloud import __version__
+from cloud.api import install_problem_handlers, router
+from cloud.artifacts import ArtifactStore, FileArtifactStore
+from cloud.auth import ensure_admin_token
+from cloud.bridge import MqttBridge
+from cloud.broker import EmbeddedBroker
+from cloud.db import create_db_engine, init_db
+from cloud.settings import Settings
+from cloud.stats import IngestStats
+from protocol.messages import DesiredState
+
+__all__ = ["Coordinator", "create_app"]
+
+log = logging.getLogger(__name__)
+
+_BRIDGE_CONNECT_WAIT_S = 10.0
+
+
+@dataclass
+class Coordinator:
+    """What the routes need at run time; lives on `app.state.coordinator`."""
+
+    settings: Settings
+    engine: Engine
+    store: ArtifactStore
+    stats: IngestStats = field(default_factory=IngestStats)
+    admin_token: str = ""
+    mqtt_url: str | None = None
+    broker: EmbeddedBroker | None = None
+    bridge: MqttBridge | None = None
+
+    @property
+    def public_url(self) -> str:
+        """The URL devices fetch artifacts from."""
+        return self.settings.resolved_public_url()
+
+    def publish_desired(self, state: DesiredState) -> None:
+        """Hand a desired state to the bridge (dropped with a warning when MQTT is disabled)."""
+        if self.bridge is None:
+            log.warning("no MQTT bridge; desired state for %s not published", state.device_id)
+            return
+        self.bridge.publish_desired(state)
+
+
+def _bridge_client_id(settings: Settings) -> str:
+    if settings.mqtt_client_id:
+        return settings.mqtt_client_id
+    # Unique per coordinator data dir and process, so two coordinators on one broker never kick each other off.
+    digest = hashlib.sha256(f"{settings.data_dir}|{settings.topic_base}".encode()).hexdigest()[:10]
+    return f"edgefleet-coordinator-{digest}-{os.getpid()}"
+
+
+def create_app(settings: Settings, *, enable_mqtt: bool = True) -> FastAPI:
+    """The coordinator application. `enable_mqtt=False` serves the API without broker or bridge (unit tests)."""
+    settings.check_production_ready()
+    coordinator = Coordinator(
+        settings=settings,
+        engine=create_db_engine(settings.database_url),
+        store=FileArtifactStore(settings.data_dir / "artifacts", max_bytes=settings.max_artifact_bytes),
+    )
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        init_db(coordinator.engine)
+        if settings.admin_token:
+            coordinator.admin_token = settings.admin_token
+        else:
+            coordinator.admin_token, created = ensure_admin_token(settings.data_dir)
+            if created:
+                log.info("admin token created path=%s", settings.data_dir / "admin-token")
+        try:
+            if enable_mqtt:
+                _start_mqtt(coordinator)
+            yield
+        finally:
+            if coordinator.bridge is not None:
+                coordinator.bridge.stop()
+            if coordinator.broker is not None:
+                coordinator.broker.stop()
+            coordinator.engine.dispose()
+            log.info("coordinator stopped")
+
+    app = FastAPI(
+        title="edgefleet coordinator",
+        version=__version__,
+        description="Model registry, deployments and fleet telemetry for edge devices.",
+        lifespan=lifespan,
+    )
+    app.state.coordinator = coordinator
+    install_problem_handlers(app)
+    app.include_router(router)
+    return app
+
+
+def _start_mqtt(coordinator: Coordinator) -> None:
+    settings = coordinator.settings
+    url = settings.mqtt_url
+    if url is None:
+        coordinator.broker = EmbeddedBroker(settings.embedded_broker_host, settings.embedded_broker_port)
+        coordinator.broker.start()
+        url = coordinator.broker.url
+    coordinator.mqtt_url = url
+    coordinator.bridge = MqttBridge(
+        url=url,
+        topics=settings.topics,
+        engine=coordinator.engine,
+        stats=coordinator.stats,
+        client_id=_bridge_client_id(settings),
+    )
+    coordinator.bridge.start()
+    if not coordinator.bridge.wait_connected(_BRIDGE_CONNECT_WAIT_S):
+        log.warning("mqtt bridge not connected yet url=%s; /healthz reports not ready until it is", url)

@@ -1,0 +1,181 @@
+"""Deployments: resolve a target to devices, raise their generation, and hand desired states to a publisher."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from typing import Protocol
+
+from sqlmodel import Session, col, select
+
+from cloud.errors import EmptyTargetError, InvalidInputError, NotFoundError
+from cloud.models import Deployment, DeploymentPublic, DeploymentTarget, DeploymentTargetPublic, Device, TargetStatus
+from cloud.services.registry import artifact_url, get_model_version
+from protocol.messages import ArtifactRef, DesiredState, ModelFormat, ModelSpec, TensorSpec, utcnow
+
+__all__ = [
+    "DesiredStatePublisher",
+    "create_deployment",
+    "deployment_public",
+    "deployment_status",
+    "desired_states",
+    "get_deployment",
+    "list_deployments",
+    "select_devices",
+]
+
+log = logging.getLogger(__name__)
+
+
+class DesiredStatePublisher(Protocol):
+    """Whatever delivers desired states to devices (the MQTT bridge; a list in unit tests)."""
+
+    def publish_desired(self, state: DesiredState) -> None:
+        """Deliver `state` retained to its device; must not raise for a broker that is down."""
+        ...
+
+
+def select_devices(
+    devices: Sequence[Device], *, device_ids: list[str] | None, tags: dict[str, str] | None
+) -> list[Device]:
+    """The devices a target means: the listed ids, or every device carrying all of `tags`. Pure."""
+    if device_ids is not None:
+        wanted = set(device_ids)
+        return [d for d in devices if d.id in wanted]
+    assert tags is not None
+    return [d for d in devices if all(d.tags.get(k) == v for k, v in tags.items())]
+
+
+def deployment_status(statuses: Sequence[str]) -> str:
+    """One word for a deployment: in_progress while any target moves, else failed if any failed, else succeeded."""
+    if any(s in (TargetStatus.PENDING, TargetStatus.IN_PROGRESS) for s in statuses):
+        return "in_progress"
+    if any(s == TargetStatus.FAILED for s in statuses):
+        return "failed"
+    return "succeeded"
+
+
+def create_deployment(
+    *,
+    session: Session,
+    publisher: DesiredStatePublisher,
+    public_url: str,
+    model: str,
+    version: str,
+    device_ids: list[str] | None = None,
+    tags: dict[str, str] | None = None,
+) -> Deployment:
+    """Deploy `model:version` to the devices the target selects, and publish their desired states.
+
+    Exactly one of `device_ids` and `tags` is given. Unknown model or version → `NotFoundError`; unknown
+    device ids or a tag selector matching nothing → `InvalidInputError`/`EmptyTargetError`.
+    """
+    if (device_ids is None) == (tags is None):
+        raise InvalidInputError("give exactly one of target.device_ids and target.tags", field="target")
+    record = get_model_version(session=session, name=model, version=version)
+    known = list(session.exec(select(Device).order_by(Device.id)))
+    chosen = select_devices(known, device_ids=device_ids, tags=tags)
+    if device_ids is not None:
+        missing = sorted(set(device_ids) - {d.id for d in chosen})
+        if missing:
+            raise InvalidInputError(
+                f"unknown device ids: {', '.join(missing)} (devices enrol when they first connect)",
+                field="target.device_ids",
+            )
+        if not chosen:
+            raise EmptyTargetError("target.device_ids is empty", field="target.device_ids")
+    elif not chosen:
+        selector = ", ".join(f"{k}={v}" for k, v in sorted((tags or {}).items()))
+        raise EmptyTargetError(f"no device matches tags {selector or '{}'}", field="target.tags")
+    target = {"device_ids": sorted(device_ids)} if device_ids is not None else {"tags": dict(tags or {})}
+    deployment = Deployment(model_name=model, model_version=version, sha256=record.sha256, target=target)
+    session.add(deployment)
+    session.flush()
+    assert deployment.id is not None
+    spec = ModelSpec(
+        name=record.name,
+        version=record.version,
+        artifact=ArtifactRef(
+            url=artifact_url(public_url, record.sha256),
+            sha256=record.sha256,
+            size=record.size,
+            format=ModelFormat(record.format),
+        ),
+        inputs=[TensorSpec.model_validate(t) for t in record.inputs],
+        outputs=[TensorSpec.model_validate(t) for t in record.outputs],
+    )
+    states = []
+    for device in chosen:
+        _supersede(session, device)
+        device.desired_generation += 1
+        state = DesiredState(
+            device_id=device.id, generation=device.desired_generation, deployment_id=str(deployment.id), model=spec
+        )
+        device.desired_state = state.model_dump(mode="json")
+        session.add(device)
+        session.add(DeploymentTarget(deployment_id=deployment.id, device_id=device.id, generation=state.generation))
+        states.append(state)
+    session.commit()
+    session.refresh(deployment)
+    # Published after the commit: the stored desired states are the truth the bridge republishes on reconnect.
+    for state in states:
+        publisher.publish_desired(state)
+    log.info("deployment created id=%s model=%s:%s devices=%d", deployment.id, model, version, len(states))
+    return deployment
+
+
+def _supersede(session: Session, device: Device) -> None:
+    """Unsettled targets of older generations will never finish: mark them superseded."""
+    statement = select(DeploymentTarget).where(
+        DeploymentTarget.device_id == device.id,
+        col(DeploymentTarget.status).in_([TargetStatus.PENDING.value, TargetStatus.IN_PROGRESS.value]),
+    )
+    for target in session.exec(statement):
+        target.status = TargetStatus.SUPERSEDED.value
+        target.updated_at = utcnow()
+        session.add(target)
+
+
+def desired_states(*, session: Session) -> list[DesiredState]:
+    """Every device's current desired state, as stored (what the bridge republishes on connect)."""
+    statement = select(Device).where(col(Device.desired_state).is_not(None)).order_by(Device.id)
+    return [DesiredState.model_validate(d.desired_state) for d in session.exec(statement)]
+
+
+def deployment_public(deployment: Deployment, targets: Sequence[DeploymentTarget]) -> DeploymentPublic:
+    """The API shape of a deployment with its targets and a summary status."""
+    statuses = [t.status for t in targets]
+    return DeploymentPublic.model_validate(
+        deployment,
+        update={
+            "status": deployment_status(statuses),
+            "counts": dict(Counter(statuses)),
+            "targets": [DeploymentTargetPublic.model_validate(t) for t in targets],
+        },
+    )
+
+
+def get_deployment(*, session: Session, deployment_id: int) -> DeploymentPublic:
+    """One deployment with per-device progress; `NotFoundError` if unknown."""
+    deployment = session.get(Deployment, deployment_id)
+    if deployment is None:
+        raise NotFoundError(f"deployment {deployment_id} does not exist")
+    targets = session.exec(
+        select(DeploymentTarget)
+        .where(DeploymentTarget.deployment_id == deployment_id)
+        .order_by(DeploymentTarget.device_id)
+    )
+    return deployment_public(deployment, list(targets))
+
+
+def list_deployments(*, session: Session, limit: int = 100) -> list[DeploymentPublic]:
+    """The newest deployments first, with their targets."""
+    deployments = list(session.exec(select(Deployment).order_by(col(Deployment.id).desc()).limit(limit)))
+    ids = [d.id for d in deployments]
+    by_deployment: dict[int, list[DeploymentTarget]] = {}
+    if ids:
+        statement = select(DeploymentTarget).where(col(DeploymentTarget.deployment_id).in_(ids))
+        for target in session.exec(statement.order_by(DeploymentTarget.device_id)):
+            by_deployment.setdefault(target.deployment_id, []).append(target)
+    return [deployment_public(d, by_deployment.get(d.id or 0, [])) for d in deployments]

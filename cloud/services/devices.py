@@ -1,0 +1,243 @@
+"""Devices as their messages describe them: reported state, events and telemetry, enrolled on first contact."""
+
+from __future__ import annotations
+
+from sqlalchemy import func
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from cloud.errors import NotFoundError
+from cloud.models import (
+    DeploymentTarget,
+    Device,
+    DeviceEventRecord,
+    DevicePublic,
+    TargetStatus,
+    TelemetryRecord,
+    as_utc,
+)
+from protocol.errors import ErrorCode
+from protocol.messages import (
+    DeviceEvent,
+    DeviceStatus,
+    ErrorInfo,
+    EventKind,
+    ReportedState,
+    TelemetryWindow,
+    UpdatePhase,
+    utcnow,
+)
+
+__all__ = [
+    "device_public",
+    "devices_public",
+    "get_device",
+    "ingest_event",
+    "ingest_reported",
+    "ingest_telemetry",
+    "target_status_for_phase",
+]
+
+
+def target_status_for_phase(phase: UpdatePhase) -> TargetStatus:
+    """How a deployment target stands when its device reports `phase` for the target's generation."""
+    if phase is UpdatePhase.ACTIVE:
+        return TargetStatus.SUCCEEDED
+    if phase is UpdatePhase.FAILED:
+        return TargetStatus.FAILED
+    if phase is UpdatePhase.IDLE:
+        return TargetStatus.PENDING
+    return TargetStatus.IN_PROGRESS
+
+
+def _enrol(session: Session, device_id: str) -> Device:
+    """The device row, created on first contact (auto-enrolment)."""
+    device = session.get(Device, device_id)
+    if device is None:
+        device = Device(id=device_id)
+        session.add(device)
+        session.flush()
+    return device
+
+
+def ingest_reported(*, session: Session, state: ReportedState) -> Device:
+    """Apply a reported state. A last will (`status=offline`) only flips connectivity."""
+    device = _enrol(session, state.device_id)
+    now = utcnow()
+    if state.status is DeviceStatus.OFFLINE:
+        device.status = DeviceStatus.OFFLINE.value
+        session.add(device)
+        session.commit()
+        return device
+    last = as_utc(device.last_reported_at)
+    if last is not None and state.reported_at < last:
+        # An older report delivered late (e.g. a retained one replayed after ours); connectivity only.
+        device.status = DeviceStatus.ONLINE.value
+        device.last_seen = now
+        session.add(device)
+        session.commit()
+        return device
+    device.status = DeviceStatus.ONLINE.value
+    device.last_seen = now
+    device.last_reported_at = state.reported_at
+    device.tags = dict(state.tags)
+    device.agent_version = state.agent_version
+    device.inference_url = state.inference_url
+    device.capabilities = state.capabilities.model_dump(mode="json") if state.capabilities else None
+    active = state.active_model
+    device.active_model_name = active.name if active else None
+    device.active_model_version = active.version if active else None
+    device.active_model_sha256 = active.sha256 if active else None
+    if state.update is not None:
+        device.reported_generation = state.update.generation
+        device.update_phase = state.update.phase.value
+        if state.update.error is not None:
+            _record_error(device, state.update.error)
+        _advance_targets(
+            session,
+            device_id=device.id,
+            generation=state.update.generation,
+            phase=state.update.phase,
+            error=state.update.error,
+        )
+    session.add(device)
+    session.commit()
+    return device
+
+
+def ingest_event(*, session: Session, event: DeviceEvent) -> DeviceEventRecord:
+    """Record an event; a failure stores its error on the device and on the deployment target."""
+    device = _enrol(session, event.device_id)
+    device.last_seen = utcnow()
+    error = event.error
+    record = DeviceEventRecord(
+        device_id=event.device_id,
+        kind=event.kind.value,
+        generation=event.generation,
+        phase=event.phase.value if event.phase else None,
+        message=event.message,
+        error_code=error.code.value if error else None,
+        error_message=error.message if error else None,
+        at=event.at,
+    )
+    session.add(record)
+    phase = _event_phase(event)
+    if event.kind is EventKind.UPDATE_FAILED and error is None:
+        error = ErrorInfo.of(ErrorCode.INTERNAL, message=event.message or "update failed (no reason given)")
+    if error is not None and event.kind is EventKind.UPDATE_FAILED:
+        _record_error(device, error)
+    if event.generation is not None and phase is not None:
+        _advance_targets(session, device_id=device.id, generation=event.generation, phase=phase, error=error)
+    session.add(device)
+    session.commit()
+    session.refresh(record)
+    return record
+
+
+def _event_phase(event: DeviceEvent) -> UpdatePhase | None:
+    if event.kind is EventKind.UPDATE_FAILED:
+        return UpdatePhase.FAILED
+    if event.kind is EventKind.UPDATE_ACTIVATED:
+        return UpdatePhase.ACTIVE
+    if event.kind in (EventKind.UPDATE_STARTED, EventKind.UPDATE_PROGRESS):
+        return event.phase if event.phase not in (None, UpdatePhase.IDLE) else UpdatePhase.DOWNLOADING
+    return None
+
+
+def _record_error(device: Device, error: ErrorInfo) -> None:
+    device.last_error_code = error.code.value
+    device.last_error_message = error.message
+
+
+def _advance_targets(
+    session: Session, *, device_id: str, generation: int, phase: UpdatePhase, error: ErrorInfo | None
+) -> None:
+    """Move the device's targets for `generation` to the status `phase` implies; settled ones stay settled."""
+    status = target_status_for_phase(phase)
+    statement = select(DeploymentTarget).where(
+        DeploymentTarget.device_id == device_id, DeploymentTarget.generation == generation
+    )
+    for target in session.exec(statement):
+        if target.status in (TargetStatus.SUCCEEDED, TargetStatus.SUPERSEDED):
+            continue
+        if target.status == TargetStatus.FAILED and status is not TargetStatus.SUCCEEDED:
+            continue
+        target.status = status.value
+        target.phase = phase.value
+        if status is TargetStatus.FAILED and error is not None:
+            target.error_code = error.code.value
+            target.error_message = error.message
+        elif status is TargetStatus.SUCCEEDED:
+            target.error_code = target.error_message = None
+        target.updated_at = utcnow()
+        session.add(target)
+
+
+def ingest_telemetry(*, session: Session, window: TelemetryWindow) -> bool:
+    """Store a window once per `(device_id, seq)`; False if it was a duplicate (QoS 1 redelivery)."""
+    device = _enrol(session, window.device_id)
+    device.last_seen = utcnow()
+    session.add(device)
+    session.commit()
+    duplicate = select(TelemetryRecord.id).where(
+        TelemetryRecord.device_id == window.device_id, TelemetryRecord.seq == window.seq
+    )
+    if session.exec(duplicate).first() is not None:
+        return False
+    model = window.model
+    session.add(
+        TelemetryRecord(
+            device_id=window.device_id,
+            seq=window.seq,
+            window_start=window.window_start,
+            window_end=window.window_end,
+            model_name=model.name if model else None,
+            model_version=model.version if model else None,
+            model_sha256=model.sha256 if model else None,
+            inference_count=window.inference_count,
+            error_count=window.error_count,
+            latency_histogram=list(window.latency_histogram),
+            class_counts=dict(window.class_counts),
+        )
+    )
+    try:
+        session.commit()
+    except IntegrityError:  # the unique constraint is the real guard; the select above only saves work
+        session.rollback()
+        return False
+    return True
+
+
+def _telemetry_totals(session: Session, device_ids: list[str] | None = None) -> dict[str, tuple[int, int, int]]:
+    """device id → (inference count, error count, windows)."""
+    statement = select(
+        TelemetryRecord.device_id,
+        func.coalesce(func.sum(TelemetryRecord.inference_count), 0),
+        func.coalesce(func.sum(TelemetryRecord.error_count), 0),
+        func.count(col(TelemetryRecord.id)),
+    ).group_by(TelemetryRecord.device_id)
+    if device_ids is not None:
+        statement = statement.where(col(TelemetryRecord.device_id).in_(device_ids))
+    return {row[0]: (int(row[1]), int(row[2]), int(row[3])) for row in session.exec(statement)}
+
+
+def device_public(device: Device, totals: tuple[int, int, int] = (0, 0, 0)) -> DevicePublic:
+    """The API shape of a device with its telemetry totals."""
+    inferences, errors, windows = totals
+    return DevicePublic.model_validate(
+        device, update={"inference_count": inferences, "error_count": errors, "telemetry_windows": windows}
+    )
+
+
+def devices_public(*, session: Session) -> list[DevicePublic]:
+    """Every device, by id, with telemetry totals."""
+    totals = _telemetry_totals(session)
+    return [device_public(d, totals.get(d.id, (0, 0, 0))) for d in session.exec(select(Device).order_by(Device.id))]
+
+
+def get_device(*, session: Session, device_id: str) -> DevicePublic:
+    """One device with telemetry totals; `NotFoundError` if it never reported."""
+    device = session.get(Device, device_id)
+    if device is None:
+        raise NotFoundError(f"device {device_id!r} is not enrolled (it has not sent any message yet)")
+    return device_public(device, _telemetry_totals(session, [device_id]).get(device_id, (0, 0, 0)))

@@ -1,0 +1,81 @@
+"""The fleet summary: per device the active version, inference and error counts, and merged latency percentiles."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+from sqlmodel import Session, select
+
+from cloud.models import Device, TelemetryRecord
+from protocol.telemetry import histogram_quantile, merge_histograms
+
+__all__ = ["DeviceSummary", "FleetSummary", "fleet_summary", "summarise"]
+
+
+class DeviceSummary(BaseModel):
+    """One device's line of the summary; latencies are bucket upper bounds in milliseconds."""
+
+    device_id: str
+    status: str
+    model_name: str | None
+    model_version: str | None
+    inference_count: int
+    error_count: int
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+
+
+class FleetSummary(BaseModel):
+    """Per-device lines and fleet-wide totals."""
+
+    devices: list[DeviceSummary]
+    device_count: int
+    online_count: int
+    inference_count: int
+    error_count: int
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+
+
+def _finite(value: float | None) -> float | None:
+    # JSON has no infinity; "above the last bucket" is reported as unknown rather than as a lie.
+    return None if value is None or value == float("inf") else value
+
+
+def summarise(devices: list[Device], windows: list[TelemetryRecord]) -> FleetSummary:
+    """Build the summary from device rows and their telemetry windows. Pure."""
+    by_device: dict[str, list[TelemetryRecord]] = {}
+    for window in windows:
+        by_device.setdefault(window.device_id, []).append(window)
+    lines = []
+    for device in devices:
+        own = by_device.get(device.id, [])
+        histogram = merge_histograms(w.latency_histogram for w in own)
+        lines.append(
+            DeviceSummary(
+                device_id=device.id,
+                status=device.status,
+                model_name=device.active_model_name,
+                model_version=device.active_model_version,
+                inference_count=sum(w.inference_count for w in own),
+                error_count=sum(w.error_count for w in own),
+                latency_p50_ms=_finite(histogram_quantile(histogram, 0.50)),
+                latency_p95_ms=_finite(histogram_quantile(histogram, 0.95)),
+            )
+        )
+    fleet_histogram = merge_histograms(w.latency_histogram for w in windows)
+    return FleetSummary(
+        devices=lines,
+        device_count=len(devices),
+        online_count=sum(1 for d in devices if d.status == "online"),
+        inference_count=sum(line.inference_count for line in lines),
+        error_count=sum(line.error_count for line in lines),
+        latency_p50_ms=_finite(histogram_quantile(fleet_histogram, 0.50)),
+        latency_p95_ms=_finite(histogram_quantile(fleet_histogram, 0.95)),
+    )
+
+
+def fleet_summary(*, session: Session) -> FleetSummary:
+    """The summary over every enrolled device and every stored telemetry window."""
+    devices = list(session.exec(select(Device).order_by(Device.id)))
+    windows = list(session.exec(select(TelemetryRecord)))
+    return summarise(devices, windows)

@@ -1,0 +1,144 @@
+"""The model registry: push, list and look up model versions; artifacts go to the content-addressed store."""
+
+from __future__ import annotations
+
+from typing import BinaryIO
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from cloud.artifacts import ArtifactStore
+from cloud.errors import ConflictError, InvalidInputError, NotFoundError
+from cloud.models import Model, ModelPublic, ModelVersion, ModelVersionPublic
+from cloud.services.onnx_specs import onnx_tensor_specs
+from protocol.messages import ModelFormat, TensorSpec, utcnow
+
+__all__ = [
+    "artifact_url",
+    "get_model",
+    "get_model_version",
+    "list_models",
+    "model_public",
+    "push_model_version",
+    "version_public",
+]
+
+
+def artifact_url(public_url: str, sha256: str) -> str:
+    """Where devices fetch the artifact with this digest."""
+    return f"{public_url.rstrip('/')}/api/v1/artifacts/{sha256}"
+
+
+def push_model_version(
+    *,
+    session: Session,
+    store: ArtifactStore,
+    name: str,
+    version: str,
+    stream: BinaryIO,
+    format: ModelFormat = ModelFormat.ONNX,
+    inputs: list[TensorSpec] | None = None,
+    outputs: list[TensorSpec] | None = None,
+) -> ModelVersion:
+    """Store an artifact and register it as `name:version`.
+
+    Without explicit `inputs`, an ONNX file's tensors are read from its graph, and a file that does not
+    parse is refused (`InvalidModelError`). With explicit `inputs` the bytes are stored as they are, so a
+    device's own validation can be exercised. The same name and version twice is a `ConflictError`.
+    """
+    if _find_version(session, name, version) is not None:
+        raise ConflictError(f"model {name}:{version} exists already; versions are immutable, push a new version")
+    sha256, size = store.put(stream)
+    if size == 0:
+        _discard_unreferenced(session, store, sha256)
+        raise InvalidInputError("the uploaded file is empty", field="file")
+    if inputs is None:
+        if format is not ModelFormat.ONNX:
+            _discard_unreferenced(session, store, sha256)
+            raise InvalidInputError(f"inputs are required for format {format.value}", field="inputs")
+        try:
+            inputs, derived_outputs = onnx_tensor_specs(store.path(sha256))
+        except InvalidInputError:
+            _discard_unreferenced(session, store, sha256)
+            raise
+        outputs = derived_outputs if outputs is None else outputs
+    model = session.exec(select(Model).where(Model.name == name)).first()
+    if model is None:
+        model = Model(name=name, created_at=utcnow())
+        session.add(model)
+        session.flush()
+    assert model.id is not None
+    record = ModelVersion(
+        model_id=model.id,
+        name=name,
+        version=version,
+        sha256=sha256,
+        size=size,
+        format=format.value,
+        inputs=[spec.model_dump(mode="json") for spec in inputs],
+        outputs=[spec.model_dump(mode="json") for spec in outputs or []],
+    )
+    session.add(record)
+    try:
+        session.commit()
+    except IntegrityError as exc:  # a concurrent push of the same name:version won the race
+        session.rollback()
+        raise ConflictError(f"model {name}:{version} exists already") from exc
+    session.refresh(record)
+    return record
+
+
+def _find_version(session: Session, name: str, version: str) -> ModelVersion | None:
+    statement = select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version)
+    return session.exec(statement).first()
+
+
+def _discard_unreferenced(session: Session, store: ArtifactStore, sha256: str) -> None:
+    """Remove a rejected upload unless a registered version shares its bytes."""
+    if session.exec(select(ModelVersion.id).where(ModelVersion.sha256 == sha256)).first() is None:
+        store.delete(sha256)
+
+
+def get_model_version(*, session: Session, name: str, version: str) -> ModelVersion:
+    """One version; `NotFoundError` names what is missing."""
+    record = _find_version(session, name, version)
+    if record is None:
+        if session.exec(select(Model).where(Model.name == name)).first() is None:
+            raise NotFoundError(f"model {name!r} does not exist")
+        raise NotFoundError(f"model {name!r} has no version {version!r}")
+    return record
+
+
+def get_model(*, session: Session, name: str) -> tuple[Model, list[ModelVersion]]:
+    """A model and its versions (oldest first); `NotFoundError` if unknown."""
+    model = session.exec(select(Model).where(Model.name == name)).first()
+    if model is None:
+        raise NotFoundError(f"model {name!r} does not exist")
+    versions = session.exec(
+        select(ModelVersion).where(ModelVersion.model_id == model.id).order_by(col(ModelVersion.id))
+    )
+    return model, list(versions)
+
+
+def list_models(*, session: Session) -> list[tuple[Model, list[ModelVersion]]]:
+    """Every model with its versions, by name."""
+    models = list(session.exec(select(Model).order_by(Model.name)))
+    versions = list(session.exec(select(ModelVersion).order_by(col(ModelVersion.id))))
+    by_model: dict[int | None, list[ModelVersion]] = {}
+    for record in versions:
+        by_model.setdefault(record.model_id, []).append(record)
+    return [(model, by_model.get(model.id, [])) for model in models]
+
+
+def version_public(record: ModelVersion, *, public_url: str) -> ModelVersionPublic:
+    """The API shape of a version."""
+    return ModelVersionPublic.model_validate(record, update={"artifact_url": artifact_url(public_url, record.sha256)})
+
+
+def model_public(model: Model, versions: list[ModelVersion], *, public_url: str) -> ModelPublic:
+    """The API shape of a model with its versions."""
+    return ModelPublic(
+        name=model.name,
+        created_at=model.created_at,
+        versions=[version_public(v, public_url=public_url) for v in versions],
+    )

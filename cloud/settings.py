@@ -1,0 +1,133 @@
+"""Typed settings of the coordinator, read from `EDGEFLEET_*` variables, an optional TOML/.env file, or code.
+
+Nothing here opens a database or a socket: a `Settings` object is handed to `create_app(settings)` and the
+factories it calls.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from cloud.errors import ConfigurationError
+from protocol.topics import DEFAULT_BASE, Topics
+
+__all__ = ["Environment", "Settings", "default_data_dir"]
+
+# Secrets that show up in examples and must never guard a production coordinator.
+_PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "admin", "secret", "token", "password", "test"})
+_MIN_PRODUCTION_TOKEN_CHARS = 24
+
+
+def default_data_dir() -> Path:
+    """`$EDGEFLEET_DATA_DIR`, else `$XDG_DATA_HOME/edgefleet`, else `~/.local/share/edgefleet`."""
+    if explicit := os.environ.get("EDGEFLEET_DATA_DIR"):
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "edgefleet"
+
+
+class Environment(StrEnum):
+    """Development tolerates convenience defaults; production refuses them."""
+
+    DEVELOPMENT = "development"
+    PRODUCTION = "production"
+
+
+class Settings(BaseSettings):
+    """Everything the coordinator needs to start; see each field's description."""
+
+    model_config = SettingsConfigDict(env_prefix="EDGEFLEET_", env_file=None, extra="ignore")
+
+    data_dir: Path = Field(default_factory=default_data_dir, description="Database, artifacts and admin token.")
+    database_url: str = Field(default="", description="SQLAlchemy URL; default SQLite in data_dir.")
+    mqtt_url: str | None = Field(default=None, description="External broker; None starts the embedded one.")
+    embedded_broker_host: str = "127.0.0.1"
+    embedded_broker_port: int = Field(default=1883, ge=0, le=65535)
+    topic_base: str = DEFAULT_BASE
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535, description="HTTP port; 0 picks a free one.")
+    public_url: str | None = Field(default=None, description="URL devices use to fetch artifacts.")
+    environment: Environment = Environment.DEVELOPMENT
+    admin_token: str | None = Field(default=None, description="Overrides the generated data_dir/admin-token.")
+    max_artifact_bytes: int = Field(default=2 * 1024**3, gt=0)
+    mqtt_client_id: str | None = Field(default=None, description="Bridge client id; default derived from pid.")
+
+    @field_validator("data_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @field_validator("topic_base")
+    @classmethod
+    def _valid_base(cls, value: str) -> str:
+        Topics(value)  # raises TopicError (a ValueError for pydantic) on '#', '+' or a trailing '/'
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _strip_slash(cls, value: str | None) -> str | None:
+        return value.rstrip("/") if value else value
+
+    @model_validator(mode="after")
+    def _derive(self) -> Settings:
+        if not self.database_url:
+            # Written past __setattr__ so that the derived value does not count as explicitly set, and
+            # `load()` can still let a data_dir from a later source decide it.
+            self.__dict__["database_url"] = f"sqlite:///{self.data_dir / 'edgefleet.db'}"
+        return self
+
+    @classmethod
+    def load(cls, path: Path | None = None, **overrides: Any) -> Settings:
+        """Settings from a TOML or .env file (if given), then `EDGEFLEET_*` variables, then `overrides`.
+
+        Explicit overrides win over the environment, which wins over the file.
+        """
+        file_values: dict[str, Any] = {}
+        if path is not None:
+            if path.suffix == ".toml":
+                try:
+                    file_values = dict(tomllib.loads(path.read_text()))
+                except (OSError, tomllib.TOMLDecodeError) as exc:
+                    raise ConfigurationError(f"cannot read settings file {path}: {exc}") from exc
+                file_values = dict(file_values.get("coordinator", file_values))
+            else:
+                env_settings = cls(_env_file=path)
+                file_values = env_settings.model_dump(exclude_unset=True)
+        env_values = cls().model_dump(exclude_unset=True)
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return cls.model_validate({**file_values, **env_values, **given})
+
+    @property
+    def topics(self) -> Topics:
+        """The topic scheme under `topic_base`."""
+        return Topics(self.topic_base)
+
+    def resolved_public_url(self, bound_port: int | None = None) -> str:
+        """`public_url`, else `http://host:port` from the host and the port actually bound."""
+        if self.public_url:
+            return self.public_url
+        host = "127.0.0.1" if self.host in {"0.0.0.0", "::", ""} else self.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{bound_port if bound_port is not None else self.port}"
+
+    def check_production_ready(self) -> None:
+        """Raise `ConfigurationError` for settings that must not reach production."""
+        if self.environment is not Environment.PRODUCTION:
+            return
+        if self.admin_token is not None and (
+            self.admin_token.strip().lower() in _PLACEHOLDER_SECRETS
+            or len(self.admin_token.strip()) < _MIN_PRODUCTION_TOKEN_CHARS
+        ):
+            raise ConfigurationError(
+                "EDGEFLEET_ADMIN_TOKEN is empty, a placeholder or shorter than "
+                f"{_MIN_PRODUCTION_TOKEN_CHARS} characters; refusing to start in production "
+                "(unset it to use the generated data_dir/admin-token)"
+            )
