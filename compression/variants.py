@@ -221,6 +221,7 @@ def _litert() -> Any:
         import litert_torch
     except ImportError as exc:
         raise ConverterUnavailableError("litert-torch is missing: pip install 'edgefleet[convert]'") from exc
+    litert_torch.config.show_progress = False  # its step-by-step console log would drown our own progress
     return litert_torch
 
 

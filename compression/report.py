@@ -1,0 +1,208 @@
+"""The compression report: one JSON document, rendered as Markdown and as an HTML page with inline SVG charts.
+
+`build_document` turns measurements and gate verdicts into plain data; the renderers only format it.
+"""
+
+from __future__ import annotations
+
+import html
+import platform
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from compression.evaluate import CompressionReport, GateVerdict
+
+__all__ = [
+    "ISA_FLAGS_OF_INTEREST",
+    "build_document",
+    "isa_flags",
+    "read_cpu",
+    "render_html",
+    "render_markdown",
+]
+
+# Flags that decide how fast int8 / fp16 kernels run (x86 VNNI/AMX, ARM dot product / i8mm / fp16).
+ISA_FLAGS_OF_INTEREST = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_int8",
+    "amx_bf16",
+    "neon",
+    "asimd",
+    "asimdhp",
+    "asimddp",
+    "i8mm",
+    "sve",
+)
+
+
+def isa_flags(cpuinfo: str) -> tuple[str, ...]:
+    """The flags of interest present in `/proc/cpuinfo` text (x86 `flags` or ARM `Features`)."""
+    present: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            present.update(value.split())
+    return tuple(flag for flag in ISA_FLAGS_OF_INTEREST if flag in present)
+
+
+def read_cpu(path: Path = Path("/proc/cpuinfo")) -> tuple[str, tuple[str, ...]]:
+    """(CPU model name, ISA flags of interest) of this machine; empty flags where /proc/cpuinfo is absent."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return platform.processor() or platform.machine(), ()
+    model = next(
+        (line.partition(":")[2].strip() for line in text.splitlines() if line.split(":")[0].strip() == "model name"),
+        platform.machine(),
+    )
+    return model, isa_flags(text)
+
+
+def build_document(
+    report: CompressionReport,
+    verdicts: list[GateVerdict],
+    *,
+    max_drop_pp: float,
+    files: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The report as JSON-ready data: one row per model (fp32 first) with ratios to fp32 and the gate verdict."""
+    base = report.baseline
+    by_name = {v.name: v for v in verdicts}
+    rows = []
+    for m in (base, *report.variants):
+        verdict = by_name.get(m.name)
+        rows.append(
+            {
+                **asdict(m),
+                "file": (files or {}).get(m.name),
+                "size_ratio": m.size_bytes / base.size_bytes,
+                "latency_p50_ratio": m.latency_p50_ms / base.latency_p50_ms if base.latency_p50_ms else None,
+                "accuracy_drop_pp": verdict.drop_pp if verdict else 0.0,
+                "accepted": verdict.accepted if verdict else True,
+                "gate": verdict.reason if verdict else "baseline",
+            }
+        )
+    return {
+        "format_version": 1,
+        "cpu": {"model": report.cpu_model, "machine": platform.machine(), "isa_flags": list(report.isa_flags)},
+        "max_drop_pp": max_drop_pp,
+        "models": rows,
+        "refused": [v.name for v in verdicts if not v.accepted],
+    }
+
+
+_COLUMNS = (
+    ("name", "model", "{}"),
+    ("size_bytes", "size (B)", "{:,}"),
+    ("size_ratio", "size x fp32", "{:.2f}"),
+    ("accuracy", "accuracy", "{:.2%}"),
+    ("agreement", "agrees with fp32", "{:.2%}"),
+    ("latency_p50_ms", "p50 (ms)", "{:.4f}"),
+    ("latency_p99_ms", "p99 (ms)", "{:.4f}"),
+    ("latency_p50_ratio", "p50 x fp32", "{:.2f}"),
+    ("peak_rss_bytes", "peak RSS (MiB)", "mib"),
+    ("model_rss_bytes", "model RSS (MiB)", "mib"),
+    ("gate", "gate", "{}"),
+)
+
+
+def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return "-"
+    if fmt == "mib":
+        return f"{value / 2**20:.1f}"
+    if key == "gate" and not row["accepted"]:
+        return f"REFUSED: {value}"
+    return fmt.format(value)
+
+
+def render_markdown(doc: dict[str, Any]) -> str:
+    """A readable Markdown page: the CPU, then one table row per model."""
+    lines = [
+        "# Compression report",
+        "",
+        f"CPU: {doc['cpu']['model']} ({doc['cpu']['machine']}); ISA flags: {', '.join(doc['cpu']['isa_flags']) or '-'}",
+        "",
+        f"Gate: at most {doc['max_drop_pp']:g} percentage points of accuracy below fp32.",
+        "",
+        "| " + " | ".join(title for _, title, _ in _COLUMNS) + " |",
+        "|" + "---|" * len(_COLUMNS),
+    ]
+    for row in doc["models"]:
+        lines.append("| " + " | ".join(_cell(row, key, fmt) for key, _, fmt in _COLUMNS) + " |")
+    lines += [
+        "",
+        "Latency: one sample per call, single-threaded, after warm-up. Peak RSS: a fresh process that loads "
+        "the model and runs it (`VmHWM`); model RSS: that peak minus the same process before loading.",
+    ]
+    if doc["refused"]:
+        lines += ["", f"**Refused:** {', '.join(doc['refused'])}"]
+    return "\n".join(lines) + "\n"
+
+
+def _bar_chart(rows: list[dict[str, Any]], key: str, title: str, unit: str) -> str:
+    width, bar_h, left = 520, 22, 120
+    values = [float(r[key] or 0.0) for r in rows]
+    top = max(values) or 1.0
+    height = 30 + bar_h * len(rows) + 10
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+        f'aria-label="{html.escape(title)}">',
+        f'<text x="4" y="18" font-size="14" font-weight="bold">{html.escape(title)}</text>',
+    ]
+    for i, (row, value) in enumerate(zip(rows, values, strict=True)):
+        y = 30 + i * bar_h
+        length = (width - left - 90) * value / top
+        colour = "#999" if row["name"] == "fp32" else ("#2a7" if row["accepted"] else "#c33")
+        parts += [
+            f'<text x="4" y="{y + 15}" font-size="12">{html.escape(row["name"])}</text>',
+            f'<rect x="{left}" y="{y + 3}" width="{length:.1f}" height="{bar_h - 6}" fill="{colour}"/>',
+            f'<text x="{left + length + 4:.1f}" y="{y + 15}" font-size="12">{value:.3g} {unit}</text>',
+        ]
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def render_html(doc: dict[str, Any]) -> str:
+    """A self-contained HTML page: the table and bar charts of size, accuracy and p50 latency."""
+    rows = doc["models"]
+    head = "".join(f"<th>{html.escape(title)}</th>" for _, title, _ in _COLUMNS)
+    body = "".join(
+        f'<tr class="{"ok" if row["accepted"] else "refused"}">'
+        + "".join(f"<td>{html.escape(_cell(row, key, fmt))}</td>" for key, _, fmt in _COLUMNS)
+        + "</tr>"
+        for row in rows
+    )
+    charts = "".join(
+        f"<figure>{_bar_chart(rows, key, title, unit)}</figure>"
+        for key, title, unit in (
+            ("size_ratio", "Size relative to fp32", "x"),
+            ("accuracy", "Accuracy on the eval set", ""),
+            ("latency_p50_ratio", "p50 latency relative to fp32", "x"),
+        )
+    )
+    cpu = doc["cpu"]
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>Compression report</title><style>"
+        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}tr.refused{background:#fdd}"
+        "figure{display:inline-block;margin:1em}</style></head><body>"
+        "<h1>Compression report</h1>"
+        f"<p>CPU: {html.escape(cpu['model'])} ({html.escape(cpu['machine'])}); ISA flags: "
+        f"<code>{html.escape(', '.join(cpu['isa_flags']) or '-')}</code></p>"
+        f"<p>Gate: at most {doc['max_drop_pp']:g} percentage points of accuracy below fp32."
+        + (f" <strong>Refused: {html.escape(', '.join(doc['refused']))}</strong>" if doc["refused"] else "")
+        + f"</p><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{charts}</body></html>\n"
+    )
