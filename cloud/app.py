@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -44,6 +44,7 @@ class Coordinator:
     store: ArtifactStore
     stats: IngestStats = field(default_factory=IngestStats)
     admin_token: str = ""
+    admin_token_created: bool = False
     mqtt_url: str | None = None
     broker: EmbeddedBroker | None = None
     bridge: MqttBridge | None = None
@@ -69,8 +70,14 @@ def _bridge_client_id(settings: Settings) -> str:
     return f"edgefleet-coordinator-{digest}-{os.getpid()}"
 
 
-def create_app(settings: Settings, *, enable_mqtt: bool = True) -> FastAPI:
-    """The coordinator application. `enable_mqtt=False` serves the API without broker or bridge (unit tests)."""
+def create_app(
+    settings: Settings, *, enable_mqtt: bool = True, on_started: Callable[[Coordinator], None] | None = None
+) -> FastAPI:
+    """The coordinator application.
+
+    `enable_mqtt=False` serves the API without broker or bridge (unit tests); `on_started` is called once
+    the database, broker and bridge are up (the CLI prints the URLs and token from it).
+    """
     settings.check_production_ready()
     coordinator = Coordinator(
         settings=settings,
@@ -85,11 +92,14 @@ def create_app(settings: Settings, *, enable_mqtt: bool = True) -> FastAPI:
             coordinator.admin_token = settings.admin_token
         else:
             coordinator.admin_token, created = ensure_admin_token(settings.data_dir)
+            coordinator.admin_token_created = created
             if created:
                 log.info("admin token created path=%s", settings.data_dir / "admin-token")
         try:
             if enable_mqtt:
                 _start_mqtt(coordinator)
+            if on_started is not None:
+                on_started(coordinator)
             yield
         finally:
             if coordinator.bridge is not None:

@@ -148,6 +148,7 @@ class MqttBridge:
         self._epoch = 0
         self._connected = threading.Event()
         self._worker: threading.Thread | None = None
+        self._stopping = False
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -170,6 +171,7 @@ class MqttBridge:
 
     def stop(self) -> None:
         """Disconnect, drain the worker and stop paho's thread."""
+        self._stopping = True
         self._jobs.put(None)
         if self._worker is not None:
             self._worker.join(_STOP_TIMEOUT_S)
@@ -207,7 +209,10 @@ class MqttBridge:
 
     def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
         self._connected.clear()
-        log.warning("mqtt bridge disconnected url=%s reason=%s (reconnecting with backoff)", self.url, reason)
+        if self._stopping:
+            log.info("mqtt bridge disconnected url=%s", self.url)
+        else:
+            log.warning("mqtt bridge disconnected url=%s reason=%s (reconnecting with backoff)", self.url, reason)
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         self._jobs.put(_Inbound(message.topic, bytes(message.payload), message.mid, message.qos, self._epoch))

@@ -1,0 +1,58 @@
+"""The operator CLI `edgefleet`: `up` runs the coordinator; the other commands talk to one over HTTP.
+
+Subcommands from other packages (`sim`, `demo`, `compress`) are entry points of the group
+`edgefleet.commands`, so `cloud` never imports them; one that fails to load is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib.metadata import entry_points
+
+import typer
+
+from cloud.cli.commands import deploy, deployments_app, devices_app, fleet_app, models_app
+from cloud.cli.up import up
+
+__all__ = ["PLUGIN_GROUP", "build_app", "main"]
+
+PLUGIN_GROUP = "edgefleet.commands"
+
+
+def build_app(*, load_plugins: bool = True) -> typer.Typer:
+    """The `edgefleet` command tree, with plugin subcommands when `load_plugins`."""
+    app = typer.Typer(
+        name="edgefleet",
+        help="edgefleet: run the coordinator (`edgefleet up`) and manage models, devices and deployments.",
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+    )
+    app.command("up")(up)
+    app.add_typer(models_app, name="models")
+    app.add_typer(devices_app, name="devices")
+    app.command("deploy")(deploy)
+    app.add_typer(deployments_app, name="deployments")
+    app.add_typer(fleet_app, name="fleet")
+    if load_plugins:
+        _add_plugins(app)
+    return app
+
+
+def _add_plugins(app: typer.Typer) -> None:
+    for entry in entry_points(group=PLUGIN_GROUP):
+        try:
+            command = entry.load()
+        except Exception as exc:  # a broken plugin must not take the whole CLI down
+            print(f"warning: edgefleet plugin {entry.name!r} ({entry.value}) failed to load: {exc}", file=sys.stderr)
+            continue
+        if isinstance(command, typer.Typer):
+            app.add_typer(command, name=entry.name)
+        elif callable(command):
+            app.command(entry.name)(command)
+        else:
+            print(f"warning: edgefleet plugin {entry.name!r} is neither a Typer app nor a function", file=sys.stderr)
+
+
+def main() -> None:
+    """Entry point of the `edgefleet` console script."""
+    build_app()()

@@ -1,0 +1,126 @@
+"""`edgefleet up`: run the coordinator (API, embedded broker or external one, MQTT bridge) in the foreground."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import uvicorn
+
+from cloud.cli._common import fail
+from cloud.cli.config import write_config_if_absent
+from cloud.errors import CloudError
+from cloud.logs import configure_logging
+from cloud.settings import Settings
+
+__all__ = ["up"]
+
+INFO_FILE = "coordinator.json"
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind the HTTP socket before the app starts, so the actual port (for `--port 0`) is known to it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc} (use --port 0 for a free port)")
+    sock.set_inheritable(True)
+    return sock
+
+
+def _write_info(path: Path, *, url: str, mqtt_url: str | None) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"url": url, "mqtt_url": mqtt_url, "pid": os.getpid()}, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def up(
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Database, artifacts, admin token [env EDGEFLEET_DATA_DIR].")
+    ] = None,
+    database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL (default: SQLite in the data dir).")] = None,
+    mqtt_url: Annotated[
+        str | None, typer.Option(help="External broker, e.g. mqtt://host:1883 (default: embedded).")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="HTTP listen address (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port (default 8080; 0 picks a free one).")] = None,
+    config: Annotated[Path | None, typer.Option(help="Settings file (.toml or .env).", exists=True)] = None,
+    log_json: Annotated[bool, typer.Option("--log-json", help="Log JSON lines instead of key=value.")] = False,
+) -> None:
+    """Run the coordinator until Ctrl-C or SIGTERM.
+
+    Prints the API URL, the broker URL and (on first start) the admin token; writes data_dir/coordinator.json
+    with the actual URLs and pid, and the CLI config (url + token) if it does not exist yet.
+    """
+    from cloud.app import Coordinator, create_app  # deferred: `edgefleet --help` stays fast
+
+    configure_logging(json_lines=log_json)
+    try:
+        settings = Settings.load(
+            config, data_dir=data_dir, database_url=database_url, mqtt_url=mqtt_url, host=host, port=port
+        )
+        settings.check_production_ready()
+    except (CloudError, ValueError) as exc:
+        fail(f"invalid settings: {exc}")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    sock = _bind(settings.host, settings.port)
+    settings = settings.model_copy(update={"port": sock.getsockname()[1]})
+    info_path = settings.data_dir / INFO_FILE
+
+    def on_started(coordinator: Coordinator) -> None:
+        url = coordinator.settings.resolved_public_url()
+        _write_info(info_path, url=url, mqtt_url=coordinator.mqtt_url)
+        lines = [
+            f"edgefleet coordinator {url}",
+            f"  MQTT broker: {coordinator.mqtt_url}",
+            f"  data dir:    {settings.data_dir}",
+            f"  database:    {_redact(settings.database_url)}",
+        ]
+        if coordinator.admin_token_created:
+            lines.append(f"  admin token: {coordinator.admin_token}  (shown once; kept in data_dir/admin-token)")
+        written = write_config_if_absent(url=url, token=coordinator.admin_token)
+        if written is not None:
+            lines.append(f"  CLI config:  {written}")
+        print("\n".join(lines), flush=True)
+
+    try:
+        app = create_app(settings, on_started=on_started)
+    except CloudError as exc:
+        fail(str(exc))
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=5, lifespan="on")
+    )
+    # uvicorn captures SIGINT/SIGTERM for a graceful shutdown and re-raises the signal afterwards; with
+    # these no-op handlers in place that re-raise is harmless, so a requested stop exits 0 after cleanup.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _stop_requested)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+        info_path.unlink(missing_ok=True)
+    if not server.started:
+        sys.exit(1)
+
+
+def _stop_requested(signum: int, _frame: object) -> None:
+    """Placeholder handler: uvicorn handles the stop itself while it runs."""
+
+
+def _redact(database_url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(database_url).render_as_string(hide_password=True)
+    except Exception:  # only for display
+        return "<unparsable>"
