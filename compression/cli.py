@@ -76,21 +76,21 @@ def compress(
         with err.status("compressing…") as status:
             result = run_compression(job, progress=lambda step: status.update(f"{step}…"))
     except InvalidInputError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        err.print(f"error: {exc}", style="red", markup=False, highlight=False)
         raise typer.Exit(EXIT_BAD_INPUT) from exc
     except CompressionError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        err.print(f"error: {exc}", style="red", markup=False, highlight=False)
         raise typer.Exit(EXIT_CONVERTER) from exc
     typer.echo(render_markdown(result.document))
     typer.echo(f"manifest: {result.manifest_path}")
     if result.refused:
         for verdict in result.refused:
-            err.print(f"[red]refused {verdict.name}:[/red] {verdict.reason}")
+            err.print(f"refused {verdict.name}: {verdict.reason}", style="red", markup=False, highlight=False)
         raise typer.Exit(EXIT_REFUSED)
 
 
 def _stderr() -> Console:
-    return Console(stderr=True, file=sys.stderr)
+    return Console(stderr=True, file=sys.stderr, soft_wrap=True)
 
 
 app = typer.Typer(add_completion=False, help="Compress a model into quantized variants.")
