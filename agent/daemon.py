@@ -107,6 +107,7 @@ class Agent:
         self._serving = Serving(record=self._recorder.record)
         self._slots = SlotStore(config.data_dir / "slots")
         self._lock = threading.Lock()
+        self._changed = threading.Condition()  # notified after every update transition
         self._rejected = 0
         self._started = False
         self._topics: Topics | None = None
@@ -150,8 +151,19 @@ class Agent:
         return self._serving.infer(inputs)
 
     def wait_for_model(self, version: str, timeout: float) -> bool:
-        """Wait until the served model has `version`; False after `timeout` seconds."""
-        return self._serving.wait_for(lambda a: a is not None and a.spec.version == version, timeout)
+        """Wait until the served model has `version` and its update is reported done; False after `timeout`."""
+
+        def settled() -> bool:
+            active = self._serving.current()
+            if active is None or active.spec.version != version:
+                return False
+            state = self._worker.state if self._worker is not None else None
+            if state is None or not state.in_progress or state.target is None:
+                return True
+            return state.target.version != version  # still switching to it: not done yet
+
+        with self._changed:
+            return self._changed.wait_for(settled, timeout)
 
     def flush_telemetry(self) -> None:
         """Publish the current telemetry window now (nothing when it is empty or the agent is not started)."""
@@ -301,6 +313,8 @@ class Agent:
         self._event(EventKind.MESSAGE_REJECTED, message=reason, error=ErrorInfo.of(ErrorCode.MALFORMED_MESSAGE, reason))
 
     def _on_transition(self, old: UpdateState, new: UpdateState) -> None:
+        with self._changed:
+            self._changed.notify_all()
         kind = transition_event(old, new)
         if kind is not None:
             target = f"{new.target.name}:{new.target.version}" if new.target else "nothing"

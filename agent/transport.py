@@ -12,7 +12,6 @@ import hashlib
 import logging
 import ssl
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -108,8 +107,10 @@ class MqttTransport:
         self._on_message: MessageHandler | None = None
         self._on_connect: ConnectHandler | None = None
         self._connected = threading.Event()
-        self._pending: list[mqtt.MQTTMessageInfo] = []
-        self._pending_lock = threading.Lock()
+        # mids of QoS 1 publishes not yet acknowledged (paho keeps them queued across reconnects).
+        self._unacked: set[int] = set()
+        self._early_acks: set[int] = set()  # PUBACKs that beat `publish` to recording their mid
+        self._unacked_cond = threading.Condition()
         client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -126,6 +127,7 @@ class MqttTransport:
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
+        client.on_publish = self._handle_publish
         self._client = client
 
     @property
@@ -148,25 +150,20 @@ class MqttTransport:
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
             log.warning("MQTT queue full; dropped a message to %s", topic)
-            return
-        if qos > 0:
-            with self._pending_lock:
-                self._pending = [p for p in self._pending if not p.is_published()]
-                self._pending.append(info)
+        elif qos > 0:
+            # Not holding our lock around paho's publish: paho calls on_publish under its own lock (lock order).
+            with self._unacked_cond:
+                if info.mid in self._early_acks:
+                    self._early_acks.discard(info.mid)
+                else:
+                    self._unacked.add(info.mid)
 
     def close(self, *, timeout: float) -> None:
-        """Wait (bounded) for queued QoS 1 messages while connected, then disconnect and stop the loop."""
-        deadline = time.monotonic() + timeout
-        with self._pending_lock:
-            pending = list(self._pending)
-        for info in pending:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self.connected:
-                break
-            try:
-                info.wait_for_publish(remaining)
-            except (RuntimeError, ValueError):
-                continue
+        """Wait (bounded, while connected) for queued QoS 1 messages, then disconnect and stop the loop."""
+        with self._unacked_cond:
+            self._unacked_cond.wait_for(lambda: not self._unacked or not self.connected, timeout=timeout)
+            if self._unacked:
+                log.warning("disconnecting with %d unacknowledged messages", len(self._unacked))
         self._client.disconnect()
         self._client.loop_stop()
         self._connected.clear()
@@ -188,10 +185,20 @@ class MqttTransport:
 
     def _handle_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
         self._connected.clear()
+        with self._unacked_cond:
+            self._unacked_cond.notify_all()
         if reason.is_failure:
             log.warning(
                 "MQTT disconnected from %s:%s: %s; reconnecting", self._address.host, self._address.port, reason
             )
+
+    def _handle_publish(self, _client: mqtt.Client, _userdata: Any, mid: int, _reason: Any, _props: Any) -> None:
+        with self._unacked_cond:
+            if mid in self._unacked:
+                self._unacked.discard(mid)
+            else:
+                self._early_acks.add(mid)
+            self._unacked_cond.notify_all()
 
     def _handle_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         if self._on_message is not None:

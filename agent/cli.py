@@ -1,0 +1,146 @@
+"""`edgefleet-agent`: run the device daemon, or print an example configuration.
+
+edgefleet-agent init --device-id cam-0001 --coordinator http://coordinator:8000 > agent.toml
+edgefleet-agent run --config agent.toml
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from agent.config import ENV_PREFIX, load_config
+from agent.daemon import Agent, agent_version
+from agent.errors import ConfigError, TransportError
+from protocol import TopicError, validate_device_id
+
+__all__ = ["example_config", "main"]
+
+log = logging.getLogger("agent.cli")
+
+EXIT_CONFIG = 2
+EXIT_UNAVAILABLE = 3
+
+
+def example_config(device_id: str, coordinator_url: str | None, mqtt_url: str | None = None) -> str:
+    """A commented example `agent.toml`."""
+    coordinator = (
+        f'coordinator_url = "{coordinator_url}"' if coordinator_url else '# coordinator_url = "http://coordinator:8000"'
+    )
+    broker = f'mqtt_url = "{mqtt_url}"' if mqtt_url else '# mqtt_url = "mqtt://broker:1883"'
+    return f"""# edgefleet-agent configuration. Every key can be overridden by {ENV_PREFIX}<KEY>,
+# e.g. {ENV_PREFIX}HTTP_PORT=disabled or {ENV_PREFIX}TAGS=site=lab,ring=canary.
+
+# This device's id (letters, digits, . _ -); it appears in MQTT topics.
+device_id = "{device_id}"
+
+# Slots, downloads, update state and the telemetry sequence live here (relative to this file).
+data_dir = "edgefleet-agent-data"
+
+# The coordinator tells the agent its MQTT URL and topic base (GET /api/v1/info) ...
+{coordinator}
+# ... unless they are set here.
+{broker}
+# topic_base = "edgefleet/v1"
+
+# Local Open Inference Protocol endpoint; http_port = 0 picks a free port, "disabled" turns it off.
+http_host = "127.0.0.1"
+http_port = 8500
+
+# Seconds between telemetry windows (empty windows are not sent).
+telemetry_interval_s = 10
+
+# MQTT reconnect backoff bounds, download timeout and attempts, threads per inference.
+reconnect_min_s = 1
+reconnect_max_s = 60
+download_timeout_s = 60
+download_attempts = 3
+intra_op_threads = 1
+
+# Labels that deployments target, e.g. `edgefleet deploy digits:1.0 --to site=lab`.
+[tags]
+# site = "lab"
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgefleet-agent",
+        description="The edgefleet device agent: receives models over MQTT, serves them on a local "
+        "Open Inference Protocol endpoint and reports state and telemetry.",
+    )
+    parser.add_argument("--version", action="version", version=f"edgefleet-agent {agent_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the agent until SIGTERM or SIGINT")
+    run.add_argument("--config", "-c", type=Path, help=f"TOML configuration file (overridden by {ENV_PREFIX}*)")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--plain-logs", action="store_true", help="human-readable log lines instead of JSON")
+
+    init = commands.add_parser("init", help="print a commented example configuration to stdout")
+    init.add_argument("--device-id", required=True, help="this device's id")
+    init.add_argument("--coordinator", help="coordinator base URL, e.g. http://coordinator:8000")
+    init.add_argument("--mqtt-url", help="broker URL, when not taken from the coordinator")
+    return parser
+
+
+def _run(config_path: Path | None, stop: threading.Event) -> int:
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(f"edgefleet-agent: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    agent = Agent(config)
+    delay = config.reconnect_min_s
+    while not stop.is_set():
+        try:
+            agent.start()
+            break
+        except TransportError as exc:  # the coordinator may come up after the device: keep trying
+            log.warning("cannot start yet (%s); retrying in %.0fs", exc, delay)
+            stop.wait(delay)
+            delay = min(delay * 2, config.reconnect_max_s)
+        except ConfigError as exc:
+            log.error("%s", exc)
+            return EXIT_CONFIG
+    else:
+        return 0
+    stop.wait()
+    log.info("stopping on signal")
+    agent.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `edgefleet-agent`."""
+    from agent._logging import configure_logging
+
+    args = _parser().parse_args(argv)
+    if args.command == "init":
+        try:
+            validate_device_id(args.device_id)
+        except TopicError as exc:
+            print(f"edgefleet-agent: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        sys.stdout.write(example_config(args.device_id, args.coordinator, args.mqtt_url))
+        return 0
+    configure_logging(args.log_level, json_lines=not args.plain_logs)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return _run(args.config, stop)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
