@@ -54,8 +54,8 @@ def main() -> int:
         print(
             f"{m.name:<13}{m.size_bytes:>9,}{m.size_bytes / base.size_bytes:>11.2f}{m.accuracy:>10.2%}"
             f"{m.agreement:>8.1%}{m.latency_p50_ms * 1000:>9.1f}{m.latency_p99_ms * 1000:>9.1f}"
-            f"{m.latency_p50_ms / base.latency_p50_ms:>10.2f}{m.peak_rss_bytes / 2**20:>10.1f}"
-            f"{m.model_rss_bytes / 2**20:>11.1f}"
+            f"{m.latency_p50_ms / base.latency_p50_ms:>10.2f}{(m.peak_rss_bytes or 0) / 2**20:>10.1f}"
+            f"{(m.model_rss_bytes or 0) / 2**20:>11.1f}"
         )
     refused = ", ".join(v.name for v in result.refused) or "none"
     print(f"gate (max drop {job.max_drop_pp:g} pp): refused {refused}; reports in {out}")

@@ -51,8 +51,8 @@ class Measurement:
     latency_p50_ms: float
     latency_p99_ms: float
     latency_samples: int
-    peak_rss_bytes: int  # peak RSS of a fresh process that loaded the model and ran it
-    model_rss_bytes: int  # that peak minus the same process's RSS before loading (runtime already imported)
+    peak_rss_bytes: int | None  # None if not measured; else peak RSS of a fresh process running the model
+    model_rss_bytes: int | None  # that peak minus the same process's RSS before loading (runtime already imported)
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def measure(
     """All the numbers for one variant; `reference` holds the fp32 model's predicted classes on `data`."""
     predicted = predictions(path, data)
     timings = measure_latency(path, data.x[0], budget or LatencyBudget())
-    peak, delta = measure_memory(path) if memory else (0, 0)
+    peak, delta = measure_memory(path) if memory else (None, None)
     return Measurement(
         name=name,
         size_bytes=path.stat().st_size,

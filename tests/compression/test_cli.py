@@ -44,6 +44,7 @@ def test_compress_writes_variants_manifest_and_reports(model_dir: Path, tmp_path
     assert entries["tflite-int8"]["runtime"] == "litert" and entries["fp16"]["runtime"] == "onnxruntime"
     assert "avx512_vnni" in entries["int8-static"]["cpu_features"]
     assert manifest["refused"] == []
+    assert "| - |" not in (out / "report.md").read_text()  # memory measured for every model
     report = json.loads((out / "report.json").read_text())
     assert all(row["peak_rss_bytes"] > 0 for row in report["models"])
     assert "<svg" in (out / "report.html").read_text()
@@ -68,6 +69,7 @@ def test_compress_exits_nonzero_and_names_the_variant_calibrated_on_constant_dat
     # Dynamic quantization needs no calibration, so it still ships; the broken static one does not.
     assert [e["name"] for e in manifest["variants"]] == ["fp32", "int8-dynamic"]
     assert [r["name"] for r in manifest["refused"]] == ["int8-static"]
+    assert all(row["peak_rss_bytes"] is None for row in json.loads((out / "report.json").read_text())["models"])
 
 
 def test_compress_accepts_npz_data_and_a_user_threshold(model_dir: Path, tmp_path: Path) -> None:

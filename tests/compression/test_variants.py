@@ -136,5 +136,6 @@ def test_measure_reports_latency_and_memory_of_a_fresh_process(
     assert 0 < m.latency_p50_ms <= m.latency_p99_ms < 1000
     assert 1 <= m.latency_samples <= QUICK.iterations
     # A Python process with numpy and LiteRT is tens of MiB, far below the pytest process holding torch.
+    assert m.peak_rss_bytes is not None and m.model_rss_bytes is not None
     assert 10 * 2**20 < m.peak_rss_bytes < 400 * 2**20
     assert 0 <= m.model_rss_bytes < m.peak_rss_bytes
