@@ -16,6 +16,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cloud.errors import ConfigurationError
+from protocol.errors import TopicError
 from protocol.topics import DEFAULT_BASE, Topics
 
 __all__ = ["Environment", "Settings", "default_data_dir"]
@@ -67,7 +68,10 @@ class Settings(BaseSettings):
     @field_validator("topic_base")
     @classmethod
     def _valid_base(cls, value: str) -> str:
-        Topics(value)  # raises TopicError (a ValueError for pydantic) on '#', '+' or a trailing '/'
+        try:
+            Topics(value)
+        except TopicError as exc:  # pydantic reports ValueErrors as validation errors naming the field
+            raise ValueError(str(exc)) from exc
         return value
 
     @field_validator("public_url")

@@ -1,0 +1,53 @@
+"""Settings: derived defaults, file < environment < explicit precedence, production refuses placeholders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cloud.errors import ConfigurationError
+from cloud.settings import Environment, Settings
+
+
+def test_database_defaults_to_sqlite_in_the_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGEFLEET_DATA_DIR", str(tmp_path / "d"))
+    settings = Settings()
+    assert settings.data_dir == tmp_path / "d"
+    assert settings.database_url == f"sqlite:///{tmp_path / 'd' / 'edgefleet.db'}"
+    assert settings.mqtt_url is None and settings.topic_base == "edgefleet/v1"
+
+
+def test_explicit_beats_environment_beats_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    file = tmp_path / "edgefleet.toml"
+    file.write_text(f'data_dir = "{tmp_path / "from-file"}"\nport = 9000\nhost = "0.0.0.0"\n')
+    monkeypatch.setenv("EDGEFLEET_PORT", "9100")
+    settings = Settings.load(file, host="127.0.0.2")
+    assert settings.port == 9100 and settings.host == "127.0.0.2"
+    assert settings.database_url == f"sqlite:///{tmp_path / 'from-file' / 'edgefleet.db'}"
+
+
+def test_public_url_follows_the_bound_port_unless_set() -> None:
+    assert Settings(host="0.0.0.0", port=0).resolved_public_url(43210) == "http://127.0.0.1:43210"
+    assert Settings(public_url="https://fleet.example/").resolved_public_url(1) == "https://fleet.example"
+
+
+@pytest.mark.parametrize("token", ["", "changeme", "admin", "short-token"])
+def test_production_refuses_placeholder_admin_tokens(token: str) -> None:
+    settings = Settings(environment=Environment.PRODUCTION, admin_token=token)
+    with pytest.raises(ConfigurationError, match="refusing to start in production"):
+        settings.check_production_ready()
+    Settings(environment=Environment.DEVELOPMENT, admin_token=token).check_production_ready()
+    Settings(environment=Environment.PRODUCTION, admin_token="x" * 40).check_production_ready()
+
+
+def test_rejects_a_topic_base_with_wildcards() -> None:
+    with pytest.raises(ValueError, match="invalid topic base"):
+        Settings(topic_base="a/#")
+
+
+def test_unreadable_settings_file_is_a_configuration_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("port = = 1")
+    with pytest.raises(ConfigurationError, match=r"cannot read settings file"):
+        Settings.load(bad)
