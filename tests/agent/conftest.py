@@ -18,6 +18,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import Agent, AgentConfig
+from agent.update import SlotStore
 from protocol import (
     ArtifactRef,
     DesiredState,
@@ -34,6 +35,31 @@ from protocol import (
 
 DIGITS_INPUTS = [TensorSpec(name="input", datatype="FP32", shape=[-1, 64])]
 DIGITS_OUTPUTS = [TensorSpec(name="probabilities", datatype="FP32", shape=[-1, 10])]
+
+
+def model_spec(
+    name: str, version: str, data: bytes, *, url: str = "http://127.0.0.1:9/unused", declared_sha256: str | None = None
+) -> ModelSpec:
+    """The spec a coordinator would send for `data` (digits tensors)."""
+    digest = declared_sha256 or hashlib.sha256(data).hexdigest()
+    return ModelSpec(
+        name=name,
+        version=version,
+        artifact=ArtifactRef(url=url, sha256=digest, size=len(data)),
+        inputs=DIGITS_INPUTS,
+        outputs=DIGITS_OUTPUTS,
+    )
+
+
+def install_model(data_dir: Path, spec: ModelSpec, data: bytes, slot: str = "a") -> None:
+    """Put a model into a data directory's active slot, as an earlier update would have left it."""
+    source = data_dir / "incoming.onnx"
+    source.parent.mkdir(parents=True, exist_ok=True)
+    source.write_bytes(data)
+    slots = SlotStore(data_dir / "slots")
+    slots.stage(slot, source, spec)
+    slots.activate(slot)
+    source.unlink()
 
 
 class ArtifactServer:
@@ -58,14 +84,7 @@ class ArtifactServer:
         """Publish `data` as a file and return the spec a coordinator would send for it."""
         filename = f"{name}-{version}.onnx"
         (self.root / filename).write_bytes(data)
-        digest = declared_sha256 or hashlib.sha256(data).hexdigest()
-        return ModelSpec(
-            name=name,
-            version=version,
-            artifact=ArtifactRef(url=f"{self.url}/{filename}", sha256=digest, size=len(data)),
-            inputs=DIGITS_INPUTS,
-            outputs=DIGITS_OUTPUTS,
-        )
+        return model_spec(name, version, data, url=f"{self.url}/{filename}", declared_sha256=declared_sha256)
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):

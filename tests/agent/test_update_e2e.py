@@ -39,7 +39,7 @@ def nan_on_zeros_model() -> bytes:
     return model.SerializeToString()
 
 
-def activate_v1(agent_factory: AgentFactory, artifacts: ArtifactServer, observer: Observer, model: bytes):  # noqa: ANN201
+def activate_v1(agent_factory: AgentFactory, artifacts: ArtifactServer, observer: Observer, model: bytes):
     agent = agent_factory()
     agent.start()
     v1 = artifacts.model("digits", "1.0", model)
@@ -68,7 +68,9 @@ def test_agent_activates_a_retained_desired_state_and_reports_it(
     assert EventKind.UPDATE_STARTED in kinds and EventKind.UPDATE_ACTIVATED in kinds
     observer.event("dev-1", lambda e: e.kind is EventKind.UPDATE_ACTIVATED and e.generation == 1)
 
-    np.testing.assert_array_equal(agent.infer({"input": SAMPLE})["probabilities"], reference_outputs(digits_model_bytes))
+    np.testing.assert_array_equal(
+        agent.infer({"input": SAMPLE})["probabilities"], reference_outputs(digits_model_bytes)
+    )
     state = json.loads((agent.config.data_dir / "update-state.json").read_text())
     assert state["format_version"] == 1 and state["state"]["phase"] == "active"
     assert (agent.config.data_dir / "slots" / "a" / "model.onnx").read_bytes() == digits_model_bytes
@@ -122,7 +124,9 @@ def test_refused_update_keeps_the_previous_model_serving(
     assert reported.update.error.code is code and reported.update.error.message
     assert reported.active_model == v1.ref
     assert agent.active_model == v1.ref
-    np.testing.assert_array_equal(agent.infer({"input": SAMPLE})["probabilities"], reference_outputs(digits_model_bytes))
+    np.testing.assert_array_equal(
+        agent.infer({"input": SAMPLE})["probabilities"], reference_outputs(digits_model_bytes)
+    )
     assert not list((agent.config.data_dir / "downloads").glob("*.part")) or code is not ErrorCode.DIGEST_MISMATCH
 
 
@@ -156,7 +160,9 @@ def test_restarted_agent_serves_its_active_slot_before_connecting(
     again = make_agent(mqtt_url="mqtt://127.0.0.1:9")  # nothing listens there: no broker needed to serve
     again.start()
     assert again.active_model == v1.ref
-    np.testing.assert_array_equal(again.infer({"input": SAMPLE})["probabilities"], reference_outputs(digits_model_bytes))
+    np.testing.assert_array_equal(
+        again.infer({"input": SAMPLE})["probabilities"], reference_outputs(digits_model_bytes)
+    )
 
 
 def test_update_interrupted_by_power_loss_is_restarted_from_download(

@@ -98,7 +98,11 @@ def interrupted(phase: UpdatePhase, resumes: int = 0) -> UpdateState:
 
 
 RESTARTS = {
-    "interrupted_download_restarts_from_download": (interrupted(P.DOWNLOADING), Restarted(active=V1.ref), P.DOWNLOADING),
+    "interrupted_download_restarts_from_download": (
+        interrupted(P.DOWNLOADING),
+        Restarted(active=V1.ref),
+        P.DOWNLOADING,
+    ),
     "interrupted_staging_restarts_from_download": (interrupted(P.STAGING), Restarted(active=V1.ref), P.DOWNLOADING),
     "interrupted_loading_with_staged_file_resumes_at_loading": (
         interrupted(P.WARMING_UP),

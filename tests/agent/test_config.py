@@ -1,0 +1,129 @@
+"""Agent configuration: TOML plus `EDGEFLEET_AGENT_*` overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent import AgentConfig, ConfigError, load_config
+from agent.daemon import resolve_broker
+from protocol import DEFAULT_BASE
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    return path
+
+
+def test_file_values_with_environment_overrides(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        'device_id = "cam-1"\ndata_dir = "state"\nmqtt_url = "mqtt://broker:1883"\nhttp_port = 9000\n'
+        '[tags]\nsite = "lab"\n',
+    )
+    env = {
+        "EDGEFLEET_AGENT_HTTP_PORT": "disabled",
+        "EDGEFLEET_AGENT_TAGS": "site=field,ring=canary",
+        "EDGEFLEET_AGENT_TELEMETRY_INTERVAL_S": "2.5",
+        "UNRELATED": "x",
+    }
+    config = load_config(path, env=env)
+    assert config.device_id == "cam-1" and config.data_dir == tmp_path / "state"
+    assert config.http_port is None and config.telemetry_interval_s == 2.5
+    assert config.tags == {"site": "field", "ring": "canary"}
+    assert config.topic_base is None and config.intra_op_threads == 1
+
+
+def test_defaults() -> None:
+    config = AgentConfig(device_id="d1", data_dir=Path("/tmp/x"), mqtt_url="mqtt://h:1883")
+    assert (config.http_host, config.http_port, config.telemetry_interval_s) == ("127.0.0.1", 8500, 10.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "fragments"),
+    [
+        ('device_id = "no spaces"\ndata_dir = "d"\nmqtt_url = "mqtt://h"\n', {}, ["'device_id'", "invalid device id"]),
+        ('device_id = "d"\ndata_dir = "d"\nmqtt_url = "mqtt://h"\nhttp_prot = 1\n', {}, ["'http_prot'", "unknown key"]),
+        ('device_id = "d"\ndata_dir = "d"\nmqtt_url = "mqtt://h"\nhttp_port = 70000\n', {}, ["'http_port'"]),
+        ('device_id = "d"\ndata_dir = "d"\n', {}, ["mqtt_url", "coordinator_url"]),
+        ('device_id = "d"\ndata_dir = "d"\nmqtt_url = "h"\n', {}, ["'mqtt_url'", "not a URL"]),
+        ("device_id = \n", {}, ["not valid TOML"]),
+        (
+            'device_id = "d"\ndata_dir = "d"\nmqtt_url = "mqtt://h"\n',
+            {"EDGEFLEET_AGENT_TELEMETRY_INTERVAL_S": "soon"},
+            ["EDGEFLEET_AGENT_TELEMETRY_INTERVAL_S", "'telemetry_interval_s'"],
+        ),
+        (
+            'device_id = "d"\ndata_dir = "d"\nmqtt_url = "mqtt://h"\n',
+            {"EDGEFLEET_AGENT_COLOUR": "x"},
+            ["unknown setting"],
+        ),
+    ],
+    ids=[
+        "bad_device_id",
+        "typo_key",
+        "port_range",
+        "no_broker",
+        "url_without_scheme",
+        "bad_toml",
+        "bad_env",
+        "env_typo",
+    ],
+)
+def test_bad_configuration_says_which_key_and_why(
+    tmp_path: Path, text: str, env: dict[str, str], fragments: list[str]
+) -> None:
+    with pytest.raises(ConfigError) as exc_info:
+        load_config(write(tmp_path, text), env=env)
+    for fragment in fragments:
+        assert fragment in str(exc_info.value)
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "nope.toml", env={})
+
+
+def test_configured_broker_needs_no_coordinator(tmp_path: Path) -> None:
+    config = AgentConfig(device_id="d1", data_dir=tmp_path, mqtt_url="mqtt://h:1883")
+    assert resolve_broker(config) == ("mqtt://h:1883", DEFAULT_BASE)
+
+
+def test_broker_address_and_topic_base_come_from_the_coordinator(tmp_path: Path) -> None:
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Info(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps({"mqtt_url": "mqtt://10.0.0.5:1883", "topic_base": "site/edgefleet/v1"}).encode()
+            self.send_response(200 if self.path == "/api/v1/info" else 404)
+            self.send_header("content-type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Info)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        config = AgentConfig(device_id="d1", data_dir=tmp_path, coordinator_url=url)
+        assert resolve_broker(config) == ("mqtt://10.0.0.5:1883", "site/edgefleet/v1")
+        pinned = AgentConfig(device_id="d1", data_dir=tmp_path, coordinator_url=url, topic_base="mine/v1")
+        assert resolve_broker(pinned) == ("mqtt://10.0.0.5:1883", "mine/v1")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_unreachable_coordinator_is_a_transport_error(tmp_path: Path) -> None:
+    from agent import TransportError
+    from tests.services import free_port
+
+    config = AgentConfig(device_id="d1", data_dir=tmp_path, coordinator_url=f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(TransportError, match="cannot fetch the broker address"):
+        resolve_broker(config, timeout_s=2)
