@@ -1,14 +1,17 @@
 """Model runtimes behind one small interface: `ModelRuntime.load(path) -> LoadedModel`.
 
-ONNX Runtime today; LiteRT (TFLite) plugs in as another `ModelRuntime` for `ModelFormat.TFLITE`.
+ONNX Runtime for `ModelFormat.ONNX`, LiteRT for `ModelFormat.TFLITE` (when installed).
 """
 
 from agent.runtime._tensors import check_inputs, datatype_of, numpy_dtype, warmup_inputs
 from agent.runtime.base import LoadedModel, ModelRuntime
 from agent.runtime.onnx import OnnxModel, OnnxRuntime
 from agent.runtime.registry import RuntimeRegistry, available_runtimes, default_registry
+from agent.runtime.tflite import LiteRtModel, LiteRtRuntime
 
 __all__ = [
+    "LiteRtModel",
+    "LiteRtRuntime",
     "LoadedModel",
     "ModelRuntime",
     "OnnxModel",

@@ -10,7 +10,7 @@ import numpy as np
 
 from protocol import ModelFormat, TensorSpec
 
-__all__ = ["LoadedModel", "ModelRuntime"]
+__all__ = ["DeclaredTensors", "LoadedModel", "ModelRuntime"]
 
 
 @runtime_checkable
@@ -48,3 +48,21 @@ class ModelRuntime(Protocol):
     def load(self, path: Path) -> LoadedModel:
         """Load `path`; raises `InvalidModelError` when the runtime refuses the file."""
         ...
+
+
+class DeclaredTensors:
+    """Base of runtime models: holds the tensor specs the runtime reported at load time."""
+
+    def __init__(self, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
+        self._inputs = inputs
+        self._outputs = outputs
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        """The model's inputs, as the runtime reports them (`-1` = dynamic dimension)."""
+        return list(self._inputs)
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        """The model's outputs, in the order `infer` returns them."""
+        return list(self._outputs)

@@ -10,6 +10,7 @@ import numpy as np
 
 from agent.errors import InferenceFailedError, InvalidModelError
 from agent.runtime._tensors import check_inputs
+from agent.runtime.base import DeclaredTensors
 from protocol import Datatype, ModelFormat, TensorSpec
 
 __all__ = ["OnnxModel", "OnnxRuntime"]
@@ -35,23 +36,12 @@ def _spec(arg: Any) -> TensorSpec:
     return TensorSpec(name=arg.name, datatype=datatype, shape=shape)
 
 
-class OnnxModel:
+class OnnxModel(DeclaredTensors):
     """An ONNX Runtime session; `InferenceSession.run` is thread-safe, so no lock is needed."""
 
     def __init__(self, session: Any) -> None:
+        super().__init__([_spec(arg) for arg in session.get_inputs()], [_spec(arg) for arg in session.get_outputs()])
         self._session = session
-        self._inputs = [_spec(arg) for arg in session.get_inputs()]
-        self._outputs = [_spec(arg) for arg in session.get_outputs()]
-
-    @property
-    def inputs(self) -> list[TensorSpec]:
-        """The model's inputs."""
-        return list(self._inputs)
-
-    @property
-    def outputs(self) -> list[TensorSpec]:
-        """The model's outputs."""
-        return list(self._outputs)
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the session on checked inputs; outputs keyed by name in declared order."""

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from agent.errors import UnsupportedFormatError
 from agent.runtime.base import ModelRuntime
 from agent.runtime.onnx import OnnxRuntime
+from agent.runtime.tflite import LiteRtRuntime
 from protocol import ModelFormat
 
 __all__ = ["RuntimeRegistry", "available_runtimes", "default_registry"]
@@ -52,6 +53,8 @@ def default_registry(intra_op_threads: int = 1) -> RuntimeRegistry:
     registry = RuntimeRegistry()
     if _installed("onnxruntime"):
         registry.register(OnnxRuntime(intra_op_threads))
+    if _installed("ai_edge_litert") or _installed("tflite_runtime"):
+        registry.register(LiteRtRuntime(intra_op_threads))
     return registry
 
 

@@ -11,7 +11,6 @@ A slot is staged only while it is inactive, so the serving model's files are nev
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -126,11 +125,6 @@ class SlotStore:
             atomic_write_bytes(self._pointer, json.dumps({"format_version": FORMAT_VERSION, "slot": slot}).encode())
         except OSError as exc:
             raise StorageError(f"cannot switch the active slot to {slot}: {exc}") from exc
-
-    def clear(self, slot: str) -> None:
-        """Forget the content of an inactive slot (best effort)."""
-        with contextlib.suppress(OSError):
-            (self._dir(slot) / "spec.json").unlink(missing_ok=True)
 
 
 def _model_file(spec: ModelSpec) -> str:

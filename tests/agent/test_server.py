@@ -29,10 +29,12 @@ def offline_config(data_dir: Path, **overrides: object) -> AgentConfig:
     return AgentConfig(**settings)
 
 
-@pytest.fixture
-def served(tmp_path: Path, digits_model_bytes: bytes) -> Iterator[tuple[Agent, httpx.Client]]:
-    install_model(tmp_path / "data", model_spec("digits", "1.0", digits_model_bytes), digits_model_bytes)
-    agent = Agent(offline_config(tmp_path / "data"))
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, digits_model_bytes: bytes) -> Iterator[tuple[Agent, httpx.Client]]:
+    """One agent serving the digits model for the whole module (its broker is absent on purpose)."""
+    data_dir = tmp_path_factory.mktemp("served") / "data"
+    install_model(data_dir, model_spec("digits", "1.0", digits_model_bytes), digits_model_bytes)
+    agent = Agent(offline_config(data_dir))
     agent.start()
     assert agent.inference_url is not None
     with httpx.Client(base_url=agent.inference_url, timeout=10) as client:
