@@ -33,6 +33,8 @@ __all__ = [
     "ModelsPublic",
     "TargetStatus",
     "TelemetryRecord",
+    "TelemetryWindowPublic",
+    "TelemetryWindowsPublic",
     "as_utc",
 ]
 
@@ -158,9 +160,34 @@ class DevicePublic(DeviceBase, _UtcOut):
     id: str
     first_seen: datetime
     last_seen: datetime | None
+    # The active model again, under the names the fleet summary uses.
+    model_name: str | None = None
+    model_version: str | None = None
     inference_count: int = 0
     error_count: int = 0
     telemetry_windows: int = 0
+
+
+class TelemetryWindowPublic(_UtcOut):
+    """One stored telemetry window."""
+
+    seq: int
+    window_start: datetime
+    window_end: datetime
+    model_name: str | None
+    model_version: str | None
+    inference_count: int
+    error_count: int
+    latency_histogram: list[int]
+    class_counts: dict[str, int]
+    received_at: datetime
+
+
+class TelemetryWindowsPublic(SQLModel):
+    """A device's stored telemetry windows, by seq."""
+
+    data: list[TelemetryWindowPublic]
+    count: int
 
 
 class DevicesPublic(SQLModel):

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel, Field, model_validator
 
 from cloud.api.deps import AdminDep, CoordinatorDep, SessionDep
-from cloud.models import DeploymentPublic, DeploymentsPublic, DevicePublic, DevicesPublic
+from cloud.models import DeploymentPublic, DeploymentsPublic, DevicePublic, DevicesPublic, TelemetryWindowsPublic
 from cloud.services import deployments, devices
 from cloud.services.fleet import FleetSummary, fleet_summary
 from protocol.messages import DeviceId, Name, Version
@@ -52,6 +52,15 @@ def get_device(device_id: Annotated[DeviceId, Path()], session: SessionDep) -> D
     return devices.get_device(session=session, device_id=device_id)
 
 
+@router.get("/devices/{device_id}/telemetry", tags=["devices"], summary="A device's telemetry windows")
+def get_device_telemetry(
+    device_id: Annotated[DeviceId, Path()], session: SessionDep, limit: Annotated[int, Query(ge=1, le=10_000)] = 1000
+) -> TelemetryWindowsPublic:
+    """Stored windows by seq (each `(device, seq)` once, however often it was delivered)."""
+    data = devices.device_telemetry(session=session, device_id=device_id, limit=limit)
+    return TelemetryWindowsPublic(data=data, count=len(data))
+
+
 @router.post(
     "/deployments", status_code=201, dependencies=[AdminDep], tags=["deployments"], summary="Create a deployment"
 )
@@ -91,8 +100,6 @@ def get_fleet_summary(session: SessionDep) -> FleetSummary:
 
 @router.get("/stats", tags=["system"], summary="MQTT ingest counters")
 def get_stats(coordinator: CoordinatorDep) -> dict[str, Any]:
-    """Messages received, stored, rejected as malformed (per channel) and duplicates dropped."""
-    return {
-        "mqtt": coordinator.stats.snapshot(),
-        "mqtt_connected": bool(coordinator.bridge and coordinator.bridge.connected),
-    }
+    """Messages received, stored, rejected as malformed (per channel and `rejected_total`), duplicates dropped."""
+    connected = coordinator.bridge is not None and coordinator.bridge.connected
+    return {**coordinator.stats.snapshot(), "mqtt_connected": connected}

@@ -14,6 +14,7 @@ from cloud.models import (
     DevicePublic,
     TargetStatus,
     TelemetryRecord,
+    TelemetryWindowPublic,
     as_utc,
 )
 from protocol.errors import ErrorCode
@@ -30,6 +31,7 @@ from protocol.messages import (
 
 __all__ = [
     "device_public",
+    "device_telemetry",
     "devices_public",
     "get_device",
     "ingest_event",
@@ -224,15 +226,33 @@ def _telemetry_totals(session: Session, device_ids: list[str] | None = None) -> 
 def device_public(device: Device, totals: tuple[int, int, int] = (0, 0, 0)) -> DevicePublic:
     """The API shape of a device with its telemetry totals."""
     inferences, errors, windows = totals
-    return DevicePublic.model_validate(
-        device, update={"inference_count": inferences, "error_count": errors, "telemetry_windows": windows}
-    )
+    update = {
+        "inference_count": inferences,
+        "error_count": errors,
+        "telemetry_windows": windows,
+        "model_name": device.active_model_name,
+        "model_version": device.active_model_version,
+    }
+    return DevicePublic.model_validate(device, update=update)
 
 
 def devices_public(*, session: Session) -> list[DevicePublic]:
     """Every device, by id, with telemetry totals."""
     totals = _telemetry_totals(session)
     return [device_public(d, totals.get(d.id, (0, 0, 0))) for d in session.exec(select(Device).order_by(Device.id))]
+
+
+def device_telemetry(*, session: Session, device_id: str, limit: int = 1000) -> list[TelemetryWindowPublic]:
+    """A device's stored telemetry windows by seq (the newest `limit`); `NotFoundError` if not enrolled."""
+    if session.get(Device, device_id) is None:
+        raise NotFoundError(f"device {device_id!r} is not enrolled (it has not sent any message yet)")
+    statement = (
+        select(TelemetryRecord)
+        .where(TelemetryRecord.device_id == device_id)
+        .order_by(col(TelemetryRecord.seq).desc())
+        .limit(limit)
+    )
+    return [TelemetryWindowPublic.model_validate(w) for w in reversed(list(session.exec(statement)))]
 
 
 def get_device(*, session: Session, device_id: str) -> DevicePublic:

@@ -45,7 +45,7 @@ def live(broker_url: str, topic_base: str, tmp_path: Path) -> Iterator[Api]:
 
 
 def stats(api: Api) -> dict[str, Any]:
-    return dict(api.client.get("/api/v1/stats").json()["mqtt"])
+    return dict(api.client.get("/api/v1/stats").json())
 
 
 def window(device_id: str, seq: int, count: int = 10) -> TelemetryWindow:
@@ -92,6 +92,8 @@ def test_same_telemetry_window_twice_is_counted_once(live: Api, broker_url: str,
     wait_until(lambda: stats(live)["received"].get("telemetry") == 3, what="three windows received")
     wait_until(lambda: device(live, "cam-2").get("telemetry_windows") == 2, what="two windows stored")
     assert device(live, "cam-2")["inference_count"] == 10
+    stored = live.client.get("/api/v1/devices/cam-2/telemetry").json()["data"]
+    assert [w["seq"] for w in stored] == [7, 8]
     assert stats(live)["duplicates_dropped"] == 1
 
 
