@@ -160,7 +160,7 @@ def _explain(exc: ValidationError, source: str, env_keys: set[str]) -> str:
     """One line per problem, naming the key and where its value came from."""
     lines = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "<file>"
+        key = ".".join(str(p) for p in err["loc"]) or "<config>"
         origin = f"environment {ENV_PREFIX}{key.split('.')[0].upper()}" if key.split(".")[0] in env_keys else source
         reason = str(err["msg"]).removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":

@@ -57,6 +57,8 @@ __all__ = ["Agent", "agent_version", "resolve_broker"]
 
 log = logging.getLogger(__name__)
 
+MAX_SENT_SEQS = 10_000  # published telemetry seqs remembered for `telemetry_sent_seqs`
+
 
 def agent_version() -> str:
     """The installed edgefleet version."""
@@ -109,6 +111,7 @@ class Agent:
         self._lock = threading.Lock()
         self._changed = threading.Condition()  # notified after every update transition
         self._rejected = 0
+        self._sent_seqs: list[int] = []
         self._started = False
         self._topics: Topics | None = None
         self._transport: Transport | None = None
@@ -145,6 +148,12 @@ class Agent:
     def rejected_messages(self) -> int:
         """How many malformed messages this agent dropped."""
         return self._rejected
+
+    @property
+    def telemetry_sent_seqs(self) -> list[int]:
+        """Seqs of the telemetry windows this agent published since it was created (the most recent 10,000)."""
+        with self._lock:
+            return list(self._sent_seqs)
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one inference on the served model, counted in telemetry; `NoModelError` before a model is loaded."""
@@ -351,3 +360,6 @@ class Agent:
         if transport is None or topics is None:
             raise TransportError("telemetry published before the transport started")
         transport.publish(topics.telemetry(self.config.device_id), encode(window), qos=1)
+        with self._lock:
+            self._sent_seqs.append(window.seq)
+            del self._sent_seqs[:-MAX_SENT_SEQS]

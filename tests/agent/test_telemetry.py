@@ -45,6 +45,7 @@ def test_telemetry_counts_inferences_and_seq_survives_restart(
     agent.stop()  # stopping flushes the open window
     second = observer.wait_for(observer.topics.telemetry("dev-1"), TelemetryWindow, lambda w: w.seq != first.seq)
     assert second.seq > first.seq and second.inference_count == 1
+    assert agent.telemetry_sent_seqs == [first.seq, second.seq]
 
     again = make_agent()
     again.start()
