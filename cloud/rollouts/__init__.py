@@ -1,0 +1,103 @@
+"""Quality-gated rollout waves: the pure decision core of the coordinator (no IO, no clock, no database).
+
+A thin service persists `RolloutState` and calls
+`step(state, plan, observations, now) -> (state, actions, decisions)`; it publishes `Dispatch` /
+`Rollback` actions as desired states over MQTT, wakes up at `Wait.until`, and appends the decisions
+(wave started, gate passed/failed with figures, retries, rollback…) to the rollout's log.
+
+Rollout states::
+
+                 pause                       pause
+    pending ───────────────► paused ◄──────────────────────┐
+       │ first fleet          │ ▲  resume → back where it  │
+       ▼                      │ │  was; promote → next wave│
+    running ──every device of the wave finished──► baking ─┤ gate failed (on_gate_failure="pause")
+       ▲                                             │     │ or still no data after max_data_wait
+       │   gates passed at the end of the bake,      │     │
+       └──────────── or promote: next wave ──────────┤     │ gate failed (on_gate_failure="rollback")
+                                                     │     ▼
+                            last wave passed         │   rolling_back ──all touched devices back──► rolled_back
+                                     ▼               │     ▲
+                                 completed ◄─────────┘     │ abort(rollback=True) from any state but these two
+                     (still serves late joiners)
+    abort(rollback=False) from any live state ──► aborted
+
+Per device: pending → dispatched → succeeded | (failed → retry after backoff → … → failed), and on a
+rollback: rollback_pending → rolling_back → rolled_back | rollback_failed.
+
+Restart guarantee: the service persists the state returned by `step` before executing its actions.
+Killed before persisting, it re-runs `step` on the old state and gets the same actions (step is
+deterministic); killed after, it publishes `inflight_actions(state, plan)` again (same device, same
+attempt: publishing a desired state twice is idempotent). Either way no device is sent an attempt
+twice and none is skipped. Commands carry an id and are applied once even if replayed.
+"""
+
+from cloud.rollouts.engine import command_error, gate_report, inflight_actions, step
+from cloud.rollouts.gates import CohortStats, GateReport, GateResult, GateVerdict, evaluate_gates
+from cloud.rollouts.plan import GateThresholds, RolloutPlan, Selector, Wave, assign_waves, default_waves, wave_targets
+from cloud.rollouts.records import (
+    Abort,
+    Action,
+    Command,
+    Decision,
+    DeviceReport,
+    Dispatch,
+    Observations,
+    Pause,
+    Promote,
+    Resume,
+    Rollback,
+    Wait,
+)
+from cloud.rollouts.state import DevicePhase, DeviceRecord, RolloutState, RolloutStatus
+from cloud.rollouts.stats import (
+    EmptyDataError,
+    error_rate,
+    jensen_shannon_divergence,
+    p95_latency_ms,
+    p95_ratio,
+    population_stability_index,
+    psi_band,
+)
+
+__all__ = [
+    "Abort",
+    "Action",
+    "CohortStats",
+    "Command",
+    "Decision",
+    "DevicePhase",
+    "DeviceRecord",
+    "DeviceReport",
+    "Dispatch",
+    "EmptyDataError",
+    "GateReport",
+    "GateResult",
+    "GateThresholds",
+    "GateVerdict",
+    "Observations",
+    "Pause",
+    "Promote",
+    "Resume",
+    "Rollback",
+    "RolloutPlan",
+    "RolloutState",
+    "RolloutStatus",
+    "Selector",
+    "Wait",
+    "Wave",
+    "assign_waves",
+    "command_error",
+    "default_waves",
+    "error_rate",
+    "evaluate_gates",
+    "gate_report",
+    "inflight_actions",
+    "jensen_shannon_divergence",
+    "p95_latency_ms",
+    "p95_ratio",
+    "population_stability_index",
+    "psi_band",
+    "step",
+    "wave_targets",
+]

@@ -1,0 +1,224 @@
+"""Gate evaluation: the updated cohort against the control cohort, one verdict per enabled gate.
+
+Each gate returns *passed*, *failed* or *insufficient_data* with the observed figure, the threshold
+and a sentence a human can read in the rollout's log. A gate never passes on too little data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from enum import StrEnum
+from typing import Annotated, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cloud.rollouts.plan import GateThresholds
+from cloud.rollouts.stats import (
+    error_rate,
+    jensen_shannon_divergence,
+    p95_latency_ms,
+    p95_ratio,
+    population_stability_index,
+    psi_band,
+)
+from protocol.messages import TelemetryWindow
+from protocol.telemetry import LATENCY_BUCKETS_MS, merge_histograms
+
+__all__ = ["CohortStats", "GateReport", "GateResult", "GateVerdict", "evaluate_gates"]
+
+_Count = Annotated[int, Field(ge=0)]
+
+
+class CohortStats(BaseModel):
+    """What a group of devices did: installs, inferences, errors, latency histogram, predicted classes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    devices: _Count = 0
+    install_attempts: _Count = 0
+    install_failures: _Count = 0
+    inference_count: _Count = 0
+    error_count: _Count = 0
+    latency_histogram: list[_Count] = Field(default_factory=list)
+    class_counts: dict[str, _Count] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.install_failures > self.install_attempts:
+            raise ValueError(
+                f"install_failures {self.install_failures} exceed install_attempts {self.install_attempts}"
+            )
+        if self.error_count > self.inference_count:
+            raise ValueError(f"error_count {self.error_count} exceeds inference_count {self.inference_count}")
+        if self.latency_histogram and len(self.latency_histogram) != len(LATENCY_BUCKETS_MS) + 1:
+            raise ValueError(
+                f"latency_histogram has {len(self.latency_histogram)} buckets, "
+                f"protocol.telemetry.LATENCY_BUCKETS_MS needs {len(LATENCY_BUCKETS_MS) + 1}"
+            )
+        return self
+
+    @classmethod
+    def from_windows(cls, windows: Iterable[TelemetryWindow], *, devices: int = 0) -> CohortStats:
+        """Sum telemetry windows (already deduplicated by `(device_id, seq)`) into cohort figures."""
+        windows = list(windows)
+        classes: dict[str, int] = {}
+        for window in windows:
+            for name, n in window.class_counts.items():
+                classes[name] = classes.get(name, 0) + n
+        return cls(
+            devices=devices or len({w.device_id for w in windows}),
+            inference_count=sum(w.inference_count for w in windows),
+            error_count=sum(w.error_count for w in windows),
+            latency_histogram=merge_histograms(w.latency_histogram for w in windows),
+            class_counts=classes,
+        )
+
+    @property
+    def latency_samples(self) -> int:
+        """How many latencies the histogram holds."""
+        return sum(self.latency_histogram)
+
+    @property
+    def class_samples(self) -> int:
+        """How many predictions the class counts hold."""
+        return sum(self.class_counts.values())
+
+
+class GateVerdict(StrEnum):
+    """Outcome of one gate."""
+
+    PASSED = "passed"
+    FAILED = "failed"
+    INSUFFICIENT_DATA = "insufficient_data"
+
+
+class GateResult(BaseModel):
+    """One gate's verdict with its figures."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    verdict: GateVerdict
+    observed: float | None
+    threshold: float
+    reason: str
+
+
+class GateReport(BaseModel):
+    """All gate verdicts of one evaluation."""
+
+    model_config = ConfigDict(frozen=True)
+
+    results: list[GateResult] = Field(default_factory=list)
+
+    @property
+    def failed(self) -> list[GateResult]:
+        """Gates that failed."""
+        return [r for r in self.results if r.verdict is GateVerdict.FAILED]
+
+    @property
+    def undecided(self) -> list[GateResult]:
+        """Gates without enough data to decide."""
+        return [r for r in self.results if r.verdict is GateVerdict.INSUFFICIENT_DATA]
+
+    @property
+    def passed(self) -> bool:
+        """Every enabled gate passed (an empty report passes: no gate is enabled)."""
+        return all(r.verdict is GateVerdict.PASSED for r in self.results)
+
+    def summary(self) -> str:
+        """One line per gate, e.g. `p95_latency_ratio: failed — 2.00 > 1.25 (...)`."""
+        return "; ".join(f"{r.name}: {r.verdict.value} — {r.reason}" for r in self.results)
+
+
+def _insufficient(name: str, threshold: float, why: str) -> GateResult:
+    return GateResult(name=name, verdict=GateVerdict.INSUFFICIENT_DATA, observed=None, threshold=threshold, reason=why)
+
+
+def _compare(name: str, observed: float, threshold: float, detail: str) -> GateResult:
+    ok = observed <= threshold
+    relation = "≤" if ok else ">"
+    return GateResult(
+        name=name,
+        verdict=GateVerdict.PASSED if ok else GateVerdict.FAILED,
+        observed=observed,
+        threshold=threshold,
+        reason=f"{observed:.4g} {relation} {threshold:.4g} ({detail})",
+    )
+
+
+def _too_few(what: str, minimum: int, wave: int, control: int | None = None) -> str | None:
+    """Why there is too little data, or None when both cohorts have at least `minimum`."""
+    if wave < minimum:
+        return f"updated cohort has {wave} {what}, needs {minimum}"
+    if control is not None and control < minimum:
+        return f"control cohort has {control} {what}, needs {minimum}"
+    return None
+
+
+def _install_gate(g: GateThresholds, threshold: float, wave: CohortStats, control: CohortStats) -> GateResult:
+    name = "install_failure_rate"
+    if why := _too_few("finished installs", g.min_installs, wave.install_attempts):
+        return _insufficient(name, threshold, why)
+    rate = wave.install_failures / wave.install_attempts
+    return _compare(name, rate, threshold, f"{wave.install_failures} of {wave.install_attempts} installs failed")
+
+
+def _error_gate(g: GateThresholds, threshold: float, wave: CohortStats, control: CohortStats) -> GateResult:
+    name = "error_rate_increase"
+    if why := _too_few("inferences", g.min_inferences, wave.inference_count, control.inference_count):
+        return _insufficient(name, threshold, why)
+    ours, theirs = (
+        error_rate(wave.error_count, wave.inference_count),
+        error_rate(control.error_count, control.inference_count),
+    )
+    return _compare(name, ours - theirs, threshold, f"error rate {ours:.2%} vs control {theirs:.2%}")
+
+
+def _latency_gate(g: GateThresholds, threshold: float, wave: CohortStats, control: CohortStats) -> GateResult:
+    name = "p95_latency_ratio"
+    if why := _too_few("latency samples", g.min_inferences, wave.latency_samples, control.latency_samples):
+        return _insufficient(name, threshold, why)
+    ours, theirs = p95_latency_ms([wave.latency_histogram]), p95_latency_ms([control.latency_histogram])
+    ratio = p95_ratio(wave.latency_histogram, control.latency_histogram)
+    return _compare(name, ratio, threshold, f"p95 {ours:g} ms vs control {theirs:g} ms")
+
+
+def _psi_gate(g: GateThresholds, threshold: float, wave: CohortStats, control: CohortStats) -> GateResult:
+    name = "class_shift_psi"
+    if why := _too_few("predictions", g.min_class_samples, wave.class_samples, control.class_samples):
+        return _insufficient(name, threshold, why)
+    psi = population_stability_index(control.class_counts, wave.class_counts)
+    return _compare(
+        name, psi, threshold, f"{psi_band(psi)} over {len(wave.class_counts | control.class_counts)} classes"
+    )
+
+
+def _js_gate(g: GateThresholds, threshold: float, wave: CohortStats, control: CohortStats) -> GateResult:
+    name = "class_shift_js"
+    if why := _too_few("predictions", g.min_class_samples, wave.class_samples, control.class_samples):
+        return _insufficient(name, threshold, why)
+    jsd = jensen_shannon_divergence(control.class_counts, wave.class_counts)
+    return _compare(name, jsd, threshold, "Jensen-Shannon divergence, base 2")
+
+
+_Gate = Callable[[GateThresholds, float, CohortStats, CohortStats], GateResult]
+
+# Threshold field → gate, in the order reports list them.
+_GATES: tuple[tuple[str, _Gate], ...] = (
+    ("max_install_failure_rate", _install_gate),
+    ("max_error_rate_increase", _error_gate),
+    ("max_p95_latency_ratio", _latency_gate),
+    ("max_psi", _psi_gate),
+    ("max_js_divergence", _js_gate),
+)
+
+
+def evaluate_gates(gates: GateThresholds, wave_cohort: CohortStats, control: CohortStats) -> GateReport:
+    """Evaluate every enabled gate of `gates` on the updated cohort against the control cohort."""
+    results = []
+    for field, gate in _GATES:
+        threshold = getattr(gates, field)
+        if threshold is not None:
+            results.append(gate(gates, float(threshold), wave_cohort, control))
+    return GateReport(results=results)
