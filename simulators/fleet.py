@@ -69,7 +69,7 @@ def agent_config(config: FleetConfig, index: int) -> AgentConfig:
         tags=device_tags(config, index),
         http_port=0 if config.http else None,
         telemetry_interval_s=config.telemetry_interval_s,
-        **extra,  # type: ignore[arg-type]
+        **extra,
     )
 
 
