@@ -187,6 +187,8 @@ def _start_rollback(ctx: StepContext, reason: str) -> None:
 def _take_fleet(ctx: StepContext, fleet: dict[str, dict[str, str]]) -> None:
     """Start a pending rollout on the selected devices, or add late joiners to the current wave."""
     state, plan = ctx.state, ctx.plan
+    if state.status is RolloutStatus.PAUSED and state.paused_from is RolloutStatus.PENDING:
+        return  # paused before it started: it starts on the fleet seen after resume
     selected = plan.selector.select(state.rollout_id, fleet)
     if state.status is RolloutStatus.PENDING:
         assignment = assign_waves(plan, state.rollout_id, selected)
@@ -252,7 +254,7 @@ def _advance(ctx: StepContext, observations: Observations) -> None:
                 succeeded=ok,
                 failed=len(wave) - ok,
             )
-    if state.status is RolloutStatus.BAKING:
+    if state.status in {RolloutStatus.RUNNING, RolloutStatus.BAKING}:
         _judge(ctx, observations)
     if state.status is RolloutStatus.ROLLING_BACK and not any(
         r.phase in {ROLLBACK.waiting, ROLLBACK.in_flight} for r in state.devices.values()
@@ -269,7 +271,7 @@ def _bake_end(state: RolloutState, plan: RolloutPlan) -> datetime:
 
 
 def _judge(ctx: StepContext, observations: Observations) -> None:
-    """Gates of a baking wave: a failure acts at once; a pass only once the bake time is over."""
+    """Gates of the current wave: a failure acts at once, even mid-wave; a pass only once the bake is over."""
     state, plan, wave = ctx.state, ctx.plan, ctx.state.current_wave
     report = gate_report(state, plan, observations)
     if report.failed:
@@ -279,6 +281,8 @@ def _judge(ctx: StepContext, observations: Observations) -> None:
             _start_rollback(ctx, reason)
         else:
             _pause(ctx, reason, "gates")
+        return
+    if state.status is not RolloutStatus.BAKING:
         return
     end = _bake_end(state, plan)
     if ctx.now < end:
@@ -292,12 +296,15 @@ def _judge(ctx: StepContext, observations: Observations) -> None:
 
 
 def _wave_stats(state: RolloutState, observations: Observations) -> CohortStats:
-    """The updated cohort's telemetry, with install figures from the engine's own device records."""
-    wave = [r for r in state.devices.values() if r.wave <= state.current_wave]
-    finished = sum(1 for r in wave if r.phase in _FINISHED)
+    """The updated cohort's telemetry, with install figures of the current wave from the engine's records.
+
+    Install failure rate = devices of the current wave that gave up / devices of the current wave. Before
+    the wave has finished this is a lower bound of its final value, so a failure found early is final.
+    """
+    wave = [r for r in state.devices.values() if r.wave == state.current_wave]
     failed = sum(1 for r in wave if r.phase is DevicePhase.FAILED)
     base = observations.wave or CohortStats(devices=len(state.updated_cohort()))
-    return base.model_copy(update={"install_attempts": finished, "install_failures": failed})
+    return base.model_copy(update={"install_attempts": len(wave), "install_failures": failed})
 
 
 def _control_stats(state: RolloutState, observations: Observations) -> CohortStats:

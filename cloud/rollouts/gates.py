@@ -30,7 +30,11 @@ _Count = Annotated[int, Field(ge=0)]
 
 
 class CohortStats(BaseModel):
-    """What a group of devices did: installs, inferences, errors, latency histogram, predicted classes."""
+    """What a group of devices did: installs, inferences, errors, latency histogram, predicted classes.
+
+    The engine fills `install_attempts` / `install_failures` of the updated cohort itself: devices of the
+    current wave, and those of them that gave up after their retries.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -158,7 +162,7 @@ def _too_few(what: str, minimum: int, wave: int, control: int | None = None) -> 
 
 def _install_gate(g: GateThresholds, threshold: float, wave: CohortStats, control: CohortStats) -> GateResult:
     name = "install_failure_rate"
-    if why := _too_few("finished installs", g.min_installs, wave.install_attempts):
+    if why := _too_few("installs", g.min_installs, wave.install_attempts):
         return _insufficient(name, threshold, why)
     rate = wave.install_failures / wave.install_attempts
     return _compare(name, rate, threshold, f"{wave.install_failures} of {wave.install_attempts} installs failed")

@@ -72,7 +72,7 @@ class Selector(_Spec):
 class GateThresholds(_Spec):
     """Limits a wave must stay within before the next wave starts; `None` disables a gate.
 
-    - `max_install_failure_rate`: failed installs / finished installs of the updated devices (0..1).
+    - `max_install_failure_rate`: devices of the wave that gave up installing / devices of the wave (0..1).
     - `max_error_rate_increase`: inference error rate of the updated cohort minus the control cohort's,
       an absolute difference (0.01 = one percentage point).
     - `max_p95_latency_ratio`: p95 latency of the updated cohort / p95 of the control cohort (≥ 1).
@@ -80,7 +80,7 @@ class GateThresholds(_Spec):
       (< 0.1 no shift, 0.1-0.25 moderate, > 0.25 major).
     - `max_js_divergence`: Jensen-Shannon divergence (base 2, 0..1) of the predicted classes.
 
-    Below `min_installs` finished installs, `min_inferences` inferences or `min_class_samples`
+    Below `min_installs` devices in the wave, `min_inferences` inferences or `min_class_samples`
     predictions in either cohort a gate reports *insufficient data* instead of deciding.
     """
 
