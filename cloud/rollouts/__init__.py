@@ -7,20 +7,19 @@ A thin service persists `RolloutState` and calls
 
 Rollout states::
 
-                 pause                       pause
-    pending ───────────────► paused ◄──────────────────────┐
-       │ first fleet          │ ▲  resume → back where it  │
-       ▼                      │ │  was; promote → next wave│
-    running ──every device of the wave finished──► baking ─┤ gate failed (on_gate_failure="pause")
-       ▲                                             │     │ or still no data after max_data_wait
-       │   gates passed at the end of the bake,      │     │
-       └──────────── or promote: next wave ──────────┤     │ gate failed (on_gate_failure="rollback")
-                                                     │     ▼
-                            last wave passed         │   rolling_back ──all touched devices back──► rolled_back
-                                     ▼               │     ▲
-                                 completed ◄─────────┘     │ abort(rollback=True) from any state but these two
-                     (still serves late joiners)
-    abort(rollback=False) from any live state ──► aborted
+    pending ─first fleet─► running ─wave installed─► baking ─bake over, gates passed─► running (next wave)
+                             │                         │                         … after the last wave ─► completed
+                             └──── a gate failed ──────┤                              (still serves late joiners)
+                                                       ├─ on_gate_failure=pause, or no data
+                                                       │  after max_data_wait ────────────────► paused
+                                                       └─ on_gate_failure=rollback ───────────► rolling_back
+
+    pending | running | baking ── pause ──► paused
+    paused ── resume ──► the state it left (a bake starts over)
+    running | baking | paused ── promote ──► running (next wave), or completed after the last
+    rolling_back ── every touched device back, or given up ──► rolled_back
+    any state but rolling_back | rolled_back ── abort(rollback=True) ──► rolling_back
+    any state but aborted | rolled_back ── abort ──► aborted
 
 Per device: pending → dispatched → succeeded | (failed → retry after backoff → … → failed), and on a
 rollback: rollback_pending → rolling_back → rolled_back | rollback_failed.
