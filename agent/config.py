@@ -19,7 +19,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -52,6 +52,34 @@ class AgentConfig(BaseModel):
     download_timeout_s: float = Field(default=60.0, gt=0, le=86400, description="per-request network timeout")
     download_attempts: int = Field(default=3, ge=1, le=20, description="tries before a download is reported failed")
     intra_op_threads: int = Field(default=1, ge=1, le=256, description="runtime threads per inference")
+    # Update safety: the shadow run before the switch, and the trial after it (see docs/architecture.md).
+    shadow_inferences: int = Field(
+        default=0, ge=0, le=100_000, description="live requests the candidate shadows before the switch; 0 = off"
+    )
+    shadow_max_disagreement: float = Field(
+        default=0.05, ge=0, le=1, description="largest share of shadowed rows whose argmax may differ"
+    )
+    shadow_max_abs_diff: float | None = Field(
+        default=None, ge=0, description="largest allowed |candidate - serving| output difference; None = unchecked"
+    )
+    shadow_max_latency_ratio: float | None = Field(
+        default=None, gt=0, description="how many times slower (median) the candidate may be; None = unchecked"
+    )
+    shadow_timeout_s: float = Field(
+        default=300.0, gt=0, le=86400, description="how long a shadow run waits for live requests"
+    )
+    shadow_on_timeout: Literal["pass", "fail"] = Field(
+        default="pass", description="verdict of a shadow run that saw too few requests before shadow_timeout_s"
+    )
+    commit_after_s: float = Field(
+        default=5.0, ge=0, le=86400, description="seconds a switched model serves on trial before it is committed"
+    )
+    commit_after_inferences: int = Field(
+        default=0, ge=0, description="commit earlier, after this many successful inferences on trial; 0 = time only"
+    )
+    max_trial_boots: int = Field(
+        default=3, ge=1, le=100, description="agent starts tolerated during a trial before rolling back"
+    )
 
     @field_validator("device_id")
     @classmethod

@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 
 from agent.config import AgentConfig
-from agent.errors import AgentError, TransportError
+from agent.errors import TransportError
 from agent.runtime import LoadedModel, RuntimeRegistry, default_registry
 from agent.server import InferenceServer, create_app
 from agent.serving import Serving
@@ -26,12 +26,13 @@ from agent.telemetry import SeqCounter, TelemetryPublisher, TelemetryRecorder
 from agent.transport import MqttTransport, Transport, client_id_for, parse_mqtt_url
 from agent.update import (
     ArtifactFetcher,
+    HealthPolicy,
     SlotStore,
     StateFile,
     UpdateExecutor,
+    UpdateHooks,
     UpdateState,
     UpdateWorker,
-    load_model,
     transition_event,
 )
 from protocol import (
@@ -53,7 +54,7 @@ from protocol import (
     encode,
 )
 
-__all__ = ["Agent", "agent_version", "resolve_broker"]
+__all__ = ["Agent", "agent_version", "health_policy", "resolve_broker"]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,21 @@ def resolve_broker(config: AgentConfig, timeout_s: float = 10.0) -> tuple[str, s
     return mqtt_url, str(base)
 
 
+def health_policy(config: AgentConfig) -> HealthPolicy:
+    """The update path's health settings of `config`."""
+    return HealthPolicy(
+        shadow_inferences=config.shadow_inferences,
+        shadow_max_disagreement=config.shadow_max_disagreement,
+        shadow_max_abs_diff=config.shadow_max_abs_diff,
+        shadow_max_latency_ratio=config.shadow_max_latency_ratio,
+        shadow_timeout_s=config.shadow_timeout_s,
+        shadow_on_timeout=config.shadow_on_timeout,
+        commit_after_s=config.commit_after_s,
+        commit_after_inferences=config.commit_after_inferences,
+        max_trial_boots=config.max_trial_boots,
+    )
+
+
 def _capabilities(registry: RuntimeRegistry) -> Capabilities:
     memory_mb = None
     with contextlib.suppress(AttributeError, ValueError, OSError):  # not every OS reports physical memory
@@ -102,8 +118,11 @@ def _capabilities(registry: RuntimeRegistry) -> Capabilities:
 class Agent:
     """One device: `Agent(config)` builds nothing yet; `start()` loads, serves and connects; `stop()` ends."""
 
-    def __init__(self, config: AgentConfig, *, registry: RuntimeRegistry | None = None) -> None:
+    def __init__(
+        self, config: AgentConfig, *, registry: RuntimeRegistry | None = None, hooks: UpdateHooks | None = None
+    ) -> None:
         self.config = config
+        self._hooks = hooks
         self._registry = registry or default_registry(config.intra_op_threads)
         self._recorder = TelemetryRecorder()
         self._serving = Serving(record=self._recorder.record)
@@ -188,7 +207,6 @@ class Agent:
         address = parse_mqtt_url(mqtt_url)
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         self._topics = topics = Topics(base)
-        self._load_active_slot()
         self._fetcher = ArtifactFetcher(
             timeout_s=cfg.download_timeout_s,
             attempts=cfg.download_attempts,
@@ -201,6 +219,7 @@ class Agent:
             registry=self._registry,
             serving=self._serving,
             fetcher=self._fetcher,
+            policy=health_policy(cfg),
         )
         self._worker = UpdateWorker(
             name=cfg.device_id,
@@ -209,8 +228,10 @@ class Agent:
             slots=self._slots,
             serving=self._serving,
             on_transition=self._on_transition,
+            hooks=self._hooks,
+            max_trial_boots=cfg.max_trial_boots,
         )
-        self._worker.resume()
+        self._worker.boot()
         try:
             if cfg.http_port is not None:
                 self._server = InferenceServer(
@@ -282,15 +303,6 @@ class Agent:
         if self._fetcher is not None:
             self._fetcher.close()
         self._transport = self._telemetry = self._server = self._fetcher = None
-
-    def _load_active_slot(self) -> None:
-        content = self._slots.active()
-        if content is None:
-            return
-        try:
-            self._serving.swap(load_model(self._registry, content.spec, content.path))
-        except AgentError as exc:
-            log.error("cannot load the active slot %s (%s); serving nothing until an update", content.slot, exc)
 
     def _on_connect(self) -> None:
         self._report()

@@ -14,7 +14,8 @@ Exception tree::
         ├── StorageError              the data directory could not be written (retryable: disk)
         ├── UnsupportedFormatError    no runtime for the artifact's format (fatal)
         ├── InvalidModelError         the runtime refused the file, or its tensors differ from the spec (fatal)
-        └── WarmupError               the warm-up inference failed or produced non-finite output (fatal)
+        ├── WarmupError               the warm-up inference failed or produced non-finite output (fatal)
+        └── HealthCheckError          the shadow run or the trial after the switch failed (fatal)
 
 Whether a retry helps follows the code (`ErrorCode.is_retryable`), so the agent and the coordinator
 agree on it. `error_info()` turns any of them into the `protocol.ErrorInfo` the device reports.
@@ -29,6 +30,7 @@ __all__ = [
     "ArtifactVerificationError",
     "ConfigError",
     "DownloadError",
+    "HealthCheckError",
     "InferenceFailedError",
     "InferenceInputError",
     "InvalidModelError",
@@ -123,3 +125,9 @@ class WarmupError(UpdateError):
     """The warm-up inference failed or produced non-finite outputs."""
 
     code = ErrorCode.WARMUP_FAILED
+
+
+class HealthCheckError(UpdateError):
+    """The candidate failed its shadow run before the switch, or its trial after it."""
+
+    code = ErrorCode.HEALTH_CHECK_FAILED

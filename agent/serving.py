@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -9,14 +10,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from agent.errors import AgentError, InferenceFailedError, NoModelError
+from agent.errors import AgentError, InferenceFailedError, InferenceInputError, NoModelError
 from agent.runtime import LoadedModel
 from protocol import ModelRef, ModelSpec
 
-__all__ = ["ActiveModel", "InferenceRecorder", "Serving"]
+__all__ = ["ActiveModel", "InferenceRecorder", "InferenceTap", "Serving"]
+
+log = logging.getLogger(__name__)
 
 # Called after every inference: (model, latency in ms, ok, first output or None).
 InferenceRecorder = Callable[[ModelRef, float, bool, "np.ndarray | None"], None]
+
+
+# Called after every inference that ran (not after a caller's bad input): (model, inputs, outputs or None
+# when the runtime failed, latency in ms). Taps run on the caller's thread, so they must be quick.
+InferenceTap = Callable[["ActiveModel", Mapping[str, np.ndarray], "dict[str, np.ndarray] | None", float], None]
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,7 @@ class Serving:
         self._lock = threading.Condition()
         self._active: ActiveModel | None = None
         self._record = record
+        self._taps: tuple[InferenceTap, ...] = ()
 
     def current(self) -> ActiveModel | None:
         """The active model right now (a snapshot: it stays valid after a swap)."""
@@ -52,6 +61,16 @@ class Serving:
             old, self._active = self._active, new
             self._lock.notify_all()
         return old
+
+    def add_tap(self, tap: InferenceTap) -> None:
+        """Let `tap` see every inference from now on (the shadow run and the trial watch live traffic)."""
+        with self._lock:
+            self._taps = (*self._taps, tap)
+
+    def remove_tap(self, tap: InferenceTap) -> None:
+        """Stop calling `tap`."""
+        with self._lock:
+            self._taps = tuple(t for t in self._taps if t is not tap)
 
     def wait_for(self, predicate: Callable[[ActiveModel | None], bool], timeout: float) -> bool:
         """Wait until `predicate(current model)` holds; False after `timeout` seconds."""
@@ -66,14 +85,33 @@ class Serving:
         start = time.perf_counter()
         try:
             outputs = active.model.infer(inputs)
+        except InferenceInputError:
+            self._note(active.ref, start, ok=False, first=None)
+            raise
         except AgentError:
             self._note(active.ref, start, ok=False, first=None)
+            self._tap(active, inputs, None, start)
             raise
         except Exception as exc:  # a runtime bug must reach the caller as an agent error, and be counted
             self._note(active.ref, start, ok=False, first=None)
+            self._tap(active, inputs, None, start)
             raise InferenceFailedError(f"inference failed: {exc}") from exc
         self._note(active.ref, start, ok=True, first=next(iter(outputs.values()), None))
+        self._tap(active, inputs, outputs, start)
         return outputs
+
+    def _tap(
+        self, active: ActiveModel, inputs: Mapping[str, np.ndarray], outputs: dict[str, np.ndarray] | None, start: float
+    ) -> None:
+        taps = self._taps
+        if not taps:
+            return
+        latency_ms = (time.perf_counter() - start) * 1000.0
+        for tap in taps:
+            try:
+                tap(active, inputs, outputs, latency_ms)
+            except Exception:  # an observer must never fail the caller's inference
+                log.exception("inference tap failed")
 
     def _note(self, ref: ModelRef, start: float, *, ok: bool, first: np.ndarray | None) -> None:
         if self._record is not None:

@@ -136,10 +136,14 @@ class UpdatePhase(StrEnum):
     VERIFYING = "verifying"
     STAGING = "staging"
     LOADING = "loading"
-    WARMING_UP = "warming_up"
+    WARMING_UP = "warming_up"  # older agents' name of the health check
+    HEALTH_CHECK = "health_check"
+    SHADOW = "shadow"
     SWITCHING = "switching"
+    COMMITTING = "committing"  # switched, serving on trial until committed (or rolled back)
     ACTIVE = "active"
     FAILED = "failed"
+    ROLLED_BACK = "rolled_back"  # the trial failed after the switch; the previous model serves again
 
 
 class UpdateStatus(_Part):

@@ -1,9 +1,13 @@
 """The update path: a pure state machine (`machine`), its persisted state, the slots and the IO steps."""
 
+from agent.update.cancel import StepCancelledError
 from agent.update.executor import UpdateExecutor, load_model
 from agent.update.fetch import ArtifactFetcher
+from agent.update.health import HealthPolicy, ShadowSample, check_outputs, compare_outputs, shadow_verdict
+from agent.update.hooks import UpdateHooks
 from agent.update.machine import (
     NEXT_PHASE,
+    Booted,
     DesiredReceived,
     Event,
     Restarted,
@@ -22,19 +26,27 @@ __all__ = [
     "IN_PROGRESS",
     "NEXT_PHASE",
     "ArtifactFetcher",
+    "Booted",
     "DesiredReceived",
     "Event",
+    "HealthPolicy",
     "Restarted",
+    "ShadowSample",
     "SlotContent",
     "SlotStore",
     "StateFile",
+    "StepCancelledError",
     "StepFailed",
     "StepSucceeded",
     "UpdateExecutor",
+    "UpdateHooks",
     "UpdateState",
     "UpdateWorker",
+    "check_outputs",
+    "compare_outputs",
     "handle",
     "load_model",
     "other_slot",
+    "shadow_verdict",
     "transition_event",
 ]

@@ -2,7 +2,8 @@
 
 Each step does its IO and raises an `UpdateError` on failure; `UpdateExecutor.run` turns the outcome
 into the event the pure core (`machine.handle`) decides on. The previous model keeps serving until the
-switching step, which persists the new active slot first and then swaps the served model.
+switching step, which persists the new active slot first and then swaps the served model; the
+committing step then watches the switched model on trial, and `roll_back` restores the previous slot.
 """
 
 from __future__ import annotations
@@ -12,13 +13,21 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
-from agent.errors import AgentError, ArtifactVerificationError, InvalidModelError, StorageError, WarmupError
+from agent.errors import (
+    AgentError,
+    ArtifactVerificationError,
+    HealthCheckError,
+    InvalidModelError,
+    StorageError,
+    WarmupError,
+)
 from agent.runtime import RuntimeRegistry, warmup_inputs
 from agent.serving import ActiveModel, Serving
-from agent.update.fetch import ArtifactFetcher, DownloadCancelledError
-from agent.update.machine import StepFailed, StepSucceeded
+from agent.update.cancel import StepCancelledError
+from agent.update.fetch import ArtifactFetcher
+from agent.update.health import HealthPolicy, check_outputs
+from agent.update.machine import StepFailed, StepSucceeded, other_slot
+from agent.update.shadow import run_shadow, watch_trial
 from agent.update.slots import SlotStore
 from agent.update.state import UpdateState
 from protocol import ErrorCode, ErrorInfo, ModelSpec, UpdatePhase, VerificationError, verify_artifact
@@ -54,7 +63,9 @@ class UpdateExecutor:
         registry: RuntimeRegistry,
         serving: Serving,
         fetcher: ArtifactFetcher,
+        policy: HealthPolicy | None = None,
     ) -> None:
+        self._policy = policy or HealthPolicy()
         self._slots = slots
         self._downloads = downloads
         self._registry = registry
@@ -66,8 +77,10 @@ class UpdateExecutor:
             UpdatePhase.VERIFYING: self._verify,
             UpdatePhase.STAGING: self._stage,
             UpdatePhase.LOADING: self._load,
-            UpdatePhase.WARMING_UP: self._warm_up,
+            UpdatePhase.HEALTH_CHECK: self._health_check,
+            UpdatePhase.SHADOW: self._shadow,
             UpdatePhase.SWITCHING: self._switch,
+            UpdatePhase.COMMITTING: self._commit,
         }
 
     @property
@@ -82,7 +95,7 @@ class UpdateExecutor:
             return StepFailed(ErrorInfo.of(ErrorCode.INTERNAL, f"no step for phase {state.phase.value} without target"))
         try:
             step(state, state.target, cancelled)
-        except DownloadCancelledError as exc:
+        except StepCancelledError as exc:
             log.info("update to generation %s paused: %s", state.generation, exc)
             return None
         except AgentError as exc:
@@ -110,10 +123,22 @@ class UpdateExecutor:
         part = self._part(spec)
         try:
             verify_artifact(part, spec.artifact)
+            return
+        except VerificationError as exc:
+            # The file may have been resumed across restarts or damaged on disk: fetch it once more from
+            # scratch before calling the artifact itself bad.
+            log.warning("%s; downloading %s:%s once more from scratch", exc, spec.name, spec.version)
+        except OSError as exc:
+            raise StorageError(f"cannot read the downloaded artifact: {exc}") from exc
+        with contextlib.suppress(OSError):
+            part.unlink()
+        self._download(state, spec, cancelled)
+        try:
+            verify_artifact(part, spec.artifact)
         except VerificationError as exc:
             with contextlib.suppress(OSError):
                 part.unlink()  # the bytes are bad; a later attempt must download again
-            raise ArtifactVerificationError(str(exc), code=exc.code) from exc
+            raise ArtifactVerificationError(f"{exc} (downloaded twice)", code=exc.code) from exc
         except OSError as exc:
             raise StorageError(f"cannot read the downloaded artifact: {exc}") from exc
 
@@ -130,16 +155,23 @@ class UpdateExecutor:
             raise StorageError(f"slot {state.slot} does not hold {spec.name}:{spec.version} any more")
         self._candidate = load_model(self._registry, spec, content.path)
 
-    def _warm_up(self, state: UpdateState, spec: ModelSpec, cancelled: Callable[[], bool]) -> None:
+    def _health_check(self, state: UpdateState, spec: ModelSpec, cancelled: Callable[[], bool]) -> None:
+        """The declared warm-up input (zeros, dynamic dims = 1): outputs declared, finite, of the declared shape."""
         candidate = self._require_candidate(spec)
         try:
-            outputs = candidate.model.infer(warmup_inputs(candidate.model.inputs))
+            outputs = candidate.model.infer(warmup_inputs(spec.inputs))
         except AgentError as exc:
-            raise WarmupError(f"warm-up inference failed: {exc}") from exc
-        for name, value in outputs.items():
-            array = np.asarray(value)
-            if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
-                raise WarmupError(f"warm-up output {name!r} is not finite (NaN or Inf on zero input)")
+            raise WarmupError(f"health check: the warm-up inference failed: {exc}") from exc
+        problem = check_outputs(spec.outputs, outputs)
+        if problem is not None:
+            raise WarmupError(f"health check: on the warm-up input, {problem}")
+
+    def _shadow(self, state: UpdateState, spec: ModelSpec, cancelled: Callable[[], bool]) -> None:
+        candidate = self._require_candidate(spec)
+        problem = run_shadow(self._serving, candidate, self._policy, cancelled)
+        if problem is not None:
+            self._candidate = None
+            raise HealthCheckError(f"shadow run: {problem}")
 
     def _switch(self, state: UpdateState, spec: ModelSpec, cancelled: Callable[[], bool]) -> None:
         candidate = self._require_candidate(spec)
@@ -149,7 +181,43 @@ class UpdateExecutor:
         self._serving.swap(candidate)
         self._candidate = None
 
+    def _commit(self, state: UpdateState, spec: ModelSpec, cancelled: Callable[[], bool]) -> None:
+        problem = watch_trial(self._serving, spec.ref, self._policy, cancelled)
+        if problem is not None:
+            raise HealthCheckError(f"trial after the switch: {problem}")
+
     def _require_candidate(self, spec: ModelSpec) -> ActiveModel:
         if self._candidate is None or self._candidate.ref != spec.ref:
             raise AgentError(f"{spec.name}:{spec.version} is not loaded (the loading step did not run)")
         return self._candidate
+
+    def serve_active_slot(self) -> ErrorInfo | None:
+        """Load the active slot's model and serve it; the error when the slot holds a model that will not load."""
+        slot = self._slots.active_slot()
+        if slot is None:
+            return None
+        content = self._slots.read(slot)
+        if content is None:
+            return ErrorInfo.of(ErrorCode.STORAGE_FAILED, f"the active slot {slot} holds no intact model")
+        try:
+            self._serving.swap(load_model(self._registry, content.spec, content.path))
+        except AgentError as exc:
+            log.error("cannot load the active slot %s (%s)", slot, exc)
+            return exc.error_info()
+        return None
+
+    def roll_back(self, state: UpdateState) -> None:
+        """After `rolled_back`: point `slots/active` back at the previous slot and serve its model (idempotent)."""
+        if state.slot is None:
+            return
+        previous = other_slot(state.slot)
+        if self._slots.active_slot() == state.slot:
+            self._slots.activate(previous)
+        current = self._serving.current()
+        content = self._slots.read(previous)
+        if content is None or (current is not None and current.ref == content.ref):
+            return
+        try:
+            self._serving.swap(load_model(self._registry, content.spec, content.path))
+        except AgentError as exc:
+            log.error("cannot load the previous model from slot %s after the rollback: %s", previous, exc)

@@ -10,6 +10,7 @@ from urllib.parse import urljoin
 import httpx
 
 from agent.errors import ArtifactVerificationError, DownloadError, StorageError
+from agent.update.cancel import StepCancelledError
 from protocol import ErrorCode
 
 __all__ = ["ArtifactFetcher", "DownloadCancelledError"]
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 _CHUNK = 256 * 1024
 
 
-class DownloadCancelledError(Exception):
+class DownloadCancelledError(StepCancelledError):
     """The download was abandoned on purpose (agent stopping, or a newer desired state); not a failure."""
 
 

@@ -10,7 +10,7 @@ import json
 import logging
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from agent._fs import atomic_write_bytes
 from protocol import ErrorInfo, ModelSpec, UpdatePhase, UpdateStatus
@@ -26,8 +26,10 @@ IN_PROGRESS = frozenset(
         UpdatePhase.VERIFYING,
         UpdatePhase.STAGING,
         UpdatePhase.LOADING,
-        UpdatePhase.WARMING_UP,
+        UpdatePhase.HEALTH_CHECK,
+        UpdatePhase.SHADOW,
         UpdatePhase.SWITCHING,
+        UpdatePhase.COMMITTING,
     }
 )
 
@@ -46,6 +48,13 @@ class UpdateState(BaseModel):
     error: ErrorInfo | None = None
     deployment_id: str | None = None
     resumes: int = 0  # how often this update was resumed after an agent restart
+    boots: int = 0  # agent starts while the switched model was on trial (the A/B boot counter)
+
+    @field_validator("phase", mode="before")
+    @classmethod
+    def _legacy_phase(cls, value: object) -> object:
+        # Agents before the shadow run called the health check `warming_up`; it resumes as `health_check`.
+        return UpdatePhase.HEALTH_CHECK if value in (UpdatePhase.WARMING_UP, "warming_up") else value
 
     @property
     def in_progress(self) -> bool:

@@ -1,8 +1,10 @@
 """The update worker: one thread per agent that feeds events to the pure core and runs the steps.
 
-Desired states arrive from the MQTT thread through `submit` (only the newest pending one is kept).
-The worker persists every transition before running the next step and reports it through
-`on_transition`. A newer desired state for another model cancels a running download at the next chunk.
+`boot` runs once at start-up: it counts a trial boot (rolling back when there were too many), serves the
+active slot and decides about an interrupted update. Desired states arrive from the MQTT thread through
+`submit` (only the newest pending one is kept). The worker persists every transition before running the
+next step and reports it through `on_transition`, then calls the hooks. A newer desired state for
+another model cancels a running step (download, shadow run, trial) at its next check.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from collections.abc import Callable
 
 from agent.serving import Serving
 from agent.update.executor import UpdateExecutor
-from agent.update.machine import DesiredReceived, Event, Restarted, handle
+from agent.update.hooks import UpdateHooks
+from agent.update.machine import Booted, DesiredReceived, Event, Restarted, StepFailed, handle, other_slot
 from agent.update.slots import SlotStore
 from agent.update.state import StateFile, UpdateState
-from protocol import DesiredState, ModelRef
+from protocol import DesiredState, ModelRef, UpdatePhase
 
 __all__ = ["UpdateWorker"]
 
@@ -37,8 +40,12 @@ class UpdateWorker:
         slots: SlotStore,
         serving: Serving,
         on_transition: Transition,
+        hooks: UpdateHooks | None = None,
+        max_trial_boots: int = 3,
     ) -> None:
         self._name = name
+        self._hooks = hooks or UpdateHooks()
+        self._max_trial_boots = max_trial_boots
         self._file = state_file
         self._executor = executor
         self._slots = slots
@@ -55,8 +62,27 @@ class UpdateWorker:
         """The current update state."""
         return self._state
 
+    def boot(self) -> None:
+        """At start-up (before `start`): count a trial boot, serve the active slot, resume or abandon the update."""
+        previous = self._slots.read(other_slot(self._state.slot)) if self._state.slot else None
+        self._apply(
+            Booted(
+                active_slot=self._slots.active_slot(),
+                previous=previous.ref if previous else None,
+                max_trial_boots=self._max_trial_boots,
+            )
+        )
+        if self._state.phase is UpdatePhase.ROLLED_BACK:
+            self._executor.roll_back(self._state)  # again, in case the last run died before it was done
+        error = self._executor.serve_active_slot()
+        if error is not None and self._state.phase is UpdatePhase.COMMITTING:
+            self._apply(StepFailed(error))  # the model on trial does not even load: back to the previous one
+        self.resume()
+        current = self._serving.current()
+        self._call_hook(self._hooks.on_boot, self._state, current.ref if current else None)
+
     def resume(self) -> None:
-        """Decide about an update interrupted by a restart (call once, before `start`)."""
+        """Decide about an update interrupted by a restart (part of `boot`)."""
         current = self._serving.current()
         staged = self._slots.read(self._state.slot) if self._state.slot and self._state.in_progress else None
         self._apply(
@@ -156,7 +182,19 @@ class UpdateWorker:
             new.phase.value,
             f" ({new.error.code.value}: {new.error.message})" if new.error else "",
         )
+        if new.phase is UpdatePhase.ROLLED_BACK and old.phase is not UpdatePhase.ROLLED_BACK:
+            try:
+                self._executor.roll_back(new)
+            except Exception:  # the next start repeats the rollback (see `boot`)
+                log.exception("rolling back %s failed", self._name)
         try:
             self._on_transition(old, new)
         except Exception:
             log.exception("reporting the update transition of %s failed", self._name)
+        self._call_hook(self._hooks.on_transition, old, new)
+
+    def _call_hook(self, hook: Callable[..., None], *args: object) -> None:
+        try:
+            hook(*args)
+        except Exception:
+            log.exception("update hook %s of %s failed", getattr(hook, "__name__", hook), self._name)

@@ -188,6 +188,7 @@ def make_agent(broker_url: str, topic_base: str, tmp_path: Path) -> Iterator[Age
             "http_port": None,
             "telemetry_interval_s": 3600.0,
             "download_timeout_s": 10.0,
+            "commit_after_s": 0.3,  # a short trial after each switch keeps the tests fast
         }
         settings.update(overrides)
         agent = Agent(AgentConfig(**settings))

@@ -7,6 +7,7 @@ import pytest
 from agent.update import (
     IN_PROGRESS,
     NEXT_PHASE,
+    Booted,
     DesiredReceived,
     Event,
     Restarted,
@@ -22,6 +23,7 @@ from protocol import ArtifactRef, DesiredState, ErrorCode, ErrorInfo, EventKind,
 P = UpdatePhase
 OK = StepSucceeded()
 BAD_DIGEST = StepFailed(ErrorInfo.of(ErrorCode.DIGEST_MISMATCH, "sha256 differs"))
+SHADOW_REFUSED = StepFailed(ErrorInfo.of(ErrorCode.HEALTH_CHECK_FAILED, "disagrees on 40% of rows"))
 
 
 def spec(version: str, digest: str) -> ModelSpec:
@@ -50,10 +52,20 @@ def run(events: list[Event], start: UpdateState | None = None) -> list[UpdatePha
     return phases
 
 
-FULL = [P.DOWNLOADING, P.VERIFYING, P.STAGING, P.LOADING, P.WARMING_UP, P.SWITCHING, P.ACTIVE]
+FULL = [
+    P.DOWNLOADING,
+    P.VERIFYING,
+    P.STAGING,
+    P.LOADING,
+    P.HEALTH_CHECK,
+    P.SHADOW,
+    P.SWITCHING,
+    P.COMMITTING,
+    P.ACTIVE,
+]
 
 CHAINS = {
-    "a_fresh_device_goes_through_every_step_to_active": ([desired(1, V1)] + [OK] * 6, FULL),
+    "a_fresh_device_goes_through_every_step_to_active": ([desired(1, V1)] + [OK] * 8, FULL),
     "a_bad_digest_fails_at_verifying": (
         [desired(1, V1), OK, BAD_DIGEST, OK],
         [P.DOWNLOADING, P.VERIFYING, P.FAILED, P.FAILED],
@@ -76,14 +88,26 @@ CHAINS = {
     ),
     "the_model_already_served_becomes_active_without_download": ([desired(1, V1, active=V1)], [P.ACTIVE]),
     "a_model_already_staged_in_the_inactive_slot_is_loaded_without_download": (
-        [desired(1, V2, active=V1, staged=V2.ref), OK, OK, OK],
-        [P.LOADING, P.WARMING_UP, P.SWITCHING, P.ACTIVE],
+        [desired(1, V2, active=V1, staged=V2.ref), OK, OK, OK, OK, OK],
+        [P.LOADING, P.HEALTH_CHECK, P.SHADOW, P.SWITCHING, P.COMMITTING, P.ACTIVE],
     ),
     "a_desired_state_without_model_is_idle": ([desired(1, None)], [P.IDLE]),
     "a_failure_after_active_changes_nothing": ([desired(1, V1, active=V1), BAD_DIGEST, OK], [P.ACTIVE] * 3),
     "the_warm_up_failing_reports_failed": (
         [desired(1, V1), OK, OK, OK, OK, StepFailed(ErrorInfo.of(ErrorCode.WARMUP_FAILED, "NaN"))],
-        [P.DOWNLOADING, P.VERIFYING, P.STAGING, P.LOADING, P.WARMING_UP, P.FAILED],
+        [P.DOWNLOADING, P.VERIFYING, P.STAGING, P.LOADING, P.HEALTH_CHECK, P.FAILED],
+    ),
+    "a_refused_shadow_run_fails_before_the_switch": (
+        [desired(1, V2, active=V1, staged=V2.ref), OK, OK, SHADOW_REFUSED],
+        [P.LOADING, P.HEALTH_CHECK, P.SHADOW, P.FAILED],
+    ),
+    "a_failed_trial_after_the_switch_rolls_back": (
+        [desired(1, V2, active=V1, staged=V2.ref), OK, OK, OK, OK, SHADOW_REFUSED, OK],
+        [P.LOADING, P.HEALTH_CHECK, P.SHADOW, P.SWITCHING, P.COMMITTING, P.ROLLED_BACK, P.ROLLED_BACK],
+    ),
+    "a_rolled_back_generation_is_not_retried_but_a_newer_one_is": (
+        [desired(1, V2, active=V1, staged=V2.ref), OK, OK, OK, OK, SHADOW_REFUSED, desired(1, V2), desired(2, V2)],
+        [P.LOADING, P.HEALTH_CHECK, P.SHADOW, P.SWITCHING, P.COMMITTING, P.ROLLED_BACK, P.ROLLED_BACK, P.DOWNLOADING],
     ),
 }
 
@@ -105,7 +129,7 @@ RESTARTS = {
     ),
     "interrupted_staging_restarts_from_download": (interrupted(P.STAGING), Restarted(active=V1.ref), P.DOWNLOADING),
     "interrupted_loading_with_staged_file_resumes_at_loading": (
-        interrupted(P.WARMING_UP),
+        interrupted(P.HEALTH_CHECK),
         Restarted(active=V1.ref, staged=V2.ref),
         P.LOADING,
     ),
@@ -115,6 +139,17 @@ RESTARTS = {
         P.DOWNLOADING,
     ),
     "switch_that_reached_disk_is_active": (interrupted(P.SWITCHING), Restarted(active=V2.ref), P.ACTIVE),
+    "interrupted_shadow_run_with_staged_file_resumes_at_loading": (
+        interrupted(P.SHADOW),
+        Restarted(active=V1.ref, staged=V2.ref),
+        P.LOADING,
+    ),
+    "interrupted_staging_that_completed_resumes_at_loading": (
+        interrupted(P.STAGING),
+        Restarted(active=V1.ref, staged=V2.ref),
+        P.LOADING,
+    ),
+    "a_trial_goes_on_after_a_restart": (interrupted(P.COMMITTING), Restarted(active=V2.ref), P.COMMITTING),
     "an_update_interrupted_too_often_is_abandoned": (
         interrupted(P.LOADING, resumes=MAX_RESUMES),
         Restarted(active=V1.ref, staged=V2.ref),
@@ -174,3 +209,59 @@ def test_every_in_progress_phase_has_a_successor() -> None:
 def test_transition_event(old: UpdatePhase, new: UpdatePhase, kind: EventKind | None) -> None:
     before, after = UpdateState(generation=1, phase=old), UpdateState(generation=1, phase=new)
     assert transition_event(before, after) == kind
+
+
+def booted(active_slot: str | None = "b", previous: ModelSpec | None = V1, max_boots: int = 3) -> Booted:
+    return Booted(active_slot=active_slot, previous=previous.ref if previous else None, max_trial_boots=max_boots)
+
+
+BOOTS = {
+    "a_start_during_the_trial_counts_a_boot": (interrupted(P.COMMITTING), booted(), P.COMMITTING, 1),
+    "a_switch_that_reached_disk_starts_the_trial": (interrupted(P.SWITCHING), booted(active_slot="b"), P.COMMITTING, 1),
+    "a_switch_that_did_not_reach_disk_is_no_trial": (interrupted(P.SWITCHING), booted(active_slot="a"), P.SWITCHING, 0),
+    "the_last_tolerated_start_keeps_the_trial": (
+        UpdateState(generation=3, phase=P.COMMITTING, target=V2, slot="b", boots=2),
+        booted(),
+        P.COMMITTING,
+        3,
+    ),
+    "one_start_too_many_rolls_back": (
+        UpdateState(generation=3, phase=P.COMMITTING, target=V2, slot="b", boots=3),
+        booted(),
+        P.ROLLED_BACK,
+        4,
+    ),
+    "too_many_starts_without_a_previous_model_keep_the_trial_model_and_fail": (
+        UpdateState(generation=3, phase=P.COMMITTING, target=V2, slot="b", boots=3),
+        booted(previous=None),
+        P.FAILED,
+        4,
+    ),
+    "a_committed_model_counts_no_boots": (
+        UpdateState(generation=3, phase=P.ACTIVE, target=V2, slot="b"),
+        booted(),
+        P.ACTIVE,
+        0,
+    ),
+    "an_update_before_the_switch_counts_no_boots": (interrupted(P.SHADOW), booted(active_slot="a"), P.SHADOW, 0),
+}
+
+
+@pytest.mark.parametrize(("state", "event", "phase", "boots"), BOOTS.values(), ids=BOOTS.keys())
+def test_boot_counter(state: UpdateState, event: Booted, phase: UpdatePhase, boots: int) -> None:
+    after = handle(state, event)
+    assert (after.phase, after.boots) == (phase, boots)
+
+
+def test_a_rollback_says_why_and_is_reported_as_a_failed_update() -> None:
+    start = UpdateState(generation=3, phase=P.COMMITTING, target=V2, slot="b", boots=3)
+    after = handle(start, booted())
+    assert after.error is not None and after.error.code is ErrorCode.HEALTH_CHECK_FAILED
+    assert "4 times" in after.error.message and "rolled back to digits:1.0" in after.error.message
+    assert transition_event(start, after) is EventKind.UPDATE_FAILED
+    assert not after.in_progress
+
+
+def test_a_state_file_of_an_older_agent_in_warming_up_resumes_as_health_check() -> None:
+    legacy = UpdateState.model_validate({"generation": 1, "phase": "warming_up", "target": V2.model_dump()})
+    assert legacy.phase is P.HEALTH_CHECK and legacy.in_progress

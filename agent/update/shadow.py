@@ -1,0 +1,136 @@
+"""Watching live traffic during an update: the shadow run before the switch, and the trial after it.
+
+Both attach a tap to `Serving`, so callers are never delayed: the tap only copies a request into a
+bounded queue (shadow) or counts (trial). The candidate runs on the update worker's thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from agent.errors import AgentError
+from agent.serving import ActiveModel, Serving
+from agent.update.cancel import StepCancelledError
+from agent.update.health import HealthPolicy, ShadowSample, compare_outputs, shadow_verdict
+from protocol import ModelRef
+
+__all__ = ["run_shadow", "watch_trial"]
+
+log = logging.getLogger(__name__)
+_POLL_S = 0.1  # how often a waiting step looks at `cancelled()`
+
+Mirrored = tuple[Mapping[str, np.ndarray], dict[str, np.ndarray], float]
+
+
+def run_shadow(
+    serving: Serving, candidate: ActiveModel, policy: HealthPolicy, cancelled: Callable[[], bool]
+) -> str | None:
+    """Run `candidate` beside the serving model on the next `policy.shadow_inferences` live requests.
+
+    Returns why the candidate must not be switched to, or None. Callers keep getting the serving model's
+    answers. With too little traffic the run ends after `shadow_timeout_s` (`shadow_on_timeout` decides).
+    """
+    wanted = policy.shadow_inferences
+    baseline = serving.current()
+    if wanted == 0:
+        return None
+    if baseline is None:
+        log.info("no model serves yet: nothing to shadow %s against", candidate.ref)
+        return None
+    mirrored: queue.Queue[Mirrored] = queue.Queue(maxsize=wanted)
+
+    def mirror(active: ActiveModel, inputs: Mapping[str, np.ndarray], outputs: object, latency_ms: float) -> None:
+        if active.ref == baseline.ref and isinstance(outputs, dict):
+            with contextlib.suppress(queue.Full):  # enough requests collected; the rest are not mirrored
+                mirrored.put_nowait((inputs, outputs, latency_ms))
+
+    serving.add_tap(mirror)
+    samples: list[ShadowSample] = []
+    deadline = time.monotonic() + policy.shadow_timeout_s
+    timed_out = False
+    try:
+        while len(samples) < wanted:
+            if cancelled():
+                raise StepCancelledError(f"shadow run of {candidate.ref.name}:{candidate.ref.version} cancelled")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                timed_out = True
+                break
+            try:
+                inputs, served, serving_ms = mirrored.get(timeout=min(_POLL_S, remaining))
+            except queue.Empty:
+                continue
+            start = time.perf_counter()
+            try:
+                answer = candidate.model.infer(inputs)
+            except AgentError as exc:
+                return f"candidate failed on a live request the serving model answered: {exc}"
+            candidate_ms = (time.perf_counter() - start) * 1000.0
+            samples.append(compare_outputs(served, answer, serving_ms=serving_ms, candidate_ms=candidate_ms))
+    finally:
+        serving.remove_tap(mirror)
+    if timed_out:
+        log.warning(
+            "shadow run of %s saw %d of %d requests in %.0fs (on timeout: %s)",
+            candidate.ref,
+            len(samples),
+            wanted,
+            policy.shadow_timeout_s,
+            policy.shadow_on_timeout,
+        )
+    return shadow_verdict(samples, policy, timed_out=timed_out)
+
+
+def watch_trial(serving: Serving, trial: ModelRef, policy: HealthPolicy, cancelled: Callable[[], bool]) -> str | None:
+    """Wait while `trial` serves for `commit_after_s` (or `commit_after_inferences` good answers).
+
+    Returns why the trial failed (it stopped serving, the runtime failed, or it answered NaN/Inf), or None
+    when it may be committed.
+    """
+    lock = threading.Lock()
+    counts = {"ok": 0}
+    problems: list[str] = []
+    woken = threading.Event()
+
+    def watch(active: ActiveModel, inputs: Mapping[str, np.ndarray], outputs: object, latency_ms: float) -> None:
+        if active.ref != trial:
+            return
+        with lock:
+            if not isinstance(outputs, dict):
+                problems.append("the runtime failed on a live request")
+            elif any(
+                np.issubdtype(np.asarray(v).dtype, np.floating) and not np.all(np.isfinite(v)) for v in outputs.values()
+            ):
+                problems.append("a live request was answered with NaN or Inf")
+            else:
+                counts["ok"] += 1
+        woken.set()
+
+    serving.add_tap(watch)
+    deadline = time.monotonic() + policy.commit_after_s
+    try:
+        while True:
+            current = serving.current()
+            if current is None or current.ref != trial:
+                return f"{trial.name}:{trial.version} is not the model serving any more"
+            with lock:
+                if problems:
+                    return f"{trial.name}:{trial.version} on trial: {problems[0]}"
+                if policy.commit_after_inferences and counts["ok"] >= policy.commit_after_inferences:
+                    return None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            if cancelled():
+                raise StepCancelledError(f"trial of {trial.name}:{trial.version} interrupted")
+            woken.wait(min(_POLL_S, remaining))
+            woken.clear()
+    finally:
+        serving.remove_tap(watch)
