@@ -1,17 +1,33 @@
 """Fleets of real agents for tests, demos, load and fault injection."""
 
 from simulators.coordinator import CoordinatorClient, CoordinatorError, CoordinatorProcess
+from simulators.faults import (
+    ArtifactFaults,
+    FaultyArtifactServer,
+    ServedRequest,
+    nan_model,
+    nan_on_live_input_model,
+    shifted_model,
+    slow_model,
+)
 from simulators.fleet import FleetConfig, SimulatedFleet, device_id, device_tags
 from simulators.traffic import DeviceTraffic, drive_inference
 
 __all__ = [
+    "ArtifactFaults",
     "CoordinatorClient",
     "CoordinatorError",
     "CoordinatorProcess",
     "DeviceTraffic",
+    "FaultyArtifactServer",
     "FleetConfig",
+    "ServedRequest",
     "SimulatedFleet",
     "device_id",
     "device_tags",
     "drive_inference",
+    "nan_model",
+    "nan_on_live_input_model",
+    "shifted_model",
+    "slow_model",
 ]

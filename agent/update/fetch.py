@@ -1,4 +1,11 @@
-"""Artifact downloads over HTTP(S): streamed into a `.part` file, bounded in time, size and attempts."""
+"""Artifact downloads over HTTP(S): streamed into a `.part` file, bounded in time, size and attempts.
+
+Downloads resume: a `.part` left by a dropped connection or an agent restart is continued with
+`Range: bytes=N-`. A `206` whose `Content-Range` starts at N is appended; a server that ignores Range
+(`200`) sends the whole file, which replaces the part; `416` (the part is longer than the server's
+file) starts over from byte 0. A body that ends before the declared size is a transient failure, and
+the next attempt resumes where it stopped.
+"""
 
 from __future__ import annotations
 
@@ -72,26 +79,82 @@ class ArtifactFetcher:
                     raise DownloadCancelledError("agent stopping") from exc
 
     def _fetch_once(self, url: str, dest: Path, expected_size: int, cancelled: Callable[[], bool]) -> None:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        received = 0
         try:
-            with self._client.stream("GET", url) as response, dest.open("wb") as out:
-                if response.status_code != 200:
-                    message = f"GET {url} answered {response.status_code} {response.reason_phrase}"
-                    transient = response.status_code >= 500 or response.status_code in (408, 429)
-                    raise DownloadError(message) if transient else _ClientError(message)
-                for chunk in response.iter_bytes(_CHUNK):
-                    if cancelled():
-                        raise DownloadCancelledError(f"download of {url} cancelled")
-                    received += len(chunk)
-                    if received > expected_size:
-                        # Stop an endless or oversized stream before it fills the disk.
-                        raise ArtifactVerificationError(
-                            f"artifact at {url} is larger than the declared {expected_size} bytes",
-                            code=ErrorCode.ARTIFACT_SIZE_MISMATCH,
-                        )
-                    out.write(chunk)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            have = dest.stat().st_size if dest.exists() else 0
+            if have > expected_size:
+                dest.unlink()
+                have = 0
+        except OSError as exc:
+            raise StorageError(f"cannot prepare {dest}: {exc}") from exc
+        if have == expected_size and have > 0:
+            return  # complete from an earlier attempt; the verifying step decides whether it is right
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        try:
+            with self._client.stream("GET", url, headers=headers) as response:
+                offset = self._offset(url, response, have, dest)
+                received = self._write(url, response, dest, offset, expected_size, cancelled)
         except httpx.HTTPError as exc:
             raise DownloadError(f"GET {url} failed: {type(exc).__name__}: {exc}") from exc
         except OSError as exc:
             raise StorageError(f"cannot write {dest}: {exc}") from exc
+        if received < expected_size:
+            raise DownloadError(f"GET {url} ended after {received} of {expected_size} bytes; the next attempt resumes")
+
+    @staticmethod
+    def _offset(url: str, response: httpx.Response, have: int, dest: Path) -> int:
+        """Where the response body starts in the file: `have` for a matching 206, 0 for a 200."""
+        status = response.status_code
+        if status == 200:
+            if have:
+                log.info("%s ignored the Range request; downloading from byte 0", url)
+            return 0
+        if status == 206 and have and _range_start(response.headers.get("content-range")) == have:
+            return have
+        if status in (206, 416):
+            # A range we did not ask for, or our part is longer than the server's file: start over.
+            dest.unlink(missing_ok=True)
+            raise DownloadError(f"GET {url} answered {status} to bytes={have}-; restarting from byte 0")
+        message = f"GET {url} answered {status} {response.reason_phrase}"
+        transient = status >= 500 or status in (408, 429)
+        raise DownloadError(message) if transient else _ClientError(message)
+
+    @staticmethod
+    def _write(
+        url: str,
+        response: httpx.Response,
+        dest: Path,
+        offset: int,
+        expected_size: int,
+        cancelled: Callable[[], bool],
+    ) -> int:
+        received = offset
+        with dest.open("r+b" if offset else "wb") as out:
+            out.seek(offset)
+            out.truncate()
+            for chunk in response.iter_bytes(_CHUNK):
+                if cancelled():
+                    raise DownloadCancelledError(f"download of {url} cancelled at byte {received}")
+                received += len(chunk)
+                if received > expected_size:
+                    # Stop an endless or oversized stream before it fills the disk.
+                    out.close()
+                    dest.unlink(missing_ok=True)
+                    raise ArtifactVerificationError(
+                        f"artifact at {url} is larger than the declared {expected_size} bytes",
+                        code=ErrorCode.ARTIFACT_SIZE_MISMATCH,
+                    )
+                out.write(chunk)
+                out.flush()  # the bytes reach the OS at once, so a killed agent resumes from them
+        return received
+
+
+def _range_start(content_range: str | None) -> int | None:
+    """The first byte of `Content-Range: bytes 100-999/1000`, or None when it is missing or malformed."""
+    if not content_range:
+        return None
+    unit, _, spec = content_range.strip().partition(" ")
+    first, dash, _rest = spec.partition("-")
+    if unit.lower() != "bytes" or not dash or not first.isdigit():
+        return None
+    return int(first)
