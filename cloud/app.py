@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -65,9 +64,10 @@ class Coordinator:
 def _bridge_client_id(settings: Settings) -> str:
     if settings.mqtt_client_id:
         return settings.mqtt_client_id
-    # Unique per coordinator data dir and process, so two coordinators on one broker never kick each other off.
-    digest = hashlib.sha256(f"{settings.data_dir}|{settings.topic_base}".encode()).hexdigest()[:10]
-    return f"edgefleet-coordinator-{digest}-{os.getpid()}"
+    # Stable per coordinator (data dir + topic base) so the broker keeps its persistent session across restarts:
+    # QoS 1 reports and telemetry sent while the coordinator is down are delivered when it comes back.
+    digest = hashlib.sha256(f"{settings.data_dir.resolve()}|{settings.topic_base}".encode()).hexdigest()[:12]
+    return f"edgefleet-coordinator-{digest}"
 
 
 def create_app(

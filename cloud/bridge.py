@@ -134,7 +134,7 @@ class MqttBridge:
         self._keepalive = keepalive
         self._host, self._port, tls, username, password = parse_mqtt_url(url)
         self._client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True, manual_ack=True
+            callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False, manual_ack=True
         )
         if tls:
             self._client.tls_set()

@@ -12,9 +12,12 @@ import errno
 import logging
 import socket
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 from amqtt.broker import Broker
+from amqtt.plugins.base import BaseAuthPlugin
+from amqtt.session import Session
 
 from cloud.errors import BrokerStartError
 
@@ -30,7 +33,7 @@ def _broker_config(host: str, port: int) -> dict[str, Any]:
     """amqtt configuration: one TCP listener, anonymous clients, no $SYS chatter or packet logging."""
     return {
         "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}", "max_connections": -1}},
-        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+        "plugins": {f"{__name__}.OpenSessionAuthPlugin": {}},
     }
 
 
@@ -42,6 +45,24 @@ def _is_address_in_use(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+class OpenSessionAuthPlugin(BaseAuthPlugin):
+    """Accepts every client without marking it anonymous.
+
+    amqtt's AnonymousAuthPlugin flags sessions as anonymous, and amqtt then never queues QoS 1 messages
+    for a disconnected persistent session: telemetry sent while the coordinator restarts would be lost.
+    Device authentication on the broker comes with governance; until then the embedded broker listens on
+    the address the operator chose (loopback by default).
+    """
+
+    @dataclass
+    class Config:
+        """No options."""
+
+    async def authenticate(self, *, session: Session) -> bool | None:
+        """Every client may connect; its session keeps offline QoS 1 messages if it asked for that."""
+        return True
 
 
 class _FleetBroker(Broker):

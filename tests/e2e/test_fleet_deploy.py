@@ -115,3 +115,36 @@ def test_device_offline_during_deploy_converges_after_reconnect(
             30,
             "the coordinator to record the late device's success",
         )
+
+
+def test_telemetry_sent_while_coordinator_is_down_is_counted_after_restart(
+    broker_url: str, topic_base: str, tmp_path: Path, digits_model_path: Path
+) -> None:
+    from simulators import CoordinatorProcess
+
+    process = CoordinatorProcess(tmp_path / "coordinator", mqtt_url=broker_url, topic_base=topic_base)
+    client = process.start()
+    try:
+        client.push_model(digits_model_path, name="digits", version="1.0.0")
+        with SimulatedFleet(fleet_config(client, topic_base, tmp_path / "fleet", 2, "gap")) as fleet:
+            wait_until(lambda: set(fleet.device_ids) <= online_ids(client), 30, "devices to enrol")
+            deployment = client.deploy(model="digits", version="1.0.0", tags={"fleet": "gap"})
+            wait_until(
+                lambda: set(deployment_statuses(client, deployment["id"]).values()) == {"succeeded"},
+                60,
+                "the fleet to converge",
+            )
+            assert process.stop() == 0
+
+            traffic = drive_inference(fleet.agents, 10)  # the coordinator is down: windows wait in the broker
+            fleet.flush_telemetry()
+            client = process.start()
+
+            expected = {t.device_id: t.sent for t in traffic}
+            wait_until(
+                lambda: {d["device_id"]: d["inference_count"] for d in client.fleet_summary()["devices"]} == expected,
+                30,
+                f"counts {expected} after the coordinator restarted",
+            )
+    finally:
+        process.stop()

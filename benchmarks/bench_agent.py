@@ -1,0 +1,204 @@
+"""Agent benchmark: every figure is a ratio against a baseline measured in the same run.
+
+(a) in-process inference: `Agent.infer` (serving lock, telemetry) vs raw `InferenceSession.run`,
+    same model and inputs, interleaved rounds;
+(b) the local Open Inference Protocol endpoint vs a bare Starlette app on uvicorn returning the same
+    payload: requests/s and p50/p99 latency, load from a separate process over loopback;
+(c) the agent daemon's resident memory, idle with the demo model loaded, vs a bare Python process that
+    has loaded the same model into onnxruntime.
+
+Run: `.venv/bin/python benchmarks/bench_agent.py` (about a minute).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from agent import Agent, AgentConfig  # noqa: E402
+from benchmarks._setup import TOPIC_BASE, artifact_server, embedded_broker, publish_desired, rss_kib  # noqa: E402
+from compression.reference import load_digits_split, train_digits_mlp  # noqa: E402
+from simulators.traffic import oip_request  # noqa: E402
+
+ROUNDS, CALLS_PER_ROUND = 10, 500
+HTTP_REQUESTS, HTTP_CONCURRENCY = 2000, 4
+
+LOAD_SCRIPT = r"""
+import json, sys, time, threading, httpx
+url, body, total, concurrency = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+latencies, lock = [], threading.Lock()
+def worker(n):
+    with httpx.Client(timeout=10) as client:
+        client.post(url, json=body).raise_for_status()  # warm-up
+        for _ in range(n):
+            t = time.perf_counter(); client.post(url, json=body).raise_for_status(); dt = time.perf_counter() - t
+            with lock: latencies.append(dt)
+threads = [threading.Thread(target=worker, args=(total // concurrency,)) for _ in range(concurrency)]
+start = time.perf_counter()
+for t in threads: t.start()
+for t in threads: t.join()
+print(json.dumps({"elapsed": time.perf_counter() - start, "latencies": latencies}))
+"""
+
+
+def in_process_overhead(agent: Agent, model_path: Path, x: np.ndarray) -> tuple[float, float]:
+    """Median per-call seconds of raw session.run and of Agent.infer, interleaved to share the noise."""
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    opts_threads = session.get_session_options().intra_op_num_threads
+    del opts_threads
+    raw_rounds, agent_rounds = [], []
+    for r in range(ROUNDS):
+        samples = [x[(r * CALLS_PER_ROUND + i) % len(x)][np.newaxis] for i in range(CALLS_PER_ROUND)]
+        start = time.perf_counter()
+        for s in samples:
+            session.run(None, {"input": s})
+        raw_rounds.append((time.perf_counter() - start) / CALLS_PER_ROUND)
+        start = time.perf_counter()
+        for s in samples:
+            agent.infer({"input": s})
+        agent_rounds.append((time.perf_counter() - start) / CALLS_PER_ROUND)
+    return statistics.median(raw_rounds), statistics.median(agent_rounds)
+
+
+def run_load(url: str, body: dict[str, object]) -> dict[str, float]:
+    """Drive `url` from a separate process; returns requests/s, p50 and p99 in ms."""
+    out = subprocess.run(
+        [sys.executable, "-c", LOAD_SCRIPT, url, json.dumps(body), str(HTTP_REQUESTS), str(HTTP_CONCURRENCY)],
+        capture_output=True, text=True, check=True, timeout=300,
+    )
+    result = json.loads(out.stdout)
+    lat = sorted(result["latencies"])
+    return {
+        "rps": len(lat) / result["elapsed"],
+        "p50_ms": 1000 * lat[len(lat) // 2],
+        "p99_ms": 1000 * lat[int(len(lat) * 0.99) - 1],
+    }
+
+
+def bare_starlette(payload: bytes) -> tuple[str, uvicorn.Server, threading.Thread]:
+    """A bare Starlette endpoint on uvicorn that returns `payload` for every POST."""
+
+    async def infer(request: Request) -> Response:
+        await request.body()
+        return Response(payload, media_type="application/json")
+
+    app = Starlette(routes=[Route("/infer", infer, methods=["POST"])])
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    return f"http://127.0.0.1:{port}/infer", server, thread
+
+
+def daemon_rss(tmp: Path, broker_url: str, artifacts: str, model_path: Path) -> int:
+    """RSS (KiB) of `edgefleet-agent run`, idle, after it activated the model."""
+    config = tmp / "agent.toml"
+    config.write_text(
+        f'device_id = "bench-rss"\ndata_dir = "{tmp / "rss-data"}"\nmqtt_url = "{broker_url}"\n'
+        f'topic_base = "{TOPIC_BASE}"\nhttp_port = 0\ntelemetry_interval_s = 3600\n'
+    )
+    publish_desired(broker_url, "bench-rss", model_path, f"{artifacts}/{model_path.name}", "1.0.0")
+    agent_bin = Path(sys.executable).parent / "edgefleet-agent"
+    proc = subprocess.Popen([str(agent_bin), "run", "--config", str(config)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        state = tmp / "rss-data" / "slots" / "active"
+        deadline = time.monotonic() + 60
+        while not state.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(3.0)  # idle: let the update finish and allocations settle
+        return rss_kib(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+def baseline_rss(model_path: Path) -> int:
+    """RSS (KiB) of a bare Python process that loaded the model into onnxruntime."""
+    script = (
+        "import onnxruntime as ort, numpy as np, time, sys\n"
+        "o = ort.SessionOptions(); o.intra_op_num_threads = 1\n"
+        f"s = ort.InferenceSession({str(model_path)!r}, o, providers=['CPUExecutionProvider'])\n"
+        "s.run(None, {'input': np.zeros((1, 64), np.float32)})\n"
+        "print('ready', flush=True); time.sleep(30)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        proc.stdout.readline()
+        time.sleep(3.0)
+        return rss_kib(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        model_path = tmp / "digits.onnx"
+        model_path.write_bytes(train_digits_mlp().onnx_bytes)
+        x = load_digits_split().x_test
+        with embedded_broker() as broker_url, artifact_server(tmp) as artifacts:
+            publish_desired(broker_url, "bench-1", model_path, f"{artifacts}/{model_path.name}", "1.0.0")
+            config = AgentConfig(device_id="bench-1", data_dir=tmp / "agent", mqtt_url=broker_url,
+                                 topic_base=TOPIC_BASE, http_port=0, telemetry_interval_s=3600)
+            with Agent(config) as agent:
+                if not agent.wait_for_model("1.0.0", timeout=60):
+                    raise SystemExit("agent did not activate the model")
+                raw_s, agent_s = in_process_overhead(agent, model_path, x)
+
+                body = oip_request("input", x[0])
+                endpoint = f"{agent.inference_url}/v2/models/digits/infer"
+                payload = httpx.post(endpoint, json=body).content
+                bare_url, server, thread = bare_starlette(payload)
+                try:
+                    bare = run_load(bare_url, body)
+                    agent_http = run_load(endpoint, body)
+                finally:
+                    server.should_exit = True
+                    thread.join(10)
+            rss_agent = daemon_rss(tmp, broker_url, artifacts, model_path)
+        rss_base = baseline_rss(model_path)
+
+    print(f"machine: {os.cpu_count()} CPUs; model: digits MLP (64→32→10), batch 1, intra-op threads 1")
+    print("(a) in-process inference, median of "
+          f"{ROUNDS}×{CALLS_PER_ROUND} interleaved calls")
+    print(f"    raw InferenceSession.run   {raw_s * 1e6:8.1f} µs/call")
+    print(f"    Agent.infer                {agent_s * 1e6:8.1f} µs/call   ratio {agent_s / raw_s:5.2f}x"
+          f"   overhead {(agent_s - raw_s) * 1e6:6.1f} µs")
+    print(f"(b) HTTP, {HTTP_REQUESTS} requests, {HTTP_CONCURRENCY} connections, load from a separate process")
+    print(f"    bare Starlette/uvicorn     {bare['rps']:8.0f} req/s  p50 {bare['p50_ms']:6.2f} ms"
+          f"  p99 {bare['p99_ms']:6.2f} ms")
+    print(f"    agent OIP endpoint         {agent_http['rps']:8.0f} req/s  p50 {agent_http['p50_ms']:6.2f} ms"
+          f"  p99 {agent_http['p99_ms']:6.2f} ms")
+    print(f"    ratio agent/bare           rps {agent_http['rps'] / bare['rps']:5.2f}x  "
+          f"p50 {agent_http['p50_ms'] / bare['p50_ms']:5.2f}x  p99 {agent_http['p99_ms'] / bare['p99_ms']:5.2f}x")
+    print("(c) resident memory, idle with the model loaded")
+    print(f"    bare python + onnxruntime  {rss_base / 1024:8.1f} MiB")
+    print(f"    edgefleet-agent run        {rss_agent / 1024:8.1f} MiB   ratio {rss_agent / rss_base:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()
