@@ -33,10 +33,10 @@ from starlette.routing import Route
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent import Agent, AgentConfig  # noqa: E402
-from benchmarks._setup import TOPIC_BASE, artifact_server, embedded_broker, publish_desired, rss_kib  # noqa: E402
-from compression.reference import load_digits_split, train_digits_mlp  # noqa: E402
-from simulators.traffic import oip_request  # noqa: E402
+from agent import Agent, AgentConfig
+from benchmarks._setup import TOPIC_BASE, artifact_server, embedded_broker, publish_desired, rss_kib
+from compression.reference import load_digits_split, train_digits_mlp
+from simulators.traffic import oip_request
 
 ROUNDS, CALLS_PER_ROUND = 10, 500
 HTTP_REQUESTS, HTTP_CONCURRENCY = 2000, 4
@@ -82,7 +82,10 @@ def run_load(url: str, body: dict[str, object]) -> dict[str, float]:
     """Drive `url` from a separate process; returns requests/s, p50 and p99 in ms."""
     out = subprocess.run(
         [sys.executable, "-c", LOAD_SCRIPT, url, json.dumps(body), str(HTTP_REQUESTS), str(HTTP_CONCURRENCY)],
-        capture_output=True, text=True, check=True, timeout=300,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
     )
     result = json.loads(out.stdout)
     lat = sorted(result["latencies"])
@@ -120,8 +123,9 @@ def daemon_rss(tmp: Path, broker_url: str, artifacts: str, model_path: Path) -> 
     )
     publish_desired(broker_url, "bench-rss", model_path, f"{artifacts}/{model_path.name}", "1.0.0")
     agent_bin = Path(sys.executable).parent / "edgefleet-agent"
-    proc = subprocess.Popen([str(agent_bin), "run", "--config", str(config)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(agent_bin), "run", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         state = tmp / "rss-data" / "slots" / "active"
         deadline = time.monotonic() + 60
@@ -162,8 +166,14 @@ def main() -> None:
         x = load_digits_split().x_test
         with embedded_broker() as broker_url, artifact_server(tmp) as artifacts:
             publish_desired(broker_url, "bench-1", model_path, f"{artifacts}/{model_path.name}", "1.0.0")
-            config = AgentConfig(device_id="bench-1", data_dir=tmp / "agent", mqtt_url=broker_url,
-                                 topic_base=TOPIC_BASE, http_port=0, telemetry_interval_s=3600)
+            config = AgentConfig(
+                device_id="bench-1",
+                data_dir=tmp / "agent",
+                mqtt_url=broker_url,
+                topic_base=TOPIC_BASE,
+                http_port=0,
+                telemetry_interval_s=3600,
+            )
             with Agent(config) as agent:
                 if not agent.wait_for_model("1.0.0", timeout=60):
                     raise SystemExit("agent did not activate the model")
@@ -183,18 +193,25 @@ def main() -> None:
         rss_base = baseline_rss(model_path)
 
     print(f"machine: {os.cpu_count()} CPUs; model: digits MLP (64→32→10), batch 1, intra-op threads 1")
-    print("(a) in-process inference, median of "
-          f"{ROUNDS}×{CALLS_PER_ROUND} interleaved calls")
+    print(f"(a) in-process inference, median of {ROUNDS}x{CALLS_PER_ROUND} interleaved calls")
     print(f"    raw InferenceSession.run   {raw_s * 1e6:8.1f} µs/call")
-    print(f"    Agent.infer                {agent_s * 1e6:8.1f} µs/call   ratio {agent_s / raw_s:5.2f}x"
-          f"   overhead {(agent_s - raw_s) * 1e6:6.1f} µs")
+    print(
+        f"    Agent.infer                {agent_s * 1e6:8.1f} µs/call   ratio {agent_s / raw_s:5.2f}x"
+        f"   overhead {(agent_s - raw_s) * 1e6:6.1f} µs"
+    )
     print(f"(b) HTTP, {HTTP_REQUESTS} requests, {HTTP_CONCURRENCY} connections, load from a separate process")
-    print(f"    bare Starlette/uvicorn     {bare['rps']:8.0f} req/s  p50 {bare['p50_ms']:6.2f} ms"
-          f"  p99 {bare['p99_ms']:6.2f} ms")
-    print(f"    agent OIP endpoint         {agent_http['rps']:8.0f} req/s  p50 {agent_http['p50_ms']:6.2f} ms"
-          f"  p99 {agent_http['p99_ms']:6.2f} ms")
-    print(f"    ratio agent/bare           rps {agent_http['rps'] / bare['rps']:5.2f}x  "
-          f"p50 {agent_http['p50_ms'] / bare['p50_ms']:5.2f}x  p99 {agent_http['p99_ms'] / bare['p99_ms']:5.2f}x")
+    print(
+        f"    bare Starlette/uvicorn     {bare['rps']:8.0f} req/s  p50 {bare['p50_ms']:6.2f} ms"
+        f"  p99 {bare['p99_ms']:6.2f} ms"
+    )
+    print(
+        f"    agent OIP endpoint         {agent_http['rps']:8.0f} req/s  p50 {agent_http['p50_ms']:6.2f} ms"
+        f"  p99 {agent_http['p99_ms']:6.2f} ms"
+    )
+    print(
+        f"    ratio agent/bare           rps {agent_http['rps'] / bare['rps']:5.2f}x  "
+        f"p50 {agent_http['p50_ms'] / bare['p50_ms']:5.2f}x  p99 {agent_http['p99_ms'] / bare['p99_ms']:5.2f}x"
+    )
     print("(c) resident memory, idle with the model loaded")
     print(f"    bare python + onnxruntime  {rss_base / 1024:8.1f} MiB")
     print(f"    edgefleet-agent run        {rss_agent / 1024:8.1f} MiB   ratio {rss_agent / rss_base:5.2f}x")
