@@ -253,11 +253,11 @@ def nan_on_live_input_model(model_bytes: bytes) -> bytes:
     return _finish(model)
 
 
-def slow_model(model_bytes: bytes, *, size: int = 256, repeats: int = 6) -> bytes:
+def slow_model(model_bytes: bytes, *, size: int = 512, repeats: int = 4) -> bytes:
     """The classifier plus `repeats` input-dependent `size`x`size` MatMuls whose result is added times zero.
 
     The answers are the original's exactly; each inference costs about `repeats * 2 * size**3` extra FLOPs
-    (about 200 MFLOPs by default, a few to tens of milliseconds instead of microseconds). The work depends
+    (about 2 GFLOPs by default: milliseconds instead of the original's tens of microseconds). The work depends
     on the input, so ONNX Runtime cannot fold it away, and `Tanh` keeps it finite.
     """
     model, inner = _rewire_output(model_bytes)

@@ -23,7 +23,6 @@ from protocol import ErrorCode
 __all__ = ["ArtifactFetcher", "DownloadCancelledError"]
 
 log = logging.getLogger(__name__)
-_CHUNK = 256 * 1024
 
 
 class DownloadCancelledError(StepCancelledError):
@@ -132,7 +131,7 @@ class ArtifactFetcher:
         with dest.open("r+b" if offset else "wb") as out:
             out.seek(offset)
             out.truncate()
-            for chunk in response.iter_bytes(_CHUNK):
+            for chunk in response.iter_bytes():  # as they arrive: the part holds what was received
                 if cancelled():
                     raise DownloadCancelledError(f"download of {url} cancelled at byte {received}")
                 received += len(chunk)
