@@ -6,10 +6,7 @@ has its own data directory, MQTT client, update worker and telemetry timer (plus
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import platform
 import threading
 from collections.abc import Mapping
 from importlib import metadata
@@ -17,6 +14,7 @@ from importlib import metadata
 import httpx
 import numpy as np
 
+from agent.capabilities import device_capabilities
 from agent.config import AgentConfig
 from agent.errors import TransportError
 from agent.runtime import LoadedModel, RuntimeRegistry, default_registry
@@ -106,15 +104,6 @@ def health_policy(config: AgentConfig) -> HealthPolicy:
     )
 
 
-def _capabilities(registry: RuntimeRegistry) -> Capabilities:
-    memory_mb = None
-    with contextlib.suppress(AttributeError, ValueError, OSError):  # not every OS reports physical memory
-        memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
-    return Capabilities(
-        runtimes=registry.names(), arch=platform.machine(), os=platform.system().lower(), memory_mb=memory_mb
-    )
-
-
 class Agent:
     """One device: `Agent(config)` builds nothing yet; `start()` loads, serves and connects; `stop()` ends."""
 
@@ -138,6 +127,7 @@ class Agent:
         self._fetcher: ArtifactFetcher | None = None
         self._telemetry: TelemetryPublisher | None = None
         self._server: InferenceServer | None = None
+        self._capabilities: Capabilities | None = None
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -207,6 +197,7 @@ class Agent:
         address = parse_mqtt_url(mqtt_url)
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         self._topics = topics = Topics(base)
+        self._capabilities = device_capabilities(self._registry)  # once: /proc/cpuinfo does not change
         self._fetcher = ArtifactFetcher(
             timeout_s=cfg.download_timeout_s,
             attempts=cfg.download_attempts,
@@ -355,7 +346,7 @@ class Agent:
             update=self.update_status,
             tags=self.config.tags,
             agent_version=agent_version(),
-            capabilities=_capabilities(self._registry),
+            capabilities=self._capabilities,
             inference_url=self.inference_url,
         )
         transport.publish(topics.reported(self.config.device_id), encode(state), qos=1, retain=True)

@@ -2,12 +2,17 @@
 
 A LiteRT interpreter is not thread-safe, so each model serializes its invocations with a lock. Tensor
 names are the model's signature names when it has a signature (`args_0`, `output_0`, ...).
+
+A fully quantized model (int8/uint8 inputs and outputs, e.g. compression's `tflite-int8`) is served
+with FP32 tensors like any other: inputs are quantized and outputs dequantized with each tensor's own
+scale and zero point, so clients send the same FP32 request to the ONNX and the TFLite variant.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +21,7 @@ import numpy as np
 from agent.errors import InferenceFailedError, InvalidModelError
 from agent.runtime._tensors import check_inputs, datatype_of
 from agent.runtime.base import DeclaredTensors
-from protocol import ModelFormat, TensorSpec
+from protocol import Datatype, ModelFormat, TensorSpec
 
 __all__ = ["LiteRtModel", "LiteRtRuntime", "interpreter_module"]
 
@@ -37,9 +42,40 @@ def interpreter_module() -> Any | None:
         return None
 
 
-def _spec(name: str, detail: Mapping[str, Any]) -> TensorSpec:
+@dataclass(frozen=True)
+class _Quantization:
+    """Per-tensor affine quantization of a model tensor: real = (q - zero_point) * scale."""
+
+    dtype: np.dtype
+    scale: float
+    zero_point: int
+
+    def quantize(self, x: np.ndarray) -> np.ndarray:
+        info = np.iinfo(self.dtype)
+        return np.clip(np.round(x / self.scale) + self.zero_point, info.min, info.max).astype(self.dtype)
+
+    def dequantize(self, q: np.ndarray) -> np.ndarray:
+        return ((q.astype(np.float32) - self.zero_point) * self.scale).astype(np.float32)
+
+
+def _quantization(name: str, detail: Mapping[str, Any]) -> _Quantization | None:
+    """The tensor's quantization when it is a quantized integer tensor the agent converts, else None."""
+    dtype = np.dtype(detail["dtype"])
+    if dtype not in (np.dtype(np.int8), np.dtype(np.uint8)):
+        return None
+    params = detail.get("quantization_parameters") or {}
+    scales = np.asarray(params.get("scales", []), dtype=np.float64)
+    if scales.size == 0 or not np.any(scales):
+        return None  # a genuinely integer tensor (no scale): served as it is
+    if scales.size > 1:
+        raise InvalidModelError(f"tensor {name!r} is quantized per axis; the agent converts per-tensor I/O only")
+    zero_points = np.asarray(params.get("zero_points", [0]), dtype=np.int64)
+    return _Quantization(dtype=dtype, scale=float(scales[0]), zero_point=int(zero_points[0]) if zero_points.size else 0)
+
+
+def _spec(name: str, detail: Mapping[str, Any], quantized: bool) -> TensorSpec:
     try:
-        datatype = datatype_of(np.dtype(detail["dtype"]))
+        datatype = Datatype.FP32 if quantized else datatype_of(np.dtype(detail["dtype"]))
     except Exception as exc:
         raise InvalidModelError(f"tensor {name!r} has type {detail['dtype']}, which the agent cannot serve") from exc
     shape = detail.get("shape_signature")
@@ -49,16 +85,19 @@ def _spec(name: str, detail: Mapping[str, Any]) -> TensorSpec:
 
 
 class LiteRtModel(DeclaredTensors):
-    """One interpreter and its signature runner; invocations are serialized."""
+    """One interpreter and its signature runner; invocations are serialized; quantized I/O is converted."""
 
     def __init__(self, interpreter: Any) -> None:
         signatures = interpreter.get_signature_list()
         if not signatures:
             raise InvalidModelError("the TFLite model has no signature; re-export it with one")
         runner = interpreter.get_signature_runner(next(iter(signatures)))
+        in_details, out_details = runner.get_input_details(), runner.get_output_details()
+        self._in_q = {n: q for n, d in in_details.items() if (q := _quantization(n, d)) is not None}
+        self._out_q = {n: q for n, d in out_details.items() if (q := _quantization(n, d)) is not None}
         super().__init__(
-            [_spec(n, d) for n, d in runner.get_input_details().items()],
-            [_spec(n, d) for n, d in runner.get_output_details().items()],
+            [_spec(n, d, n in self._in_q) for n, d in in_details.items()],
+            [_spec(n, d, n in self._out_q) for n, d in out_details.items()],
         )
         self._runner = runner
         self._interpreter = interpreter  # the runner needs it alive
@@ -67,12 +106,14 @@ class LiteRtModel(DeclaredTensors):
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the signature on checked inputs; outputs copied out of the interpreter's buffers."""
         feed = check_inputs(self._inputs, inputs)
+        feed = {n: self._in_q[n].quantize(x) if n in self._in_q else x for n, x in feed.items()}
         try:
             with self._lock:
                 results = self._runner(**feed)
-                return {spec.name: np.array(results[spec.name], copy=True) for spec in self._outputs}
+                outputs = {spec.name: np.array(results[spec.name], copy=True) for spec in self._outputs}
         except Exception as exc:  # LiteRT raises ValueError/RuntimeError for anything; wrap at the boundary
             raise InferenceFailedError(f"LiteRT failed: {exc}") from exc
+        return {n: self._out_q[n].dequantize(y) if n in self._out_q else y for n, y in outputs.items()}
 
 
 class LiteRtRuntime:
