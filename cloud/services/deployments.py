@@ -10,15 +10,25 @@ from typing import Protocol
 from sqlmodel import Session, col, select
 
 from cloud.errors import EmptyTargetError, InvalidInputError, NotFoundError
-from cloud.models import Deployment, DeploymentPublic, DeploymentTarget, DeploymentTargetPublic, Device, TargetStatus
+from cloud.models import (
+    Deployment,
+    DeploymentPublic,
+    DeploymentTarget,
+    DeploymentTargetPublic,
+    Device,
+    ModelVersion,
+    TargetStatus,
+)
 from cloud.services.registry import artifact_url, get_model_version
 from protocol.messages import ArtifactRef, DesiredState, ModelFormat, ModelSpec, TensorSpec, utcnow
 
 __all__ = [
     "DesiredStatePublisher",
+    "assign_devices",
     "create_deployment",
     "deployment_public",
     "deployment_status",
+    "desired_state_for",
     "desired_states",
     "get_deployment",
     "list_deployments",
@@ -93,6 +103,25 @@ def create_deployment(
     session.add(deployment)
     session.flush()
     assert deployment.id is not None
+    states = assign_devices(
+        session=session, deployment=deployment, record=record, devices=chosen, public_url=public_url
+    )
+    session.commit()
+    session.refresh(deployment)
+    # Published after the commit: the stored desired states are the truth the bridge republishes on reconnect.
+    for state in states:
+        publisher.publish_desired(state)
+    log.info("deployment created id=%s model=%s:%s devices=%d", deployment.id, model, version, len(states))
+    return deployment
+
+
+def desired_state_for(
+    *, record: ModelVersion, device: Device, generation: int, deployment_id: str | None, public_url: str
+) -> DesiredState:
+    """The desired state telling `device` to run the model version `record` at `generation`. Pure.
+
+    The one place a desired state is built from a registry record: deployments and rollouts both call it.
+    """
     spec = ModelSpec(
         name=record.name,
         version=record.version,
@@ -105,24 +134,34 @@ def create_deployment(
         inputs=[TensorSpec.model_validate(t) for t in record.inputs],
         outputs=[TensorSpec.model_validate(t) for t in record.outputs],
     )
+    return DesiredState(device_id=device.id, generation=generation, deployment_id=deployment_id, model=spec)
+
+
+def assign_devices(
+    *, session: Session, deployment: Deployment, record: ModelVersion, devices: Sequence[Device], public_url: str
+) -> list[DesiredState]:
+    """Give each device the next generation for `deployment`: store its desired state and a target row.
+
+    Neither commits nor publishes: the caller commits (with whatever else belongs in the same transaction),
+    then publishes the returned states.
+    """
+    assert deployment.id is not None
     states = []
-    for device in chosen:
+    for device in devices:
         _supersede(session, device)
         device.desired_generation += 1
-        state = DesiredState(
-            device_id=device.id, generation=device.desired_generation, deployment_id=str(deployment.id), model=spec
+        state = desired_state_for(
+            record=record,
+            device=device,
+            generation=device.desired_generation,
+            deployment_id=str(deployment.id),
+            public_url=public_url,
         )
         device.desired_state = state.model_dump(mode="json")
         session.add(device)
         session.add(DeploymentTarget(deployment_id=deployment.id, device_id=device.id, generation=state.generation))
         states.append(state)
-    session.commit()
-    session.refresh(deployment)
-    # Published after the commit: the stored desired states are the truth the bridge republishes on reconnect.
-    for state in states:
-        publisher.publish_desired(state)
-    log.info("deployment created id=%s model=%s:%s devices=%d", deployment.id, model, version, len(states))
-    return deployment
+    return states
 
 
 def _supersede(session: Session, device: Device) -> None:
