@@ -1,7 +1,8 @@
 """What this device can run, for `ReportedState.capabilities`: runtimes, CPU arch and ISA flags, memory.
 
 The ISA flags are the ones that decide which compressed variant runs fast here (int8 dot products,
-fp16 arithmetic, wide vectors), read from `/proc/cpuinfo` (`flags` on x86, `Features` on Arm).
+fp16 arithmetic, wide vectors), read from `/proc/cpuinfo` (`flags` on x86, `Features` on Arm) with the
+same list `compression` uses in its reports, so a device and a benchmark name them alike.
 """
 
 from __future__ import annotations
@@ -12,46 +13,18 @@ import platform
 from pathlib import Path
 
 from agent.runtime import RuntimeRegistry
+from compression.report import isa_flags
 from protocol import Capabilities
 
-__all__ = ["INTERESTING_FLAGS", "cpu_features", "device_capabilities"]
+__all__ = ["cpu_features", "device_capabilities"]
 
-# Flags named as the kernel names them; `neon`/`asimd` (Arm SIMD), `asimddp` (dotprod), `asimdhp` (fp16).
-INTERESTING_FLAGS = (
-    "sse4_2",
-    "avx",
-    "avx2",
-    "fma",
-    "f16c",
-    "avx512f",
-    "avx512bw",
-    "avx512_vnni",
-    "avx512_bf16",
-    "avx512_fp16",
-    "avx_vnni",
-    "amx_int8",
-    "amx_bf16",
-    "neon",
-    "asimd",
-    "asimddp",
-    "asimdhp",
-    "i8mm",
-    "bf16",
-    "sve",
-    "sve2",
-)
-_ALIASES = {"asimddp": "dotprod", "asimdhp": "fp16"}  # also reported under their common names
+# Also reported under the names people search for: Arm's dot product and half-precision extensions.
+_ALIASES = {"asimddp": "dotprod", "asimdhp": "fp16"}
 
 
 def cpu_features(cpuinfo: str) -> list[str]:
-    """The interesting ISA flags in a `/proc/cpuinfo` text (first CPU), sorted; common aliases added."""
-    found: set[str] = set()
-    for line in cpuinfo.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip().lower() in ("flags", "features"):
-            found.update(value.split())
-            break  # every core of a device reports the same flags (big.LITTLE cores share the ISA)
-    features = {flag for flag in INTERESTING_FLAGS if flag in found}
+    """The ISA flags of interest in a `/proc/cpuinfo` text (`compression.report.isa_flags`), sorted, with aliases."""
+    features = set(isa_flags(cpuinfo))
     features.update(alias for flag, alias in _ALIASES.items() if flag in features)
     return sorted(features)
 

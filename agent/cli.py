@@ -63,6 +63,17 @@ download_timeout_s = 60
 download_attempts = 3
 intra_op_threads = 1
 
+# Update safety. A shadow run lets the new model answer the next N live requests beside the serving one
+# (callers keep the serving model's answers) and refuses it when their argmax disagrees too often.
+shadow_inferences = 0
+shadow_max_disagreement = 0.05
+shadow_timeout_s = 300
+shadow_on_timeout = "pass"
+# After the switch the new model is on trial: committed after commit_after_s, rolled back when the agent
+# starts more than max_trial_boots times before that.
+commit_after_s = 5
+max_trial_boots = 3
+
 # Labels that deployments target, e.g. `edgefleet deploy digits:1.0 --to site=lab`.
 [tags]
 # site = "lab"

@@ -6,6 +6,7 @@ has its own data directory, MQTT client, update worker and telemetry timer (plus
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Mapping
@@ -90,18 +91,8 @@ def resolve_broker(config: AgentConfig, timeout_s: float = 10.0) -> tuple[str, s
 
 
 def health_policy(config: AgentConfig) -> HealthPolicy:
-    """The update path's health settings of `config`."""
-    return HealthPolicy(
-        shadow_inferences=config.shadow_inferences,
-        shadow_max_disagreement=config.shadow_max_disagreement,
-        shadow_max_abs_diff=config.shadow_max_abs_diff,
-        shadow_max_latency_ratio=config.shadow_max_latency_ratio,
-        shadow_timeout_s=config.shadow_timeout_s,
-        shadow_on_timeout=config.shadow_on_timeout,
-        commit_after_s=config.commit_after_s,
-        commit_after_inferences=config.commit_after_inferences,
-        max_trial_boots=config.max_trial_boots,
-    )
+    """The update path's health settings of `config` (the fields of `HealthPolicy` are config keys)."""
+    return HealthPolicy(**{f.name: getattr(config, f.name) for f in dataclasses.fields(HealthPolicy)})
 
 
 class Agent:

@@ -32,6 +32,7 @@ from protocol import (
     decode,
     encode,
 )
+from simulators.faults import FaultyArtifactServer
 
 DIGITS_INPUTS = [TensorSpec(name="input", datatype="FP32", shape=[-1, 64])]
 DIGITS_OUTPUTS = [TensorSpec(name="probabilities", datatype="FP32", shape=[-1, 10])]
@@ -162,6 +163,13 @@ def artifacts(tmp_path: Path) -> Iterator[ArtifactServer]:
     root.mkdir()
     with ArtifactServer(root) as server:
         yield server
+
+
+@pytest.fixture
+def server() -> Iterator[FaultyArtifactServer]:
+    """An artifact server that can drop, truncate, corrupt and slow down its files (`simulators.faults`)."""
+    with FaultyArtifactServer() as srv:
+        yield srv
 
 
 @pytest.fixture

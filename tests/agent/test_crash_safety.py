@@ -81,12 +81,6 @@ class Device:
 
 
 @pytest.fixture
-def server() -> Iterator[FaultyArtifactServer]:
-    with FaultyArtifactServer() as srv:
-        yield srv
-
-
-@pytest.fixture
 def device(
     tmp_path: Path,
     mosquitto_url: str,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import onnx
@@ -39,12 +38,6 @@ SAMPLE = np.linspace(0.0, 1.0, 64, dtype=np.float32).reshape(1, 64)
 def broker_url(mosquitto_url: str) -> str:
     """One broker is enough here: the broker contract is tested elsewhere; these tests are about faults."""
     return mosquitto_url
-
-
-@pytest.fixture
-def server() -> Iterator[FaultyArtifactServer]:
-    with FaultyArtifactServer() as srv:
-        yield srv
 
 
 def outputs_of(model_bytes: bytes, x: np.ndarray = SAMPLE) -> np.ndarray:

@@ -9,7 +9,6 @@ FP32 requests: the agent quantizes and dequantizes the TFLite model's I/O itself
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,12 +57,6 @@ def cnn_files(tmp_path_factory: pytest.TempPathFactory) -> CnnFiles:
 @pytest.fixture
 def broker_url(mosquitto_url: str) -> str:
     return mosquitto_url
-
-
-@pytest.fixture
-def server() -> Iterator[FaultyArtifactServer]:
-    with FaultyArtifactServer() as srv:
-        yield srv
 
 
 def spec_for(server: FaultyArtifactServer, path: Path, version: str, fmt: ModelFormat) -> ModelSpec:
