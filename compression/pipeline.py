@@ -25,6 +25,7 @@ from compression.evaluate import (
     predictions,
 )
 from compression.report import build_document, read_cpu, render_html, render_markdown
+from compression.specs import tensor_specs
 from compression.variants import VARIANT_SPECS, Variant, build_variant, describe_file
 
 __all__ = ["BUILTIN_MODEL", "CompressionJob", "CompressionResult", "ModelSources", "resolve_model", "run_compression"]
@@ -133,6 +134,7 @@ def run_compression(job: CompressionJob, progress: Callable[[str], None] = lambd
 
 def manifest_entry(variant: Variant, measurement: Measurement) -> dict[str, Any]:
     """One variant as the registry push reads it."""
+    inputs, outputs = tensor_specs(variant.path)
     return {
         "name": variant.name,
         "file": variant.path.name,
@@ -145,6 +147,9 @@ def manifest_entry(variant: Variant, measurement: Measurement) -> dict[str, Any]
         "latency": {"p50_ms": measurement.latency_p50_ms, "p99_ms": measurement.latency_p99_ms},
         "runtime": variant.runtime,
         "cpu_features": list(variant.cpu_features),
+        # The tensors devices will be told to expect (what `edgefleet models push --variants` registers).
+        "inputs": inputs,
+        "outputs": outputs,
     }
 
 

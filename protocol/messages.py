@@ -98,6 +98,9 @@ class ModelSpec(_Part):
     artifact: ArtifactRef
     inputs: list[TensorSpec] = Field(min_length=1)
     outputs: list[TensorSpec] = Field(default_factory=list)
+    # Which of the version's artifacts this is (e.g. `int8-static`, `tflite-int8`); the coordinator picks it
+    # from the device's reported capabilities. Informational: the artifact digest is what the device checks.
+    variant: str | None = Field(default=None, max_length=64)
 
     @property
     def ref(self) -> ModelRef:

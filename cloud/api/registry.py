@@ -12,7 +12,7 @@ from pydantic import TypeAdapter, ValidationError
 from cloud.api.deps import AdminDep, CoordinatorDep, SessionDep
 from cloud.errors import InvalidInputError
 from cloud.models import ModelPublic, ModelsPublic, ModelVersionPublic
-from cloud.services import registry
+from cloud.services import registry, variants
 from protocol.messages import ModelFormat, Name, TensorSpec, Version
 
 __all__ = ["router"]
@@ -52,6 +52,7 @@ def push_model_version(
     format: Annotated[ModelFormat, Form(description="Model format.")] = ModelFormat.ONNX,
     inputs: Annotated[str | None, Form(description="JSON list of TensorSpec; derived from ONNX if absent.")] = None,
     outputs: Annotated[str | None, Form(description="JSON list of TensorSpec.")] = None,
+    variant: Annotated[Name, Form(description="Name of this file as the version's primary variant.")] = "default",
 ) -> ModelVersionPublic:
     """Store the file and register it; the ONNX graph supplies inputs/outputs unless they are given."""
     record = registry.push_model_version(
@@ -63,8 +64,69 @@ def push_model_version(
         format=format,
         inputs=_tensor_specs(inputs, "inputs"),
         outputs=_tensor_specs(outputs, "outputs"),
+        primary_variant=variant,
     )
     return registry.version_public(record, public_url=coordinator.public_url)
+
+
+@router.post(
+    "/models/{name}/versions/{version}/variants",
+    status_code=201,
+    dependencies=[AdminDep],
+    summary="Add a variant (another artifact) to a model version",
+)
+def add_variant(
+    name: NamePath,
+    version: Annotated[Version, Path()],
+    variant: Annotated[Name, Form(description="Variant name, e.g. int8-static or tflite-int8.")],
+    file: Annotated[UploadFile, File(description="The variant's model file.")],
+    session: SessionDep,
+    coordinator: CoordinatorDep,
+    format: Annotated[ModelFormat, Form(description="Model format.")] = ModelFormat.ONNX,
+    precision: Annotated[str, Form(max_length=32, description="fp32, fp16, int8, ...")] = "fp32",
+    runtime: Annotated[str | None, Form(max_length=64, description="Runtime the variant was built for.")] = None,
+    cpu_features: Annotated[
+        str | None, Form(description="JSON list of CPU flags that accelerate it (any one suffices).")
+    ] = None,
+    accuracy: Annotated[float | None, Form(ge=0, le=1, description="Measured accuracy (0..1).")] = None,
+    agreement: Annotated[float | None, Form(ge=0, le=1, description="Agreement with fp32 predictions.")] = None,
+    latency_p50_ms: Annotated[float | None, Form(ge=0, description="Measured p50 latency in ms.")] = None,
+    inputs: Annotated[str | None, Form(description="JSON list of TensorSpec; derived from ONNX if absent.")] = None,
+    outputs: Annotated[str | None, Form(description="JSON list of TensorSpec.")] = None,
+) -> ModelVersionPublic:
+    """Store the file as a variant of `name:version`; deployments give each device the variant it runs best."""
+    variants.add_variant(
+        session=session,
+        store=coordinator.store,
+        name=name,
+        version=version,
+        variant=variant,
+        stream=file.file,
+        format=format,
+        precision=precision,
+        runtime=runtime,
+        cpu_features=_string_list(cpu_features, "cpu_features"),
+        accuracy=accuracy,
+        agreement=agreement,
+        latency_p50_ms=latency_p50_ms,
+        inputs=_tensor_specs(inputs, "inputs"),
+        outputs=_tensor_specs(outputs, "outputs"),
+    )
+    record = registry.get_model_version(session=session, name=name, version=version)
+    return registry.version_public(record, public_url=coordinator.public_url)
+
+
+def _string_list(raw: str | None, field: str) -> list[str] | None:
+    """Parse a JSON list of strings from a form field; `InvalidInputError` names the field."""
+    if raw is None or not raw.strip():
+        return None
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(f"{field}: not JSON ({exc})", field=field) from exc
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidInputError(f"{field}: expected a JSON list of strings", field=field)
+    return value
 
 
 @router.get("/models", summary="List models and their versions")

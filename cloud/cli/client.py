@@ -48,6 +48,12 @@ class ApiClient:
             files = {"file": (file.name, fh, "application/octet-stream")}
             return self._request("POST", f"/models/{name}/versions", data={"version": version, **fields}, files=files)
 
+    def add_variant(self, file: Path, *, name: str, version: str, fields: dict[str, str]) -> Any:
+        """Upload a file as another variant of `name:version`."""
+        with file.open("rb") as fh:
+            files = {"file": (file.name, fh, "application/octet-stream")}
+            return self._request("POST", f"/models/{name}/versions/{version}/variants", data=fields, files=files)
+
 
 def _detail(response: httpx.Response) -> str:
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,27 +20,107 @@ fleet_app = typer.Typer(help="Fleet-wide views.", no_args_is_help=True)
 
 @models_app.command("push")
 def models_push(
-    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="Model file.")],
-    name: Annotated[str, typer.Option("--name", "-n", help="Model name.")],
-    version: Annotated[str, typer.Option("--version", "-v", help="Version, e.g. 1.0.")],
+    file: Annotated[
+        Path | None,
+        typer.Argument(exists=True, dir_okay=False, readable=True, help="Model file (optional with --variants)."),
+    ] = None,
+    name: Annotated[str, typer.Option("--name", "-n", help="Model name.")] = "",
+    version: Annotated[str, typer.Option("--version", "-v", help="Version, e.g. 1.0.")] = "",
     format: Annotated[str, typer.Option("--format", help="Model format (onnx, tflite).")] = "onnx",
     inputs: Annotated[
         str | None, typer.Option(help="JSON list of TensorSpec; derived from the ONNX graph if omitted.")
     ] = None,
     outputs: Annotated[str | None, typer.Option(help="JSON list of TensorSpec.")] = None,
+    variants: Annotated[
+        Path | None,
+        typer.Option(
+            "--variants",
+            exists=True,
+            file_okay=False,
+            help="Directory written by `edgefleet compress` (variants.json): register every variant under this "
+            "version; its fp32 model is the primary unless FILE is given.",
+        ),
+    ] = None,
     url: UrlOpt = None,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Upload FILE as NAME:VERSION."""
-    fields = {"format": format}
+    """Upload FILE as NAME:VERSION, or a compressed model's variants (--variants DIR) under one version."""
+    if not name or not version:
+        fail("--name and --version are required")
+    if file is None and variants is None:
+        fail("give a model FILE, or --variants DIR from `edgefleet compress`")
+    client = connect(url, token)
+    entries = _manifest_entries(variants) if variants is not None else []
+    primary = next((e for e in entries if e["name"] == "fp32"), entries[0] if entries else None)
+    fields: dict[str, str] = {"format": format}
+    if file is None:
+        assert variants is not None and primary is not None
+        file = variants / primary["file"]
+        fields = _variant_fields(primary)
     if inputs is not None:
         fields["inputs"] = inputs
     if outputs is not None:
         fields["outputs"] = outputs
+    allowed = {"format", "inputs", "outputs", "variant"}
     with api_errors():
-        body = connect(url, token).push_model(file, name=name, version=version, fields=fields)
-    emit(body, as_json, lambda b: f"pushed {b['name']}:{b['version']} sha256={b['sha256']} size={b['size']}")
+        body = client.push_model(
+            file, name=name, version=version, fields={k: v for k, v in fields.items() if k in allowed}
+        )
+        for entry in entries:
+            if entry["sha256"] == body["sha256"]:
+                continue  # the primary itself
+            assert variants is not None
+            body = client.add_variant(
+                variants / entry["file"], name=name, version=version, fields=_variant_fields(entry)
+            )
+            if not as_json:
+                typer.echo(f"  + variant {entry['name']} ({entry['format']}, {entry['precision']}, {entry['size']} B)")
+    emit(
+        body,
+        as_json,
+        lambda b: (
+            f"pushed {b['name']}:{b['version']} sha256={b['sha256']} size={b['size']}"
+            + (f" with {len(b['variants'])} more variants" if b.get("variants") else "")
+        ),
+    )
+
+
+def _manifest_entries(directory: Path) -> list[dict[str, Any]]:
+    """The accepted variants listed in `directory/variants.json`; exits with a clear message if unusable."""
+    manifest = directory / "variants.json"
+    try:
+        entries = json.loads(manifest.read_text())["variants"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        fail(f"{manifest}: not a variants manifest from `edgefleet compress` ({exc})")
+    if not isinstance(entries, list) or not entries:
+        fail(f"{manifest} lists no accepted variants")
+    for entry in entries:
+        if not (directory / str(entry.get("file", ""))).is_file():
+            fail(f"{manifest}: variant {entry.get('name')!r} names a missing file {entry.get('file')!r}")
+    return list(entries)
+
+
+def _variant_fields(entry: dict[str, Any]) -> dict[str, str]:
+    """Form fields of one manifest entry for the registry's variant upload."""
+    fields = {
+        "variant": str(entry["name"]),
+        "format": str(entry["format"]),
+        "precision": str(entry.get("precision") or "fp32"),
+        "cpu_features": json.dumps(entry.get("cpu_features") or []),
+    }
+    if entry.get("runtime"):
+        fields["runtime"] = str(entry["runtime"])
+    for key in ("accuracy", "agreement"):
+        if entry.get(key) is not None:
+            fields[key] = str(entry[key])
+    latency = (entry.get("latency") or {}).get("p50_ms")
+    if latency is not None:
+        fields["latency_p50_ms"] = str(latency)
+    for key in ("inputs", "outputs"):
+        if entry.get(key):
+            fields[key] = json.dumps(entry[key])
+    return fields
 
 
 @models_app.command("list")
@@ -163,6 +244,7 @@ def fleet_summary(url: UrlOpt = None, as_json: JsonOpt = False) -> None:
             d["device_id"],
             d["status"],
             f"{d['model_name']}:{d['model_version']}" if d.get("model_name") else None,
+            d.get("variant"),
             d["inference_count"],
             d["error_count"],
             d.get("latency_p50_ms"),
@@ -175,11 +257,12 @@ def fleet_summary(url: UrlOpt = None, as_json: JsonOpt = False) -> None:
             "total",
             f"{body['online_count']}/{body['device_count']} online",
             None,
+            None,
             body["inference_count"],
             body["error_count"],
             body.get("latency_p50_ms"),
             body.get("latency_p95_ms"),
         )
     )
-    columns = ["device", "status", "model", "inferences", "errors", "p50 ms", "p95 ms"]
+    columns = ["device", "status", "model", "variant", "inferences", "errors", "p50 ms", "p95 ms"]
     emit(body, as_json, lambda _: table("fleet", columns, rows))

@@ -20,7 +20,8 @@ from cloud.models import (
     TargetStatus,
 )
 from cloud.services.registry import artifact_url, get_model_version
-from protocol.messages import ArtifactRef, DesiredState, ModelFormat, ModelSpec, TensorSpec, utcnow
+from cloud.services.variants import NoCompatibleVariantError, choose_variant, version_variants
+from protocol.messages import ArtifactRef, DesiredState, ModelSpec, utcnow
 
 __all__ = [
     "DesiredStatePublisher",
@@ -121,18 +122,23 @@ def desired_state_for(
     """The desired state telling `device` to run the model version `record` at `generation`. Pure.
 
     The one place a desired state is built from a registry record: deployments and rollouts both call it.
+    The artifact is the variant `choose_variant` picks from the device's reported capabilities;
+    `NoCompatibleVariantError` when none of the version's variants runs on the device.
     """
+    choice = choose_variant(version_variants(record), record.primary_variant, device.capabilities)
+    variant = choice.variant
     spec = ModelSpec(
         name=record.name,
         version=record.version,
         artifact=ArtifactRef(
-            url=artifact_url(public_url, record.sha256),
-            sha256=record.sha256,
-            size=record.size,
-            format=ModelFormat(record.format),
+            url=artifact_url(public_url, variant.sha256),
+            sha256=variant.sha256,
+            size=variant.size,
+            format=variant.format,
         ),
-        inputs=[TensorSpec.model_validate(t) for t in record.inputs],
-        outputs=[TensorSpec.model_validate(t) for t in record.outputs],
+        inputs=variant.inputs,
+        outputs=variant.outputs,
+        variant=variant.name,
     )
     return DesiredState(device_id=device.id, generation=generation, deployment_id=deployment_id, model=spec)
 
@@ -148,15 +154,28 @@ def assign_devices(
     assert deployment.id is not None
     states = []
     for device in devices:
+        try:
+            state = desired_state_for(
+                record=record,
+                device=device,
+                generation=device.desired_generation + 1,
+                deployment_id=str(deployment.id),
+                public_url=public_url,
+            )
+        except NoCompatibleVariantError as exc:
+            # The device keeps its current desired state; the deployment shows why it was left out.
+            failed = DeploymentTarget(
+                deployment_id=deployment.id,
+                device_id=device.id,
+                generation=device.desired_generation,
+                status=TargetStatus.FAILED.value,
+                error_code="no_compatible_variant",
+                error_message=str(exc),
+            )
+            session.add(failed)
+            continue
         _supersede(session, device)
         device.desired_generation += 1
-        state = desired_state_for(
-            record=record,
-            device=device,
-            generation=device.desired_generation,
-            deployment_id=str(deployment.id),
-            public_url=public_url,
-        )
         device.desired_state = state.model_dump(mode="json")
         session.add(device)
         session.add(DeploymentTarget(deployment_id=deployment.id, device_id=device.id, generation=state.generation))

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pydantic import BaseModel
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
-from cloud.models import Device, TelemetryRecord
+from cloud.models import Device, ModelVersion, TelemetryRecord
+from cloud.services.variants import version_variants
 from protocol.telemetry import histogram_quantile, merge_histograms
 
 __all__ = ["DeviceSummary", "FleetSummary", "fleet_summary", "summarise"]
@@ -18,6 +19,8 @@ class DeviceSummary(BaseModel):
     status: str
     model_name: str | None
     model_version: str | None
+    # Which of the version's artifacts the device runs (matched by the digest it reports).
+    variant: str | None = None
     inference_count: int
     error_count: int
     latency_p50_ms: float | None
@@ -41,8 +44,11 @@ def _finite(value: float | None) -> float | None:
     return None if value is None or value == float("inf") else value
 
 
-def summarise(devices: list[Device], windows: list[TelemetryRecord]) -> FleetSummary:
-    """Build the summary from device rows and their telemetry windows. Pure."""
+def summarise(
+    devices: list[Device], windows: list[TelemetryRecord], variants: dict[str, str] | None = None
+) -> FleetSummary:
+    """Build the summary from device rows, their telemetry windows and variant names by artifact digest. Pure."""
+    variants = variants or {}
     by_device: dict[str, list[TelemetryRecord]] = {}
     for window in windows:
         by_device.setdefault(window.device_id, []).append(window)
@@ -56,6 +62,7 @@ def summarise(devices: list[Device], windows: list[TelemetryRecord]) -> FleetSum
                 status=device.status,
                 model_name=device.active_model_name,
                 model_version=device.active_model_version,
+                variant=variants.get(device.active_model_sha256 or ""),
                 inference_count=sum(w.inference_count for w in own),
                 error_count=sum(w.error_count for w in own),
                 latency_p50_ms=_finite(histogram_quantile(histogram, 0.50)),
@@ -78,4 +85,9 @@ def fleet_summary(*, session: Session) -> FleetSummary:
     """The summary over every enrolled device and every stored telemetry window."""
     devices = list(session.exec(select(Device).order_by(Device.id)))
     windows = list(session.exec(select(TelemetryRecord)))
-    return summarise(devices, windows)
+    names = {d.active_model_name for d in devices if d.active_model_name}
+    variants: dict[str, str] = {}
+    if names:
+        for record in session.exec(select(ModelVersion).where(col(ModelVersion.name).in_(names))):
+            variants.update({v.sha256: v.name for v in version_variants(record)})
+    return summarise(devices, windows, variants)

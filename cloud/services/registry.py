@@ -15,6 +15,7 @@ from protocol.messages import ModelFormat, TensorSpec, utcnow
 
 __all__ = [
     "artifact_url",
+    "discard_unreferenced",
     "get_model",
     "get_model_version",
     "list_models",
@@ -39,6 +40,7 @@ def push_model_version(
     format: ModelFormat = ModelFormat.ONNX,
     inputs: list[TensorSpec] | None = None,
     outputs: list[TensorSpec] | None = None,
+    primary_variant: str = "default",
 ) -> ModelVersion:
     """Store an artifact and register it as `name:version`.
 
@@ -50,16 +52,16 @@ def push_model_version(
         raise ConflictError(f"model {name}:{version} exists already; versions are immutable, push a new version")
     sha256, size = store.put(stream)
     if size == 0:
-        _discard_unreferenced(session, store, sha256)
+        discard_unreferenced(session, store, sha256)
         raise InvalidInputError("the uploaded file is empty", field="file")
     if inputs is None:
         if format is not ModelFormat.ONNX:
-            _discard_unreferenced(session, store, sha256)
+            discard_unreferenced(session, store, sha256)
             raise InvalidInputError(f"inputs are required for format {format.value}", field="inputs")
         try:
             inputs, derived_outputs = onnx_tensor_specs(store.path(sha256))
         except InvalidInputError:
-            _discard_unreferenced(session, store, sha256)
+            discard_unreferenced(session, store, sha256)
             raise
         outputs = derived_outputs if outputs is None else outputs
     model = session.exec(select(Model).where(Model.name == name)).first()
@@ -77,6 +79,7 @@ def push_model_version(
         format=format.value,
         inputs=[spec.model_dump(mode="json") for spec in inputs],
         outputs=[spec.model_dump(mode="json") for spec in outputs or []],
+        primary_variant=primary_variant,
     )
     session.add(record)
     try:
@@ -93,10 +96,13 @@ def _find_version(session: Session, name: str, version: str) -> ModelVersion | N
     return session.exec(statement).first()
 
 
-def _discard_unreferenced(session: Session, store: ArtifactStore, sha256: str) -> None:
-    """Remove a rejected upload unless a registered version shares its bytes."""
-    if session.exec(select(ModelVersion.id).where(ModelVersion.sha256 == sha256)).first() is None:
-        store.delete(sha256)
+def discard_unreferenced(session: Session, store: ArtifactStore, sha256: str) -> None:
+    """Remove a rejected upload unless a registered version or variant shares its bytes."""
+    if session.exec(select(ModelVersion.id).where(ModelVersion.sha256 == sha256)).first() is not None:
+        return
+    if any(v.get("sha256") == sha256 for extras in session.exec(select(ModelVersion.variants)) for v in extras):
+        return
+    store.delete(sha256)
 
 
 def get_model_version(*, session: Session, name: str, version: str) -> ModelVersion:

@@ -90,6 +90,7 @@ def test_unsatisfiable_range_is_416(api: Api, digits_model_bytes: bytes) -> None
 
 WRITE_ROUTES = [
     ("POST", "/api/v1/models/digits/versions"),
+    ("POST", "/api/v1/models/digits/versions/1.0/variants"),
     ("POST", "/api/v1/deployments"),
 ]
 
@@ -109,7 +110,7 @@ def test_every_write_route_refuses_a_missing_or_wrong_token(
 def test_all_write_routes_are_covered_by_the_auth_test(api: Api) -> None:
     paths = api.client.get("/openapi.json").json()["paths"]
     writes = {(method.upper(), path) for path, ops in paths.items() for method in ops if method != "get"}
-    assert writes == {(m, p.replace("digits", "{name}")) for m, p in WRITE_ROUTES}
+    assert writes == {(m, p.replace("digits", "{name}").replace("/1.0/", "/{version}/")) for m, p in WRITE_ROUTES}
 
 
 def test_deploys_by_device_id_and_bumps_generation(api: Api, digits_model_bytes: bytes) -> None:
