@@ -23,6 +23,7 @@ from cloud.auth import ensure_admin_token
 from cloud.bridge import MqttBridge
 from cloud.broker import EmbeddedBroker
 from cloud.db import create_db_engine, init_db
+from cloud.services.rollout_runner import RolloutRunner
 from cloud.settings import Settings
 from cloud.stats import IngestStats
 from protocol.messages import DesiredState
@@ -47,6 +48,7 @@ class Coordinator:
     mqtt_url: str | None = None
     broker: EmbeddedBroker | None = None
     bridge: MqttBridge | None = None
+    rollouts: RolloutRunner | None = None
 
     @property
     def public_url(self) -> str:
@@ -84,6 +86,12 @@ def create_app(
         engine=create_db_engine(settings.database_url),
         store=FileArtifactStore(settings.data_dir / "artifacts", max_bytes=settings.max_artifact_bytes),
     )
+    coordinator.rollouts = RolloutRunner(
+        engine=coordinator.engine,
+        publisher=coordinator,
+        public_url=lambda: coordinator.public_url,
+        tick_s=settings.rollout_tick_s,
+    )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -98,10 +106,14 @@ def create_app(
         try:
             if enable_mqtt:
                 _start_mqtt(coordinator)
+            if coordinator.rollouts is not None and settings.rollout_tick_s > 0:
+                coordinator.rollouts.start()  # after the bridge: its recovery publishes in-flight desired states
             if on_started is not None:
                 on_started(coordinator)
             yield
         finally:
+            if coordinator.rollouts is not None:
+                coordinator.rollouts.stop()
             if coordinator.bridge is not None:
                 coordinator.bridge.stop()
             if coordinator.broker is not None:

@@ -92,6 +92,8 @@ WRITE_ROUTES = [
     ("POST", "/api/v1/models/digits/versions"),
     ("POST", "/api/v1/models/digits/versions/1.0/variants"),
     ("POST", "/api/v1/deployments"),
+    ("POST", "/api/v1/rollouts"),
+    *[("POST", f"/api/v1/rollouts/1/{command}") for command in ("pause", "resume", "abort", "promote")],
 ]
 
 
@@ -110,7 +112,15 @@ def test_every_write_route_refuses_a_missing_or_wrong_token(
 def test_all_write_routes_are_covered_by_the_auth_test(api: Api) -> None:
     paths = api.client.get("/openapi.json").json()["paths"]
     writes = {(method.upper(), path) for path, ops in paths.items() for method in ops if method != "get"}
-    assert writes == {(m, p.replace("digits", "{name}").replace("/1.0/", "/{version}/")) for m, p in WRITE_ROUTES}
+    assert writes == {
+        (
+            m,
+            p.replace("digits", "{name}")
+            .replace("/1.0/", "/{version}/")
+            .replace("/rollouts/1/", "/rollouts/{rollout_id}/"),
+        )
+        for m, p in WRITE_ROUTES
+    }
 
 
 def test_deploys_by_device_id_and_bumps_generation(api: Api, digits_model_bytes: bytes) -> None:

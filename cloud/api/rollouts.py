@@ -1,0 +1,155 @@
+"""Routes of quality-gated rollouts: create from a plan, list, show, and pause / resume / abort / promote.
+
+A command is answered 409 with the engine's reason when it does not apply to the rollout's state. When
+the coordinator's runner is running, the route waits briefly for the engine to take the command in and
+answers 200 with the rollout as it then stands; otherwise (or if that takes longer) 202, command queued.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Response
+from pydantic import BaseModel, Field
+
+from cloud.api.deps import AdminDep, CoordinatorDep, SessionDep
+from cloud.models import RolloutDetailPublic, RolloutsPublic
+from cloud.rollouts import Abort, Command, Pause, Promote, Resume, RolloutPlan
+from cloud.services import rollouts
+
+__all__ = ["AbortBody", "CommandAccepted", "PauseBody", "router"]
+
+router = APIRouter(tags=["rollouts"])
+
+_COMMAND_WAIT_S = 5.0
+
+RolloutId = Annotated[int, Path(ge=1, description="Rollout id.")]
+
+
+class PauseBody(BaseModel):
+    """Why the operator pauses."""
+
+    reason: str = Field(default="paused by operator", max_length=1000)
+
+
+class AbortBody(BaseModel):
+    """Abort, and optionally send every touched device back to the plan's previous version."""
+
+    rollback: bool = False
+    reason: str = Field(default="aborted by operator", max_length=1000)
+
+
+class CommandAccepted(BaseModel):
+    """A command stored for the engine, and the rollout as it stands."""
+
+    command_id: str
+    kind: str
+    applied: bool
+    rollout: RolloutDetailPublic
+
+
+@router.post("/rollouts", status_code=201, dependencies=[AdminDep], summary="Create a rollout from a plan")
+def create_rollout(plan: RolloutPlan, session: SessionDep, coordinator: CoordinatorDep) -> RolloutDetailPublic:
+    """Store the plan; the runner starts the first wave at its next step."""
+    row = rollouts.create_rollout(session=session, plan=plan)
+    if coordinator.rollouts is not None:
+        coordinator.rollouts.wake()
+    assert row.id is not None
+    return rollouts.get_rollout(session=session, rollout_id=row.id)
+
+
+@router.get("/rollouts", summary="List rollouts, newest first")
+def list_rollouts(session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> RolloutsPublic:
+    """Rollouts with their status, current wave and devices by phase."""
+    data = rollouts.list_rollouts(session=session, limit=limit)
+    return RolloutsPublic(data=data, count=len(data))
+
+
+@router.get("/rollouts/{rollout_id}", summary="One rollout with waves, devices, gates and decisions")
+def get_rollout(
+    rollout_id: RolloutId, session: SessionDep, decisions: Annotated[int, Query(ge=0, le=10_000)] = 200
+) -> RolloutDetailPublic:
+    """Per-wave progress, per-device states, the current gates' figures and the latest decisions."""
+    return rollouts.get_rollout(session=session, rollout_id=rollout_id, decisions=decisions)
+
+
+def _submit(
+    rollout_id: int, command: Command, session: SessionDep, coordinator: CoordinatorDep, response: Response
+) -> CommandAccepted:
+    rollouts.queue_command(session=session, rollout_id=rollout_id, command=command)
+    runner = coordinator.rollouts
+    applied = False
+    if runner is not None:
+        runner.wake()
+        applied = runner.wait_applied(command.command_id, _COMMAND_WAIT_S)
+    response.status_code = 200 if applied else 202
+    session.expire_all()
+    return CommandAccepted(
+        command_id=command.command_id,
+        kind=command.kind,
+        applied=applied,
+        rollout=rollouts.get_rollout(session=session, rollout_id=rollout_id),
+    )
+
+
+_COMMAND_RESPONSES: dict[int | str, dict[str, str]] = {
+    202: {"description": "Queued; the engine applies it at its next step"},
+    409: {"description": "The command does not apply to the rollout's state"},
+}
+
+
+@router.post(
+    "/rollouts/{rollout_id}/pause", dependencies=[AdminDep], responses=_COMMAND_RESPONSES, summary="Pause a rollout"
+)
+def pause(
+    rollout_id: RolloutId,
+    session: SessionDep,
+    coordinator: CoordinatorDep,
+    response: Response,
+    body: PauseBody | None = None,
+) -> CommandAccepted:
+    """Stop dispatching; installs in flight still report."""
+    command = Pause(command_id=rollouts.new_command_id(), reason=(body or PauseBody()).reason)
+    return _submit(rollout_id, command, session, coordinator, response)
+
+
+@router.post(
+    "/rollouts/{rollout_id}/resume",
+    dependencies=[AdminDep],
+    responses=_COMMAND_RESPONSES,
+    summary="Resume a paused rollout",
+)
+def resume(
+    rollout_id: RolloutId, session: SessionDep, coordinator: CoordinatorDep, response: Response
+) -> CommandAccepted:
+    """Continue where it stopped; a bake in progress starts over."""
+    return _submit(rollout_id, Resume(command_id=rollouts.new_command_id()), session, coordinator, response)
+
+
+@router.post(
+    "/rollouts/{rollout_id}/abort", dependencies=[AdminDep], responses=_COMMAND_RESPONSES, summary="Abort a rollout"
+)
+def abort(
+    rollout_id: RolloutId,
+    session: SessionDep,
+    coordinator: CoordinatorDep,
+    response: Response,
+    body: AbortBody | None = None,
+) -> CommandAccepted:
+    """Stop for good; with `rollback`, every device the rollout touched goes back to the previous version."""
+    given = body or AbortBody()
+    command = Abort(command_id=rollouts.new_command_id(), rollback=given.rollback, reason=given.reason)
+    return _submit(rollout_id, command, session, coordinator, response)
+
+
+@router.post(
+    "/rollouts/{rollout_id}/promote",
+    dependencies=[AdminDep],
+    responses=_COMMAND_RESPONSES,
+    summary="Start the next wave now",
+)
+def promote(
+    rollout_id: RolloutId, session: SessionDep, coordinator: CoordinatorDep, response: Response
+) -> CommandAccepted:
+    """Skip the rest of the current wave's bake and gates."""
+    return _submit(rollout_id, Promote(command_id=rollouts.new_command_id()), session, coordinator, response)

@@ -1,0 +1,166 @@
+"""What the rollout engine observes, read from the registry: the fleet, device reports and cohort telemetry.
+
+The engine (`cloud.rollouts.step`) is pure; this module turns database rows into its `Observations`:
+
+- **fleet**: every enrolled device id → its reported tags (selectors and late joiners);
+- **reports**: each rollout device's last reported state as a `DeviceReport`. A report's update phase
+  counts only when the device reported the *generation this rollout's attempt gave it*
+  (`RolloutDispatchRecord`): a failure of another deployment, or of an earlier attempt, is not ours;
+- **wave / control**: `CohortStats` of the updated cohort (windows of the target version) and of the
+  control cohort (windows of any other version of the model) received since the current wave started,
+  or since its bake began once it bakes, so the gates judge the new version on fresh data only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlmodel import Session, col, select
+
+from cloud.models import Device, RolloutDispatchRecord, TelemetryRecord, as_utc
+from cloud.rollouts import CohortStats, Command, DeviceReport, Observations, RolloutPlan, RolloutState, RolloutStatus
+from cloud.rollouts.state import DevicePhase, DeviceRecord
+from protocol.messages import UpdatePhase
+from protocol.telemetry import merge_histograms
+
+__all__ = ["attempt_generations", "cohort_stats", "device_reports", "fleet_tags", "observe", "telemetry_since"]
+
+_JUDGED = frozenset({RolloutStatus.RUNNING, RolloutStatus.BAKING})
+
+
+def fleet_tags(*, session: Session) -> dict[str, dict[str, str]]:
+    """Every enrolled device id → its tags."""
+    rows = session.exec(select(Device.id, Device.tags))
+    return {device_id: dict(tags or {}) for device_id, tags in rows}
+
+
+def attempt_generations(*, session: Session, rollout_id: int) -> dict[tuple[str, str, int], int]:
+    """`(device_id, kind, attempt)` → the desired generation that attempt gave the device."""
+    statement = select(RolloutDispatchRecord).where(RolloutDispatchRecord.rollout_id == rollout_id)
+    return {(r.device_id, r.kind, r.attempt): r.generation for r in session.exec(statement)}
+
+
+def device_reports(*, session: Session, rollout_id: int, state: RolloutState, plan: RolloutPlan) -> list[DeviceReport]:
+    """The last reported state of every device of the rollout, as the engine reads reports."""
+    if not state.devices:
+        return []
+    generations = attempt_generations(session=session, rollout_id=rollout_id)
+    rows = session.exec(select(Device).where(col(Device.id).in_(list(state.devices))).order_by(Device.id))
+    reports = []
+    for device in rows:
+        at = as_utc(device.last_reported_at)
+        if at is None:
+            continue  # enrolled by an event or telemetry, never reported its state
+        record = state.devices[device.id]
+        phase = UpdatePhase(device.update_phase) if device.update_phase else None
+        target: str | None = None
+        generation = _attempt_generation(generations, device.id, record)
+        if generation is not None and device.reported_generation == generation:
+            # The report is about this attempt: it cannot predate it, whatever the device's clock says.
+            target = plan.previous_version if record.phase is DevicePhase.ROLLING_BACK else plan.version
+            if record.dispatched_at is not None:
+                at = max(at, record.dispatched_at)
+            if phase is UpdatePhase.ROLLED_BACK:
+                phase = UpdatePhase.FAILED  # the agent's trial failed and it went back: the attempt failed
+        else:
+            phase = None  # about another generation: success is read from the active model alone
+        reports.append(
+            DeviceReport(
+                device_id=device.id,
+                at=at,
+                active_model=device.active_model_name,
+                active_version=device.active_model_version,
+                update_phase=phase,
+                target_version=target,
+                error=device.last_error_message if phase is UpdatePhase.FAILED else None,
+            )
+        )
+    return reports
+
+
+def _attempt_generation(
+    generations: dict[tuple[str, str, int], int], device_id: str, record: DeviceRecord
+) -> int | None:
+    """The generation of the attempt `record` has in flight, if any."""
+    if record.phase is DevicePhase.DISPATCHED:
+        return generations.get((device_id, "dispatch", record.attempts))
+    if record.phase is DevicePhase.ROLLING_BACK:
+        return generations.get((device_id, "rollback", record.rollback_attempts))
+    return None
+
+
+def telemetry_since(
+    *,
+    session: Session,
+    device_ids: Sequence[str],
+    model: str,
+    since: datetime,
+    version: str | None = None,
+    other_than: str | None = None,
+) -> list[TelemetryRecord]:
+    """Windows of `model` from `device_ids` received at or after `since`, of `version` or of any but `other_than`."""
+    if not device_ids:
+        return []
+    statement = select(TelemetryRecord).where(
+        col(TelemetryRecord.device_id).in_(list(device_ids)),
+        TelemetryRecord.model_name == model,
+        col(TelemetryRecord.received_at) >= since,
+    )
+    if version is not None:
+        statement = statement.where(TelemetryRecord.model_version == version)
+    if other_than is not None:
+        statement = statement.where(TelemetryRecord.model_version != other_than)
+    return list(session.exec(statement))
+
+
+def cohort_stats(windows: Sequence[TelemetryRecord], *, devices: int) -> CohortStats:
+    """Sum stored telemetry windows into the figures of a cohort of `devices` devices. Pure."""
+    classes: dict[str, int] = {}
+    for window in windows:
+        for name, n in window.class_counts.items():
+            classes[name] = classes.get(name, 0) + int(n)
+    return CohortStats(
+        devices=devices,
+        inference_count=sum(w.inference_count for w in windows),
+        error_count=sum(w.error_count for w in windows),
+        latency_histogram=merge_histograms(w.latency_histogram for w in windows),
+        class_counts=classes,
+    )
+
+
+def _judged_since(state: RolloutState) -> datetime | None:
+    if state.status is RolloutStatus.BAKING:
+        return state.bake_started_at
+    return state.wave_started_at
+
+
+def observe(
+    *,
+    session: Session,
+    rollout_id: int,
+    state: RolloutState,
+    plan: RolloutPlan,
+    commands: Sequence[Command] = (),
+    with_fleet: bool = True,
+) -> Observations:
+    """Everything the engine needs for one step of rollout `rollout_id`."""
+    wave = control = None
+    since = _judged_since(state)
+    if state.status in _JUDGED and since is not None:
+        updated, untouched = state.updated_cohort(), state.control_cohort()
+        wave_windows = telemetry_since(
+            session=session, device_ids=updated, model=plan.model, since=since, version=plan.version
+        )
+        control_windows = telemetry_since(
+            session=session, device_ids=untouched, model=plan.model, since=since, other_than=plan.version
+        )
+        wave = cohort_stats(wave_windows, devices=len(updated))
+        control = cohort_stats(control_windows, devices=len(untouched))
+    return Observations(
+        reports=device_reports(session=session, rollout_id=rollout_id, state=state, plan=plan),
+        fleet=fleet_tags(session=session) if with_fleet else None,
+        wave=wave,
+        control=control,
+        commands=list(commands),
+    )

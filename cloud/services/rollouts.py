@@ -1,0 +1,265 @@
+"""Rollouts as the API sees them: create one from a plan, queue operator commands, show progress and decisions.
+
+The decisions themselves are taken by the pure engine (`cloud.rollouts`) inside `RolloutRunner`
+(`cloud.services.rollout_runner`); this module only stores plans and commands and reads what the runner
+persisted. A command is checked against the rollout's current state (`command_error`, 409 when it does
+not apply), stored, and handed to the engine at its next step, so it is never lost to a restart.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from typing import Any
+
+from pydantic import TypeAdapter
+from sqlmodel import Session, col, func, select
+
+from cloud.errors import ConfigurationError, ConflictError, EmptyTargetError, NotFoundError
+from cloud.models import (
+    Rollout,
+    RolloutCommandRecord,
+    RolloutDecisionPublic,
+    RolloutDecisionRecord,
+    RolloutDetailPublic,
+    RolloutDevicePublic,
+    RolloutPublic,
+    RolloutWavePublic,
+)
+from cloud.rollouts import Command, RolloutPlan, RolloutState, RolloutStatus, command_error, gate_report
+from cloud.rollouts.state import FORMAT_VERSION
+from cloud.services.registry import get_model_version
+from cloud.services.rollout_observations import fleet_tags, observe
+
+__all__ = [
+    "FINISHED",
+    "UNFINISHED",
+    "command_applied",
+    "create_rollout",
+    "decision_count",
+    "engine_id",
+    "get_rollout",
+    "list_rollouts",
+    "load_rollout",
+    "new_command_id",
+    "pending_commands",
+    "queue_command",
+    "rollout_public",
+]
+
+# A rollout in one of these no longer changes; `completed` still serves late joiners, so it is not here.
+FINISHED = frozenset({RolloutStatus.ABORTED.value, RolloutStatus.ROLLED_BACK.value})
+# Statuses that hold the model: a second rollout of it is refused until these are over.
+UNFINISHED = frozenset(
+    s.value
+    for s in (
+        RolloutStatus.PENDING,
+        RolloutStatus.RUNNING,
+        RolloutStatus.BAKING,
+        RolloutStatus.PAUSED,
+        RolloutStatus.ROLLING_BACK,
+    )
+)
+_COMMAND = TypeAdapter[Command](Command)
+
+
+def engine_id(rollout_id: int) -> str:
+    """The engine's id of rollout `rollout_id` (it seeds the stable device draws)."""
+    return f"rollout-{rollout_id}"
+
+
+def new_command_id() -> str:
+    """A fresh, unique command id."""
+    return uuid.uuid4().hex
+
+
+def load_rollout(row: Rollout) -> tuple[RolloutPlan, RolloutState]:
+    """The plan and engine state stored in `row`; a state of another format version is refused."""
+    if row.format_version != FORMAT_VERSION:
+        raise ConfigurationError(
+            f"rollout {row.id} has state format {row.format_version}, this coordinator reads {FORMAT_VERSION}"
+        )
+    return RolloutPlan.model_validate(row.plan), RolloutState.model_validate(row.state)
+
+
+def _get(session: Session, rollout_id: int) -> Rollout:
+    row = session.get(Rollout, rollout_id)
+    if row is None:
+        raise NotFoundError(f"rollout {rollout_id} does not exist")
+    return row
+
+
+def create_rollout(*, session: Session, plan: RolloutPlan) -> Rollout:
+    """Store a new rollout of `plan` (pending: the runner starts it at its next step).
+
+    Unknown model/version → `NotFoundError`; another unfinished rollout of the model → `ConflictError`;
+    a selector matching no enrolled device → `EmptyTargetError`.
+    """
+    get_model_version(session=session, name=plan.model, version=plan.version)
+    if plan.previous_version is not None:
+        get_model_version(session=session, name=plan.model, version=plan.previous_version)
+    busy = session.exec(
+        select(Rollout.id).where(Rollout.model_name == plan.model, col(Rollout.status).in_(sorted(UNFINISHED)))
+    ).first()
+    if busy is not None:
+        raise ConflictError(
+            f"rollout {busy} of {plan.model} is not finished yet: abort it or let it finish before starting another"
+        )
+    row = Rollout(model_name=plan.model, model_version=plan.version, plan=plan.model_dump(mode="json"))
+    session.add(row)
+    session.flush()
+    assert row.id is not None
+    if not plan.selector.select(engine_id(row.id), fleet_tags(session=session)):
+        session.rollback()
+        raise EmptyTargetError(
+            "the selector matches no enrolled device (devices enrol when they first connect)", field="selector"
+        )
+    row.state = RolloutState.new(engine_id(row.id)).model_dump(mode="json")
+    row.format_version = FORMAT_VERSION
+    session.add(row)
+    session.commit()
+    session.refresh(row)
+    return row
+
+
+def queue_command(*, session: Session, rollout_id: int, command: Command) -> RolloutCommandRecord:
+    """Store `command` for the engine's next step; `ConflictError` with the engine's reason if it cannot apply."""
+    row = _get(session, rollout_id)
+    plan, state = load_rollout(row)
+    if why := command_error(state, plan, command):
+        raise ConflictError(f"rollout {rollout_id}: {why}")
+    record = RolloutCommandRecord(
+        rollout_id=rollout_id,
+        command_id=command.command_id,
+        kind=command.kind,
+        body=command.model_dump(mode="json"),
+    )
+    session.add(record)
+    session.commit()
+    session.refresh(record)
+    return record
+
+
+def pending_commands(*, session: Session, rollout_id: int) -> list[tuple[RolloutCommandRecord, Command]]:
+    """Commands of the rollout not applied yet, oldest first."""
+    statement = (
+        select(RolloutCommandRecord)
+        .where(RolloutCommandRecord.rollout_id == rollout_id, col(RolloutCommandRecord.applied_at).is_(None))
+        .order_by(col(RolloutCommandRecord.id))
+    )
+    return [(r, _COMMAND.validate_python(r.body)) for r in session.exec(statement)]
+
+
+def command_applied(*, session: Session, command_id: str) -> bool:
+    """Whether the engine has taken the command in."""
+    statement = select(RolloutCommandRecord.applied_at).where(RolloutCommandRecord.command_id == command_id)
+    return session.exec(statement).first() is not None
+
+
+def rollout_public(row: Rollout) -> RolloutPublic:
+    """The listing shape of a rollout."""
+    plan, state = load_rollout(row)
+    counts = Counter(record.phase.value for record in state.devices.values())
+    return RolloutPublic.model_validate(
+        row,
+        update={
+            "previous_version": plan.previous_version,
+            "current_wave": state.current_wave,
+            "wave_count": len(plan.waves),
+            "device_count": len(state.devices),
+            "counts": dict(sorted(counts.items())),
+            "reason": state.reason,
+        },
+    )
+
+
+def list_rollouts(*, session: Session, limit: int = 100) -> list[RolloutPublic]:
+    """The newest rollouts first."""
+    rows = session.exec(select(Rollout).order_by(col(Rollout.id).desc()).limit(limit))
+    return [rollout_public(row) for row in rows]
+
+
+def _waves(plan: RolloutPlan, state: RolloutState) -> list[RolloutWavePublic]:
+    waves = []
+    for index, wave in enumerate(plan.waves):
+        members = [r for r in state.devices.values() if r.wave == index]
+        if state.status is RolloutStatus.COMPLETED or index < state.current_wave:
+            where = "done"
+        else:
+            where = "current" if index == state.current_wave else "waiting"
+        waves.append(
+            RolloutWavePublic(
+                index=index,
+                size=wave.describe(),
+                bake_seconds=wave.bake_seconds,
+                devices=len(members),
+                counts=dict(sorted(Counter(r.phase.value for r in members).items())),
+                state=where,
+            )
+        )
+    return waves
+
+
+def _live_gates(session: Session, row: Rollout, plan: RolloutPlan, state: RolloutState) -> dict[str, Any] | None:
+    """The current wave's gates on the telemetry so far (while a wave runs or bakes), else the last verdict."""
+    assert row.id is not None
+    if state.status in {RolloutStatus.RUNNING, RolloutStatus.BAKING}:
+        observations = observe(session=session, rollout_id=row.id, state=state, plan=plan, with_fleet=False)
+        report = gate_report(state, plan, observations)
+        return {"wave": state.current_wave, "live": True, **report.model_dump(mode="json")}
+    statement = (
+        select(RolloutDecisionRecord)
+        .where(
+            RolloutDecisionRecord.rollout_id == row.id,
+            col(RolloutDecisionRecord.kind).in_(["gate_passed", "gate_failed", "gate_inconclusive"]),
+        )
+        .order_by(col(RolloutDecisionRecord.seq).desc())
+    )
+    last = session.exec(statement).first()
+    if last is None:
+        return None
+    return {"wave": last.figures.get("wave"), "live": False, **dict(last.figures.get("report") or {})}
+
+
+def get_rollout(*, session: Session, rollout_id: int, decisions: int = 200) -> RolloutDetailPublic:
+    """One rollout with per-wave progress, per-device states, gate figures and its latest `decisions`."""
+    row = _get(session, rollout_id)
+    plan, state = load_rollout(row)
+    statement = (
+        select(RolloutDecisionRecord)
+        .where(RolloutDecisionRecord.rollout_id == rollout_id)
+        .order_by(col(RolloutDecisionRecord.seq).desc())
+        .limit(decisions)
+    )
+    log = [RolloutDecisionPublic.model_validate(d) for d in reversed(list(session.exec(statement)))]
+    devices = [
+        RolloutDevicePublic(
+            device_id=device_id,
+            wave=record.wave,
+            phase=record.phase.value,
+            attempts=record.attempts,
+            rollback_attempts=record.rollback_attempts,
+            late_joiner=record.late_joiner,
+            last_error=record.last_error,
+            next_retry_at=record.next_retry_at,
+        )
+        for device_id, record in sorted(state.devices.items())
+    ]
+    return RolloutDetailPublic.model_validate(
+        rollout_public(row),
+        update={
+            "plan": row.plan,
+            "waves": _waves(plan, state),
+            "devices": devices,
+            "gates": _live_gates(session, row, plan, state),
+            "decisions": log,
+        },
+    )
+
+
+def decision_count(*, session: Session, rollout_id: int) -> int:
+    """How many decisions the rollout recorded (the next one gets this + 1)."""
+    statement = select(func.coalesce(func.max(RolloutDecisionRecord.seq), 0)).where(
+        RolloutDecisionRecord.rollout_id == rollout_id
+    )
+    return int(session.exec(statement).one())

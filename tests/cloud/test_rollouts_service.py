@@ -1,0 +1,238 @@
+"""The rollout service on SQLite and PostgreSQL, with the runner stepped by hand and a recording publisher."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from compression.reference import shifted_model
+from tests.cloud.rollout_helpers import SHIFTED, Recorder, RolloutBench, bench
+
+GATES = {"min_inferences": 50, "min_class_samples": 50, "max_p95_latency_ratio": 1.5}
+NO_GATES = dict.fromkeys(["max_install_failure_rate", "max_error_rate_increase", "max_p95_latency_ratio", "max_psi"])
+
+
+@pytest.fixture
+def rb(database_url: str, tmp_path: Path, digits_model_bytes: bytes) -> Iterator[RolloutBench]:
+    yield from bench(database_url, tmp_path, digits_model_bytes, shifted_model(digits_model_bytes))
+
+
+def bake(
+    rb: RolloutBench, ids: list[str], updated: set[str], *, classes: dict[str, int] | None = None, ms: float = 4.0
+) -> None:
+    """One round of telemetry: updated devices on 2.0 (with `classes`/`ms`), the others on 1.0."""
+    for device_id in ids:
+        if device_id in updated:
+            rb.telemetry(device_id, "2.0", classes=classes or {str(c): 10 for c in range(10)}, latency_ms=ms)
+        else:
+            rb.telemetry(device_id, "1.0")
+
+
+def updated_ids(rb: RolloutBench, rollout_id: int) -> set[str]:
+    return {d["device_id"] for d in rb.rollout(rollout_id)["devices"] if d["phase"] == "succeeded"}
+
+
+def drive(rb: RolloutBench, rollout_id: int, ids: list[str], steps: int, **telemetry: object) -> dict[str, object]:
+    """Tick 10 s at a time, sending telemetry each time, until the rollout stops moving or `steps` run out."""
+    for _ in range(steps):
+        rb.tick(10)
+        shown = rb.rollout(rollout_id)
+        if shown["status"] in {"completed", "rolled_back", "aborted", "paused"}:
+            return shown
+        bake(rb, ids, updated_ids(rb, rollout_id), **telemetry)  # type: ignore[arg-type]
+    return rb.rollout(rollout_id)
+
+
+def test_good_version_passes_every_wave_and_each_device_is_updated_once(rb: RolloutBench) -> None:
+    ids = rb.enrol(10)
+    rollout = rb.create(
+        waves=[
+            {"count": 1, "bake_seconds": 30},
+            {"percent": 50, "bake_seconds": 30},
+            {"percent": 100, "bake_seconds": 30},
+        ],
+        gates=GATES,
+    )
+    shown = drive(rb, rollout["id"], ids, 60)
+
+    assert shown["status"] == "completed", [d["message"] for d in shown["decisions"]]
+    assert set(rb.versions().values()) == {"2.0"}
+    per_device = Counter(d.device_id for d in rb.dispatches(rollout["id"]))
+    assert per_device == dict.fromkeys(ids, 1), "every device dispatched exactly once"
+    kinds = [d.kind for d in rb.decisions(rollout["id"])]
+    assert kinds.count("wave_started") == 3 and kinds.count("gate_passed") == 3  # the 100 % wave on the last control
+    passed = [d for d in rb.decisions(rollout["id"]) if d.kind == "gate_passed"]
+    psi = next(r for r in passed[0].figures["report"]["results"] if r["name"] == "class_shift_psi")
+    assert psi["verdict"] == "passed" and psi["observed"] < 0.1
+    assert [w["state"] for w in shown["waves"]] == ["done", "done", "done"]
+    # Dispatches went through the deployment path: deployments name the rollout.
+    deployments = rb.client.get("/api/v1/deployments").json()["data"]
+    assert {d["target"]["rollout_id"] for d in deployments} == {rollout["id"]}
+
+
+def test_shifted_predictions_trip_psi_and_every_updated_device_is_rolled_back(rb: RolloutBench) -> None:
+    ids = rb.enrol(10)
+    rollout = rb.create(
+        waves=[{"count": 3, "bake_seconds": 30}, {"percent": 100, "bake_seconds": 30}],
+        gates=GATES,
+        on_gate_failure="rollback",
+    )
+    shown = drive(rb, rollout["id"], ids, 30, classes=SHIFTED)
+    for _ in range(5):
+        rb.tick(10)
+    shown = rb.rollout(rollout["id"])
+
+    assert shown["status"] == "rolled_back", [d["message"] for d in shown["decisions"]]
+    failed = next(d for d in shown["decisions"] if d["kind"] == "gate_failed")
+    psi = next(r for r in failed["figures"]["report"]["results"] if r["name"] == "class_shift_psi")
+    assert psi["verdict"] == "failed" and psi["observed"] > 0.25, psi
+    assert "class_shift_psi" in failed["message"]
+    assert set(rb.versions().values()) == {"1.0"}, "every device back on the previous version"
+    rolled = {d.device_id for d in rb.dispatches(rollout["id"]) if d.kind == "rollback"}
+    assert rolled == {d.device_id for d in rb.dispatches(rollout["id"]) if d.kind == "dispatch"}
+    assert len(rolled) == 3, "only the first wave was ever touched"
+
+
+def test_latency_regression_trips_the_p95_gate_and_pauses(rb: RolloutBench) -> None:
+    ids = rb.enrol(6)
+    rollout = rb.create(waves=[{"count": 2, "bake_seconds": 30}, {"percent": 100, "bake_seconds": 30}], gates=GATES)
+    shown = drive(rb, rollout["id"], ids, 30, ms=40.0)
+    assert shown["status"] == "paused"
+    failed = next(d for d in shown["decisions"] if d["kind"] == "gate_failed")
+    p95 = next(r for r in failed["figures"]["report"]["results"] if r["name"] == "p95_latency_ratio")
+    assert p95["verdict"] == "failed" and p95["observed"] > 1.5
+    assert shown["reason"] == "gate failed: p95_latency_ratio"
+
+
+def test_failed_installs_are_retried_with_backoff_then_trip_the_install_gate(rb: RolloutBench) -> None:
+    ids = rb.enrol(4)
+    rb.failing = {ids[0], ids[1], ids[2], ids[3]}
+    rollout = rb.create(
+        waves=[{"count": 1, "bake_seconds": 30}, {"percent": 100, "bake_seconds": 30}],
+        gates=GATES,
+        max_retries=1,
+        retry_backoff_seconds=20,
+    )
+    shown = drive(rb, rollout["id"], ids, 20)
+    assert shown["status"] == "paused"
+    kinds = [d["kind"] for d in shown["decisions"]]
+    assert "retry_scheduled" in kinds and "device_failed" in kinds
+    attempts = [d.attempt for d in rb.dispatches(rollout["id"])]
+    assert sorted(attempts) == [1, 2], "one device, attempt 1 then its single retry"
+
+
+def test_killed_after_persisting_republishes_the_same_generation_on_recovery(rb: RolloutBench) -> None:
+    ids = rb.enrol(5)
+    rollout = rb.create(waves=[{"percent": 100, "bake_seconds": 0}], max_concurrent_downloads=5, gates=NO_GATES)
+    lost = Recorder()
+    crashed = rb.new_runner(lost)  # this runner's publishes never reach any device: the process "died"
+    crashed.tick(rb.now)
+    generations = {s.device_id: s.generation for s in lost.published}
+    assert sorted(generations) == ids
+
+    restarted = Recorder()
+    runner = rb.new_runner(restarted)
+    assert runner.recover() == 5
+    assert {s.device_id: s.generation for s in restarted.published} == generations, "same generation, not a new one"
+    assert runner.recover() == 5  # and again: still the same
+    assert {s.generation for s in restarted.published} == set(generations.values())
+    for state in restarted.published:
+        rb.answer(state)
+    rb.tick(1)
+    assert rb.rollout(rollout["id"])["status"] == "completed"
+    assert Counter(d.device_id for d in rb.dispatches(rollout["id"])) == dict.fromkeys(ids, 1)
+    devices = {d["id"]: d["desired_generation"] for d in rb.client.get("/api/v1/devices").json()["data"]}
+    assert devices == generations
+
+
+def test_late_joiner_matching_the_selector_receives_the_rollout(rb: RolloutBench) -> None:
+    ids = rb.enrol(3)
+    rb.enrol(1, prefix="other", tags={"site": "field"})
+    rollout = rb.create(
+        selector={"tags": {"site": "lab"}}, waves=[{"percent": 100, "bake_seconds": 0}], gates=NO_GATES
+    )
+    rb.tick(1)
+    rb.tick(1)
+    assert rb.rollout(rollout["id"])["status"] == "completed"
+    late = rb.enrol(1, prefix="late")[0]
+    rb.tick(1)
+    rb.tick(1)
+    shown = rb.rollout(rollout["id"])
+    joined = next(d for d in shown["decisions"] if d["kind"] == "device_joined")
+    assert joined["figures"]["device_id"] == late
+    versions = rb.versions()
+    assert versions[late] == "2.0" and versions["other-00"] == "1.0"
+    assert all(versions[i] == "2.0" for i in ids)
+
+
+def test_pause_resume_abort_and_promote_follow_the_documented_states(rb: RolloutBench) -> None:
+    ids = rb.enrol(4)
+    rollout = rb.create(waves=[{"count": 1, "bake_seconds": 600}, {"percent": 100, "bake_seconds": 600}], gates=GATES)
+    rid = rollout["id"]
+    rb.tick(1)
+
+    def command(name: str, body: dict[str, object] | None = None) -> tuple[int, dict[str, object]]:
+        response = rb.client.post(f"/api/v1/rollouts/{rid}/{name}", json=body, headers=rb.auth)
+        return response.status_code, response.json()
+
+    status, body = command("resume")
+    assert status == 409 and body["detail"] == f"rollout {rid}: cannot resume a running rollout: it is not paused"
+    status, body = command("pause", {"reason": "lunch"})
+    assert status == 202 and body["applied"] is False  # no runner thread: queued for the next step
+    rb.tick(1)
+    assert rb.rollout(rid)["status"] == "paused" and rb.rollout(rid)["reason"] == "lunch"
+    assert command("pause")[0] == 409
+    dispatched = len(rb.dispatches(rid))
+    rb.tick(1)
+    rb.enrol(1, prefix="late")  # a paused rollout takes joiners in but dispatches nothing
+    rb.tick(1)
+    assert len(rb.dispatches(rid)) == dispatched
+
+    assert command("resume")[0] == 202
+    rb.tick(1)
+    assert rb.rollout(rid)["status"] in {"running", "baking"}
+    assert command("promote")[0] == 202
+    rb.tick(1)
+    assert rb.rollout(rid)["current_wave"] == 1
+    assert any(d["kind"] == "wave_promoted" for d in rb.rollout(rid)["decisions"])
+
+    assert command("abort", {"rollback": True, "reason": "enough"})[0] == 202
+    for _ in range(4):
+        rb.tick(1)
+    shown = rb.rollout(rid)
+    assert shown["status"] == "rolled_back"
+    assert set(rb.versions().values()) == {"1.0"}
+    assert command("abort")[0] == 409
+    assert ids  # every device of the fleet was enrolled
+
+
+def test_invalid_plans_conflicts_and_unknown_rollouts_are_refused_clearly(rb: RolloutBench) -> None:
+    rb.enrol(2)
+    post = rb.client.post
+    response = post(
+        "/api/v1/rollouts", json={"model": "digits", "version": "2.0", "waves": [{"percent": 50}]}, headers=rb.auth
+    )
+    assert response.status_code == 422 and "allow_partial" in response.json()["detail"]
+    response = post(
+        "/api/v1/rollouts", json={"model": "digits", "version": "2.0", "gates": {"max_psy": 0.1}}, headers=rb.auth
+    )
+    assert response.status_code == 422 and response.json()["field"] == "body.gates.max_psy"
+    response = post("/api/v1/rollouts", json={"model": "digits", "version": "9.9"}, headers=rb.auth)
+    assert response.status_code == 404 and "9.9" in response.json()["detail"]
+    response = post(
+        "/api/v1/rollouts",
+        json={"model": "digits", "version": "2.0", "selector": {"tags": {"a": "b"}}},
+        headers=rb.auth,
+    )
+    assert response.status_code == 422 and response.json()["field"] == "selector"
+    assert post("/api/v1/rollouts", json={"model": "digits", "version": "2.0"}).status_code == 401
+    first = rb.create()
+    response = post("/api/v1/rollouts", json={"model": "digits", "version": "2.0"}, headers=rb.auth)
+    assert response.status_code == 409 and f"rollout {first['id']}" in response.json()["detail"]
+    assert rb.client.get("/api/v1/rollouts/999").status_code == 404
+    assert rb.client.post("/api/v1/rollouts/999/pause", headers=rb.auth).status_code == 404
+    listing = rb.client.get("/api/v1/rollouts").json()
+    assert listing["count"] == 1 and listing["data"][0]["status"] == "pending"
