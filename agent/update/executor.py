@@ -27,7 +27,7 @@ from agent.update.cancel import StepCancelledError
 from agent.update.fetch import ArtifactFetcher
 from agent.update.health import HealthPolicy, check_outputs
 from agent.update.machine import StepFailed, StepSucceeded, other_slot
-from agent.update.shadow import run_shadow, watch_trial
+from agent.update.shadow import TrialWatch, run_shadow
 from agent.update.slots import SlotStore
 from agent.update.state import UpdateState
 from protocol import ErrorCode, ErrorInfo, ModelSpec, UpdatePhase, VerificationError, verify_artifact
@@ -72,6 +72,7 @@ class UpdateExecutor:
         self._serving = serving
         self._fetcher = fetcher
         self._candidate: ActiveModel | None = None
+        self._trial: TrialWatch | None = None
         self._steps: dict[UpdatePhase, Step] = {
             UpdatePhase.DOWNLOADING: self._download,
             UpdatePhase.VERIFYING: self._verify,
@@ -177,14 +178,31 @@ class UpdateExecutor:
         candidate = self._require_candidate(spec)
         if state.slot is None:
             raise StorageError("no slot recorded for the staged model")
-        self._slots.activate(state.slot)  # on disk first: a restart from here on serves the new model
+        watch = self._watch_trial(spec)  # before the swap: the trial's first request is watched too
+        try:
+            self._slots.activate(state.slot)  # on disk first: a restart from here on serves the new model
+        except StorageError:
+            watch.close()
+            self._trial = None
+            raise
         self._serving.swap(candidate)
         self._candidate = None
 
     def _commit(self, state: UpdateState, spec: ModelSpec, cancelled: Callable[[], bool]) -> None:
-        problem = watch_trial(self._serving, spec.ref, self._policy, cancelled)
+        watch = self._watch_trial(spec)  # after a restart the trial (and its clock) starts again here
+        problem = watch.wait(self._policy, cancelled)  # when cancelled, the same watch goes on at the resume
+        watch.close()
+        self._trial = None
         if problem is not None:
             raise HealthCheckError(f"trial after the switch: {problem}")
+
+    def _watch_trial(self, spec: ModelSpec) -> TrialWatch:
+        if self._trial is not None and self._trial.trial != spec.ref:
+            self._trial.close()
+            self._trial = None
+        if self._trial is None:
+            self._trial = TrialWatch(self._serving, spec.ref)
+        return self._trial
 
     def _require_candidate(self, spec: ModelSpec) -> ActiveModel:
         if self._candidate is None or self._candidate.ref != spec.ref:

@@ -21,7 +21,7 @@ from agent.update.cancel import StepCancelledError
 from agent.update.health import HealthPolicy, ShadowSample, compare_outputs, shadow_verdict
 from protocol import ModelRef
 
-__all__ = ["run_shadow", "watch_trial"]
+__all__ = ["TrialWatch", "run_shadow"]
 
 log = logging.getLogger(__name__)
 _POLL_S = 0.1  # how often a waiting step looks at `cancelled()`
@@ -88,49 +88,55 @@ def run_shadow(
     return shadow_verdict(samples, policy, timed_out=timed_out)
 
 
-def watch_trial(serving: Serving, trial: ModelRef, policy: HealthPolicy, cancelled: Callable[[], bool]) -> str | None:
-    """Wait while `trial` serves for `commit_after_s` (or `commit_after_inferences` good answers).
+class TrialWatch:
+    """Watches the model on trial from the moment it is attached (before the swap, so no request is missed)."""
 
-    Returns why the trial failed (it stopped serving, the runtime failed, or it answered NaN/Inf), or None
-    when it may be committed.
-    """
-    lock = threading.Lock()
-    counts = {"ok": 0}
-    problems: list[str] = []
-    woken = threading.Event()
+    def __init__(self, serving: Serving, trial: ModelRef) -> None:
+        self.trial = trial
+        self._serving = serving
+        self._lock = threading.Lock()
+        self._ok = 0
+        self._problems: list[str] = []
+        self._woken = threading.Event()
+        self._started = time.monotonic()
+        serving.add_tap(self._watch)
 
-    def watch(active: ActiveModel, inputs: Mapping[str, np.ndarray], outputs: object, latency_ms: float) -> None:
-        if active.ref != trial:
+    def close(self) -> None:
+        """Stop watching."""
+        self._serving.remove_tap(self._watch)
+
+    def _watch(self, active: ActiveModel, inputs: Mapping[str, np.ndarray], outputs: object, latency_ms: float) -> None:
+        if active.ref != self.trial:
             return
-        with lock:
+        with self._lock:
             if not isinstance(outputs, dict):
-                problems.append("the runtime failed on a live request")
+                self._problems.append("the runtime failed on a live request")
             elif any(
                 np.issubdtype(np.asarray(v).dtype, np.floating) and not np.all(np.isfinite(v)) for v in outputs.values()
             ):
-                problems.append("a live request was answered with NaN or Inf")
+                self._problems.append("a live request was answered with NaN or Inf")
             else:
-                counts["ok"] += 1
-        woken.set()
+                self._ok += 1
+        self._woken.set()
 
-    serving.add_tap(watch)
-    deadline = time.monotonic() + policy.commit_after_s
-    try:
+    def wait(self, policy: HealthPolicy, cancelled: Callable[[], bool]) -> str | None:
+        """Wait until the trial served for `commit_after_s` since attached (or `commit_after_inferences` good
+        answers); why it failed (stopped serving, runtime failure, NaN/Inf answer), or None to commit."""
+        trial = self.trial
+        deadline = self._started + policy.commit_after_s
         while True:
-            current = serving.current()
+            current = self._serving.current()
             if current is None or current.ref != trial:
                 return f"{trial.name}:{trial.version} is not the model serving any more"
-            with lock:
-                if problems:
-                    return f"{trial.name}:{trial.version} on trial: {problems[0]}"
-                if policy.commit_after_inferences and counts["ok"] >= policy.commit_after_inferences:
+            with self._lock:
+                if self._problems:
+                    return f"{trial.name}:{trial.version} on trial: {self._problems[0]}"
+                if policy.commit_after_inferences and self._ok >= policy.commit_after_inferences:
                     return None
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
             if cancelled():
                 raise StepCancelledError(f"trial of {trial.name}:{trial.version} interrupted")
-            woken.wait(min(_POLL_S, remaining))
-            woken.clear()
-    finally:
-        serving.remove_tap(watch)
+            self._woken.wait(min(_POLL_S, remaining))
+            self._woken.clear()
