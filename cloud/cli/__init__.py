@@ -12,6 +12,7 @@ from importlib.metadata import entry_points
 import typer
 
 from cloud.cli.commands import deploy, deployments_app, devices_app, fleet_app, models_app
+from cloud.cli.rollouts import rollouts_app
 from cloud.cli.up import up
 
 __all__ = ["PLUGIN_GROUP", "build_app", "main"]
@@ -33,6 +34,7 @@ def build_app(*, load_plugins: bool = True) -> typer.Typer:
     app.command("deploy")(deploy)
     app.add_typer(deployments_app, name="deployments")
     app.add_typer(fleet_app, name="fleet")
+    app.add_typer(rollouts_app, name="rollouts")
     if load_plugins:
         _add_plugins(app)
     return app

@@ -115,7 +115,13 @@ def _assign(
     states = assign_devices(
         session=session, deployment=deployment, record=record, devices=[d for d, _ in devices], public_url=public_url
     )
-    for (device, attempt), state in zip(devices, states, strict=True):
+    given = {state.device_id: state for state in states}
+    for device, attempt in devices:
+        state = given.get(device.id)
+        if state is None:
+            # No variant of the version runs on it: the deployment target says why, and the attempt times out.
+            log.warning("rollout %s: %s got no desired state (see deployment %s)", rollout_id, device.id, deployment.id)
+            continue
         session.add(
             RolloutDispatchRecord(
                 rollout_id=rollout_id,
