@@ -37,12 +37,13 @@ def _read_cpuinfo(path: Path = Path("/proc/cpuinfo")) -> str:
 
 
 def device_capabilities(registry: RuntimeRegistry) -> Capabilities:
-    """Runtimes of `registry`, CPU architecture and ISA flags, physical memory (MB) and OS."""
+    """Runtime names of `registry` (without versions), CPU architecture and ISA flags, memory (MB) and OS."""
     memory_mb = None
     with contextlib.suppress(AttributeError, ValueError, OSError):  # not every OS reports physical memory
         memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
     return Capabilities(
-        runtimes=registry.names(),
+        # Bare names, as docs/protocol.md and the coordinator's variant policy expect (`onnxruntime`, `litert`).
+        runtimes=sorted({name.partition("-")[0] for name in registry.names()}),
         arch=platform.machine(),
         cpu_features=cpu_features(_read_cpuinfo()),
         memory_mb=memory_mb,

@@ -49,7 +49,8 @@ def run_shadow(
     def mirror(active: ActiveModel, inputs: Mapping[str, np.ndarray], outputs: object, latency_ms: float) -> None:
         if active.ref == baseline.ref and isinstance(outputs, dict):
             with contextlib.suppress(queue.Full):  # enough requests collected; the rest are not mirrored
-                mirrored.put_nowait((inputs, outputs, latency_ms))
+                # Copies: the caller owns its arrays and may reuse them once it has its answer.
+                mirrored.put_nowait(({k: np.array(v, copy=True) for k, v in inputs.items()}, outputs, latency_ms))
 
     serving.add_tap(mirror)
     samples: list[ShadowSample] = []
