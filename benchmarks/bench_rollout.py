@@ -1,0 +1,257 @@
+"""Rollout control-plane benchmark: how fast a rollout converges over N real agents, and bytes served per device.
+
+(a) convergence: a coordinator process (`edgefleet up`, Mosquitto) rolls a tiny model out to N agents in
+    one process (no HTTP endpoint), one 100 % wave, gates off, every download allowed at once; timed from
+    the rollout's creation to every device reported on the new version — devices per minute;
+(b) bytes: a counting proxy in front of the coordinator's artifact route (the coordinator's public URL)
+    counts artifact bytes served, per device, against the artifact's size;
+(c) baseline, same run: N raw paho clients on the same broker, each answering a QoS 1 message with an ack;
+    publish-to-all-acks time as clients per minute — what the MQTT round trips alone cost.
+
+Run: `.venv/bin/python benchmarks/bench_rollout.py [--devices 1000]` (a few minutes for 1,000).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import onnx
+import paho.mqtt.client as mqtt
+from onnx import TensorProto, helper
+from paho.mqtt.enums import CallbackAPIVersion
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from simulators import CoordinatorProcess, FleetConfig, SimulatedFleet
+
+
+def tiny_model() -> bytes:
+    """A valid ONNX model of a few hundred bytes: input FP32 [batch, 4] → Relu → output."""
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["input"], ["probabilities"])],
+        "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def mosquitto(workdir: Path) -> Iterator[str]:
+    """A private Mosquitto on a free loopback port."""
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    port = free_port()
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        "max_queued_messages 100000\nmax_inflight_messages 100\nmax_connections -1\n"
+    )
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        yield f"mqtt://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+class CountingProxy:
+    """Forwards GETs to `upstream` (Range included) and counts the body bytes it served."""
+
+    def __init__(self) -> None:
+        self.upstream = ""
+        self.bytes = 0
+        self.requests = 0
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                headers = {"Range": self.headers["Range"]} if self.headers.get("Range") else {}
+                response = httpx.get(proxy.upstream + self.path, headers=headers, timeout=60)
+                self.send_response(response.status_code)
+                for name in ("content-type", "content-range", "accept-ranges"):
+                    if name in response.headers:
+                        self.send_header(name, response.headers[name])
+                self.send_header("Content-Length", str(len(response.content)))
+                self.end_headers()
+                self.wfile.write(response.content)
+                with proxy.lock:
+                    proxy.bytes += len(response.content)
+                    proxy.requests += 1
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+class FixedPortCoordinator(CoordinatorProcess):
+    """`edgefleet up` on a port known before it starts, so the proxy can forward to it."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.port = free_port()
+
+    def command(self) -> list[str]:
+        cmd = super().command()
+        cmd[cmd.index("--port") + 1] = str(self.port)
+        return cmd
+
+
+def mqtt_baseline(broker_url: str, clients: int, timeout: float = 300) -> float:
+    """Seconds from publishing one QoS 1 message to each of `clients` paho clients to all their acks."""
+    host, port = broker_url.removeprefix("mqtt://").split(":")
+    acked: set[int] = set()
+    done = threading.Event()
+    lock = threading.Lock()
+    subscribers = []
+    for index in range(clients):
+        client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"base-{index}")
+
+        def on_message(c: mqtt.Client, _u: object, m: mqtt.MQTTMessage, index: int = index) -> None:
+            c.publish(f"base/ack/{index}", b"ok", qos=1)
+
+        client.on_message = on_message
+        client.connect(host, int(port))
+        client.subscribe(f"base/cmd/{index}", qos=1)
+        client.loop_start()
+        subscribers.append(client)
+    collector = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="base-collector")
+
+    def on_ack(_c: mqtt.Client, _u: object, m: mqtt.MQTTMessage) -> None:
+        with lock:
+            acked.add(int(m.topic.rsplit("/", 1)[1]))
+            if len(acked) == clients:
+                done.set()
+
+    collector.on_message = on_ack
+    collector.connect(host, int(port))
+    collector.subscribe("base/ack/+", qos=1)
+    collector.loop_start()
+    time.sleep(2)  # subscriptions settle
+    start = time.perf_counter()
+    for index in range(clients):
+        collector.publish(f"base/cmd/{index}", b"go", qos=1)
+    done.wait(timeout)
+    elapsed = time.perf_counter() - start
+    for client in [*subscribers, collector]:
+        client.loop_stop()
+        client.disconnect()
+    if len(acked) < clients:
+        raise RuntimeError(f"baseline: only {len(acked)}/{clients} acks in {timeout}s")
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=1000)
+    parser.add_argument("--timeout", type=float, default=900)
+    args = parser.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 65536), hard), hard))
+    n = args.devices
+    with tempfile.TemporaryDirectory() as tmp, mosquitto(Path(tmp)) as broker_url:
+        root = Path(tmp)
+        proxy = CountingProxy()
+        os.environ["EDGEFLEET_ROLLOUT_TICK_S"] = "0.2"
+        os.environ["EDGEFLEET_PUBLIC_URL"] = proxy.url
+        process = FixedPortCoordinator(root / "coordinator", mqtt_url=broker_url, topic_base="bench/rollout/v1")
+        proxy.upstream = f"http://127.0.0.1:{process.port}"
+        client = process.start()
+        client.url = proxy.upstream  # the API directly; devices fetch artifacts through the proxy
+        model = root / "tiny.onnx"
+        model.write_bytes(tiny_model())
+        size = model.stat().st_size
+        client.push_model(model, name="tiny", version="1.0")
+        config = FleetConfig(
+            devices=n,
+            data_root=root / "fleet",
+            mqtt_url=broker_url,
+            topic_base="bench/rollout/v1",
+            id_prefix="b",
+            http=False,
+            telemetry_interval_s=3600,
+        )
+        fleet = SimulatedFleet(config)
+        started = time.perf_counter()
+        fleet.start()
+        token = {"Authorization": f"Bearer {client.token}"}
+        deadline = time.monotonic() + args.timeout
+        while len(client.devices()) < n and time.monotonic() < deadline:
+            time.sleep(0.5)
+        enrolled = time.perf_counter() - started
+        plan = {
+            "model": "tiny",
+            "version": "1.0",
+            "waves": [{"percent": 100, "bake_seconds": 0}],
+            "gates": dict.fromkeys(
+                ["max_install_failure_rate", "max_error_rate_increase", "max_p95_latency_ratio", "max_psi"]
+            ),
+            "max_concurrent_downloads": n,
+            "device_timeout_seconds": args.timeout,
+        }
+        t0 = time.perf_counter()
+        created = httpx.post(f"{client.url}/api/v1/rollouts", json=plan, headers=token, timeout=60).json()
+        status = ""
+        while time.monotonic() < deadline:
+            status = httpx.get(
+                f"{client.url}/api/v1/rollouts/{created['id']}", params={"decisions": 0}, timeout=60
+            ).json()["status"]
+            if status == "completed":
+                break
+            time.sleep(0.2)
+        converged = time.perf_counter() - t0
+        on_version = len(fleet.running("1.0"))
+        fleet.stop()
+        process.stop()
+        baseline = mqtt_baseline(broker_url, n)
+    result = {
+        "devices": n,
+        "enrol_s": round(enrolled, 1),
+        "rollout_status": status,
+        "devices_on_new_version": on_version,
+        "rollout_converge_s": round(converged, 2),
+        "rollout_devices_per_min": round(n / converged * 60),
+        "artifact_bytes": size,
+        "bytes_served_per_device": round(proxy.bytes / n, 1),
+        "artifact_requests": proxy.requests,
+        "mqtt_baseline_s": round(baseline, 2),
+        "mqtt_baseline_clients_per_min": round(n / baseline * 60),
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
