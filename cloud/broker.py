@@ -215,3 +215,33 @@ class EmbeddedBroker:
     async def _shutdown(self) -> None:
         if self._broker is not None:
             await self._broker.shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m cloud.broker [--host H] [--port P]`: the embedded broker alone, until SIGTERM or Ctrl-C.
+
+    For tests and benchmarks that want amqtt as an *external* broker in a process of its own.
+    """
+    import argparse
+    import signal
+
+    parser = argparse.ArgumentParser(prog="python -m cloud.broker", description=main.__doc__)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=1883, help="port; 0 picks a free one (default 1883)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    broker = EmbeddedBroker(args.host, args.port)
+    broker.start()
+    print(broker.url, flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        broker.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.services import fresh_postgres_database, run_mosquitto
+from tests.services import free_port, fresh_postgres_database, run_mosquitto, wait_for_port
 
 
 @pytest.fixture(scope="session")
@@ -19,16 +21,30 @@ def mosquitto_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def amqtt_url() -> Iterator[str]:
-    """URL of the embedded amqtt broker (the coordinator's default), on a free port."""
-    from cloud.broker import EmbeddedBroker
+def amqtt_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of the embedded amqtt broker (the coordinator's default), in a process of its own on a free port.
 
-    broker = EmbeddedBroker(host="127.0.0.1", port=0)
-    broker.start()
+    Its own process, as an external broker would be: in the test process it would compete for the GIL with
+    the fleets under test and miss keepalives.
+    """
+    port = free_port()
+    log = (tmp_path_factory.mktemp("amqtt") / "broker.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cloud.broker", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
-        yield broker.url
+        if not wait_for_port("127.0.0.1", port, timeout=30):
+            pytest.fail(f"the amqtt broker did not start (exit {proc.poll()}); see {log.name}")
+        yield f"mqtt://127.0.0.1:{port}"
     finally:
-        broker.stop()
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
 
 
 @pytest.fixture(params=["mosquitto", "amqtt"])
