@@ -151,9 +151,7 @@ def test_killed_after_persisting_republishes_the_same_generation_on_recovery(rb:
 def test_late_joiner_matching_the_selector_receives_the_rollout(rb: RolloutBench) -> None:
     ids = rb.enrol(3)
     rb.enrol(1, prefix="other", tags={"site": "field"})
-    rollout = rb.create(
-        selector={"tags": {"site": "lab"}}, waves=[{"percent": 100, "bake_seconds": 0}], gates=NO_GATES
-    )
+    rollout = rb.create(selector={"tags": {"site": "lab"}}, waves=[{"percent": 100, "bake_seconds": 0}], gates=NO_GATES)
     rb.tick(1)
     rb.tick(1)
     assert rb.rollout(rollout["id"])["status"] == "completed"
