@@ -43,7 +43,7 @@ def device_capabilities(registry: RuntimeRegistry) -> Capabilities:
         memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
     return Capabilities(
         # Bare names, as docs/protocol.md and the coordinator's variant policy expect (`onnxruntime`, `litert`).
-        runtimes=sorted({name.partition("-")[0] for name in registry.names()}),
+        runtimes=list(dict.fromkeys(name.partition("-")[0] for name in registry.names())),
         arch=platform.machine(),
         cpu_features=cpu_features(_read_cpuinfo()),
         memory_mb=memory_mb,

@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Callable
 
+from agent.errors import AgentError
 from agent.serving import Serving
 from agent.update.executor import UpdateExecutor
 from agent.update.hooks import UpdateHooks
@@ -64,7 +65,8 @@ class UpdateWorker:
 
     def boot(self) -> None:
         """At start-up (before `start`): count a trial boot, serve the active slot, resume or abandon the update."""
-        previous = self._slots.read(other_slot(self._state.slot)) if self._state.slot else None
+        trial = self._state.phase in (UpdatePhase.COMMITTING, UpdatePhase.SWITCHING) and self._state.slot
+        previous = self._slots.read(other_slot(self._state.slot)) if trial else None
         self._apply(
             Booted(
                 active_slot=self._slots.active_slot(),
@@ -73,7 +75,10 @@ class UpdateWorker:
             )
         )
         if self._state.phase is UpdatePhase.ROLLED_BACK:
-            self._executor.roll_back(self._state)  # again, in case the last run died before it was done
+            try:
+                self._executor.roll_back(self._state)  # again, in case the last run died before it was done
+            except AgentError as exc:  # the disk refuses the pointer: serve what it points at, retry next start
+                log.error("cannot complete the rollback of %s: %s", self._name, exc)
         error = self._executor.serve_active_slot()
         if error is not None and self._state.phase is UpdatePhase.COMMITTING:
             self._apply(StepFailed(error))  # the model on trial does not even load: back to the previous one
