@@ -63,6 +63,12 @@ download_timeout_s = 60
 download_attempts = 3
 intra_op_threads = 1
 
+# What the coordinator's variant policy sees (docs/variants.md); detected unless set. `runtimes` limits the
+# agent to some installed runtimes; `cpu_features` and `memory_mb` replace the detected values.
+# runtimes = ["onnxruntime", "litert"]
+# cpu_features = ["avx2", "avx512_vnni"]
+# memory_mb = 512
+
 # Update safety. A shadow run lets the new model answer the next N live requests beside the serving one
 # (callers keep the serving model's answers) and refuses it when their argmax disagrees too often.
 shadow_inferences = 0

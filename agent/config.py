@@ -52,6 +52,14 @@ class AgentConfig(BaseModel):
     download_timeout_s: float = Field(default=60.0, gt=0, le=86400, description="per-request network timeout")
     download_attempts: int = Field(default=3, ge=1, le=20, description="tries before a download is reported failed")
     intra_op_threads: int = Field(default=1, ge=1, le=256, description="runtime threads per inference")
+    # What the device offers the coordinator's variant policy (docs/variants.md). Detected unless set.
+    runtimes: list[str] | None = Field(
+        default=None, description="use only these installed runtimes (onnxruntime, litert); default: all installed"
+    )
+    cpu_features: list[str] | None = Field(
+        default=None, description="report these CPU flags instead of /proc/cpuinfo's (pins the variant a device gets)"
+    )
+    memory_mb: int | None = Field(default=None, ge=1, description="report this much memory (MB) instead of the RAM")
     # Update safety: the shadow run before the switch, and the trial after it (see docs/architecture.md).
     shadow_inferences: int = Field(
         default=0, ge=0, le=100_000, description="live requests the candidate shadows before the switch; 0 = off"
@@ -151,6 +159,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
 
 
+_LIST_KEYS = frozenset({"runtimes", "cpu_features"})
+
+
 def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     known = set(AgentConfig.model_fields)
     found: dict[str, Any] = {}
@@ -160,7 +171,12 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
         key = name[len(ENV_PREFIX) :].lower()
         if key not in known:
             raise ConfigError(f"environment {name}: unknown setting {key!r} (known: {', '.join(sorted(known))})")
-        found[key] = _parse_tags(name, raw) if key == "tags" else raw
+        if key == "tags":
+            found[key] = _parse_tags(name, raw)
+        elif key in _LIST_KEYS:  # comma-separated, e.g. EDGEFLEET_AGENT_RUNTIMES=litert
+            found[key] = [item.strip() for item in raw.split(",") if item.strip()]
+        else:
+            found[key] = raw
     return found
 
 

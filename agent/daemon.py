@@ -104,6 +104,8 @@ class Agent:
         self.config = config
         self._hooks = hooks
         self._registry = registry or default_registry(config.intra_op_threads)
+        if config.runtimes is not None:
+            self._registry = self._registry.restricted_to(config.runtimes)
         self._recorder = TelemetryRecorder()
         self._serving = Serving(record=self._recorder.record)
         self._slots = SlotStore(config.data_dir / "slots")
@@ -189,6 +191,8 @@ class Agent:
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         self._topics = topics = Topics(base)
         self._capabilities = device_capabilities(self._registry)  # once: /proc/cpuinfo does not change
+        overrides = {"cpu_features": cfg.cpu_features, "memory_mb": cfg.memory_mb}
+        self._capabilities = self._capabilities.model_copy(update={k: v for k, v in overrides.items() if v is not None})
         self._fetcher = ArtifactFetcher(
             timeout_s=cfg.download_timeout_s,
             attempts=cfg.download_attempts,

@@ -10,14 +10,16 @@ from simulators.faults import (
     shifted_model,
     slow_model,
 )
-from simulators.fleet import FleetConfig, SimulatedFleet, device_id, device_tags
+from simulators.fleet import MIXED_PROFILES, DeviceProfile, FleetConfig, SimulatedFleet, device_id, device_tags
 from simulators.traffic import DeviceTraffic, drive_inference
 
 __all__ = [
+    "MIXED_PROFILES",
     "ArtifactFaults",
     "CoordinatorClient",
     "CoordinatorError",
     "CoordinatorProcess",
+    "DeviceProfile",
     "DeviceTraffic",
     "FaultyArtifactServer",
     "FleetConfig",

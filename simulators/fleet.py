@@ -21,6 +21,26 @@ ProgressFn = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
+class DeviceProfile:
+    """A kind of device in a mixed fleet: what it reports to the variant policy (None: detected)."""
+
+    name: str
+    runtimes: tuple[str, ...] | None = None
+    cpu_features: tuple[str, ...] | None = None
+    memory_mb: int | None = None
+
+
+# Device kinds of the demo's mixed fleet, and what docs/variants.md's policy gives each.
+MIXED_PROFILES = (
+    DeviceProfile("x86-vnni-gateway", ("onnxruntime", "litert"), ("avx2", "avx512_vnni")),  # fastest int8
+    DeviceProfile("x86-onnx-box", ("onnxruntime",), ("avx2", "avx512_vnni")),  # int8 ONNX
+    DeviceProfile("x86-legacy", ("onnxruntime",), ("avx2",)),  # no VNNI: fp32
+    DeviceProfile("arm-tflite-board", ("litert",), ("asimd", "asimddp")),  # TFLite only: tflite-int8
+    DeviceProfile("tiny-sensor", ("onnxruntime",), ("avx2",), 256),  # little memory: smallest ONNX
+)
+
+
+@dataclass(frozen=True)
 class FleetConfig:
     """How to build a simulated fleet."""
 
@@ -34,6 +54,8 @@ class FleetConfig:
     canary_fraction: float = 0.1
     http: bool = True
     telemetry_interval_s: float = 5.0
+    # Device kinds assigned round-robin (tag `profile`); empty: every device reports what it detects.
+    profiles: tuple[DeviceProfile, ...] = ()
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -51,8 +73,15 @@ def device_tags(config: FleetConfig, index: int) -> dict[str, str]:
     """Tags of one simulated device: the fleet's own, a ring (canary/main) and a site."""
     canaries = max(1, round(config.devices * config.canary_fraction))
     tags = {"fleet": config.id_prefix, "ring": "canary" if index < canaries else "main", "site": f"site-{index % 3}"}
+    if config.profiles:
+        tags["profile"] = device_profile(config, index).name
     tags.update(config.tags)
     return tags
+
+
+def device_profile(config: FleetConfig, index: int) -> DeviceProfile:
+    """The profile of the fleet's `index`-th device (round-robin over `config.profiles`)."""
+    return config.profiles[index % len(config.profiles)] if config.profiles else DeviceProfile("detected")
 
 
 def agent_config(config: FleetConfig, index: int) -> AgentConfig:
@@ -61,6 +90,13 @@ def agent_config(config: FleetConfig, index: int) -> AgentConfig:
     extra: dict[str, object] = {}
     if config.topic_base is not None:
         extra["topic_base"] = config.topic_base
+    profile = device_profile(config, index)
+    if profile.runtimes is not None:
+        extra["runtimes"] = list(profile.runtimes)
+    if profile.cpu_features is not None:
+        extra["cpu_features"] = list(profile.cpu_features)
+    if profile.memory_mb is not None:
+        extra["memory_mb"] = profile.memory_mb
     return AgentConfig(
         device_id=ident,
         data_dir=config.data_root / ident,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Iterable
 
-from agent.errors import UnsupportedFormatError
+from agent.errors import ConfigError, UnsupportedFormatError
 from agent.runtime.base import ModelRuntime
 from agent.runtime.onnx import OnnxRuntime
 from agent.runtime.tflite import LiteRtRuntime
@@ -42,6 +42,24 @@ class RuntimeRegistry:
     def names(self) -> list[str]:
         """Runtime names for the device's capabilities."""
         return [self._by_format[f].name for f in self.formats]
+
+    def restricted_to(self, names: Iterable[str]) -> RuntimeRegistry:
+        """A registry with only the runtimes named (bare names: `onnxruntime`, `litert`, `tflite_runtime`).
+
+        `ConfigError` names what is installed when a wanted runtime is not.
+        """
+        installed = {r.name.partition("-")[0]: r for r in self._by_format.values()}
+        missing = [n for n in names if not _equivalent(n) & installed.keys()]
+        if missing:
+            have = ", ".join(sorted(installed)) or "none"
+            raise ConfigError(f"runtimes {missing} are not installed on this device (installed: {have})")
+        wanted = set().union(*(_equivalent(n) for n in names))
+        return RuntimeRegistry(r for name, r in installed.items() if name in wanted)
+
+
+def _equivalent(name: str) -> set[str]:
+    """LiteRT and the older tflite_runtime serve the same models through the same interpreter API."""
+    return {"litert", "tflite_runtime"} if name in {"litert", "tflite_runtime"} else {name}
 
 
 def _installed(module: str) -> bool:
