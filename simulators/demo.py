@@ -8,6 +8,9 @@ the fleet summary the coordinator computed from the devices' telemetry.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,13 +21,60 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from compression.reference import train_digits_mlp
 from simulators.coordinator import CoordinatorClient, CoordinatorError, CoordinatorProcess
-from simulators.fleet import FleetConfig, SimulatedFleet
+from simulators.fleet import MIXED_PROFILES, FleetConfig, SimulatedFleet
 from simulators.traffic import DeviceTraffic, drive_inference
 
-MODEL_NAME = "digits"
+MODEL_NAME = "digits-cnn"
 MODEL_VERSION = "1.0.0"
+VARIANTS = "int8-static,int8-dynamic,fp16,tflite-int8"
+
+
+def _edgefleet() -> str:
+    return str(Path(sys.executable).parent / "edgefleet")
+
+
+def _compress(out: Path) -> Path:
+    """`edgefleet compress digits-cnn`: train, build every variant, measure and gate them."""
+    command = [
+        _edgefleet(),
+        "compress",
+        "digits-cnn",
+        "--out",
+        str(out),
+        "--to",
+        VARIANTS,
+        "--no-memory",
+        "--latency-iterations",
+        "100",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    if result.returncode not in (0, 1):  # 1: some variant refused by the gate; the rest still ship
+        raise DemoError(f"edgefleet compress failed ({result.returncode}): {result.stderr[-2000:]}")
+    return out
+
+
+def _push_variants(client: CoordinatorClient, directory: Path) -> None:
+    """`edgefleet models push --variants`: the fp32 model and every accepted variant under one version."""
+    command = [
+        _edgefleet(),
+        "models",
+        "push",
+        "--variants",
+        str(directory),
+        "--name",
+        MODEL_NAME,
+        "--version",
+        MODEL_VERSION,
+        "--url",
+        client.url,
+        "--token",
+        str(client.token),
+        "--json",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    if result.returncode != 0:
+        raise DemoError(f"edgefleet models push failed: {result.stdout[-1000:]}{result.stderr[-1000:]}")
 
 
 def demo(
@@ -36,7 +86,8 @@ def demo(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the fleet to converge.")] = 120.0,
 ) -> None:
     """Run the whole flow on the embedded defaults: coordinator, fleet, model, deploy, traffic, summary."""
-    console = Console()
+    # Wide enough for the summary table even when the output is not a terminal (CI logs, pipes).
+    console = Console() if Console().is_terminal else Console(width=150)
     with tempfile.TemporaryDirectory(prefix="edgefleet-demo-") as tmp:
         root = data_dir or Path(tmp)
         try:
@@ -59,20 +110,28 @@ def run_demo(console: Console, root: Path, *, devices: int, requests: int, timeo
     try:
         info = client.info()
         console.print(f"    coordinator {client.url}   broker {info.get('mqtt_url')}")
-        console.print("[bold]2/6[/] training the digits classifier and pushing it to the registry ...")
-        model = train_digits_mlp()
-        model_path = root / f"{MODEL_NAME}-{MODEL_VERSION}.onnx"
-        model_path.write_bytes(model.onnx_bytes)
-        pushed = client.push_model(model_path, name=MODEL_NAME, version=MODEL_VERSION)
-        console.print(
-            f"    {MODEL_NAME}:{MODEL_VERSION}  sha256 {str(pushed.get('sha256', ''))[:12]}…  "
-            f"{len(model.onnx_bytes)} bytes  held-out accuracy {model.accuracy:.3f}"
-        )
+        console.print("[bold]2/6[/] training the reference CNN on the digits, compressing it to int8/fp16/TFLite ...")
+        variants_dir = _compress(root / "compressed")
+        _push_variants(client, variants_dir)
+        manifest = json.loads((variants_dir / "variants.json").read_text())
+        base = next(v for v in manifest["variants"] if v["name"] == "fp32")
+        for v in manifest["variants"]:
+            console.print(
+                f"    {v['name']:<13} {v['format']:<7} {v['size']:>7} B ({v['size'] / base['size']:4.2f}x)  "
+                f"accuracy {v['accuracy']:.3f}  agreement {v['agreement']:.3f}"
+            )
+        for refused in manifest.get("refused", []):
+            console.print(f"    [yellow]refused[/] {refused['name']}: {refused['reason']}")
         fleet_config = FleetConfig(
-            devices=devices, data_root=root / "devices", coordinator_url=client.url, id_prefix="demo"
+            devices=devices,
+            data_root=root / "devices",
+            coordinator_url=client.url,
+            id_prefix="demo",
+            profiles=MIXED_PROFILES,
         )
         with SimulatedFleet(fleet_config) as fleet:
-            console.print(f"[bold]3/6[/] {devices} device agents started; waiting for them to enrol ...")
+            kind_names = ", ".join(p.name for p in MIXED_PROFILES)
+            console.print(f"[bold]3/6[/] {devices} device agents started ({kind_names}); waiting for them to enrol ...")
             _wait_for_enrolment(client, fleet.device_ids, timeout)
             console.print(f"[bold]4/6[/] deploying {MODEL_NAME}:{MODEL_VERSION} to tag fleet=demo ...")
             deployment = client.deploy(model=MODEL_NAME, version=MODEL_VERSION, tags={"fleet": "demo"})
@@ -81,8 +140,9 @@ def run_demo(console: Console, root: Path, *, devices: int, requests: int, timeo
             traffic = drive_inference(fleet.agents, requests)
             fleet.flush_telemetry()
             summary = _wait_for_telemetry(client, traffic, timeout=30)
+            kinds = {a.config.device_id: a.config.tags.get("profile", "-") for a in fleet.agents}
         console.print("[bold]6/6[/] fleet summary (from the devices' telemetry at the coordinator):")
-        console.print(_summary_table(summary, traffic))
+        console.print(_summary_table(summary, traffic, kinds))
         sent = sum(t.sent for t in traffic)
         accuracy = sum(t.correct for t in traffic) / max(1, sent - sum(t.errors for t in traffic))
         console.print(
@@ -148,18 +208,20 @@ def _wait_for_telemetry(client: CoordinatorClient, traffic: list[DeviceTraffic],
         time.sleep(0.2)
 
 
-def _summary_table(summary: dict[str, Any], traffic: list[DeviceTraffic]) -> Table:
+def _summary_table(summary: dict[str, Any], traffic: list[DeviceTraffic], kinds: dict[str, str]) -> Table:
     sent = {t.device_id: t for t in traffic}
     table = Table(show_lines=False)
-    for column in ("device", "model", "inferences", "errors", "p50 ms", "p95 ms", "accuracy"):
-        table.add_column(column, justify="left" if column in {"device", "model"} else "right")
+    for column in ("device", "kind", "model", "variant", "inferences", "errors", "p50 ms", "p95 ms", "accuracy"):
+        table.add_column(column, justify="left" if column in {"device", "kind", "model", "variant"} else "right")
     for device in summary.get("devices", []):
         ident = device.get("device_id") or device.get("id")
         local = sent.get(str(ident))
         model = f"{device.get('model_name') or '-'}:{device.get('model_version') or '-'}"
         table.add_row(
             str(ident),
+            kinds.get(str(ident), "-"),
             model,
+            str(device.get("variant") or "-"),
             str(device.get("inference_count", 0)),
             str(device.get("error_count", 0)),
             _ms(device.get("latency_p50_ms")),

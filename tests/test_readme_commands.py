@@ -44,6 +44,8 @@ def test_make_demo_runs_the_main_job_and_exits_zero(tmp_path: Path) -> None:
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
-    assert "20 devices on digits:1.0.0" in output, output[-4000:]
+    assert "20 devices on digits-cnn:1.0.0" in output, output[-4000:]
+    for variant in ("tflite-int8", "int8-static", "fp32"):  # the mixed fleet runs several variants
+        assert f"│ {variant}" in output, f"no device runs {variant}:\n{output[-4000:]}"
     assert "fleet summary" in output
     assert "demo-0019" in output, "the summary must list every device"
