@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -c constraints.txt
 
-.PHONY: demo test install lint typecheck bench clean lock
+.PHONY: demo test test-tflite-legacy install lint typecheck bench clean lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,20 @@ demo: install
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(MAKE) test-tflite-legacy
 	$(BIN)/pytest
+
+# The TFLite update test once more in an agent-only venv with tflite-runtime 2.14 and NumPy 1.x, the way an
+# older ARM board installs the agent (tflite-runtime is built against NumPy 1.x and fails under NumPy 2).
+LEGACY := .venv-tflite-legacy
+FIXTURE := build/tflite-fixture
+test-tflite-legacy: install
+	rm -rf $(FIXTURE)
+	$(BIN)/python -m tests.agent.build_tflite_fixture $(FIXTURE)
+	test -x $(LEGACY)/bin/python || $(PYTHON) -m venv $(LEGACY)
+	$(LEGACY)/bin/pip install -q -c constraints-legacy.txt -e '.[agent]' tflite-runtime numpy onnx pytest pytest-timeout
+	EDGEFLEET_TFLITE_FIXTURE_DIR=$(FIXTURE) EDGEFLEET_EXPECT_TFLITE_BACKEND=tflite_runtime \
+		$(LEGACY)/bin/python -m pytest -p no:cacheprovider -q tests/agent/test_tflite_update.py
 
 lint: install
 	$(BIN)/ruff check .
@@ -34,7 +47,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_agent.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LEGACY) build .pytest_cache .mypy_cache .ruff_cache
 
 # Re-resolve constraints.txt from pyproject.toml in a scratch venv (torch pinned first: see constraints.txt).
 lock:

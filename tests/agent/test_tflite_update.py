@@ -9,6 +9,7 @@ FP32 requests: the agent quantizes and dequantizes the TFLite model's I/O itself
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,22 +37,25 @@ class CnnFiles:
 
 @pytest.fixture(scope="session")
 def cnn_files(tmp_path_factory: pytest.TempPathFactory) -> CnnFiles:
+    """The CNN's ONNX and int8 TFLite files: prebuilt (`EDGEFLEET_TFLITE_FIXTURE_DIR`, see
+    `build_tflite_fixture`) in an environment without torch, else built now."""
+    prebuilt = os.environ.get("EDGEFLEET_TFLITE_FIXTURE_DIR")
+    if prebuilt:
+        root = Path(prebuilt)
+        return CnnFiles(root / "digits-cnn.onnx", root / "digits-cnn-int8.tflite", np.load(root / "x.npy"))
     pytest.importorskip("torch")
     pytest.importorskip("litert_torch")
-    from compression.cnn import INPUT_SHAPE, build_reference_cnn
-    from compression.data import load_dataset
-    from compression.variants import build_variant
+    from tests.agent.build_tflite_fixture import build
 
     out = tmp_path_factory.mktemp("cnn")
-    cnn = build_reference_cnn(out, epochs=15)
-    variant = build_variant(
-        "tflite-int8",
-        onnx_model=cnn.onnx_path,
-        torch_program=cnn.program_path,
-        calibration=load_dataset("digits-train"),
-        out_dir=out,
-    )
-    return CnnFiles(cnn.onnx_path, variant.path, load_dataset("digits").shaped(INPUT_SHAPE)[:SAMPLES])
+    build(out)
+    return CnnFiles(out / "digits-cnn.onnx", out / "digits-cnn-int8.tflite", np.load(out / "x.npy"))
+
+
+def test_tflite_runtime_is_the_one_this_environment_should_use() -> None:
+    """The legacy venv must exercise tflite_runtime, not a LiteRT that happens to be installed too."""
+    expected = os.environ.get("EDGEFLEET_EXPECT_TFLITE_BACKEND", "litert")
+    assert LiteRtRuntime().name.partition("-")[0] == expected
 
 
 @pytest.fixture
@@ -107,7 +111,7 @@ def test_int8_tflite_model_deployed_through_the_update_path_predicts_like_the_on
     observer.desire("dev-1", 2, tflite_spec)
     assert agent.wait_for_model("1.0-tflite-int8", 60), f"TFLite model not active: {agent.update_status}"
     reported = observer.reported("dev-1", lambda r: r.active_model == tflite_spec.ref)
-    assert "litert" in reported.capabilities.runtimes
+    assert os.environ.get("EDGEFLEET_EXPECT_TFLITE_BACKEND", "litert") in reported.capabilities.runtimes
     tflite_logits = endpoint_logits(agent, tflite_spec, cnn_files.x)
 
     agreement = float(np.mean(onnx_logits.argmax(1) == tflite_logits.argmax(1)))
