@@ -263,10 +263,11 @@ def test_latency_regression_trips_the_p95_gate_and_pauses(
     client = coordinator.client()
     push_2(client, tmp_path, slow_model(digits_model_bytes))
     api = Api(client)
+    # Only the latency gate: the slow model answers like 1.0, but a slow cohort serves fewer requests, and the
+    # class-shift statistics over a few dozen of them are noise this test is not about.
+    gates = {**QUICK_GATES, "max_psi": None}
     with Traffic(lambda: fleet_on_1.agents):
-        rollout = api.create(
-            waves=[{"count": 2, "bake_seconds": 3}, {"percent": 100, "bake_seconds": 3}], gates=QUICK_GATES
-        )
+        rollout = api.create(waves=[{"count": 2, "bake_seconds": 3}, {"percent": 100, "bake_seconds": 3}], gates=gates)
         wait_until(lambda: api.status(rollout["id"]) == "paused", 90, "the p95 gate to pause the rollout")
     shown = api.rollout(rollout["id"])
     failed = next(d for d in shown["decisions"] if d["kind"] == "gate_failed")
