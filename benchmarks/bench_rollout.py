@@ -18,6 +18,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -37,7 +38,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from simulators import CoordinatorProcess, FleetConfig, SimulatedFleet
+from simulators import CoordinatorProcess
 
 
 def tiny_model() -> bytes:
@@ -130,25 +131,49 @@ class FixedPortCoordinator(CoordinatorProcess):
         return cmd
 
 
-def mqtt_baseline(broker_url: str, clients: int, timeout: float = 300) -> float:
-    """Seconds from publishing one QoS 1 message to each of `clients` paho clients to all their acks."""
+PER_PROCESS = 250  # paho waits with select(): one process cannot watch file descriptors above 1023
+
+
+def baseline_worker(broker_url: str, first: int, count: int) -> None:
+    """`--baseline-worker`: `count` paho clients that answer `base/cmd/i` with `base/ack/i`; 'ready' when subscribed."""
     host, port = broker_url.removeprefix("mqtt://").split(":")
-    acked: set[int] = set()
-    done = threading.Event()
-    lock = threading.Lock()
-    subscribers = []
-    for index in range(clients):
+    subscribed = threading.Semaphore(0)
+    clients = []
+    for index in range(first, first + count):
         client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"base-{index}")
+
+        def on_connect(c: mqtt.Client, *_: object, index: int = index) -> None:
+            c.subscribe(f"base/cmd/{index}", qos=1)
 
         def on_message(c: mqtt.Client, _u: object, m: mqtt.MQTTMessage, index: int = index) -> None:
             c.publish(f"base/ack/{index}", b"ok", qos=1)
 
+        client.on_connect = on_connect
+        client.on_subscribe = lambda *_: subscribed.release()
         client.on_message = on_message
-        client.connect(host, int(port))
-        client.subscribe(f"base/cmd/{index}", qos=1)
+        client.connect_async(host, int(port))
         client.loop_start()
-        subscribers.append(client)
+        clients.append(client)
+    for _ in clients:
+        if not subscribed.acquire(timeout=120):
+            raise SystemExit("baseline worker: subscriptions did not complete")
+    print("ready", flush=True)
+    sys.stdin.read()  # until the parent closes our stdin
+    for client in clients:
+        client.disconnect()
+        client.loop_stop()
+
+
+def mqtt_baseline(broker_url: str, clients: int, timeout: float = 120) -> float:
+    """Seconds from publishing one QoS 1 message to each of `clients` paho clients (in worker processes) to
+    all their acks."""
+    host, port = broker_url.removeprefix("mqtt://").split(":")
+    acked: set[int] = set()
+    done = threading.Event()
+    ready = threading.Event()
+    lock = threading.Lock()
     collector = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="base-collector")
+    collector.max_inflight_messages_set(0)  # unlimited: the baseline measures the broker, not paho's window
 
     def on_ack(_c: mqtt.Client, _u: object, m: mqtt.MQTTMessage) -> None:
         with lock:
@@ -157,18 +182,34 @@ def mqtt_baseline(broker_url: str, clients: int, timeout: float = 300) -> float:
                 done.set()
 
     collector.on_message = on_ack
-    collector.connect(host, int(port))
-    collector.subscribe("base/ack/+", qos=1)
+    collector.on_connect = lambda c, *_: c.subscribe("base/ack/+", qos=1)
+    collector.on_subscribe = lambda *_: ready.set()
+    collector.connect_async(host, int(port))
     collector.loop_start()
-    time.sleep(2)  # subscriptions settle
-    start = time.perf_counter()
-    for index in range(clients):
-        collector.publish(f"base/cmd/{index}", b"go", qos=1)
-    done.wait(timeout)
-    elapsed = time.perf_counter() - start
-    for client in [*subscribers, collector]:
-        client.loop_stop()
-        client.disconnect()
+    workers = []
+    for first in range(0, clients, PER_PROCESS):
+        count = min(PER_PROCESS, clients - first)
+        command = [sys.executable, __file__, "--baseline-worker", broker_url, str(first), str(count)]
+        workers.append(subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+    try:
+        for worker in workers:
+            assert worker.stdout is not None
+            if worker.stdout.readline().strip() != "ready":
+                raise RuntimeError("baseline: a worker did not get ready")
+        if not ready.wait(timeout):
+            raise RuntimeError("baseline: the collector did not subscribe")
+        start = time.perf_counter()
+        for index in range(clients):
+            collector.publish(f"base/cmd/{index}", b"go", qos=1)
+        done.wait(timeout)
+        elapsed = time.perf_counter() - start
+    finally:
+        for worker in workers:
+            assert worker.stdin is not None
+            worker.stdin.close()
+            worker.wait(60)
+        collector.disconnect()
+        collector.loop_stop()
     if len(acked) < clients:
         raise RuntimeError(f"baseline: only {len(acked)}/{clients} acks in {timeout}s")
     return elapsed
@@ -195,22 +236,30 @@ def main() -> None:
         model.write_bytes(tiny_model())
         size = model.stat().st_size
         client.push_model(model, name="tiny", version="1.0")
-        config = FleetConfig(
-            devices=n,
-            data_root=root / "fleet",
-            mqtt_url=broker_url,
-            topic_base="bench/rollout/v1",
-            id_prefix="b",
-            http=False,
-            telemetry_interval_s=3600,
+        # The fleet runs as `edgefleet sim` in worker processes (paho's select() caps one process's sockets).
+        sim = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "edgefleet"),
+                "sim",
+                "--devices",
+                str(n),
+                "--coordinator",
+                client.url,
+                "--prefix",
+                "b",
+                "--no-http",
+                "--rps",
+                "0",
+                "--data-dir",
+                str(root / "fleet"),
+            ],
+            stdout=subprocess.DEVNULL,
         )
-        fleet = SimulatedFleet(config)
         started = time.perf_counter()
-        fleet.start()
         token = {"Authorization": f"Bearer {client.token}"}
         deadline = time.monotonic() + args.timeout
         while len(client.devices()) < n and time.monotonic() < deadline:
-            time.sleep(0.5)
+            time.sleep(1.0)
         enrolled = time.perf_counter() - started
         plan = {
             "model": "tiny",
@@ -233,8 +282,9 @@ def main() -> None:
                 break
             time.sleep(0.2)
         converged = time.perf_counter() - t0
-        on_version = len(fleet.running("1.0"))
-        fleet.stop()
+        on_version = sum(1 for d in client.devices() if d.get("active_model_version") == "1.0")
+        sim.send_signal(signal.SIGTERM)
+        sim.wait(120)
         process.stop()
         baseline = mqtt_baseline(broker_url, n)
     result = {
@@ -254,4 +304,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 5 and sys.argv[1] == "--baseline-worker":
+        baseline_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    else:
+        main()

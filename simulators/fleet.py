@@ -56,6 +56,10 @@ class FleetConfig:
     telemetry_interval_s: float = 5.0
     # Device kinds assigned round-robin (tag `profile`); empty: every device reports what it detects.
     profiles: tuple[DeviceProfile, ...] = ()
+    # This process runs devices first_index .. first_index + devices - 1 of a fleet of `fleet_size` (a fleet
+    # split over processes; see `simulators.cli`). Defaults: the whole fleet in this process.
+    first_index: int = 0
+    fleet_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -71,7 +75,7 @@ def device_id(config: FleetConfig, index: int) -> str:
 
 def device_tags(config: FleetConfig, index: int) -> dict[str, str]:
     """Tags of one simulated device: the fleet's own, a ring (canary/main) and a site."""
-    canaries = max(1, round(config.devices * config.canary_fraction))
+    canaries = max(1, round((config.fleet_size or config.devices) * config.canary_fraction))
     tags = {"fleet": config.id_prefix, "ring": "canary" if index < canaries else "main", "site": f"site-{index % 3}"}
     if config.profiles:
         tags["profile"] = device_profile(config, index).name
@@ -114,7 +118,11 @@ class SimulatedFleet:
 
     def __init__(self, config: FleetConfig) -> None:
         self.config = config
-        self.agents: list[Agent] = [Agent(agent_config(config, i)) for i in range(config.devices)]
+        self.agents: list[Agent] = [Agent(agent_config(config, i)) for i in self._indexes]
+
+    @property
+    def _indexes(self) -> range:
+        return range(self.config.first_index, self.config.first_index + self.config.devices)
 
     def __enter__(self) -> SimulatedFleet:
         self.start()
@@ -126,7 +134,7 @@ class SimulatedFleet:
     @property
     def device_ids(self) -> list[str]:
         """Ids of every device of the fleet, in order."""
-        return [device_id(self.config, i) for i in range(self.config.devices)]
+        return [device_id(self.config, i) for i in self._indexes]
 
     def start(self, progress: ProgressFn | None = None) -> None:
         """Start every agent; each loads its active slot and connects."""
