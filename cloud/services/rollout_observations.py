@@ -15,7 +15,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
+from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
 from cloud.models import Device, RolloutDispatchRecord, TelemetryRecord, as_utc
@@ -46,7 +48,18 @@ def device_reports(*, session: Session, rollout_id: int, state: RolloutState, pl
     if not state.devices:
         return []
     generations = attempt_generations(session=session, rollout_id=rollout_id)
-    rows = session.exec(select(Device).where(col(Device.id).in_(list(state.devices))).order_by(Device.id))
+    # Only the columns a report needs: whole rows would decode every device's JSON columns on every tick.
+    columns: tuple[Any, ...] = (
+        Device.id,
+        Device.last_reported_at,
+        Device.update_phase,
+        Device.reported_generation,
+        Device.active_model_name,
+        Device.active_model_version,
+        Device.last_error_message,
+    )
+    statement = sa_select(*columns).where(col(Device.id).in_(list(state.devices))).order_by(Device.id)
+    rows: list[Any] = list(session.execute(statement))  # Rows: attribute access by column name
     reports = []
     for device in rows:
         at = as_utc(device.last_reported_at)
