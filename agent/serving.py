@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -33,11 +33,11 @@ class ActiveModel:
 
     spec: ModelSpec
     model: LoadedModel
+    # Identity of the served model, built once: it is compared on every inference.
+    ref: ModelRef = field(init=False)
 
-    @property
-    def ref(self) -> ModelRef:
-        """Identity of the served model."""
-        return self.spec.ref
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ref", self.spec.ref)
 
 
 class Serving:

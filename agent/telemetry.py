@@ -7,6 +7,7 @@ across restarts; `TelemetryPublisher` closes and publishes a window every interv
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 import time
@@ -19,7 +20,7 @@ import numpy as np
 
 from agent._fs import atomic_write_bytes
 from protocol import LatencySummary, ModelRef, TelemetryWindow, utcnow
-from protocol.telemetry import latency_histogram
+from protocol.telemetry import LATENCY_BUCKETS_MS, latency_histogram
 
 __all__ = ["SeqCounter", "TelemetryPublisher", "TelemetryRecorder", "WindowCounts", "build_window"]
 
@@ -114,7 +115,8 @@ class TelemetryRecorder:
 
 
 def _bucket(latency_ms: float) -> int:
-    return latency_histogram([latency_ms]).index(1)
+    # The bucket `protocol.telemetry.latency_histogram` would count it in, without building a histogram.
+    return bisect.bisect_left(LATENCY_BUCKETS_MS, latency_ms)
 
 
 class SeqCounter:

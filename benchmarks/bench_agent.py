@@ -177,6 +177,11 @@ def main() -> None:
             with Agent(config) as agent:
                 if not agent.wait_for_model("1.0.0", timeout=60):
                     raise SystemExit("agent did not activate the model")
+                deadline = time.monotonic() + 60  # measure the committed model, not its trial period
+                while (status := agent.update_status) is None or status.phase != "active":
+                    if time.monotonic() > deadline:
+                        raise SystemExit(f"the update did not commit: {status}")
+                    time.sleep(0.1)
                 raw_s, agent_s = in_process_overhead(agent, model_path, x)
 
                 body = oip_request("input", x[0])
