@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from compression.cnn import INPUT_NAME, OUTPUT_NAME
 from compression.data import Dataset
 from compression.errors import ConversionError, ConverterUnavailableError, InvalidInputError
 
@@ -229,7 +230,7 @@ def _tflite_fp32(source: Path, target: Path, calibration: Dataset) -> None:
     litert_torch = _litert()
     torch, program = _load_program(source)
     example = _example_args(program, torch)
-    litert_torch.convert(program.module(), example).export(str(target))
+    litert_torch.convert(_named(torch, program.module()), sample_kwargs={INPUT_NAME: example[0]}).export(str(target))
 
 
 def _tflite_int8(source: Path, target: Path, calibration: Dataset) -> None:
@@ -250,7 +251,23 @@ def _tflite_int8(source: Path, target: Path, calibration: Dataset) -> None:
             module(torch.from_numpy(samples[i : i + 1]))
     module = quantize_pt2e.convert_pt2e(module, fold_quantize=False)
     config = quant_config.QuantConfig(pt2e_quantizer=quantizer)
-    litert_torch.convert(module, example, quant_config=config).export(str(target))
+    named = _named(torch, module)
+    litert_torch.convert(named, sample_kwargs={INPUT_NAME: example[0]}, quant_config=config).export(str(target))
+
+
+def _named(torch: Any, module: Any) -> Any:
+    """`module` with the ONNX model's tensor names in its TFLite signature (`input` → `logits`), so that
+    clients call every variant of a version alike instead of litert-torch's `args_0` / `output_0`."""
+
+    class Named(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = module
+
+        def forward(self, input: Any) -> dict[str, Any]:
+            return {OUTPUT_NAME: self.inner(input)}
+
+    return Named()
 
 
 def _example_args(program: Any, torch: Any) -> tuple[Any, ...]:

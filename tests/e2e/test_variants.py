@@ -76,6 +76,8 @@ def test_mixed_fleet_receives_the_variant_each_device_runs_best(
     variants = {v["name"]: v for v in manifest["variants"]}
     assert {"fp32", "int8-static", "int8-dynamic", "fp16", "tflite-int8"} <= set(variants), manifest["refused"]
     expected = expected_variants(variants)
+    # Every variant, TFLite included, takes `input` and answers `logits`: clients need not know which one runs.
+    assert {(v["inputs"][0]["name"], v["outputs"][0]["name"]) for v in variants.values()} == {("input", "logits")}
 
     edgefleet = Path(sys.executable).parent / "edgefleet"
     push = subprocess.run(
