@@ -1,14 +1,11 @@
-"""Shared setup for benchmarks: a broker, an artifact server and a desired state, all on loopback."""
+"""Shared setup for benchmarks: a broker and a desired state, on loopback."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -18,23 +15,6 @@ from cloud.broker import EmbeddedBroker
 from protocol import ArtifactRef, DesiredState, ModelSpec, TensorSpec, Topics, encode
 
 TOPIC_BASE = "bench/edgefleet/v1"
-
-
-class _Quiet(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-@contextmanager
-def artifact_server(root: Path) -> Iterator[str]:
-    """Serve `root` over HTTP on 127.0.0.1; yields the base URL."""
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(root)))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
 
 
 @contextmanager

@@ -34,8 +34,9 @@ from starlette.routing import Route
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent import Agent, AgentConfig
-from benchmarks._setup import TOPIC_BASE, artifact_server, embedded_broker, publish_desired, rss_kib
+from benchmarks._setup import TOPIC_BASE, embedded_broker, publish_desired, rss_kib
 from compression.reference import load_digits_split, train_digits_mlp
+from simulators.faults import FaultyArtifactServer
 from simulators.traffic import oip_request
 
 ROUNDS, CALLS_PER_ROUND = 10, 500
@@ -114,14 +115,14 @@ def bare_starlette(payload: bytes) -> tuple[str, uvicorn.Server, threading.Threa
     return f"http://127.0.0.1:{port}/infer", server, thread
 
 
-def daemon_rss(tmp: Path, broker_url: str, artifacts: str, model_path: Path) -> int:
+def daemon_rss(tmp: Path, broker_url: str, artifact_url: str, model_path: Path) -> int:
     """RSS (KiB) of `edgefleet-agent run`, idle, after it activated the model."""
     config = tmp / "agent.toml"
     config.write_text(
         f'device_id = "bench-rss"\ndata_dir = "{tmp / "rss-data"}"\nmqtt_url = "{broker_url}"\n'
         f'topic_base = "{TOPIC_BASE}"\nhttp_port = 0\ntelemetry_interval_s = 3600\n'
     )
-    publish_desired(broker_url, "bench-rss", model_path, f"{artifacts}/{model_path.name}", "1.0.0")
+    publish_desired(broker_url, "bench-rss", model_path, artifact_url, "1.0.0")
     agent_bin = Path(sys.executable).parent / "edgefleet-agent"
     proc = subprocess.Popen(
         [str(agent_bin), "run", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -164,8 +165,9 @@ def main() -> None:
         model_path = tmp / "digits.onnx"
         model_path.write_bytes(train_digits_mlp().onnx_bytes)
         x = load_digits_split().x_test
-        with embedded_broker() as broker_url, artifact_server(tmp) as artifacts:
-            publish_desired(broker_url, "bench-1", model_path, f"{artifacts}/{model_path.name}", "1.0.0")
+        with embedded_broker() as broker_url, FaultyArtifactServer() as artifacts:
+            artifact_url = artifacts.publish(model_path.name, model_path.read_bytes())  # served without faults
+            publish_desired(broker_url, "bench-1", model_path, artifact_url, "1.0.0")
             config = AgentConfig(
                 device_id="bench-1",
                 data_dir=tmp / "agent",
@@ -194,7 +196,7 @@ def main() -> None:
                 finally:
                     server.should_exit = True
                     thread.join(10)
-            rss_agent = daemon_rss(tmp, broker_url, artifacts, model_path)
+            rss_agent = daemon_rss(tmp, broker_url, artifact_url, model_path)
         rss_base = baseline_rss(model_path)
 
     print(f"machine: {os.cpu_count()} CPUs; model: digits MLP (64→32→10), batch 1, intra-op threads 1")

@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 
 from compression.errors import InvalidInputError
+from protocol.messages import ONNX_DATATYPES, Datatype
 
 __all__ = ["tensor_specs"]
 
-_ONNX_TYPES = {1: "FP32", 2: "UINT8", 3: "INT8", 5: "INT16", 6: "INT32", 7: "INT64", 9: "BOOL", 10: "FP16", 11: "FP64"}
 _NUMPY_TYPES = {
     np.dtype(np.float32): "FP32",
     np.dtype(np.float16): "FP16",
@@ -50,7 +50,8 @@ def _onnx_specs(path: Path) -> tuple[list[Spec], list[Spec]]:
     def spec(value: Any) -> Spec:
         tensor = value.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
-        return {"name": value.name, "datatype": _ONNX_TYPES.get(tensor.elem_type, "FP32"), "shape": dims}
+        datatype = ONNX_DATATYPES.get(onnx.TensorProto.DataType.Name(tensor.elem_type), Datatype.FP32)
+        return {"name": value.name, "datatype": datatype.value, "shape": dims}
 
     inputs = [spec(v) for v in graph.input if v.name not in initializers]
     return inputs, [spec(v) for v in graph.output]

@@ -15,6 +15,7 @@ from protocol.errors import (
     VerificationError,
 )
 from protocol.messages import (
+    ONNX_DATATYPES,
     SCHEMA_VERSION,
     ArtifactRef,
     Capabilities,
@@ -41,6 +42,7 @@ from protocol.verification import sha256_file, verify_artifact
 
 __all__ = [
     "DEFAULT_BASE",
+    "ONNX_DATATYPES",
     "SCHEMA_VERSION",
     "ArtifactRef",
     "ArtifactSizeMismatchError",

@@ -65,6 +65,20 @@ class Datatype(StrEnum):
     FP64 = "FP64"
 
 
+# ONNX element types (`onnx.TensorProto.DataType` names) that devices can serve, as OIP datatypes.
+ONNX_DATATYPES: dict[str, Datatype] = {
+    "BOOL": Datatype.BOOL,
+    "UINT8": Datatype.UINT8,
+    "INT8": Datatype.INT8,
+    "INT16": Datatype.INT16,
+    "INT32": Datatype.INT32,
+    "INT64": Datatype.INT64,
+    "FLOAT16": Datatype.FP16,
+    "FLOAT": Datatype.FP32,
+    "DOUBLE": Datatype.FP64,
+}
+
+
 class TensorSpec(_Part):
     """A declared model input or output; `-1` in `shape` marks a dynamic dimension."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ import httpx
 import numpy as np
 
 from agent import Agent
-from compression.reference import load_digits_split
+from compression.reference import DigitsSplit, load_digits_split
 
 
 @dataclass
@@ -29,9 +30,15 @@ class DeviceTraffic:
         return self.correct / answered if answered else 0.0
 
 
+@functools.lru_cache(maxsize=1)
+def _held_out() -> DigitsSplit:
+    # Loaded once per process: every device of a fleet, every round of `edgefleet sim`, uses the same split.
+    return load_digits_split()
+
+
 def digits_samples(shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """Held-out digits shaped for a model input of `shape` (batch dimension first)."""
-    split = load_digits_split()
+    split = _held_out()
     per_sample = [d if d > 0 else 1 for d in shape[1:]]
     return split.x_test.reshape([-1, *per_sample]).astype(np.float32), split.y_test
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.services import free_port, fresh_postgres_database, run_mosquitto, wait_for_port
+from tests.services import fresh_postgres_database, run_amqtt, run_mosquitto
 
 
 @pytest.fixture(scope="session")
@@ -22,29 +20,9 @@ def mosquitto_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def amqtt_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """URL of the embedded amqtt broker (the coordinator's default), in a process of its own on a free port.
-
-    Its own process, as an external broker would be: in the test process it would compete for the GIL with
-    the fleets under test and miss keepalives.
-    """
-    port = free_port()
-    log = (tmp_path_factory.mktemp("amqtt") / "broker.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cloud.broker", "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        if not wait_for_port("127.0.0.1", port, timeout=30):
-            pytest.fail(f"the amqtt broker did not start (exit {proc.poll()}); see {log.name}")
-        yield f"mqtt://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    """URL of the embedded amqtt broker (the coordinator's default), in a process of its own on a free port."""
+    with run_amqtt(tmp_path_factory.mktemp("amqtt")) as url:
+        yield url
 
 
 @pytest.fixture(params=["mosquitto", "amqtt"])

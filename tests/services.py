@@ -10,9 +10,10 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -71,16 +72,39 @@ def run_mosquitto(workdir: Path) -> Iterator[str]:
         f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
         "max_queued_messages 100000\nmax_inflight_messages 100\n"
     )
-    log = (workdir / "mosquitto.log").open("wb")
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+    with _broker_process([binary, "-c", str(conf)], port, workdir / "mosquitto.log", unavailable) as url:
+        yield url
+
+
+@contextmanager
+def run_amqtt(workdir: Path) -> Iterator[str]:
+    """Start the embedded amqtt broker (`python -m cloud.broker`) in a process of its own on a free port.
+
+    Its own process, as an external broker would be: in the test process it would compete for the GIL with
+    the fleets under test and miss keepalives. amqtt is a Python dependency, so failing to start is a failure.
+    """
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "cloud.broker", "--host", "127.0.0.1", "--port", str(port)]
+    with _broker_process(command, port, workdir / "broker.log", pytest.fail) as url:
+        yield url
+
+
+@contextmanager
+def _broker_process(
+    command: list[str], port: int, log_path: Path, on_failure: Callable[[str], object]
+) -> Iterator[str]:
+    """Run a broker command that listens on 127.0.0.1:`port`; yields its URL, stops it afterwards."""
+    log = log_path.open("wb")
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
-        if not wait_for_port("127.0.0.1", port):
-            unavailable(f"Mosquitto did not start on port {port}; see {workdir / 'mosquitto.log'}")
+        if not wait_for_port("127.0.0.1", port, timeout=30):
+            on_failure(f"{Path(command[0]).name} did not start on port {port} (exit {proc.poll()}); see {log_path}")
         yield f"mqtt://127.0.0.1:{port}"
     finally:
         proc.terminate()
         try:
-            proc.wait(5)
+            proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()

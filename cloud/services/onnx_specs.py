@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cloud.errors import InvalidModelError
-from protocol.messages import Datatype, TensorSpec
+from protocol.messages import ONNX_DATATYPES, TensorSpec
 
 __all__ = ["onnx_tensor_specs"]
 
@@ -36,21 +36,8 @@ def _spec(value: object, onnx: object) -> TensorSpec:
     name = value.name  # type: ignore[attr-defined]
     tensor_type = value.type.tensor_type  # type: ignore[attr-defined]
     elem = onnx.TensorProto.DataType.Name(tensor_type.elem_type)  # type: ignore[attr-defined]
-    datatype = _DATATYPES.get(elem)
+    datatype = ONNX_DATATYPES.get(elem)
     if datatype is None:
         raise InvalidModelError(f"ONNX tensor {name!r} has type {elem}, which devices cannot serve", field="file")
     shape = [dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else -1 for dim in tensor_type.shape.dim]
     return TensorSpec(name=name, datatype=datatype, shape=shape)
-
-
-_DATATYPES: dict[str, Datatype] = {
-    "BOOL": Datatype.BOOL,
-    "UINT8": Datatype.UINT8,
-    "INT8": Datatype.INT8,
-    "INT16": Datatype.INT16,
-    "INT32": Datatype.INT32,
-    "INT64": Datatype.INT64,
-    "FLOAT16": Datatype.FP16,
-    "FLOAT": Datatype.FP32,
-    "DOUBLE": Datatype.FP64,
-}

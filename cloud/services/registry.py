@@ -15,6 +15,7 @@ from protocol.messages import ModelFormat, TensorSpec, utcnow
 
 __all__ = [
     "artifact_url",
+    "declared_tensors",
     "discard_unreferenced",
     "get_model",
     "get_model_version",
@@ -51,19 +52,9 @@ def push_model_version(
     if _find_version(session, name, version) is not None:
         raise ConflictError(f"model {name}:{version} exists already; versions are immutable, push a new version")
     sha256, size = store.put(stream)
-    if size == 0:
-        discard_unreferenced(session, store, sha256)
-        raise InvalidInputError("the uploaded file is empty", field="file")
-    if inputs is None:
-        if format is not ModelFormat.ONNX:
-            discard_unreferenced(session, store, sha256)
-            raise InvalidInputError(f"inputs are required for format {format.value}", field="inputs")
-        try:
-            inputs, derived_outputs = onnx_tensor_specs(store.path(sha256))
-        except InvalidInputError:
-            discard_unreferenced(session, store, sha256)
-            raise
-        outputs = derived_outputs if outputs is None else outputs
+    inputs, outputs = declared_tensors(
+        session=session, store=store, sha256=sha256, size=size, format=format, inputs=inputs, outputs=outputs
+    )
     model = session.exec(select(Model).where(Model.name == name)).first()
     if model is None:
         model = Model(name=name, created_at=utcnow())
@@ -78,7 +69,7 @@ def push_model_version(
         size=size,
         format=format.value,
         inputs=[spec.model_dump(mode="json") for spec in inputs],
-        outputs=[spec.model_dump(mode="json") for spec in outputs or []],
+        outputs=[spec.model_dump(mode="json") for spec in outputs],
         primary_variant=primary_variant,
     )
     session.add(record)
@@ -89,6 +80,35 @@ def push_model_version(
         raise ConflictError(f"model {name}:{version} exists already") from exc
     session.refresh(record)
     return record
+
+
+def declared_tensors(
+    *,
+    session: Session,
+    store: ArtifactStore,
+    sha256: str,
+    size: int,
+    format: ModelFormat,
+    inputs: list[TensorSpec] | None,
+    outputs: list[TensorSpec] | None,
+) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The tensors of an artifact just stored: as given, else read from its ONNX graph.
+
+    An empty file, a non-ONNX file without `inputs`, or a file that does not parse as ONNX is refused
+    (`InvalidInputError`) and its bytes are discarded unless a registered version or variant shares them.
+    """
+    try:
+        if size == 0:
+            raise InvalidInputError("the uploaded file is empty", field="file")
+        if inputs is None:
+            if format is not ModelFormat.ONNX:
+                raise InvalidInputError(f"inputs are required for format {format.value}", field="inputs")
+            inputs, derived_outputs = onnx_tensor_specs(store.path(sha256))
+            outputs = derived_outputs if outputs is None else outputs
+    except InvalidInputError:
+        discard_unreferenced(session, store, sha256)
+        raise
+    return inputs, outputs or []
 
 
 def _find_version(session: Session, name: str, version: str) -> ModelVersion | None:

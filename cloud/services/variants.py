@@ -28,8 +28,7 @@ from sqlmodel import Session
 
 from cloud.artifacts import ArtifactStore
 from cloud.errors import ConflictError, InvalidInputError
-from cloud.services.onnx_specs import onnx_tensor_specs
-from cloud.services.registry import discard_unreferenced, get_model_version
+from cloud.services.registry import declared_tensors, discard_unreferenced, get_model_version
 from protocol.messages import Capabilities, ModelFormat, Name, Sha256Hex, TensorSpec
 
 __all__ = [
@@ -40,7 +39,6 @@ __all__ = [
     "VariantChoice",
     "add_variant",
     "choose_variant",
-    "variant_of",
     "version_variants",
 ]
 
@@ -151,19 +149,12 @@ def version_variants(record: ModelVersionLike) -> list[Variant]:
         sha256=record.sha256,
         size=record.size,
         format=ModelFormat(record.format),
-        precision=_primary_precision(record),
+        precision="fp32",
         runtime=None,
         inputs=[TensorSpec.model_validate(t) for t in record.inputs],
         outputs=[TensorSpec.model_validate(t) for t in record.outputs],
     )
     return [primary, *(Variant.model_validate(v) for v in record.variants)]
-
-
-def _primary_precision(record: ModelVersionLike) -> str:
-    for extra in record.variants:  # the manifest may describe the primary too (compress lists fp32)
-        if extra.get("sha256") == record.sha256 and extra.get("precision"):
-            return str(extra["precision"])
-    return "fp32"
 
 
 def add_variant(
@@ -193,14 +184,10 @@ def add_variant(
     if variant in {v.name for v in version_variants(record)}:
         raise ConflictError(f"model {name}:{version} already has a variant {variant!r}")
     sha256, size = store.put(stream)
+    inputs, outputs = declared_tensors(
+        session=session, store=store, sha256=sha256, size=size, format=format, inputs=inputs, outputs=outputs
+    )
     try:
-        if size == 0:
-            raise InvalidInputError("the uploaded file is empty", field="file")
-        if inputs is None:
-            if format is not ModelFormat.ONNX:
-                raise InvalidInputError(f"inputs are required for format {format.value}", field="inputs")
-            inputs, derived = onnx_tensor_specs(store.path(sha256))
-            outputs = derived if outputs is None else outputs
         entry = Variant(
             name=variant,
             sha256=sha256,
@@ -213,23 +200,14 @@ def add_variant(
             agreement=agreement,
             latency_p50_ms=latency_p50_ms,
             inputs=inputs,
-            outputs=outputs or [],
+            outputs=outputs,
         )
-    except (InvalidInputError, ValidationError) as exc:
+    except ValidationError as exc:
         discard_unreferenced(session, store, sha256)
-        if isinstance(exc, ValidationError):
-            first = exc.errors()[0]
-            raise InvalidInputError(f"variant {'.'.join(map(str, first['loc']))}: {first['msg']}") from exc
-        raise
+        first = exc.errors()[0]
+        raise InvalidInputError(f"variant {'.'.join(map(str, first['loc']))}: {first['msg']}") from exc
     # A new list object, so the JSON column is seen as changed.
     record.variants = [*record.variants, entry.model_dump(mode="json")]
     session.add(record)
     session.commit()
     return entry
-
-
-def variant_of(record: ModelVersionLike, sha256: str | None) -> str | None:
-    """The name of the variant of `record` whose artifact has `sha256` (what a device runs), if any."""
-    if sha256 is None:
-        return None
-    return next((v.name for v in version_variants(record) if v.sha256 == sha256), None)
