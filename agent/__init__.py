@@ -2,7 +2,7 @@
 
 It reconciles towards the desired state it receives over MQTT (a persisted update state machine over
 two slots), serves the active model on a local Open Inference Protocol endpoint, and reports state,
-events and telemetry. It imports `protocol` (and `compression`), never `cloud`.
+events and telemetry. Among edgefleet packages it imports `protocol` only: never `compression` or `cloud`.
 """
 
 from agent.config import AgentConfig, load_config

@@ -1,28 +1,12 @@
-"""Structured log lines (one JSON object per line) for the daemon."""
+"""Structured log lines (one JSON object per line, `protocol.logfmt`'s format) for the daemon."""
 
 from __future__ import annotations
 
-import json
 import logging
-from datetime import UTC, datetime
 
-__all__ = ["JsonFormatter", "configure_logging"]
+from protocol.logfmt import JsonFormatter
 
-
-class JsonFormatter(logging.Formatter):
-    """`{"ts": ..., "level": ..., "logger": ..., "msg": ..., "exc": ...}` per record."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        """One JSON line for `record`."""
-        line = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            line["exc"] = self.formatException(record.exc_info)
-        return json.dumps(line, ensure_ascii=False)
+__all__ = ["configure_logging"]
 
 
 def configure_logging(level: str = "info", *, json_lines: bool = True) -> None:

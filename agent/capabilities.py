@@ -1,8 +1,8 @@
 """What this device can run, for `ReportedState.capabilities`: runtimes, CPU arch and ISA flags, memory.
 
 The ISA flags are the ones that decide which compressed variant runs fast here (int8 dot products,
-fp16 arithmetic, wide vectors), read from `/proc/cpuinfo` (`flags` on x86, `Features` on Arm) with the
-same list `compression` uses in its reports, so a device and a benchmark name them alike.
+fp16 arithmetic, wide vectors), read from `/proc/cpuinfo` (`flags` on x86, `Features` on Arm) and named
+by `protocol.capabilities`, the list `compression` and the coordinator's variant policy use too.
 """
 
 from __future__ import annotations
@@ -12,21 +12,11 @@ import os
 import platform
 from pathlib import Path
 
-from agent.runtime import RuntimeRegistry
-from compression.report import isa_flags
+from agent.runtime import RuntimeCatalog
 from protocol import Capabilities
+from protocol.capabilities import cpu_features
 
-__all__ = ["cpu_features", "device_capabilities"]
-
-# Also reported under the names people search for: Arm's dot product and half-precision extensions.
-_ALIASES = {"asimddp": "dotprod", "asimdhp": "fp16"}
-
-
-def cpu_features(cpuinfo: str) -> list[str]:
-    """The ISA flags of interest in a `/proc/cpuinfo` text (`compression.report.isa_flags`), sorted, with aliases."""
-    features = set(isa_flags(cpuinfo))
-    features.update(alias for flag, alias in _ALIASES.items() if flag in features)
-    return sorted(features)
+__all__ = ["device_capabilities"]
 
 
 def _read_cpuinfo(path: Path = Path("/proc/cpuinfo")) -> str:
@@ -36,14 +26,14 @@ def _read_cpuinfo(path: Path = Path("/proc/cpuinfo")) -> str:
         return ""
 
 
-def device_capabilities(registry: RuntimeRegistry) -> Capabilities:
-    """Runtime names of `registry` (without versions), CPU architecture and ISA flags, memory (MB) and OS."""
+def device_capabilities(catalog: RuntimeCatalog) -> Capabilities:
+    """Runtime names of `catalog` (without versions), CPU architecture and ISA flags, memory (MB) and OS."""
     memory_mb = None
     with contextlib.suppress(AttributeError, ValueError, OSError):  # not every OS reports physical memory
         memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
     return Capabilities(
         # Bare names, as docs/protocol.md and the coordinator's variant policy expect (`onnxruntime`, `litert`).
-        runtimes=list(dict.fromkeys(name.partition("-")[0] for name in registry.names())),
+        runtimes=list(dict.fromkeys(name.partition("-")[0] for name in catalog.names())),
         arch=platform.machine(),
         cpu_features=cpu_features(_read_cpuinfo()),
         memory_mb=memory_mb,

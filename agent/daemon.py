@@ -17,12 +17,12 @@ import numpy as np
 
 from agent.capabilities import device_capabilities
 from agent.config import AgentConfig
-from agent.errors import TransportError
-from agent.runtime import LoadedModel, RuntimeRegistry, default_registry
+from agent.errors import ConfigError, TransportError
+from agent.runtime import LoadedModel, RuntimeCatalog, default_catalog
 from agent.server import InferenceServer, create_app
 from agent.serving import Serving
 from agent.telemetry import SeqCounter, TelemetryPublisher, TelemetryRecorder
-from agent.transport import MqttTransport, Transport, client_id_for, parse_mqtt_url
+from agent.transport import MqttTransport, Transport, client_id_for
 from agent.update import (
     ArtifactFetcher,
     HealthPolicy,
@@ -52,6 +52,8 @@ from protocol import (
     decode,
     encode,
 )
+from protocol.errors import BrokerUrlError
+from protocol.mqtt import BrokerAddress, parse_mqtt_url
 
 __all__ = ["Agent", "agent_version", "health_policy", "resolve_broker"]
 
@@ -99,13 +101,13 @@ class Agent:
     """One device: `Agent(config)` builds nothing yet; `start()` loads, serves and connects; `stop()` ends."""
 
     def __init__(
-        self, config: AgentConfig, *, registry: RuntimeRegistry | None = None, hooks: UpdateHooks | None = None
+        self, config: AgentConfig, *, catalog: RuntimeCatalog | None = None, hooks: UpdateHooks | None = None
     ) -> None:
         self.config = config
         self._hooks = hooks
-        self._registry = registry or default_registry(config.intra_op_threads)
+        self._catalog = catalog or default_catalog(config.intra_op_threads)
         if config.runtimes is not None:
-            self._registry = self._registry.restricted_to(config.runtimes)
+            self._catalog = self._catalog.restricted_to(config.runtimes)
         self._recorder = TelemetryRecorder()
         self._serving = Serving(record=self._recorder.record)
         self._slots = SlotStore(config.data_dir / "slots")
@@ -185,73 +187,24 @@ class Agent:
         """Load the active slot, resume an interrupted update, start the endpoint and connect (non-blocking)."""
         if self._started:
             raise RuntimeError(f"agent {self.config.device_id} is already started")
-        cfg = self.config
-        mqtt_url, base = resolve_broker(cfg, timeout_s=min(cfg.download_timeout_s, 10.0))
-        address = parse_mqtt_url(mqtt_url)
-        cfg.data_dir.mkdir(parents=True, exist_ok=True)
-        self._topics = topics = Topics(base)
-        self._capabilities = device_capabilities(self._registry)  # once: /proc/cpuinfo does not change
-        overrides = {"cpu_features": cfg.cpu_features, "memory_mb": cfg.memory_mb}
-        self._capabilities = self._capabilities.model_copy(update={k: v for k, v in overrides.items() if v is not None})
-        self._fetcher = ArtifactFetcher(
-            timeout_s=cfg.download_timeout_s,
-            attempts=cfg.download_attempts,
-            base_url=cfg.coordinator_url,
-            sleep=lambda s: self._worker.sleep(s) if self._worker else False,
-        )
-        executor = UpdateExecutor(
-            slots=self._slots,
-            downloads=cfg.data_dir / "downloads",
-            registry=self._registry,
-            serving=self._serving,
-            fetcher=self._fetcher,
-            policy=health_policy(cfg),
-        )
-        self._worker = UpdateWorker(
-            name=cfg.device_id,
-            state_file=StateFile(cfg.data_dir / "update-state.json"),
-            executor=executor,
-            slots=self._slots,
-            serving=self._serving,
-            on_transition=self._on_transition,
-            hooks=self._hooks,
-            max_trial_boots=cfg.max_trial_boots,
-        )
-        self._worker.boot()
+        address, base = self._resolve_broker()
+        self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        self._topics = Topics(base)
+        self._capabilities = self._detect_capabilities()  # once: /proc/cpuinfo does not change
+        worker = self._build_update_path()
+        worker.boot()
         try:
-            if cfg.http_port is not None:
-                self._server = InferenceServer(
-                    create_app(self._serving, version=agent_version()),
-                    host=cfg.http_host,
-                    port=cfg.http_port,
-                    name=cfg.device_id,
-                )
-                self._server.start()
-            offline = ReportedState(device_id=cfg.device_id, status=DeviceStatus.OFFLINE, tags=cfg.tags)
-            self._transport = MqttTransport(
-                address=address,
-                client_id=cfg.mqtt_client_id or client_id_for(cfg.device_id, base),
-                subscriptions=[topics.desired(cfg.device_id)],
-                will=(topics.reported(cfg.device_id), encode(offline)),
-                reconnect_min_s=cfg.reconnect_min_s,
-                reconnect_max_s=cfg.reconnect_max_s,
-            )
-            self._telemetry = TelemetryPublisher(
-                device_id=cfg.device_id,
-                recorder=self._recorder,
-                seq=SeqCounter(cfg.data_dir / "telemetry-seq"),
-                publish=self._publish_telemetry,
-                interval_s=cfg.telemetry_interval_s,
-            )
-            self._transport.start(on_message=self._on_message, on_connect=self._on_connect)
-            self._telemetry.start()
-            self._worker.start()
+            self._start_endpoint()
+            self._start_messaging(address, base)
+            worker.start()
         except BaseException:
             self._shutdown(report=False)
             raise
         self._started = True
         self._event(EventKind.AGENT_STARTED, message=f"agent {agent_version()} started")
-        log.info("agent %s started (model: %s, endpoint: %s)", cfg.device_id, self.active_model, self.inference_url)
+        log.info(
+            "agent %s started (model: %s, endpoint: %s)", self.config.device_id, self.active_model, self.inference_url
+        )
 
     def stop(self) -> None:
         """Flush telemetry, report offline, disconnect and stop the endpoint; safe to call twice."""
@@ -267,6 +220,87 @@ class Agent:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    # -- start, one step each ----------------------------------------------------------------------
+
+    def _resolve_broker(self) -> tuple[BrokerAddress, str]:
+        """The broker's address and the topic base, from the configuration or the coordinator."""
+        mqtt_url, base = resolve_broker(self.config, timeout_s=min(self.config.download_timeout_s, 10.0))
+        try:
+            return parse_mqtt_url(mqtt_url), base
+        except BrokerUrlError as exc:
+            raise ConfigError(f"mqtt_url: {exc}") from exc
+
+    def _detect_capabilities(self) -> Capabilities:
+        """What this device reports it can run: detected, then the configured overrides."""
+        detected = device_capabilities(self._catalog)
+        overrides = {"cpu_features": self.config.cpu_features, "memory_mb": self.config.memory_mb}
+        return detected.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+
+    def _build_update_path(self) -> UpdateWorker:
+        """The fetcher, the executor of update steps and the worker that drives them (not started yet)."""
+        cfg = self.config
+        self._fetcher = ArtifactFetcher(
+            timeout_s=cfg.download_timeout_s,
+            attempts=cfg.download_attempts,
+            base_url=cfg.coordinator_url,
+            sleep=lambda s: self._worker.sleep(s) if self._worker else False,
+        )
+        executor = UpdateExecutor(
+            slots=self._slots,
+            downloads=cfg.data_dir / "downloads",
+            catalog=self._catalog,
+            serving=self._serving,
+            fetcher=self._fetcher,
+            policy=health_policy(cfg),
+        )
+        self._worker = UpdateWorker(
+            name=cfg.device_id,
+            state_file=StateFile(cfg.data_dir / "update-state.json"),
+            executor=executor,
+            slots=self._slots,
+            serving=self._serving,
+            on_transition=self._on_transition,
+            hooks=self._hooks,
+            max_trial_boots=cfg.max_trial_boots,
+        )
+        return self._worker
+
+    def _start_endpoint(self) -> None:
+        """Serve the local inference endpoint, unless `http_port` disables it."""
+        cfg = self.config
+        if cfg.http_port is None:
+            return
+        self._server = InferenceServer(
+            create_app(self._serving, version=agent_version()),
+            host=cfg.http_host,
+            port=cfg.http_port,
+            name=cfg.device_id,
+        )
+        self._server.start()
+
+    def _start_messaging(self, address: BrokerAddress, base: str) -> None:
+        """Build the MQTT transport (with the offline last will) and the telemetry publisher, then start both."""
+        cfg, topics = self.config, self._topics
+        assert topics is not None, "set by start() before messaging starts"
+        offline = ReportedState(device_id=cfg.device_id, status=DeviceStatus.OFFLINE, tags=cfg.tags)
+        self._transport = MqttTransport(
+            address=address,
+            client_id=cfg.mqtt_client_id or client_id_for(cfg.device_id, base),
+            subscriptions=[topics.desired(cfg.device_id)],
+            will=(topics.reported(cfg.device_id), encode(offline)),
+            reconnect_min_s=cfg.reconnect_min_s,
+            reconnect_max_s=cfg.reconnect_max_s,
+        )
+        self._telemetry = TelemetryPublisher(
+            device_id=cfg.device_id,
+            recorder=self._recorder,
+            seq=SeqCounter(cfg.data_dir / "telemetry-seq"),
+            publish=self._publish_telemetry,
+            interval_s=cfg.telemetry_interval_s,
+        )
+        self._transport.start(on_message=self._on_message, on_connect=self._on_connect)
+        self._telemetry.start()
 
     # -- internals --------------------------------------------------------------------------------
 

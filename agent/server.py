@@ -74,8 +74,40 @@ def encode_tensor(name: str, array: np.ndarray) -> InferTensor:
     )
 
 
-def _model_for(serving: Serving, request: Request) -> ActiveModel:
-    active = serving.current()
+def create_app(serving: Serving, *, version: str = "0") -> Starlette:
+    """The Starlette app of the endpoint for one agent's `serving` (handlers find it in `app.state`)."""
+    app = Starlette(routes=_routes(), exception_handlers=_EXCEPTION_HANDLERS)
+    app.state.serving = serving
+    app.state.version = version
+    return app
+
+
+def _routes() -> list[Route]:
+    routes = [
+        Route("/v2/health/live", _live),
+        Route("/v2/health/ready", _ready),
+        Route("/v2", _server_metadata),
+    ]
+    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+        routes += [
+            Route(prefix, _model_metadata),
+            Route(f"{prefix}/ready", _model_ready),
+            Route(f"{prefix}/infer", _infer, methods=["POST"]),
+        ]
+    return routes
+
+
+# -- route handlers -----------------------------------------------------------------------------------
+
+
+def _serving(request: Request) -> Serving:
+    serving: Serving = request.app.state.serving
+    return serving
+
+
+def _model_for(request: Request) -> ActiveModel:
+    """The served model, if it is the one the path names; 503 before any model, 404 for another one."""
+    active = _serving(request).current()
     if active is None:
         raise _HttpError(503, "no model is loaded yet")
     name = request.path_params["name"]
@@ -87,29 +119,86 @@ def _model_for(serving: Serving, request: Request) -> ActiveModel:
     return active
 
 
-async def _infer(serving: Serving, request: Request) -> Response:
-    active = _model_for(serving, request)
+async def _live(_request: Request) -> Response:
+    return JSONResponse({"live": True})
+
+
+async def _ready(request: Request) -> Response:
+    if _serving(request).current() is None:
+        return _error(503, "no model is loaded yet")
+    return JSONResponse({"ready": True})
+
+
+async def _server_metadata(request: Request) -> Response:
+    body = ServerMetadata(name="edgefleet-agent", version=request.app.state.version)
+    return JSONResponse(body.model_dump(mode="json"))
+
+
+async def _model_metadata(request: Request) -> Response:
+    active = _model_for(request)
+    body = ModelMetadata(
+        name=active.spec.name,
+        versions=[active.spec.version],
+        platform=_PLATFORMS.get(active.spec.artifact.format, active.spec.artifact.format.value),
+        inputs=active.model.inputs,
+        outputs=active.model.outputs,
+    )
+    return JSONResponse(body.model_dump(mode="json"))
+
+
+async def _model_ready(request: Request) -> Response:
+    active = _model_for(request)
+    return JSONResponse({"name": active.spec.name, "ready": True})
+
+
+async def _infer(request: Request) -> Response:
+    active = _model_for(request)
+    body = _parse_request(await _json_body(request))
+    inputs = {t.name: decode_tensor(t) for t in body.inputs}
+    outputs = await run_in_threadpool(_serving(request).infer, inputs, active)
+    wanted = _wanted_outputs(body, outputs)
+    return _encode_response(active, body, [(name, outputs[name]) for name in wanted])
+
+
+# -- the steps of an inference request ----------------------------------------------------------------
+
+
+async def _json_body(request: Request) -> Any:
     try:
-        body = InferenceRequest.model_validate(await request.json())
+        return await request.json()
     except json.JSONDecodeError as exc:
         raise _HttpError(400, f"request body is not JSON: {exc}") from exc
+
+
+def _parse_request(data: Any) -> InferenceRequest:
+    """The inference request in a JSON body; 400 when it is not one, or names an input twice."""
+    try:
+        body = InferenceRequest.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
         raise _HttpError(400, f"invalid inference request: {problems}") from exc
     names = [t.name for t in body.inputs]
     if len(set(names)) != len(names):
         raise _HttpError(400, f"duplicate input names in {names}")
-    inputs = {t.name: decode_tensor(t) for t in body.inputs}
-    outputs = await run_in_threadpool(serving.infer, inputs, active)
+    return body
+
+
+def _wanted_outputs(body: InferenceRequest, outputs: dict[str, np.ndarray]) -> list[str]:
+    """The outputs the request asks for (all by default), in its order; 400 for a name the model lacks."""
     wanted = [o.name for o in body.outputs] if body.outputs else list(outputs)
     unknown = [name for name in wanted if name not in outputs]
     if unknown:
         raise _HttpError(400, f"unknown output(s) {unknown}; the model has {list(outputs)}")
+    return wanted
+
+
+def _encode_response(active: ActiveModel, body: InferenceRequest, outputs: list[tuple[str, np.ndarray]]) -> Response:
+    """The JSON inference response; 500 when an output cannot be written as JSON (NaN, Inf)."""
     response = InferenceResponse(
         model_name=active.spec.name,
         model_version=active.spec.version,
         id=body.id,
-        outputs=[encode_tensor(name, outputs[name]) for name in wanted],
+        outputs=[encode_tensor(name, array) for name, array in outputs],
     )
     try:
         return JSONResponse(response.model_dump(mode="json", exclude_none=True))
@@ -117,74 +206,37 @@ async def _infer(serving: Serving, request: Request) -> Response:
         raise _HttpError(500, f"model output is not representable as JSON: {exc}") from exc
 
 
-def create_app(serving: Serving, *, version: str = "0") -> Starlette:
-    """The Starlette app of the endpoint for one agent's `serving`."""
+# -- errors as {"error": ...} bodies ------------------------------------------------------------------
 
-    async def live(_request: Request) -> Response:
-        return JSONResponse({"live": True})
 
-    async def ready(_request: Request) -> Response:
-        if serving.current() is None:
-            return _error(503, "no model is loaded yet")
-        return JSONResponse({"ready": True})
+async def _http_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, _HttpError)
+    return _error(exc.status, str(exc))
 
-    async def server_metadata(_request: Request) -> Response:
-        return JSONResponse(ServerMetadata(name="edgefleet-agent", version=version).model_dump(mode="json"))
 
-    async def model_metadata(request: Request) -> Response:
-        active = _model_for(serving, request)
-        body = ModelMetadata(
-            name=active.spec.name,
-            versions=[active.spec.version],
-            platform=_PLATFORMS.get(active.spec.artifact.format, active.spec.artifact.format.value),
-            inputs=active.model.inputs,
-            outputs=active.model.outputs,
-        )
-        return JSONResponse(body.model_dump(mode="json"))
+async def _input_error(_request: Request, exc: Exception) -> Response:
+    return _error(400, str(exc))
 
-    async def model_ready(request: Request) -> Response:
-        active = _model_for(serving, request)
-        return JSONResponse({"name": active.spec.name, "ready": True})
 
-    async def infer(request: Request) -> Response:
-        return await _infer(serving, request)
+async def _no_model(_request: Request, exc: Exception) -> Response:
+    return _error(503, str(exc))
 
-    routes = [
-        Route("/v2/health/live", live),
-        Route("/v2/health/ready", ready),
-        Route("/v2", server_metadata),
-    ]
-    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
-        routes += [
-            Route(prefix, model_metadata),
-            Route(f"{prefix}/ready", model_ready),
-            Route(f"{prefix}/infer", infer, methods=["POST"]),
-        ]
 
-    async def http_error(_request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, _HttpError)
-        return _error(exc.status, str(exc))
+async def _failed(_request: Request, exc: Exception) -> Response:
+    return _error(500, str(exc))
 
-    async def input_error(_request: Request, exc: Exception) -> Response:
-        return _error(400, str(exc))
 
-    async def no_model(_request: Request, exc: Exception) -> Response:
-        return _error(503, str(exc))
+async def _not_found(_request: Request, _exc: Exception) -> Response:
+    return _error(404, "not found")
 
-    async def failed(_request: Request, exc: Exception) -> Response:
-        return _error(500, str(exc))
 
-    async def not_found(_request: Request, _exc: Exception) -> Response:
-        return _error(404, "not found")
-
-    handlers: dict[Any, Any] = {
-        _HttpError: http_error,
-        InferenceInputError: input_error,
-        NoModelError: no_model,
-        InferenceFailedError: failed,
-        404: not_found,
-    }
-    return Starlette(routes=routes, exception_handlers=handlers)
+_EXCEPTION_HANDLERS: dict[Any, Any] = {
+    _HttpError: _http_error,
+    InferenceInputError: _input_error,
+    NoModelError: _no_model,
+    InferenceFailedError: _failed,
+    404: _not_found,
+}
 
 
 class InferenceServer:

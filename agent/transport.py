@@ -13,16 +13,14 @@ import logging
 import ssl
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.errors import ConfigError
+from protocol.mqtt import BrokerAddress
 
-__all__ = ["BrokerAddress", "MqttTransport", "Transport", "client_id_for", "parse_mqtt_url"]
+__all__ = ["MqttTransport", "Transport", "client_id_for"]
 
 log = logging.getLogger(__name__)
 
@@ -49,36 +47,6 @@ class Transport(Protocol):
     def close(self, *, timeout: float) -> None:
         """Deliver what is queued (up to `timeout`), disconnect cleanly (no last will) and stop."""
         ...
-
-
-@dataclass(frozen=True)
-class BrokerAddress:
-    """Where and how to connect to the broker."""
-
-    host: str
-    port: int
-    tls: bool = False
-    username: str | None = None
-    password: str | None = None
-
-
-def parse_mqtt_url(url: str) -> BrokerAddress:
-    """`mqtt://[user:pass@]host[:1883]` or `mqtts://...[:8883]`; `ConfigError` for anything else."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parts.hostname:
-        raise ConfigError(f"mqtt_url {url!r}: expected mqtt://host:port or mqtts://host:port")
-    tls = parts.scheme in ("mqtts", "ssl")
-    try:
-        port = parts.port or (8883 if tls else 1883)
-    except ValueError as exc:
-        raise ConfigError(f"mqtt_url {url!r}: {exc}") from exc
-    return BrokerAddress(
-        host=parts.hostname,
-        port=port,
-        tls=tls,
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password else None,
-    )
 
 
 def client_id_for(device_id: str, topic_base: str) -> str:

@@ -256,7 +256,6 @@ def main() -> None:
             stdout=subprocess.DEVNULL,
         )
         started = time.perf_counter()
-        token = {"Authorization": f"Bearer {client.token}"}
         deadline = time.monotonic() + args.timeout
         while len(client.devices()) < n and time.monotonic() < deadline:
             time.sleep(1.0)
@@ -272,12 +271,10 @@ def main() -> None:
             "device_timeout_seconds": args.timeout,
         }
         t0 = time.perf_counter()
-        created = httpx.post(f"{client.url}/api/v1/rollouts", json=plan, headers=token, timeout=60).json()
+        created = client.create_rollout(plan)
         status = ""
         while time.monotonic() < deadline:
-            status = httpx.get(
-                f"{client.url}/api/v1/rollouts/{created['id']}", params={"decisions": 0}, timeout=60
-            ).json()["status"]
+            status = client.get(f"/rollouts/{created['id']}", decisions=0)["status"]
             if status == "completed":
                 break
             time.sleep(0.2)

@@ -11,56 +11,25 @@ import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 
 from fastapi import FastAPI
-from sqlalchemy.engine import Engine
 
 from cloud import __version__
 from cloud.api import install_problem_handlers, router
-from cloud.artifacts import ArtifactStore, FileArtifactStore
+from cloud.artifacts import FileArtifactStore
 from cloud.auth import ensure_admin_token
 from cloud.bridge import MqttBridge
 from cloud.broker import EmbeddedBroker
+from cloud.coordinator import Coordinator
 from cloud.db import create_db_engine, init_db
-from cloud.services.rollout_runner import RolloutRunner
+from cloud.rollouts.runner import RolloutRunner
 from cloud.settings import Settings
-from cloud.stats import IngestStats
-from protocol.messages import DesiredState
 
-__all__ = ["Coordinator", "create_app"]
+__all__ = ["create_app"]
 
 log = logging.getLogger(__name__)
 
 _BRIDGE_CONNECT_WAIT_S = 10.0
-
-
-@dataclass
-class Coordinator:
-    """What the routes need at run time; lives on `app.state.coordinator`."""
-
-    settings: Settings
-    engine: Engine
-    store: ArtifactStore
-    stats: IngestStats = field(default_factory=IngestStats)
-    admin_token: str = ""
-    admin_token_created: bool = False
-    mqtt_url: str | None = None
-    broker: EmbeddedBroker | None = None
-    bridge: MqttBridge | None = None
-    rollouts: RolloutRunner | None = None
-
-    @property
-    def public_url(self) -> str:
-        """The URL devices fetch artifacts from."""
-        return self.settings.resolved_public_url()
-
-    def publish_desired(self, state: DesiredState) -> None:
-        """Hand a desired state to the bridge (dropped with a warning when MQTT is disabled)."""
-        if self.bridge is None:
-            log.warning("no MQTT bridge; desired state for %s not published", state.device_id)
-            return
-        self.bridge.publish_desired(state)
 
 
 def _bridge_client_id(settings: Settings) -> str:
@@ -145,7 +114,7 @@ def _start_mqtt(coordinator: Coordinator) -> None:
         url=url,
         topics=settings.topics,
         engine=coordinator.engine,
-        stats=coordinator.stats,
+        counters=coordinator.counters,
         client_id=_bridge_client_id(settings),
     )
     coordinator.bridge.start()

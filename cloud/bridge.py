@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -27,14 +26,16 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 
 from cloud.errors import ConfigurationError
-from cloud.services import desired_states, ingest_event, ingest_reported, ingest_telemetry
-from cloud.stats import IngestStats
+from cloud.services import desired_states, ingest_event, ingest_reported
+from cloud.telemetry.counters import IngestCounters
+from cloud.telemetry.windows import ingest_telemetry
 from protocol.codec import decode, encode
-from protocol.errors import MalformedMessageError, TopicError
+from protocol.errors import BrokerUrlError, MalformedMessageError, TopicError
 from protocol.messages import DesiredState, DeviceEvent, Message, ReportedState, TelemetryWindow
+from protocol.mqtt import BrokerAddress, parse_mqtt_url
 from protocol.topics import Channel, Topics
 
-__all__ = ["Decoded", "MqttBridge", "Rejected", "classify", "parse_mqtt_url"]
+__all__ = ["Decoded", "MqttBridge", "Rejected", "broker_address", "classify"]
 
 log = logging.getLogger(__name__)
 
@@ -83,19 +84,12 @@ def classify(topics: Topics, topic: str, payload: bytes) -> Decoded | Rejected:
     return Decoded(channel, message)
 
 
-def parse_mqtt_url(url: str) -> tuple[str, int, bool, str | None, str | None]:
-    """`(host, port, tls, username, password)` of an `mqtt://`, `tcp://`, `mqtts://` or `ssl://` URL."""
-    parts = urlsplit(url)
-    if parts.scheme not in {"mqtt", "tcp", "mqtts", "ssl"} or not parts.hostname:
-        raise ConfigurationError(f"MQTT URL {url!r} must look like mqtt://host:port or mqtts://host:port")
-    tls = parts.scheme in {"mqtts", "ssl"}
+def broker_address(url: str) -> BrokerAddress:
+    """The broker address in `url`; `ConfigurationError` (the operator's setting) if it is not an MQTT URL."""
     try:
-        port = parts.port or (8883 if tls else 1883)
-    except ValueError as exc:
-        raise ConfigurationError(f"MQTT URL {url!r} has an invalid port") from exc
-    username = unquote(parts.username) if parts.username else None
-    password = unquote(parts.password) if parts.password else None
-    return parts.hostname, port, tls, username, password
+        return parse_mqtt_url(url)
+    except BrokerUrlError as exc:
+        raise ConfigurationError(str(exc)) from exc
 
 
 @dataclass(frozen=True)
@@ -123,23 +117,23 @@ class MqttBridge:
         url: str,
         topics: Topics,
         engine: Engine,
-        stats: IngestStats,
+        counters: IngestCounters,
         client_id: str,
         keepalive: int = 30,
     ) -> None:
         self.url = url
         self.topics = topics
         self._engine = engine
-        self.stats = stats
+        self.counters = counters
         self._keepalive = keepalive
-        self._host, self._port, tls, username, password = parse_mqtt_url(url)
+        self._address = address = broker_address(url)
         self._client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False, manual_ack=True
         )
-        if tls:
+        if address.tls:
             self._client.tls_set()
-        if username is not None:
-            self._client.username_pw_set(username, password)
+        if address.username is not None:
+            self._client.username_pw_set(address.username, address.password)
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
@@ -156,7 +150,7 @@ class MqttBridge:
         """Start the worker and connect in the background (paho retries with backoff until it succeeds)."""
         self._worker = threading.Thread(target=self._work, name="edgefleet-bridge-worker", daemon=True)
         self._worker.start()
-        self._client.connect_async(self._host, self._port, keepalive=self._keepalive)
+        self._client.connect_async(self._address.host, self._address.port, keepalive=self._keepalive)
         self._client.loop_start()
         log.info("mqtt bridge connecting url=%s base=%s", self.url, self.topics.base)
 
@@ -192,7 +186,7 @@ class MqttBridge:
                 state.generation,
                 mqtt.error_string(info.rc),
             )
-        self.stats.published()
+        self.counters.published()
 
     # -- paho callbacks (network thread: enqueue only) ------------------------------------------
 
@@ -203,7 +197,7 @@ class MqttBridge:
         self._epoch += 1
         client.subscribe([(self.topics.all_devices(channel), 1) for channel in _INBOUND])
         self._connected.set()
-        self.stats.connected()
+        self.counters.connected()
         self._jobs.put(_Republish())
         log.info("mqtt bridge connected url=%s epoch=%d", self.url, self._epoch)
 
@@ -239,14 +233,14 @@ class MqttBridge:
         states = self._with_session(lambda session: desired_states(session=session))
         for state in states or []:
             self._client.publish(self.topics.desired(state.device_id), encode(state), qos=1, retain=True)
-        self.stats.published(len(states or []))
+        self.counters.published(len(states or []))
         log.info("mqtt bridge republished desired states count=%d", len(states or []))
 
     def _ingest(self, job: _Inbound) -> None:
         verdict = classify(self.topics, job.topic, job.payload)
-        self.stats.received(verdict.channel if isinstance(verdict, Rejected) else verdict.channel.value)
+        self.counters.received(verdict.channel if isinstance(verdict, Rejected) else verdict.channel.value)
         if isinstance(verdict, Rejected):
-            self.stats.rejected(verdict.channel, verdict.reason)
+            self.counters.rejected(verdict.channel, verdict.reason)
             log.warning("mqtt message rejected topic=%s reason=%s", job.topic, verdict.reason)
             return
         channel, message = verdict.channel.value, verdict.message
@@ -257,13 +251,13 @@ class MqttBridge:
         elif isinstance(message, TelemetryWindow):
             done = self._with_session(lambda s: ingest_telemetry(session=s, window=message))
             if done is False:
-                self.stats.duplicate()
+                self.counters.duplicate()
                 log.info("telemetry duplicate dropped device=%s seq=%d", message.device_id, message.seq)
                 return
         if done is None:
-            self.stats.failed(channel)
+            self.counters.failed(channel)
         else:
-            self.stats.stored(channel)
+            self.counters.stored(channel)
 
     def _with_session(self, apply: Callable[[Session], Any]) -> Any:
         """Run `apply` in a fresh session, retrying transient database errors; None if it keeps failing."""

@@ -106,7 +106,7 @@ class ModelVersion(ModelVersionBase, table=True):
     model_id: int = Field(foreign_key="model.id", index=True)
     inputs: list[dict[str, Any]] = _json(list)
     outputs: list[dict[str, Any]] = _json(list)
-    # Further artifacts of the same version (quantized ONNX, TFLite, ...): `cloud.services.variants.Variant`
+    # Further artifacts of the same version (quantized ONNX, TFLite, ...): `cloud.variant_policy.Variant`
     # dumps. The version's own artifact above is its primary variant, named by `primary_variant`.
     variants: list[dict[str, Any]] = _json(list)
     primary_variant: str = Field(default="default", max_length=64)

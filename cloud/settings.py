@@ -58,7 +58,9 @@ class Settings(BaseSettings):
     environment: Environment = Environment.DEVELOPMENT
     admin_token: str | None = Field(default=None, description="Overrides the generated data_dir/admin-token.")
     max_artifact_bytes: int = Field(default=2 * 1024**3, gt=0)
-    mqtt_client_id: str | None = Field(default=None, description="Bridge client id; default derived from pid.")
+    mqtt_client_id: str | None = Field(
+        default=None, description="Bridge client id; default derived from the data dir and topic base."
+    )
     rollout_tick_s: float = Field(
         default=1.0, ge=0, le=3600, description="How often the rollout runner steps rollouts; 0 = no runner thread."
     )

@@ -6,10 +6,11 @@ Importing the package needs neither torch nor a converter; those load inside the
 from compression.data import Dataset, load_dataset
 from compression.errors import CompressionError, ConversionError, ConverterUnavailableError, InvalidInputError
 from compression.evaluate import CompressionReport, GateVerdict, LatencyBudget, Measurement, gate
-from compression.variants import VARIANT_SPECS, Variant, VariantSpec
+from compression.variants import VARIANT_SPECS, BuiltVariant, VariantSpec
 
 __all__ = [
     "VARIANT_SPECS",
+    "BuiltVariant",
     "CompressionError",
     "CompressionReport",
     "ConversionError",
@@ -19,7 +20,6 @@ __all__ = [
     "InvalidInputError",
     "LatencyBudget",
     "Measurement",
-    "Variant",
     "VariantSpec",
     "gate",
     "load_dataset",

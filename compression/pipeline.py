@@ -24,14 +24,33 @@ from compression.evaluate import (
     measure,
     predictions,
 )
-from compression.report import build_document, read_cpu, render_html, render_markdown
+from compression.machine import read_cpu
+from compression.report import build_document, render_html, render_markdown
 from compression.specs import tensor_specs
-from compression.variants import VARIANT_SPECS, Variant, build_variant, describe_file
+from compression.variants import VARIANT_SPECS, BuiltVariant, build_variant, describe_file
+from protocol.manifest import (
+    MANIFEST_FORMAT_VERSION,
+    ManifestEvaluation,
+    ManifestLatency,
+    ManifestVariant,
+    RefusedVariant,
+    VariantsManifest,
+    write_manifest,
+)
+from protocol.messages import ModelFormat
 
-__all__ = ["BUILTIN_MODEL", "CompressionJob", "CompressionResult", "ModelSources", "resolve_model", "run_compression"]
+__all__ = [
+    "BUILTIN_MODEL",
+    "CompressionJob",
+    "CompressionResult",
+    "ModelSources",
+    "build_manifest",
+    "manifest_entry",
+    "resolve_model",
+    "run_compression",
+]
 
 BUILTIN_MODEL = "digits-cnn"
-MANIFEST_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -60,7 +79,7 @@ class CompressionJob:
 class CompressionResult:
     """The built variants, their measurements, the gate's verdicts and where the outputs were written."""
 
-    variants: list[Variant]
+    variants: list[BuiltVariant]
     report: CompressionReport
     verdicts: list[GateVerdict]
     document: dict[str, Any]
@@ -128,49 +147,48 @@ def run_compression(job: CompressionJob, progress: Callable[[str], None] = lambd
     verdicts = gate(report, job.max_drop_pp)
     files = {v.name: v.path.name for v in built}
     document = build_document(report, verdicts, max_drop_pp=job.max_drop_pp, files=files)
-    manifest_path = _write_outputs(job, built, report, verdicts, document)
+    manifest_path = _write_outputs(job, build_manifest(job, built, report, verdicts), document)
     return CompressionResult(built, report, verdicts, document, manifest_path)
 
 
-def manifest_entry(variant: Variant, measurement: Measurement) -> dict[str, Any]:
+def manifest_entry(variant: BuiltVariant, measurement: Measurement) -> ManifestVariant:
     """One variant as the registry push reads it."""
     inputs, outputs = tensor_specs(variant.path)
-    return {
-        "name": variant.name,
-        "file": variant.path.name,
-        "format": variant.format,
-        "precision": variant.precision,
-        "sha256": variant.sha256,
-        "size": variant.size_bytes,
-        "accuracy": measurement.accuracy,
-        "agreement": measurement.agreement,
-        "latency": {"p50_ms": measurement.latency_p50_ms, "p99_ms": measurement.latency_p99_ms},
-        "runtime": variant.runtime,
-        "cpu_features": list(variant.cpu_features),
+    return ManifestVariant(
+        name=variant.name,
+        file=variant.path.name,
+        format=ModelFormat(variant.format),
+        precision=variant.precision,
+        sha256=variant.sha256,
+        size=variant.size_bytes,
+        accuracy=measurement.accuracy,
+        agreement=measurement.agreement,
+        latency=ManifestLatency(p50_ms=measurement.latency_p50_ms, p99_ms=measurement.latency_p99_ms),
+        runtime=variant.runtime,
+        cpu_features=list(variant.cpu_features),
         # The tensors devices will be told to expect (what `edgefleet models push --variants` registers).
-        "inputs": inputs,
-        "outputs": outputs,
-    }
+        inputs=inputs,
+        outputs=outputs,
+    )
 
 
-def _write_outputs(
-    job: CompressionJob,
-    built: list[Variant],
-    report: CompressionReport,
-    verdicts: list[GateVerdict],
-    document: dict[str, Any],
-) -> Path:
+def build_manifest(
+    job: CompressionJob, built: list[BuiltVariant], report: CompressionReport, verdicts: list[GateVerdict]
+) -> VariantsManifest:
+    """The manifest of a run: the fp32 baseline and every accepted variant, and why the others were refused."""
     accepted = {"fp32"} | {v.name for v in verdicts if v.accepted}
     measurements = {m.name: m for m in (report.baseline, *report.variants)}
-    manifest = {
-        "format_version": MANIFEST_VERSION,
-        "max_drop_pp": job.max_drop_pp,
-        "evaluation": {"name": job.evaluation.name, "samples": len(job.evaluation)},
-        "variants": [manifest_entry(v, measurements[v.name]) for v in built if v.name in accepted],
-        "refused": [{"name": v.name, "reason": v.reason} for v in verdicts if not v.accepted],
-    }
-    manifest_path = job.out_dir / "variants.json"
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return VariantsManifest(
+        format_version=MANIFEST_FORMAT_VERSION,
+        max_drop_pp=job.max_drop_pp,
+        evaluation=ManifestEvaluation(name=job.evaluation.name, samples=len(job.evaluation)),
+        variants=[manifest_entry(v, measurements[v.name]) for v in built if v.name in accepted],
+        refused=[RefusedVariant(name=v.name, reason=v.reason) for v in verdicts if not v.accepted],
+    )
+
+
+def _write_outputs(job: CompressionJob, manifest: VariantsManifest, document: dict[str, Any]) -> Path:
+    manifest_path = write_manifest(job.out_dir, manifest)
     (job.out_dir / "report.json").write_text(json.dumps(document, indent=2) + "\n")
     (job.out_dir / "report.md").write_text(render_markdown(document))
     (job.out_dir / "report.html").write_text(render_html(document))

@@ -8,65 +8,11 @@ from __future__ import annotations
 import html
 import platform
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from compression.evaluate import CompressionReport, GateVerdict
 
-__all__ = [
-    "ISA_FLAGS_OF_INTEREST",
-    "build_document",
-    "isa_flags",
-    "read_cpu",
-    "render_html",
-    "render_markdown",
-]
-
-# Flags that decide how fast int8 / fp16 kernels run (x86 VNNI/AMX, ARM dot product / i8mm / fp16).
-ISA_FLAGS_OF_INTEREST = (
-    "sse4_2",
-    "avx",
-    "avx2",
-    "fma",
-    "f16c",
-    "avx512f",
-    "avx512bw",
-    "avx512_vnni",
-    "avx_vnni",
-    "avx512_bf16",
-    "avx512_fp16",
-    "amx_int8",
-    "amx_bf16",
-    "neon",
-    "asimd",
-    "asimdhp",
-    "asimddp",
-    "i8mm",
-    "sve",
-)
-
-
-def isa_flags(cpuinfo: str) -> tuple[str, ...]:
-    """The flags of interest present in `/proc/cpuinfo` text (x86 `flags` or ARM `Features`)."""
-    present: set[str] = set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            present.update(value.split())
-    return tuple(flag for flag in ISA_FLAGS_OF_INTEREST if flag in present)
-
-
-def read_cpu(path: Path = Path("/proc/cpuinfo")) -> tuple[str, tuple[str, ...]]:
-    """(CPU model name, ISA flags of interest) of this machine; empty flags where /proc/cpuinfo is absent."""
-    try:
-        text = path.read_text()
-    except OSError:
-        return platform.processor() or platform.machine(), ()
-    model = next(
-        (line.partition(":")[2].strip() for line in text.splitlines() if line.split(":")[0].strip() == "model name"),
-        platform.machine(),
-    )
-    return model, isa_flags(text)
+__all__ = ["build_document", "render_html", "render_markdown"]
 
 
 def build_document(

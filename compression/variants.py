@@ -25,7 +25,7 @@ from compression.errors import ConversionError, ConverterUnavailableError, Inval
 
 __all__ = [
     "VARIANT_SPECS",
-    "Variant",
+    "BuiltVariant",
     "VariantSpec",
     "build_variant",
     "describe_file",
@@ -70,7 +70,7 @@ VARIANT_SPECS: dict[str, VariantSpec] = {
 
 
 @dataclass(frozen=True)
-class Variant:
+class BuiltVariant:
     """A built variant file and what a device needs to run it."""
 
     name: str
@@ -93,10 +93,10 @@ def parse_variant_names(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def describe_file(spec: VariantSpec, path: Path) -> Variant:
+def describe_file(spec: VariantSpec, path: Path) -> BuiltVariant:
     """Size, digest and runtime needs of a variant file."""
     data = path.read_bytes()
-    return Variant(
+    return BuiltVariant(
         name=spec.name,
         path=path,
         format=spec.format,
@@ -115,7 +115,7 @@ def build_variant(
     torch_program: Path | None,
     calibration: Dataset,
     out_dir: Path,
-) -> Variant:
+) -> BuiltVariant:
     """Build variant `name` into `out_dir/<name>.<format>` from the model source it needs."""
     spec = VARIANT_SPECS[name]
     source = onnx_model if spec.source == "onnx" else torch_program

@@ -6,6 +6,9 @@ Exception tree::
     ├── MalformedMessageError         payload is not a valid message of the expected kind (fatal for that message)
     │   └── UnsupportedSchemaVersionError  valid JSON, but a schema version this side does not speak
     ├── TopicError                    a topic outside the edgefleet scheme
+    ├── BrokerUrlError                a broker URL that is not mqtt(s)://host[:port] (fatal: fix the configuration)
+    ├── ManifestError                 a variants manifest that is unreadable or of another format version
+    ├── TensorSpecError               a model file whose declared tensors cannot be read or served
     └── VerificationError             an artifact failed verification (fatal: retrying the same bytes cannot help)
         ├── ArtifactSizeMismatchError
         └── DigestMismatchError
@@ -56,6 +59,18 @@ class UnsupportedSchemaVersionError(MalformedMessageError):
 
 class TopicError(ProtocolError):
     """A topic that is not part of the edgefleet topic scheme."""
+
+
+class BrokerUrlError(ProtocolError, ValueError):
+    """A broker URL that is not `mqtt://host[:port]` or `mqtts://host[:port]`."""
+
+
+class ManifestError(ProtocolError, ValueError):
+    """A variants manifest (`variants.json`) that cannot be read, or is of a format version this side does not read."""
+
+
+class TensorSpecError(ProtocolError, ValueError):
+    """A model file that does not parse, or declares a tensor type devices cannot serve."""
 
 
 class VerificationError(ProtocolError):

@@ -1,6 +1,6 @@
 """Fleets of real agents for tests, demos, load and fault injection."""
 
-from simulators.coordinator import CoordinatorClient, CoordinatorError, CoordinatorProcess
+from simulators.coordinator import CoordinatorError, CoordinatorProcess
 from simulators.faults import (
     ArtifactFaults,
     FaultyArtifactServer,
@@ -16,7 +16,6 @@ from simulators.traffic import DeviceTraffic, drive_inference
 __all__ = [
     "MIXED_PROFILES",
     "ArtifactFaults",
-    "CoordinatorClient",
     "CoordinatorError",
     "CoordinatorProcess",
     "DeviceProfile",

@@ -1,4 +1,4 @@
-"""Talk to a coordinator the way an operator's script would: its REST API, and `edgefleet up` as a process."""
+"""Run a coordinator the way an operator would: `edgefleet up` as a process, talked to through `cloud.client`."""
 
 from __future__ import annotations
 
@@ -8,75 +8,15 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 
+from cloud.client import ApiClient
+
 
 class CoordinatorError(RuntimeError):
-    """The coordinator refused a request or could not be started; the message says why."""
-
-
-@dataclass
-class CoordinatorClient:
-    """A thin client of the coordinator's `/api/v1` (reads open, writes with the admin token)."""
-
-    url: str
-    token: str | None = None
-    timeout: float = 30.0
-
-    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        try:
-            response = httpx.request(method, f"{self.url}{path}", headers=headers, timeout=self.timeout, **kwargs)
-        except httpx.HTTPError as exc:
-            raise CoordinatorError(f"{method} {path}: {exc}") from exc
-        if response.status_code >= 400:
-            raise CoordinatorError(f"{method} {path}: HTTP {response.status_code}: {response.text[:500]}")
-        return response.json() if response.content else None
-
-    def info(self) -> dict[str, Any]:
-        """Coordinator version, MQTT URL and topic base."""
-        return dict(self._request("GET", "/api/v1/info"))
-
-    def push_model(self, path: Path, *, name: str, version: str, inputs: str | None = None) -> dict[str, Any]:
-        """Upload a model file as `name:version` (`inputs`: JSON tensor specs, else derived by the registry)."""
-        data = {"version": version} | ({"inputs": inputs} if inputs else {})
-        with path.open("rb") as fh:
-            files = {"file": (path.name, fh, "application/octet-stream")}
-            return dict(self._request("POST", f"/api/v1/models/{name}/versions", data=data, files=files))
-
-    def deploy(
-        self, *, model: str, version: str, tags: dict[str, str] | None = None, device_ids: list[str] | None = None
-    ) -> dict[str, Any]:
-        """Deploy `model:version` to devices chosen by tags or ids."""
-        target: dict[str, Any] = {"tags": tags} if tags else {"device_ids": device_ids or []}
-        body = {"model": model, "version": version, "target": target}
-        return dict(self._request("POST", "/api/v1/deployments", json=body))
-
-    def deployment(self, deployment_id: str | int) -> dict[str, Any]:
-        """One deployment with its per-device progress."""
-        return dict(self._request("GET", f"/api/v1/deployments/{deployment_id}"))
-
-    def devices(self) -> list[dict[str, Any]]:
-        """Every known device with its reported state."""
-        body = self._request("GET", "/api/v1/devices")
-        return list(body["data"] if isinstance(body, dict) else body)
-
-    def telemetry(self, device_id: str) -> list[dict[str, Any]]:
-        """The telemetry windows the coordinator stored for one device."""
-        body = self._request("GET", f"/api/v1/devices/{device_id}/telemetry")
-        return list(body["data"] if isinstance(body, dict) else body)
-
-    def stats(self) -> dict[str, Any]:
-        """The coordinator's MQTT ingest counters."""
-        return dict(self._request("GET", "/api/v1/stats"))
-
-    def fleet_summary(self) -> dict[str, Any]:
-        """Per-device versions, inference counts and latency percentiles."""
-        return dict(self._request("GET", "/api/v1/fleet/summary"))
+    """The coordinator could not be started; the message says why."""
 
 
 class CoordinatorProcess:
@@ -109,7 +49,7 @@ class CoordinatorProcess:
             cmd += ["--database-url", self.database_url]
         return cmd
 
-    def start(self) -> CoordinatorClient:
+    def start(self) -> ApiClient:
         """Start the coordinator and wait until it answers `/healthz`."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         info_file = self.data_dir / "coordinator.json"
@@ -137,10 +77,10 @@ class CoordinatorProcess:
         except (ValueError, KeyError, OSError, httpx.HTTPError):
             return False
 
-    def client(self) -> CoordinatorClient:
+    def client(self) -> ApiClient:
         """A client with the admin token this coordinator created."""
         self.token = (self.data_dir / "admin-token").read_text().strip()
-        return CoordinatorClient(self.url, self.token)
+        return ApiClient(self.url, self.token)
 
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM and wait; SIGKILL if it does not stop in time. Returns the exit code."""

@@ -8,7 +8,6 @@ the fleet summary the coordinator computed from the devices' telemetry.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from simulators.coordinator import CoordinatorClient, CoordinatorError, CoordinatorProcess
+from cloud.client import ApiClient, ApiError
+from protocol.errors import ManifestError
+from protocol.manifest import read_manifest
+from simulators.coordinator import CoordinatorError, CoordinatorProcess
 from simulators.fleet import MIXED_PROFILES, FleetConfig, SimulatedFleet
 from simulators.traffic import DeviceTraffic, drive_inference
 
@@ -54,7 +56,7 @@ def _compress(out: Path) -> Path:
     return out
 
 
-def _push_variants(client: CoordinatorClient, directory: Path) -> None:
+def _push_variants(client: ApiClient, directory: Path) -> None:
     """`edgefleet models push --variants`: the fp32 model and every accepted variant under one version."""
     command = [
         _edgefleet(),
@@ -92,7 +94,7 @@ def demo(
         root = data_dir or Path(tmp)
         try:
             run_demo(console, root, devices=devices, requests=requests, timeout=timeout)
-        except (CoordinatorError, DemoError) as exc:
+        except (CoordinatorError, DemoError, ApiError, ManifestError) as exc:
             console.print(f"[bold red]demo failed:[/] {exc}")
             raise typer.Exit(1) from exc
 
@@ -102,7 +104,7 @@ class DemoError(RuntimeError):
 
 
 def run_demo(console: Console, root: Path, *, devices: int, requests: int, timeout: float) -> None:
-    """The demo's steps; raises `DemoError`/`CoordinatorError` on the first one that fails."""
+    """The demo's steps; raises `DemoError`, `CoordinatorError`, `ApiError` or `ManifestError` on a failure."""
     started = time.monotonic()
     coordinator = CoordinatorProcess(root / "coordinator")
     console.print("[bold]1/6[/] starting the coordinator (SQLite, embedded MQTT broker) ...")
@@ -113,15 +115,7 @@ def run_demo(console: Console, root: Path, *, devices: int, requests: int, timeo
         console.print("[bold]2/6[/] training the reference CNN on the digits, compressing it to int8/fp16/TFLite ...")
         variants_dir = _compress(root / "compressed")
         _push_variants(client, variants_dir)
-        manifest = json.loads((variants_dir / "variants.json").read_text())
-        base = next(v for v in manifest["variants"] if v["name"] == "fp32")
-        for v in manifest["variants"]:
-            console.print(
-                f"    {v['name']:<13} {v['format']:<7} {v['size']:>7} B ({v['size'] / base['size']:4.2f}x)  "
-                f"accuracy {v['accuracy']:.3f}  agreement {v['agreement']:.3f}"
-            )
-        for refused in manifest.get("refused", []):
-            console.print(f"    [yellow]refused[/] {refused['name']}: {refused['reason']}")
+        _print_variants(console, variants_dir)
         fleet_config = FleetConfig(
             devices=devices,
             data_root=root / "devices",
@@ -155,7 +149,20 @@ def run_demo(console: Console, root: Path, *, devices: int, requests: int, timeo
             console.print(f"[yellow]coordinator exited with {code}; see {coordinator.data_dir / 'coordinator.log'}")
 
 
-def _wait_for_enrolment(client: CoordinatorClient, device_ids: list[str], timeout: float) -> None:
+def _print_variants(console: Console, directory: Path) -> None:
+    """One line per accepted variant (size against fp32, accuracy, agreement), then the refused ones."""
+    manifest = read_manifest(directory)
+    base = manifest.primary
+    for v in manifest.variants:
+        console.print(
+            f"    {v.name:<13} {v.format.value:<7} {v.size:>7} B ({v.size / base.size:4.2f}x)  "
+            f"accuracy {v.accuracy or 0:.3f}  agreement {v.agreement or 0:.3f}"
+        )
+    for refused in manifest.refused:
+        console.print(f"    [yellow]refused[/] {refused.name}: {refused.reason}")
+
+
+def _wait_for_enrolment(client: ApiClient, device_ids: list[str], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     wanted = set(device_ids)
     while time.monotonic() < deadline:
@@ -166,9 +173,7 @@ def _wait_for_enrolment(client: CoordinatorClient, device_ids: list[str], timeou
     raise DemoError(f"only {len(wanted & known)} of {len(wanted)} devices enrolled within {timeout:.0f}s")
 
 
-def _watch_deployment(
-    console: Console, client: CoordinatorClient, deployment_id: Any, total: int, timeout: float
-) -> None:
+def _watch_deployment(console: Console, client: ApiClient, deployment_id: Any, total: int, timeout: float) -> None:
     columns = (
         TextColumn("    active"),
         BarColumn(),
@@ -197,7 +202,7 @@ def _watch_deployment(
             time.sleep(0.2)
 
 
-def _wait_for_telemetry(client: CoordinatorClient, traffic: list[DeviceTraffic], timeout: float) -> dict[str, Any]:
+def _wait_for_telemetry(client: ApiClient, traffic: list[DeviceTraffic], timeout: float) -> dict[str, Any]:
     expected = sum(t.sent - t.errors for t in traffic)
     deadline = time.monotonic() + timeout
     while True:

@@ -5,8 +5,8 @@ ONNX Runtime for `ModelFormat.ONNX`, LiteRT for `ModelFormat.TFLITE` (when insta
 
 from agent.runtime._tensors import check_inputs, datatype_of, numpy_dtype, warmup_inputs
 from agent.runtime.base import LoadedModel, ModelRuntime
+from agent.runtime.catalog import RuntimeCatalog, available_runtimes, default_catalog
 from agent.runtime.onnx import OnnxModel, OnnxRuntime
-from agent.runtime.registry import RuntimeRegistry, available_runtimes, default_registry
 from agent.runtime.tflite import LiteRtModel, LiteRtRuntime
 
 __all__ = [
@@ -16,11 +16,11 @@ __all__ = [
     "ModelRuntime",
     "OnnxModel",
     "OnnxRuntime",
-    "RuntimeRegistry",
+    "RuntimeCatalog",
     "available_runtimes",
     "check_inputs",
     "datatype_of",
-    "default_registry",
+    "default_catalog",
     "numpy_dtype",
     "warmup_inputs",
 ]

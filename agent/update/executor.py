@@ -21,7 +21,7 @@ from agent.errors import (
     StorageError,
     WarmupError,
 )
-from agent.runtime import RuntimeRegistry, warmup_inputs
+from agent.runtime import RuntimeCatalog, warmup_inputs
 from agent.serving import ActiveModel, Serving
 from agent.update.cancel import StepCancelledError
 from agent.update.fetch import ArtifactFetcher
@@ -39,9 +39,9 @@ log = logging.getLogger(__name__)
 Step = Callable[[UpdateState, ModelSpec, Callable[[], bool]], None]
 
 
-def load_model(registry: RuntimeRegistry, spec: ModelSpec, path: Path) -> ActiveModel:
+def load_model(catalog: RuntimeCatalog, spec: ModelSpec, path: Path) -> ActiveModel:
     """Load `path` with the runtime for its format and check it takes the declared inputs."""
-    model = registry.for_format(spec.artifact.format).load(path)
+    model = catalog.for_format(spec.artifact.format).load(path)
     declared = {t.name for t in spec.inputs}
     actual = {t.name for t in model.inputs}
     if declared != actual:
@@ -60,7 +60,7 @@ class UpdateExecutor:
         *,
         slots: SlotStore,
         downloads: Path,
-        registry: RuntimeRegistry,
+        catalog: RuntimeCatalog,
         serving: Serving,
         fetcher: ArtifactFetcher,
         policy: HealthPolicy | None = None,
@@ -68,7 +68,7 @@ class UpdateExecutor:
         self._policy = policy or HealthPolicy()
         self._slots = slots
         self._downloads = downloads
-        self._registry = registry
+        self._catalog = catalog
         self._serving = serving
         self._fetcher = fetcher
         self._candidate: ActiveModel | None = None
@@ -154,7 +154,7 @@ class UpdateExecutor:
         content = self._slots.read(state.slot or self._slots.inactive_slot(), verify=False)
         if content is None or content.ref != spec.ref:
             raise StorageError(f"slot {state.slot} does not hold {spec.name}:{spec.version} any more")
-        self._candidate = load_model(self._registry, spec, content.path)
+        self._candidate = load_model(self._catalog, spec, content.path)
 
     def _health_check(self, state: UpdateState, spec: ModelSpec, cancelled: Callable[[], bool]) -> None:
         """The declared warm-up input (zeros, dynamic dims = 1): outputs declared, finite, of the declared shape."""
@@ -218,7 +218,7 @@ class UpdateExecutor:
         if content is None:
             return ErrorInfo.of(ErrorCode.STORAGE_FAILED, f"the active slot {slot} holds no intact model")
         try:
-            self._serving.swap(load_model(self._registry, content.spec, content.path))
+            self._serving.swap(load_model(self._catalog, content.spec, content.path))
         except AgentError as exc:
             log.error("cannot load the active slot %s (%s)", slot, exc)
             return exc.error_info()
@@ -236,6 +236,6 @@ class UpdateExecutor:
         if content is None or (current is not None and current.ref == content.ref):
             return
         try:
-            self._serving.swap(load_model(self._registry, content.spec, content.path))
+            self._serving.swap(load_model(self._catalog, content.spec, content.path))
         except AgentError as exc:
             log.error("cannot load the previous model from slot %s after the rollback: %s", previous, exc)

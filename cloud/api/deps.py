@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session
 
 from cloud.auth import token_matches
+from cloud.coordinator import Coordinator
 from cloud.errors import UnauthorizedError
-
-if TYPE_CHECKING:
-    from cloud.app import Coordinator
 
 __all__ = ["AdminDep", "CoordinatorDep", "SessionDep", "get_coordinator", "get_session", "require_admin"]
 
@@ -26,7 +24,7 @@ def get_coordinator(request: Request) -> Coordinator:
     return coordinator
 
 
-CoordinatorDep = Annotated["Coordinator", Depends(get_coordinator)]
+CoordinatorDep = Annotated[Coordinator, Depends(get_coordinator)]
 
 
 def get_session(coordinator: CoordinatorDep) -> Iterator[Session]:

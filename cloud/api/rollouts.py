@@ -7,6 +7,7 @@ answers 200 with the rollout as it then stands; otherwise (or if that takes long
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response
@@ -15,7 +16,7 @@ from pydantic import BaseModel, Field
 from cloud.api.deps import AdminDep, CoordinatorDep, SessionDep
 from cloud.models import RolloutDetailPublic, RolloutsPublic
 from cloud.rollouts import Abort, Command, Pause, Promote, Resume, RolloutPlan
-from cloud.services import rollouts
+from cloud.rollouts import service as rollouts
 
 __all__ = ["AbortBody", "CommandAccepted", "PauseBody", "router"]
 
@@ -114,19 +115,6 @@ def pause(
 
 
 @router.post(
-    "/rollouts/{rollout_id}/resume",
-    dependencies=[AdminDep],
-    responses=_COMMAND_RESPONSES,
-    summary="Resume a paused rollout",
-)
-def resume(
-    rollout_id: RolloutId, session: SessionDep, coordinator: CoordinatorDep, response: Response
-) -> CommandAccepted:
-    """Continue where it stopped; a bake in progress starts over."""
-    return _submit(rollout_id, Resume(command_id=rollouts.new_command_id()), session, coordinator, response)
-
-
-@router.post(
     "/rollouts/{rollout_id}/abort", dependencies=[AdminDep], responses=_COMMAND_RESPONSES, summary="Abort a rollout"
 )
 def abort(
@@ -142,14 +130,29 @@ def abort(
     return _submit(rollout_id, command, session, coordinator, response)
 
 
-@router.post(
-    "/rollouts/{rollout_id}/promote",
-    dependencies=[AdminDep],
-    responses=_COMMAND_RESPONSES,
-    summary="Start the next wave now",
+def _bodyless(name: str, make: Callable[[str], Command], summary: str, doc: str) -> None:
+    """Add the route `POST /rollouts/{id}/<name>` of a command that takes no body."""
+
+    def route(
+        rollout_id: RolloutId, session: SessionDep, coordinator: CoordinatorDep, response: Response
+    ) -> CommandAccepted:
+        return _submit(rollout_id, make(rollouts.new_command_id()), session, coordinator, response)
+
+    route.__name__, route.__doc__ = name, doc
+    router.post(
+        f"/rollouts/{{rollout_id}}/{name}", dependencies=[AdminDep], responses=_COMMAND_RESPONSES, summary=summary
+    )(route)
+
+
+_bodyless(
+    "resume",
+    lambda command_id: Resume(command_id=command_id),
+    "Resume a paused rollout",
+    "Continue where it stopped; a bake in progress starts over.",
 )
-def promote(
-    rollout_id: RolloutId, session: SessionDep, coordinator: CoordinatorDep, response: Response
-) -> CommandAccepted:
-    """Skip the rest of the current wave's bake and gates."""
-    return _submit(rollout_id, Promote(command_id=rollouts.new_command_id()), session, coordinator, response)
+_bodyless(
+    "promote",
+    lambda command_id: Promote(command_id=command_id),
+    "Start the next wave now",
+    "Skip the rest of the current wave's bake and gates.",
+)

@@ -46,3 +46,10 @@ def info(coordinator: CoordinatorDep) -> dict[str, Any]:
         "public_url": coordinator.public_url,
         "environment": coordinator.settings.environment.value,
     }
+
+
+@router.get("/stats", summary="MQTT ingest counters")
+def get_stats(coordinator: CoordinatorDep) -> dict[str, Any]:
+    """Messages received, stored, rejected as malformed (per channel and `rejected_total`), duplicates dropped."""
+    connected = coordinator.bridge is not None and coordinator.bridge.connected
+    return {**coordinator.counters.snapshot(), "mqtt_connected": connected}

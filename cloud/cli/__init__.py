@@ -11,7 +11,10 @@ from importlib.metadata import entry_points
 
 import typer
 
-from cloud.cli.commands import deploy, deployments_app, devices_app, fleet_app, models_app
+from cloud.cli.deployments import deploy, deployments_app
+from cloud.cli.devices import devices_app
+from cloud.cli.fleet import fleet_app
+from cloud.cli.models import models_app
 from cloud.cli.rollouts import rollouts_app
 from cloud.cli.up import up
 

@@ -9,13 +9,13 @@ from contextlib import contextmanager
 from typing import Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.table import Table
 
-from cloud.cli.client import ApiClient, ApiError
 from cloud.cli.config import config_path, read_config
+from cloud.client import ApiClient, ApiError
 
-__all__ = ["JsonOpt", "TokenOpt", "UrlOpt", "api_errors", "connect", "emit", "fail", "table"]
+__all__ = ["JsonOpt", "TokenOpt", "UrlOpt", "api_errors", "connect", "counts", "emit", "fail", "table"]
 
 UrlOpt = Annotated[
     str | None,
@@ -55,7 +55,7 @@ def api_errors() -> Iterator[None]:
         fail(str(exc))
 
 
-def emit(data: Any, as_json: bool, render: Callable[[Any], Table | str]) -> None:
+def emit(data: Any, as_json: bool, render: Callable[[Any], RenderableType]) -> None:
     """Print `data` as JSON or through `render`."""
     if as_json:
         sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
@@ -71,3 +71,8 @@ def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> 
     for row in rows:
         out.add_row(*("-" if cell is None else str(cell) for cell in row))
     return out
+
+
+def counts(by_status: dict[str, int]) -> str:
+    """`a=1 b=2` (sorted), or '-' when empty."""
+    return " ".join(f"{k}={v}" for k, v in sorted(by_status.items())) or "-"

@@ -25,8 +25,8 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from cloud.cli._common import JsonOpt, TokenOpt, UrlOpt, api_errors, connect, emit, fail, table
-from cloud.cli.client import ApiClient
+from cloud.cli._common import JsonOpt, TokenOpt, UrlOpt, api_errors, connect, counts, emit, fail, table
+from cloud.client import ApiClient
 
 __all__ = ["GATE_NAMES", "build_plan", "parse_bake", "parse_gate", "parse_waves", "render_status", "rollouts_app"]
 
@@ -213,7 +213,7 @@ def list_(url: UrlOpt = None, as_json: JsonOpt = False) -> None:
             f"{r['model_name']}:{r['model_version']}",
             r["status"],
             f"{r['current_wave'] + 1}/{r['wave_count']}",
-            _counts(r["counts"]),
+            counts(r["counts"]),
             r.get("reason"),
             r["updated_at"],
         )
@@ -223,10 +223,6 @@ def list_(url: UrlOpt = None, as_json: JsonOpt = False) -> None:
     emit(body, as_json, lambda _: table("rollouts", columns, rows))
 
 
-def _counts(counts: dict[str, int]) -> str:
-    return " ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "-"
-
-
 def _bar(done: int, total: int, width: int = 20) -> str:
     filled = round(width * done / total) if total else 0
     return "█" * filled + "░" * (width - filled) + f" {done}/{total}"
@@ -234,51 +230,57 @@ def _bar(done: int, total: int, width: int = 20) -> str:
 
 def render_status(body: dict[str, Any], decisions: int = 8) -> Group:
     """The rich view of a rollout: header, per-wave progress bars, gate figures, last decisions."""
-    header = (
+    parts: list[Any] = [_header(body), _waves_table(body["waves"])]
+    gates = body.get("gates")
+    if gates and gates.get("results"):
+        parts.append(_gates_table(gates))
+    recent = body["decisions"][-decisions:]
+    if recent:
+        rows = [(d["seq"], d["at"], d["kind"], d["message"]) for d in recent]
+        parts.append(table("last decisions", ["#", "at", "kind", "message"], rows))
+    return Group(*parts)
+
+
+def _header(body: dict[str, Any]) -> str:
+    return (
         f"[bold]rollout {body['id']}[/] {body['model_name']}:{body['model_version']}"
         f" (from {body.get('previous_version') or '-'}) — [bold]{body['status']}[/],"
         f" wave {body['current_wave'] + 1}/{body['wave_count']}, {body['device_count']} devices"
         + (f" — {body['reason']}" if body.get("reason") else "")
     )
-    waves = Table(title="waves", title_justify="left")
+
+
+def _waves_table(waves: list[dict[str, Any]]) -> Table:
+    out = Table(title="waves", title_justify="left")
     for column in ("wave", "size", "bake", "state", "updated", "other phases"):
-        waves.add_column(column)
-    for wave in body["waves"]:
-        counts = dict(wave["counts"])
-        done = counts.pop("succeeded", 0)
-        waves.add_row(
+        out.add_column(column)
+    for wave in waves:
+        others = dict(wave["counts"])
+        done = others.pop("succeeded", 0)
+        out.add_row(
             str(wave["index"] + 1),
             wave["size"],
             f"{wave['bake_seconds']:g}s",
             wave["state"],
             _bar(done, wave["devices"]),
-            _counts(counts),
+            counts(others),
         )
-    parts: list[Any] = [header, waves]
-    gates = body.get("gates")
-    if gates and gates.get("results"):
-        title = f"gates of wave {int(gates.get('wave') or 0) + 1} ({'live' if gates.get('live') else 'last verdict'})"
-        rows = [
-            (
-                r["name"],
-                r["verdict"],
-                "-" if r["observed"] is None else f"{r['observed']:.4g}",
-                f"{r['threshold']:g}",
-                r["reason"],
-            )
-            for r in gates["results"]
-        ]
-        parts.append(table(title, ["gate", "verdict", "observed", "threshold", "why"], rows))
-    recent = body["decisions"][-decisions:]
-    if recent:
-        parts.append(
-            table(
-                "last decisions",
-                ["#", "at", "kind", "message"],
-                [(d["seq"], d["at"], d["kind"], d["message"]) for d in recent],
-            )
+    return out
+
+
+def _gates_table(gates: dict[str, Any]) -> Table:
+    title = f"gates of wave {int(gates.get('wave') or 0) + 1} ({'live' if gates.get('live') else 'last verdict'})"
+    rows = [
+        (
+            r["name"],
+            r["verdict"],
+            "-" if r["observed"] is None else f"{r['observed']:.4g}",
+            f"{r['threshold']:g}",
+            r["reason"],
         )
-    return Group(*parts)
+        for r in gates["results"]
+    ]
+    return table(title, ["gate", "verdict", "observed", "threshold", "why"], rows)
 
 
 @rollouts_app.command("status")
@@ -293,22 +295,23 @@ def status(
     """Show a rollout's waves, gate figures and decisions; with --watch, live until it completes or stops."""
     client = connect(url, None)
     with api_errors():
-        body = client.get(f"/rollouts/{rollout_id}")
+        body = client.rollout(rollout_id)
     if not watch:
-        if as_json:
-            emit(body, True, str)
-        else:
-            Console(highlight=False).print(render_status(body))
-        return
-    if as_json:
+        emit(body, as_json, render_status)
+    elif as_json:
         _watch_json(client, rollout_id, body, interval, timeout)
-        return
+    else:
+        _watch_live(client, rollout_id, body, interval, timeout)
+
+
+def _watch_live(client: ApiClient, rollout_id: int, body: dict[str, Any], interval: float, timeout: float) -> None:
+    """Redraw the rollout in place until it ends (or `timeout`)."""
     deadline = time.monotonic() + timeout
     with Live(render_status(body), console=Console(highlight=False), refresh_per_second=4) as live:
         while body["status"] not in ENDED and time.monotonic() < deadline:
             time.sleep(interval)
             with api_errors():
-                body = client.get(f"/rollouts/{rollout_id}")
+                body = client.rollout(rollout_id)
             live.update(render_status(body))
     if body["status"] not in ENDED:
         fail(f"rollout {rollout_id} is still {body['status']} after {timeout:g}s")
@@ -328,7 +331,7 @@ def _watch_json(client: ApiClient, rollout_id: int, body: dict[str, Any], interv
             break
         time.sleep(interval)
         with api_errors():
-            body = client.get(f"/rollouts/{rollout_id}")
+            body = client.rollout(rollout_id)
     if body["status"] not in ENDED:
         fail(f"rollout {rollout_id} is still {body['status']} after {timeout:g}s")
 

@@ -7,8 +7,9 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import uvicorn
@@ -18,6 +19,9 @@ from cloud.cli.config import write_config_if_absent
 from cloud.errors import CloudError
 from cloud.logs import configure_logging
 from cloud.settings import Settings
+
+if TYPE_CHECKING:  # the coordinator is imported only when it runs: `edgefleet --help` stays fast
+    from cloud.coordinator import Coordinator
 
 __all__ = ["up"]
 
@@ -62,20 +66,26 @@ def up(
     Prints the API URL, the broker URL and (on first start) the admin token; writes data_dir/coordinator.json
     with the actual URLs and pid, and the CLI config (url + token) if it does not exist yet.
     """
-    from cloud.app import Coordinator, create_app  # deferred: `edgefleet --help` stays fast
-
     configure_logging(json_lines=log_json)
-    try:
-        settings = Settings.load(
-            config, data_dir=data_dir, database_url=database_url, mqtt_url=mqtt_url, host=host, port=port
-        )
-        settings.check_production_ready()
-    except (CloudError, ValueError) as exc:
-        fail(f"invalid settings: {exc}")
+    settings = _settings(config, data_dir=data_dir, database_url=database_url, mqtt_url=mqtt_url, host=host, port=port)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     sock = _bind(settings.host, settings.port)
     settings = settings.model_copy(update={"port": sock.getsockname()[1]})
-    info_path = settings.data_dir / INFO_FILE
+    _serve(settings, sock)
+
+
+def _settings(config: Path | None, **given: Any) -> Settings:
+    """Settings from the file, the environment and the options; exits with the reason if they are unusable."""
+    try:
+        settings = Settings.load(config, **given)
+        settings.check_production_ready()
+    except (CloudError, ValueError) as exc:
+        fail(f"invalid settings: {exc}")
+    return settings
+
+
+def _announce(settings: Settings, info_path: Path) -> Callable[[Coordinator], None]:
+    """What to do once the coordinator is up: write coordinator.json and the CLI config, print the URLs."""
 
     def on_started(coordinator: Coordinator) -> None:
         url = coordinator.settings.resolved_public_url()
@@ -93,8 +103,16 @@ def up(
             lines.append(f"  CLI config:  {written}")
         print("\n".join(lines), flush=True)
 
+    return on_started
+
+
+def _serve(settings: Settings, sock: socket.socket) -> None:
+    """Run the app on `sock` until a stop is requested; exit 1 if it never started."""
+    from cloud.app import create_app  # deferred: `edgefleet --help` stays fast
+
+    info_path = settings.data_dir / INFO_FILE
     try:
-        app = create_app(settings, on_started=on_started)
+        app = create_app(settings, on_started=_announce(settings, info_path))
     except CloudError as exc:
         fail(str(exc))
     server = uvicorn.Server(

@@ -31,23 +31,12 @@ attempt: publishing a desired state twice is idempotent). Either way no device i
 twice and none is skipped. Commands carry an id and are applied once even if replayed.
 """
 
+from cloud.rollouts.actions import Action, Dispatch, Rollback, Wait
+from cloud.rollouts.decisions import Decision
 from cloud.rollouts.engine import command_error, gate_report, inflight_actions, step
 from cloud.rollouts.gates import CohortStats, GateReport, GateResult, GateVerdict, evaluate_gates
+from cloud.rollouts.inputs import Abort, Command, DeviceReport, Observations, Pause, Promote, Resume
 from cloud.rollouts.plan import GateThresholds, RolloutPlan, Selector, Wave, assign_waves, default_waves, wave_targets
-from cloud.rollouts.records import (
-    Abort,
-    Action,
-    Command,
-    Decision,
-    DeviceReport,
-    Dispatch,
-    Observations,
-    Pause,
-    Promote,
-    Resume,
-    Rollback,
-    Wait,
-)
 from cloud.rollouts.state import DevicePhase, DeviceRecord, RolloutState, RolloutStatus
 from cloud.rollouts.stats import (
     EmptyDataError,

@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from cloud.rollouts.actions import Action
+from cloud.rollouts.decisions import Decision
 from cloud.rollouts.plan import RolloutPlan
-from cloud.rollouts.records import Action, Decision
 from cloud.rollouts.state import RolloutState
 
 __all__ = ["StepContext"]

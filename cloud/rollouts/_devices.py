@@ -12,18 +12,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from cloud.rollouts._context import StepContext
+from cloud.rollouts.actions import Action, Dispatch, Rollback
+from cloud.rollouts.decisions import DeviceFailed, DeviceRolledBack, DeviceTimedOut, DeviceUpdated, RetryScheduled
+from cloud.rollouts.inputs import DeviceReport
 from cloud.rollouts.plan import RolloutPlan, stable_fraction
-from cloud.rollouts.records import (
-    Action,
-    DeviceFailed,
-    DeviceReport,
-    DeviceRolledBack,
-    DeviceTimedOut,
-    DeviceUpdated,
-    Dispatch,
-    RetryScheduled,
-    Rollback,
-)
 from cloud.rollouts.state import IN_FLIGHT, DevicePhase, DeviceRecord, RolloutState
 from protocol.messages import UpdatePhase
 

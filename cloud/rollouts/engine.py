@@ -13,13 +13,9 @@ from datetime import datetime, timedelta
 from cloud.rollouts._context import StepContext
 from cloud.rollouts._devices import ROLLBACK, UPDATE, Track, check_timeouts, dispatch, ingest_report, next_due
 from cloud.rollouts._devices import inflight_actions as _inflight
-from cloud.rollouts.gates import CohortStats, GateReport, evaluate_gates
-from cloud.rollouts.plan import RolloutPlan, assign_waves
-from cloud.rollouts.records import (
-    Abort,
-    Action,
+from cloud.rollouts.actions import Action, Wait
+from cloud.rollouts.decisions import (
     BakeStarted,
-    Command,
     CommandRejected,
     Completed,
     Decision,
@@ -27,21 +23,19 @@ from cloud.rollouts.records import (
     GateFailed,
     GateInconclusive,
     GatePassed,
-    Observations,
-    Pause,
-    Promote,
-    Resume,
     RollbackFinished,
     RollbackStarted,
     RolloutAborted,
     RolloutPaused,
     RolloutResumed,
     RolloutStarted,
-    Wait,
     WavePromoted,
     WaveSkipped,
     WaveStarted,
 )
+from cloud.rollouts.gates import CohortStats, GateReport, evaluate_gates
+from cloud.rollouts.inputs import Abort, Command, Observations, Pause, Promote, Resume
+from cloud.rollouts.plan import RolloutPlan, assign_waves
 from cloud.rollouts.state import TERMINAL, DevicePhase, DeviceRecord, RolloutState, RolloutStatus
 
 __all__ = ["command_error", "gate_report", "inflight_actions", "step"]

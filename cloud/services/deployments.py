@@ -20,7 +20,7 @@ from cloud.models import (
     TargetStatus,
 )
 from cloud.services.registry import artifact_url, get_model_version
-from cloud.services.variants import NoCompatibleVariantError, choose_variant, version_variants
+from cloud.variant_policy import NoCompatibleVariantError, choose_variant, version_variants
 from protocol.messages import ArtifactRef, DesiredState, ModelSpec, utcnow
 
 __all__ = [

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-from sqlalchemy import func
-from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, select
+from sqlmodel import Session, select
 
-from cloud.errors import NotFoundError
 from cloud.models import (
     DeploymentTarget,
     Device,
     DeviceEventRecord,
     DevicePublic,
     TargetStatus,
-    TelemetryRecord,
-    TelemetryWindowPublic,
     as_utc,
 )
+from cloud.services.enrolment import enrol, require_device
+from cloud.telemetry.windows import telemetry_totals
 from protocol.errors import ErrorCode
 from protocol.messages import (
     DeviceEvent,
@@ -24,19 +21,16 @@ from protocol.messages import (
     ErrorInfo,
     EventKind,
     ReportedState,
-    TelemetryWindow,
     UpdatePhase,
     utcnow,
 )
 
 __all__ = [
     "device_public",
-    "device_telemetry",
     "devices_public",
     "get_device",
     "ingest_event",
     "ingest_reported",
-    "ingest_telemetry",
     "target_status_for_phase",
 ]
 
@@ -52,19 +46,9 @@ def target_status_for_phase(phase: UpdatePhase) -> TargetStatus:
     return TargetStatus.IN_PROGRESS
 
 
-def _enrol(session: Session, device_id: str) -> Device:
-    """The device row, created on first contact (auto-enrolment)."""
-    device = session.get(Device, device_id)
-    if device is None:
-        device = Device(id=device_id)
-        session.add(device)
-        session.flush()
-    return device
-
-
 def ingest_reported(*, session: Session, state: ReportedState) -> Device:
     """Apply a reported state. A last will (`status=offline`) only flips connectivity."""
-    device = _enrol(session, state.device_id)
+    device = enrol(session=session, device_id=state.device_id)
     now = utcnow()
     if state.status is DeviceStatus.OFFLINE:
         device.status = DeviceStatus.OFFLINE.value
@@ -109,7 +93,7 @@ def ingest_reported(*, session: Session, state: ReportedState) -> Device:
 
 def ingest_event(*, session: Session, event: DeviceEvent) -> DeviceEventRecord:
     """Record an event; a failure stores its error on the device and on the deployment target."""
-    device = _enrol(session, event.device_id)
+    device = enrol(session=session, device_id=event.device_id)
     device.last_seen = utcnow()
     error = event.error
     record = DeviceEventRecord(
@@ -175,54 +159,6 @@ def _advance_targets(
         session.add(target)
 
 
-def ingest_telemetry(*, session: Session, window: TelemetryWindow) -> bool:
-    """Store a window once per `(device_id, seq)`; False if it was a duplicate (QoS 1 redelivery)."""
-    device = _enrol(session, window.device_id)
-    device.last_seen = utcnow()
-    session.add(device)
-    session.commit()
-    duplicate = select(TelemetryRecord.id).where(
-        TelemetryRecord.device_id == window.device_id, TelemetryRecord.seq == window.seq
-    )
-    if session.exec(duplicate).first() is not None:
-        return False
-    model = window.model
-    session.add(
-        TelemetryRecord(
-            device_id=window.device_id,
-            seq=window.seq,
-            window_start=window.window_start,
-            window_end=window.window_end,
-            model_name=model.name if model else None,
-            model_version=model.version if model else None,
-            model_sha256=model.sha256 if model else None,
-            inference_count=window.inference_count,
-            error_count=window.error_count,
-            latency_histogram=list(window.latency_histogram),
-            class_counts=dict(window.class_counts),
-        )
-    )
-    try:
-        session.commit()
-    except IntegrityError:  # the unique constraint is the real guard; the select above only saves work
-        session.rollback()
-        return False
-    return True
-
-
-def _telemetry_totals(session: Session, device_ids: list[str] | None = None) -> dict[str, tuple[int, int, int]]:
-    """device id → (inference count, error count, windows)."""
-    statement = select(
-        TelemetryRecord.device_id,
-        func.coalesce(func.sum(TelemetryRecord.inference_count), 0),
-        func.coalesce(func.sum(TelemetryRecord.error_count), 0),
-        func.count(col(TelemetryRecord.id)),
-    ).group_by(TelemetryRecord.device_id)
-    if device_ids is not None:
-        statement = statement.where(col(TelemetryRecord.device_id).in_(device_ids))
-    return {row[0]: (int(row[1]), int(row[2]), int(row[3])) for row in session.exec(statement)}
-
-
 def device_public(device: Device, totals: tuple[int, int, int] = (0, 0, 0)) -> DevicePublic:
     """The API shape of a device with its telemetry totals."""
     inferences, errors, windows = totals
@@ -238,26 +174,11 @@ def device_public(device: Device, totals: tuple[int, int, int] = (0, 0, 0)) -> D
 
 def devices_public(*, session: Session) -> list[DevicePublic]:
     """Every device, by id, with telemetry totals."""
-    totals = _telemetry_totals(session)
+    totals = telemetry_totals(session)
     return [device_public(d, totals.get(d.id, (0, 0, 0))) for d in session.exec(select(Device).order_by(Device.id))]
 
 
-def device_telemetry(*, session: Session, device_id: str, limit: int = 1000) -> list[TelemetryWindowPublic]:
-    """A device's stored telemetry windows by seq (the newest `limit`); `NotFoundError` if not enrolled."""
-    if session.get(Device, device_id) is None:
-        raise NotFoundError(f"device {device_id!r} is not enrolled (it has not sent any message yet)")
-    statement = (
-        select(TelemetryRecord)
-        .where(TelemetryRecord.device_id == device_id)
-        .order_by(col(TelemetryRecord.seq).desc())
-        .limit(limit)
-    )
-    return [TelemetryWindowPublic.model_validate(w) for w in reversed(list(session.exec(statement)))]
-
-
 def get_device(*, session: Session, device_id: str) -> DevicePublic:
-    """One device with telemetry totals; `NotFoundError` if it never reported."""
-    device = session.get(Device, device_id)
-    if device is None:
-        raise NotFoundError(f"device {device_id!r} is not enrolled (it has not sent any message yet)")
-    return device_public(device, _telemetry_totals(session, [device_id]).get(device_id, (0, 0, 0)))
+    """One device with telemetry totals; `NotFoundError` if it is not enrolled."""
+    device = require_device(session=session, device_id=device_id)
+    return device_public(device, telemetry_totals(session, [device_id]).get(device_id, (0, 0, 0)))

@@ -8,10 +8,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from cloud.artifacts import ArtifactStore
-from cloud.errors import ConflictError, InvalidInputError, NotFoundError
+from cloud.errors import ConflictError, InvalidInputError, InvalidModelError, NotFoundError
 from cloud.models import Model, ModelPublic, ModelVersion, ModelVersionPublic
-from cloud.services.onnx_specs import onnx_tensor_specs
+from protocol.errors import TensorSpecError
 from protocol.messages import ModelFormat, TensorSpec, utcnow
+from protocol.tensors import onnx_tensor_specs
 
 __all__ = [
     "artifact_url",
@@ -103,7 +104,10 @@ def declared_tensors(
         if inputs is None:
             if format is not ModelFormat.ONNX:
                 raise InvalidInputError(f"inputs are required for format {format.value}", field="inputs")
-            inputs, derived_outputs = onnx_tensor_specs(store.path(sha256))
+            try:
+                inputs, derived_outputs = onnx_tensor_specs(store.path(sha256))
+            except TensorSpecError as exc:
+                raise InvalidModelError(str(exc), field="file") from exc
             outputs = derived_outputs if outputs is None else outputs
     except InvalidInputError:
         discard_unreferenced(session, store, sha256)

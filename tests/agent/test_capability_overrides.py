@@ -8,23 +8,23 @@ import pytest
 
 from agent.config import load_config
 from agent.errors import ConfigError
-from agent.runtime import default_registry
+from agent.runtime import default_catalog
 
 
 def test_restricting_runtimes_keeps_only_those_named() -> None:
-    registry = default_registry()
-    assert [n.partition("-")[0] for n in registry.restricted_to(["litert"]).names()] == ["litert"]
-    assert [n.partition("-")[0] for n in registry.restricted_to(["onnxruntime"]).names()] == ["onnxruntime"]
+    catalog = default_catalog()
+    assert [n.partition("-")[0] for n in catalog.restricted_to(["litert"]).names()] == ["litert"]
+    assert [n.partition("-")[0] for n in catalog.restricted_to(["onnxruntime"]).names()] == ["onnxruntime"]
 
 
 def test_tflite_runtime_and_litert_stand_in_for_each_other() -> None:
-    names = default_registry().restricted_to(["tflite_runtime"]).names()
+    names = default_catalog().restricted_to(["tflite_runtime"]).names()
     assert len(names) == 1 and names[0].partition("-")[0] in {"litert", "tflite_runtime"}
 
 
 def test_asking_for_a_runtime_that_is_not_installed_names_what_is() -> None:
     with pytest.raises(ConfigError, match=r"\['tensorrt'\] are not installed.*onnxruntime"):
-        default_registry().restricted_to(["onnxruntime", "tensorrt"])
+        default_catalog().restricted_to(["onnxruntime", "tensorrt"])
 
 
 def test_capability_overrides_come_from_toml_and_environment(tmp_path: Path) -> None:

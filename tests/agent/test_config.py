@@ -127,3 +127,13 @@ def test_unreachable_coordinator_is_a_transport_error(tmp_path: Path) -> None:
     config = AgentConfig(device_id="d1", data_dir=tmp_path, coordinator_url=f"http://127.0.0.1:{free_port()}")
     with pytest.raises(TransportError, match="cannot fetch the broker address"):
         resolve_broker(config, timeout_s=2)
+
+
+def test_broker_url_that_is_not_mqtt_is_a_config_error_naming_the_key(tmp_path: Path) -> None:
+    from agent import Agent
+
+    config = AgentConfig(device_id="d1", data_dir=tmp_path / "data", mqtt_url="http://u:secret@broker:1883")
+    with pytest.raises(ConfigError, match=r"mqtt_url: .*mqtt://host:port") as exc_info:
+        Agent(config).start()
+    assert "secret" not in str(exc_info.value)
+    assert not (tmp_path / "data").exists()  # refused before anything was written

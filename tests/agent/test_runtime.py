@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from agent import InferenceInputError, InvalidModelError, NoModelError, UnsupportedFormatError
-from agent.runtime import OnnxRuntime, RuntimeRegistry, available_runtimes, default_registry, warmup_inputs
+from agent.runtime import OnnxRuntime, RuntimeCatalog, available_runtimes, default_catalog, warmup_inputs
 from agent.serving import ActiveModel, Serving
 from compression.reference import shifted_model
 from protocol import Datatype, ErrorCode, ModelFormat, TensorSpec
@@ -49,11 +49,11 @@ def test_inputs_that_do_not_fit_are_refused(digits_model_path: Path, inputs: dic
         model.infer(inputs)
 
 
-def test_registry_knows_installed_runtimes_and_refuses_unknown_formats() -> None:
+def test_catalog_knows_installed_runtimes_and_refuses_unknown_formats() -> None:
     assert any(name.startswith("onnxruntime-") for name in available_runtimes())
-    assert default_registry().for_format(ModelFormat.ONNX).format is ModelFormat.ONNX
+    assert default_catalog().for_format(ModelFormat.ONNX).format is ModelFormat.ONNX
     with pytest.raises(UnsupportedFormatError, match="tflite"):
-        RuntimeRegistry([OnnxRuntime()]).for_format(ModelFormat.TFLITE)
+        RuntimeCatalog([OnnxRuntime()]).for_format(ModelFormat.TFLITE)
 
 
 def test_swap_does_not_break_inferences_in_flight(tmp_path: Path, digits_model_bytes: bytes) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from agent import InferenceInputError, InvalidModelError
-from agent.runtime import LiteRtRuntime, ModelRuntime, OnnxRuntime, default_registry, warmup_inputs
+from agent.runtime import LiteRtRuntime, ModelRuntime, OnnxRuntime, default_catalog, warmup_inputs
 from protocol import Datatype, ModelFormat
 
 
@@ -86,7 +86,7 @@ def test_concurrent_inferences_agree(case: Case) -> None:
     assert not mismatches
 
 
-def test_default_registry_has_a_runtime_per_installed_format() -> None:
-    registry = default_registry()
-    assert ModelFormat.ONNX in registry.formats
-    assert ModelFormat.TFLITE in registry.formats or not any(n.startswith("litert") for n in registry.names())
+def test_default_catalog_has_a_runtime_per_installed_format() -> None:
+    catalog = default_catalog()
+    assert ModelFormat.ONNX in catalog.formats
+    assert ModelFormat.TFLITE in catalog.formats or not any(n.startswith("litert") for n in catalog.names())

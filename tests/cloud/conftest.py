@@ -9,7 +9,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session
 
-from cloud.app import Coordinator, create_app
+from cloud.app import create_app
+from cloud.coordinator import Coordinator
 from cloud.services import ingest_reported
 from cloud.settings import Settings
 from protocol.messages import ReportedState

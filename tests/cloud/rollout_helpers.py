@@ -18,8 +18,8 @@ from sqlmodel import Session, select
 
 from cloud.app import create_app
 from cloud.models import RolloutDecisionRecord, RolloutDispatchRecord, TelemetryRecord
+from cloud.rollouts.runner import RolloutRunner
 from cloud.services import ingest_reported
-from cloud.services.rollout_runner import RolloutRunner
 from cloud.settings import Settings
 from protocol.messages import DesiredState, ReportedState, utcnow
 from protocol.telemetry import latency_histogram

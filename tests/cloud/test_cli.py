@@ -165,10 +165,10 @@ def test_unreachable_coordinator_is_one_clear_line(tmp_path: Path) -> None:
 
 
 def test_parse_targets_refuses_mixed_ids_and_tags() -> None:
-    assert cli.commands.parse_targets(["a", "b"]) == {"device_ids": ["a", "b"]}
-    assert cli.commands.parse_targets(["site=lab", "hw=pi"]) == {"tags": {"site": "lab", "hw": "pi"}}
+    assert cli.deployments.parse_targets(["a", "b"]) == {"device_ids": ["a", "b"]}
+    assert cli.deployments.parse_targets(["site=lab", "hw=pi"]) == {"tags": {"site": "lab", "hw": "pi"}}
     with pytest.raises(ValueError, match="mixes"):
-        cli.commands.parse_targets(["a", "site=lab"])
+        cli.deployments.parse_targets(["a", "site=lab"])
 
 
 def _function_plugin(name: str = "world") -> None:

@@ -7,14 +7,15 @@ from datetime import UTC, datetime
 
 import pytest
 
-from cloud.bridge import Decoded, Rejected, classify, parse_mqtt_url
+from cloud.bridge import Decoded, Rejected, broker_address, classify
 from cloud.errors import ConfigurationError
 from cloud.models import Device, TargetStatus, TelemetryRecord
 from cloud.services.deployments import deployment_status, select_devices
 from cloud.services.devices import target_status_for_phase
-from cloud.services.fleet import summarise
+from cloud.telemetry.summary import summarise
 from protocol.codec import encode
 from protocol.messages import ReportedState, UpdatePhase
+from protocol.mqtt import BrokerAddress
 from protocol.telemetry import latency_histogram
 from protocol.topics import Channel, Topics
 
@@ -109,15 +110,15 @@ def test_summary_merges_histograms_across_windows() -> None:
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
-        ("mqtt://127.0.0.1:1884", ("127.0.0.1", 1884, False, None, None)),
-        ("mqtts://u:p%40ss@broker", ("broker", 8883, True, "u", "p@ss")),
-        ("tcp://h", ("h", 1883, False, None, None)),
+        ("mqtt://127.0.0.1:1884", BrokerAddress("127.0.0.1", 1884, False, None, None)),
+        ("mqtts://u:p%40ss@broker", BrokerAddress("broker", 8883, True, "u", "p@ss")),
+        ("tcp://h", BrokerAddress("h", 1883, False, None, None)),
     ],
 )
-def test_parses_mqtt_urls(url: str, expected: tuple[object, ...]) -> None:
-    assert parse_mqtt_url(url) == expected
+def test_parses_mqtt_urls(url: str, expected: BrokerAddress) -> None:
+    assert broker_address(url) == expected
 
 
 def test_rejects_an_mqtt_url_of_another_scheme() -> None:
     with pytest.raises(ConfigurationError, match="mqtt://host:port"):
-        parse_mqtt_url("http://broker:1883")
+        broker_address("http://broker:1883")

@@ -10,7 +10,7 @@ import pytest
 from sqlmodel import Session
 
 from cloud.models import Device
-from cloud.services.variants import NoCompatibleVariantError, Variant, choose_variant
+from cloud.variant_policy import NoCompatibleVariantError, Variant, choose_variant
 from protocol.messages import Capabilities, DesiredState
 from tests.cloud.conftest import Api
 

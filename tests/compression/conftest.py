@@ -10,7 +10,7 @@ pytest.importorskip("torch", reason="the convert extra (torch, litert-torch) is 
 
 from compression.cnn import ReferenceCNN, build_reference_cnn
 from compression.data import Dataset, load_dataset
-from compression.variants import VARIANT_SPECS, Variant, build_variant, describe_file
+from compression.variants import VARIANT_SPECS, BuiltVariant, build_variant, describe_file
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +26,7 @@ def eval_set() -> Dataset:
 
 
 @pytest.fixture(scope="session")
-def built_variants(tmp_path_factory: pytest.TempPathFactory, reference_cnn: ReferenceCNN) -> dict[str, Variant]:
+def built_variants(tmp_path_factory: pytest.TempPathFactory, reference_cnn: ReferenceCNN) -> dict[str, BuiltVariant]:
     """fp32 and every variant, calibrated on the digits training split."""
     out = tmp_path_factory.mktemp("variants")
     calibration = load_dataset("digits-train")

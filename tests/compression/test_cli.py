@@ -13,6 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from compression.cli import EXIT_BAD_INPUT, EXIT_REFUSED, app
+from protocol.manifest import MANIFEST_FORMAT_VERSION, read_manifest
+from protocol.messages import Datatype
 
 pytestmark = pytest.mark.slow
 
@@ -44,6 +46,11 @@ def test_compress_writes_variants_manifest_and_reports(model_dir: Path, tmp_path
     assert entries["tflite-int8"]["runtime"] == "litert" and entries["fp16"]["runtime"] == "onnxruntime"
     assert "avx512_vnni" in entries["int8-static"]["cpu_features"]
     assert manifest["refused"] == []
+    pushed = read_manifest(out)  # what `edgefleet models push --variants` reads
+    assert pushed.format_version == manifest["format_version"] == MANIFEST_FORMAT_VERSION
+    assert [v.name for v in pushed.variants] == [e["name"] for e in manifest["variants"]]
+    assert all(v.inputs and v.outputs for v in pushed.variants)
+    assert {t.datatype for v in pushed.variants for t in v.inputs} == {Datatype.FP32}  # clients call all alike
     assert "| - |" not in (out / "report.md").read_text()  # memory measured for every model
     report = json.loads((out / "report.json").read_text())
     assert all(row["peak_rss_bytes"] > 0 for row in report["models"])

@@ -1,4 +1,4 @@
-"""The gate decision, CPU flag parsing, report rendering and data loading: pure logic, no runtime."""
+"""The gate decision, the CPU read for a report, report rendering and data loading: pure logic, no runtime."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 from compression.data import load_dataset
 from compression.errors import InvalidInputError
 from compression.evaluate import CompressionReport, Measurement, gate
-from compression.report import build_document, isa_flags, render_html, render_markdown
+from compression.machine import read_cpu
+from compression.report import build_document, render_html, render_markdown
 from compression.variants import parse_variant_names
 
 
@@ -32,12 +33,13 @@ def test_gate_with_zero_tolerance_refuses_any_loss() -> None:
     assert not verdicts[0].accepted
 
 
-def test_isa_flags_reads_x86_and_arm_cpuinfo() -> None:
-    x86 = "processor\t: 0\nflags\t\t: fpu sse4_2 avx2 avx512f avx512_vnni avx_vnni\n"
-    arm = "processor\t: 0\nFeatures\t: fp asimd asimdhp asimddp i8mm\n"
-    assert isa_flags(x86) == ("sse4_2", "avx2", "avx512f", "avx512_vnni", "avx_vnni")
-    assert isa_flags(arm) == ("asimd", "asimdhp", "asimddp", "i8mm")
-    assert isa_flags("") == ()
+def test_read_cpu_names_the_model_and_the_flags_of_interest(tmp_path: Path) -> None:
+    # Flag parsing itself is `protocol.capabilities.isa_flags` (tests/protocol/test_capabilities.py).
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu sse4_2 avx2 avx512_vnni\n")
+    assert read_cpu(cpuinfo) == ("Test CPU 9000", ("sse4_2", "avx2", "avx512_vnni"))
+    model, flags = read_cpu(tmp_path / "absent")
+    assert model and flags == ()
 
 
 def test_report_marks_refused_variants_in_every_format() -> None:

@@ -14,7 +14,7 @@ from compression.cnn import ReferenceCNN
 from compression.data import Dataset, load_dataset
 from compression.evaluate import CompressionReport, LatencyBudget, gate, measure, predictions
 from compression.runtimes import LiteRTClassifier, OnnxClassifier, open_classifier
-from compression.variants import Variant, build_variant
+from compression.variants import BuiltVariant, build_variant
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,7 @@ def test_importing_compression_loads_no_torch_or_converter() -> None:
 
 @pytest.mark.parametrize("name", ["int8-static", "int8-dynamic", "fp16", "tflite-int8", "tflite-fp32"])
 def test_variant_runs_in_its_runtime_within_one_point_of_fp32(
-    name: str, built_variants: dict[str, Variant], eval_set: Dataset
+    name: str, built_variants: dict[str, BuiltVariant], eval_set: Dataset
 ) -> None:
     fp32 = predictions(built_variants["fp32"].path, eval_set)
     variant = built_variants[name]
@@ -63,7 +63,7 @@ def _onnx_ops(path: Path) -> set[str]:
     return {node.op_type for node in onnx.load(str(path)).graph.node}
 
 
-def test_int8_static_is_qdq_with_int8_weights_and_a_third_of_the_size(built_variants: dict[str, Variant]) -> None:
+def test_int8_static_is_qdq_with_int8_weights_and_a_third_of_the_size(built_variants: dict[str, BuiltVariant]) -> None:
     variant = built_variants["int8-static"]
     assert {"QuantizeLinear", "DequantizeLinear"} <= _onnx_ops(variant.path)
     model = onnx.load(str(variant.path))
@@ -72,13 +72,13 @@ def test_int8_static_is_qdq_with_int8_weights_and_a_third_of_the_size(built_vari
     assert variant.size_bytes < 0.5 * built_variants["fp32"].size_bytes
 
 
-def test_int8_dynamic_uses_integer_kernels(built_variants: dict[str, Variant]) -> None:
+def test_int8_dynamic_uses_integer_kernels(built_variants: dict[str, BuiltVariant]) -> None:
     ops = _onnx_ops(built_variants["int8-dynamic"].path)
     assert "DynamicQuantizeLinear" in ops
     assert ops & {"ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul"}
 
 
-def test_fp16_stores_half_weights_but_keeps_fp32_io(built_variants: dict[str, Variant]) -> None:
+def test_fp16_stores_half_weights_but_keeps_fp32_io(built_variants: dict[str, BuiltVariant]) -> None:
     model = onnx.load(str(built_variants["fp16"].path))
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
@@ -86,7 +86,7 @@ def test_fp16_stores_half_weights_but_keeps_fp32_io(built_variants: dict[str, Va
     assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
 
 
-def test_tflite_int8_runs_int8_kernels_with_quantized_io(built_variants: dict[str, Variant]) -> None:
+def test_tflite_int8_runs_int8_kernels_with_quantized_io(built_variants: dict[str, BuiltVariant]) -> None:
     classifier = open_classifier(built_variants["tflite-int8"].path)
     assert isinstance(classifier, LiteRTClassifier)
     assert classifier.io_dtype == "int8"
@@ -94,7 +94,7 @@ def test_tflite_int8_runs_int8_kernels_with_quantized_io(built_variants: dict[st
 
 
 def test_tflite_and_onnx_of_the_same_network_give_the_same_predictions(
-    built_variants: dict[str, Variant], eval_set: Dataset
+    built_variants: dict[str, BuiltVariant], eval_set: Dataset
 ) -> None:
     x = eval_set.shaped((1, 8, 8))
     onnx_logits = open_classifier(built_variants["fp32"].path).predict(x)
@@ -109,7 +109,7 @@ def test_tflite_and_onnx_of_the_same_network_give_the_same_predictions(
 
 
 def test_gate_refuses_int8_calibrated_on_constant_data(
-    tmp_path: Path, reference_cnn: ReferenceCNN, built_variants: dict[str, Variant], eval_set: Dataset
+    tmp_path: Path, reference_cnn: ReferenceCNN, built_variants: dict[str, BuiltVariant], eval_set: Dataset
 ) -> None:
     broken = build_variant(
         "int8-static",
@@ -129,7 +129,7 @@ def test_gate_refuses_int8_calibrated_on_constant_data(
 
 
 def test_measure_reports_latency_and_memory_of_a_fresh_process(
-    built_variants: dict[str, Variant], eval_set: Dataset
+    built_variants: dict[str, BuiltVariant], eval_set: Dataset
 ) -> None:
     reference = predictions(built_variants["fp32"].path, eval_set)
     m = measure("tflite-int8", built_variants["tflite-int8"].path, eval_set, reference, budget=QUICK)

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from simulators import CoordinatorClient, CoordinatorProcess
+from cloud.client import ApiClient
+from simulators import CoordinatorProcess
 
 
 @pytest.fixture
-def coordinator(broker_url: str, topic_base: str, tmp_path: Path) -> Iterator[CoordinatorClient]:
+def coordinator(broker_url: str, topic_base: str, tmp_path: Path) -> Iterator[ApiClient]:
     """`edgefleet up` in its own process on the test's broker (Mosquitto or amqtt) and topic base."""
     process = CoordinatorProcess(tmp_path / "coordinator", mqtt_url=broker_url, topic_base=topic_base)
     client = process.start()

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from simulators import CoordinatorClient, FleetConfig, SimulatedFleet, drive_inference
+from cloud.client import ApiClient
+from simulators import FleetConfig, SimulatedFleet, drive_inference
 
 pytestmark = pytest.mark.e2e
 
@@ -22,7 +23,7 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
         time.sleep(0.1)
 
 
-def fleet_config(client: CoordinatorClient, topic_base: str, root: Path, devices: int, prefix: str) -> FleetConfig:
+def fleet_config(client: ApiClient, topic_base: str, root: Path, devices: int, prefix: str) -> FleetConfig:
     return FleetConfig(
         devices=devices,
         data_root=root,
@@ -33,16 +34,16 @@ def fleet_config(client: CoordinatorClient, topic_base: str, root: Path, devices
     )
 
 
-def online_ids(client: CoordinatorClient) -> set[str]:
+def online_ids(client: ApiClient) -> set[str]:
     return {d["id"] for d in client.devices() if d.get("status") == "online"}
 
 
-def deployment_statuses(client: CoordinatorClient, deployment_id: object) -> dict[str, str]:
+def deployment_statuses(client: ApiClient, deployment_id: object) -> dict[str, str]:
     return {t["device_id"]: t["status"] for t in client.deployment(str(deployment_id))["targets"]}
 
 
 def test_fleet_of_ten_converges_and_telemetry_counts_match_what_agents_sent(
-    coordinator: CoordinatorClient, topic_base: str, tmp_path: Path, digits_model_path: Path
+    coordinator: ApiClient, topic_base: str, tmp_path: Path, digits_model_path: Path
 ) -> None:
     coordinator.push_model(digits_model_path, name="digits", version="1.0.0")
     with SimulatedFleet(fleet_config(coordinator, topic_base, tmp_path / "fleet", 10, "e2e")) as fleet:
@@ -82,7 +83,7 @@ def test_fleet_of_ten_converges_and_telemetry_counts_match_what_agents_sent(
 
 
 def test_device_offline_during_deploy_converges_after_reconnect(
-    coordinator: CoordinatorClient, topic_base: str, tmp_path: Path, digits_model_path: Path
+    coordinator: ApiClient, topic_base: str, tmp_path: Path, digits_model_path: Path
 ) -> None:
     coordinator.push_model(digits_model_path, name="digits", version="2.0.0")
     config = fleet_config(coordinator, topic_base, tmp_path / "fleet", 3, "late")

@@ -23,8 +23,9 @@ import numpy as np
 import pytest
 
 from agent import Agent
+from cloud.client import ApiClient
 from compression.reference import load_digits_split, shifted_model
-from simulators import CoordinatorClient, CoordinatorProcess, FleetConfig, SimulatedFleet, slow_model
+from simulators import CoordinatorProcess, FleetConfig, SimulatedFleet, slow_model
 
 pytestmark = pytest.mark.e2e
 
@@ -89,7 +90,7 @@ class Traffic:
 class Api:
     """The rollout routes over HTTP with the admin token."""
 
-    def __init__(self, client: CoordinatorClient) -> None:
+    def __init__(self, client: ApiClient) -> None:
         self.client = client
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -123,7 +124,7 @@ class Api:
         return counts
 
 
-def cli(client: CoordinatorClient, *args: str) -> Any:
+def cli(client: ApiClient, *args: str) -> Any:
     """Run `edgefleet rollouts ... --json` against the coordinator and parse its output."""
     exe = Path(sys.executable).parent / "edgefleet"
     result = subprocess.run(
@@ -153,7 +154,7 @@ def coordinator(
 
 
 def start_fleet(
-    client: CoordinatorClient, topic_base: str, root: Path, devices: int, prefix: str = "ro"
+    client: ApiClient, topic_base: str, root: Path, devices: int, prefix: str = "ro"
 ) -> SimulatedFleet:
     config = FleetConfig(
         devices=devices,
@@ -187,7 +188,7 @@ def fleet_on_1(
         fleet.stop()
 
 
-def push_2(client: CoordinatorClient, tmp_path: Path, content: bytes) -> None:
+def push_2(client: ApiClient, tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "digits-2.onnx"
     path.write_bytes(content)
     client.push_model(path, name="digits", version="2.0")

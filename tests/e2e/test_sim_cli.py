@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from simulators import CoordinatorClient
+from cloud.client import ApiClient
 from tests.e2e.test_fleet_deploy import online_ids, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -21,7 +21,7 @@ def broker_url(mosquitto_url: str) -> str:
 
 
 def test_sim_splits_a_fleet_over_processes_with_distinct_identities(
-    coordinator: CoordinatorClient, tmp_path: Path
+    coordinator: ApiClient, tmp_path: Path
 ) -> None:
     edgefleet = Path(sys.executable).parent / "edgefleet"
     command = [

@@ -10,8 +10,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from cloud.client import ApiClient
 from protocol import Topics
-from simulators import CoordinatorClient, FleetConfig, SimulatedFleet
+from simulators import FleetConfig, SimulatedFleet
 from tests.e2e.test_fleet_deploy import deployment_statuses, fleet_config, online_ids, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.e2e
 INPUTS = json.dumps([{"name": "input", "datatype": "FP32", "shape": [-1, 64]}])
 
 
-def start_fleet_on_v1(coordinator: CoordinatorClient, config: FleetConfig, model: Path) -> SimulatedFleet:
+def start_fleet_on_v1(coordinator: ApiClient, config: FleetConfig, model: Path) -> SimulatedFleet:
     coordinator.push_model(model, name="digits", version="1.0.0")
     fleet = SimulatedFleet(config)
     fleet.start()
@@ -33,7 +34,7 @@ def start_fleet_on_v1(coordinator: CoordinatorClient, config: FleetConfig, model
     return fleet
 
 
-def failure_of(coordinator: CoordinatorClient, deployment_id: object, device_id: str) -> dict[str, object]:
+def failure_of(coordinator: ApiClient, deployment_id: object, device_id: str) -> dict[str, object]:
     return next(t for t in coordinator.deployment(str(deployment_id))["targets"] if t["device_id"] == device_id)
 
 
@@ -42,7 +43,7 @@ def failure_of(coordinator: CoordinatorClient, deployment_id: object, device_id:
     [("not_onnx", "invalid_model"), ("tampered_in_store", "digest_mismatch")],
 )
 def test_bad_artifact_is_refused_and_previous_model_keeps_serving(
-    coordinator: CoordinatorClient,
+    coordinator: ApiClient,
     coordinator_data_dir: Path,
     topic_base: str,
     tmp_path: Path,
@@ -90,7 +91,7 @@ def test_bad_artifact_is_refused_and_previous_model_keeps_serving(
 
 
 def test_garbage_on_every_topic_is_rejected_and_the_fleet_still_converges(
-    coordinator: CoordinatorClient,
+    coordinator: ApiClient,
     broker_url: str,
     topic_base: str,
     tmp_path: Path,
@@ -139,5 +140,5 @@ def test_garbage_on_every_topic_is_rejected_and_the_fleet_still_converges(
         fleet.stop()
 
 
-def _rejected(coordinator: CoordinatorClient) -> int:
+def _rejected(coordinator: ApiClient) -> int:
     return int(coordinator.stats().get("rejected_total", 0))

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from simulators import MIXED_PROFILES, CoordinatorClient, FleetConfig, SimulatedFleet, drive_inference
+from cloud.client import ApiClient
+from simulators import MIXED_PROFILES, FleetConfig, SimulatedFleet, drive_inference
 from tests.e2e.test_fleet_deploy import deployment_statuses, online_ids, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -70,7 +71,7 @@ def expected_variants(variants: dict[str, dict[str, Any]]) -> dict[str, str]:
 
 
 def test_mixed_fleet_receives_the_variant_each_device_runs_best(
-    coordinator: CoordinatorClient, topic_base: str, tmp_path: Path, compressed: Path
+    coordinator: ApiClient, topic_base: str, tmp_path: Path, compressed: Path
 ) -> None:
     manifest = json.loads((compressed / "variants.json").read_text())
     variants = {v["name"]: v for v in manifest["variants"]}

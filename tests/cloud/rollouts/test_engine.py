@@ -23,7 +23,7 @@ from cloud.rollouts import (
     inflight_actions,
     step,
 )
-from cloud.rollouts.records import GateFailed, GatePassed, RetryScheduled
+from cloud.rollouts.decisions import GateFailed, GatePassed, RetryScheduled
 from protocol.messages import ModelRef, ReportedState, UpdatePhase, UpdateStatus
 from tests.cloud.rollouts.sim import T0, Sim, active, cohort, failed, fleet_of
 

@@ -31,7 +31,7 @@ from cloud.rollouts import (
     inflight_actions,
     step,
 )
-from cloud.rollouts.records import DeviceReport
+from cloud.rollouts.inputs import DeviceReport
 from tests.cloud.rollouts.sim import T0, active, failed
 
 BEHAVIOURS = ("ok", "flaky", "silent_once")

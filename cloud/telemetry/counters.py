@@ -6,10 +6,10 @@ import threading
 from collections import Counter
 from typing import Any
 
-__all__ = ["IngestStats"]
+__all__ = ["IngestCounters"]
 
 
-class IngestStats:
+class IngestCounters:
     """Thread-safe counters, keyed by channel (`reported`, `events`, `telemetry`, or `unknown` for bad topics)."""
 
     def __init__(self) -> None:

@@ -6,7 +6,7 @@ from pydantic import BaseModel
 from sqlmodel import Session, col, select
 
 from cloud.models import Device, ModelVersion, TelemetryRecord
-from cloud.services.variants import version_variants
+from cloud.variant_policy import version_variants
 from protocol.telemetry import histogram_quantile, merge_histograms
 
 __all__ = ["DeviceSummary", "FleetSummary", "fleet_summary", "summarise"]

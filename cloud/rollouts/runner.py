@@ -29,16 +29,16 @@ from sqlmodel import Session, col, select
 from cloud.errors import CloudError
 from cloud.models import Deployment, Device, Rollout, RolloutDecisionRecord, RolloutDispatchRecord
 from cloud.rollouts import Action, Decision, Dispatch, Rollback, RolloutPlan, Wait, inflight_actions, step
-from cloud.services.deployments import DesiredStatePublisher, assign_devices
-from cloud.services.registry import get_model_version
-from cloud.services.rollout_observations import observe
-from cloud.services.rollouts import (
+from cloud.rollouts.observations import observe
+from cloud.rollouts.service import (
     FINISHED,
     command_applied,
     decision_count,
     load_rollout,
     pending_commands,
 )
+from cloud.services.deployments import DesiredStatePublisher, assign_devices
+from cloud.services.registry import get_model_version
 from protocol.messages import DesiredState, utcnow
 
 __all__ = ["RolloutRunner", "execute_actions"]

@@ -1,7 +1,7 @@
 """Rollouts as the API sees them: create one from a plan, queue operator commands, show progress and decisions.
 
 The decisions themselves are taken by the pure engine (`cloud.rollouts`) inside `RolloutRunner`
-(`cloud.services.rollout_runner`); this module only stores plans and commands and reads what the runner
+(`cloud.rollouts.runner`); this module only stores plans and commands and reads what the runner
 persisted. A command is checked against the rollout's current state (`command_error`, 409 when it does
 not apply), stored, and handed to the engine at its next step, so it is never lost to a restart.
 """
@@ -27,9 +27,9 @@ from cloud.models import (
     RolloutWavePublic,
 )
 from cloud.rollouts import Command, RolloutPlan, RolloutState, RolloutStatus, command_error, gate_report
+from cloud.rollouts.observations import fleet_tags, observe
 from cloud.rollouts.state import FORMAT_VERSION
 from cloud.services.registry import get_model_version
-from cloud.services.rollout_observations import fleet_tags, observe
 
 __all__ = [
     "FINISHED",

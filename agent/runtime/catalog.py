@@ -1,4 +1,4 @@
-"""Runtimes by model format, per agent (no process-global registry)."""
+"""The runtimes one agent can use, by model format (one catalog per agent, nothing process-global)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from agent.runtime.onnx import OnnxRuntime
 from agent.runtime.tflite import LiteRtRuntime
 from protocol import ModelFormat
 
-__all__ = ["RuntimeRegistry", "available_runtimes", "default_registry"]
+__all__ = ["RuntimeCatalog", "available_runtimes", "default_catalog"]
 
 
-class RuntimeRegistry:
+class RuntimeCatalog:
     """The runtimes one agent can use, looked up by `ModelFormat`."""
 
     def __init__(self, runtimes: Iterable[ModelRuntime] = ()) -> None:
@@ -36,15 +36,15 @@ class RuntimeRegistry:
 
     @property
     def formats(self) -> list[ModelFormat]:
-        """Formats this registry can load."""
+        """Formats this catalog can load."""
         return sorted(self._by_format, key=lambda f: f.value)
 
     def names(self) -> list[str]:
         """Runtime names for the device's capabilities."""
         return [self._by_format[f].name for f in self.formats]
 
-    def restricted_to(self, names: Iterable[str]) -> RuntimeRegistry:
-        """A registry with only the runtimes named (bare names: `onnxruntime`, `litert`, `tflite_runtime`).
+    def restricted_to(self, names: Iterable[str]) -> RuntimeCatalog:
+        """A catalog with only the runtimes named (bare names: `onnxruntime`, `litert`, `tflite_runtime`).
 
         `ConfigError` names what is installed when a wanted runtime is not.
         """
@@ -54,7 +54,7 @@ class RuntimeRegistry:
             have = ", ".join(sorted(installed)) or "none"
             raise ConfigError(f"runtimes {missing} are not installed on this device (installed: {have})")
         wanted = set().union(*(_equivalent(n) for n in names))
-        return RuntimeRegistry(r for name, r in installed.items() if name in wanted)
+        return RuntimeCatalog(r for name, r in installed.items() if name in wanted)
 
 
 def _equivalent(name: str) -> set[str]:
@@ -66,16 +66,16 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def default_registry(intra_op_threads: int = 1) -> RuntimeRegistry:
+def default_catalog(intra_op_threads: int = 1) -> RuntimeCatalog:
     """Every runtime installed on this device, configured with `intra_op_threads`."""
-    registry = RuntimeRegistry()
+    catalog = RuntimeCatalog()
     if _installed("onnxruntime"):
-        registry.register(OnnxRuntime(intra_op_threads))
+        catalog.register(OnnxRuntime(intra_op_threads))
     if _installed("ai_edge_litert") or _installed("tflite_runtime"):
-        registry.register(LiteRtRuntime(intra_op_threads))
-    return registry
+        catalog.register(LiteRtRuntime(intra_op_threads))
+    return catalog
 
 
 def available_runtimes() -> list[str]:
     """Names of the runtimes installed on this device (for `Capabilities.runtimes`)."""
-    return default_registry().names()
+    return default_catalog().names()

@@ -1,13 +1,13 @@
-"""Routes of the model registry and the artifact store."""
+"""Routes of models: push versions and variants, list and show them, and serve artifact bytes."""
 
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, File, Form, Path, UploadFile
 from fastapi.responses import FileResponse
-from pydantic import TypeAdapter, ValidationError
+from pydantic import StrictStr, TypeAdapter, ValidationError
 
 from cloud.api.deps import AdminDep, CoordinatorDep, SessionDep
 from cloud.errors import InvalidInputError
@@ -21,20 +21,31 @@ router = APIRouter(tags=["registry"])
 
 NamePath = Annotated[Name, Path(description="Model name: letters, digits, '.', '_' and '-'.")]
 _SPECS = TypeAdapter(list[TensorSpec])
+_STRINGS = TypeAdapter(list[StrictStr])
 
 
-def _tensor_specs(raw: str | None, field: str) -> list[TensorSpec] | None:
-    """Parse a JSON list of tensor specs from a form field; `InvalidInputError` names the field."""
+def _json_form(raw: str | None, field: str, adapter: TypeAdapter[Any]) -> Any:
+    """Parse a JSON form field with `adapter`; None when absent; `InvalidInputError` names the field."""
     if raw is None or not raw.strip():
         return None
     try:
-        return _SPECS.validate_python(json.loads(raw))
+        return adapter.validate_python(json.loads(raw))
     except json.JSONDecodeError as exc:
         raise InvalidInputError(f"{field}: not JSON ({exc})", field=field) from exc
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise InvalidInputError(f"{field}[{where}]: {first['msg']}", field=field) from exc
+        where = "".join(f"[{p}]" for p in first["loc"])
+        raise InvalidInputError(f"{field}{where}: {first['msg']}", field=field) from exc
+
+
+def _tensor_specs(raw: str | None, field: str) -> list[TensorSpec] | None:
+    """A JSON list of tensor specs from a form field."""
+    return cast("list[TensorSpec] | None", _json_form(raw, field, _SPECS))
+
+
+def _string_list(raw: str | None, field: str) -> list[str] | None:
+    """A JSON list of strings from a form field."""
+    return cast("list[str] | None", _json_form(raw, field, _STRINGS))
 
 
 @router.post(
@@ -114,19 +125,6 @@ def add_variant(
     )
     record = registry.get_model_version(session=session, name=name, version=version)
     return registry.version_public(record, public_url=coordinator.public_url)
-
-
-def _string_list(raw: str | None, field: str) -> list[str] | None:
-    """Parse a JSON list of strings from a form field; `InvalidInputError` names the field."""
-    if raw is None or not raw.strip():
-        return None
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise InvalidInputError(f"{field}: not JSON ({exc})", field=field) from exc
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise InvalidInputError(f"{field}: expected a JSON list of strings", field=field)
-    return value
 
 
 @router.get("/models", summary="List models and their versions")

@@ -1,0 +1,67 @@
+"""Routes of deployments: set the desired model of chosen devices, and follow their progress."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query
+from pydantic import BaseModel, Field, model_validator
+
+from cloud.api.deps import AdminDep, CoordinatorDep, SessionDep
+from cloud.models import DeploymentPublic, DeploymentsPublic
+from cloud.services import deployments
+from protocol.messages import DeviceId, Name, Version
+
+__all__ = ["DeploymentCreate", "DeploymentTargetSpec", "router"]
+
+router = APIRouter(tags=["deployments"])
+
+
+class DeploymentTargetSpec(BaseModel):
+    """Which devices: a list of ids, or tags every chosen device must carry."""
+
+    device_ids: list[DeviceId] | None = Field(default=None, min_length=1, max_length=10_000)
+    tags: dict[str, str] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> DeploymentTargetSpec:
+        if (self.device_ids is None) == (self.tags is None):
+            raise ValueError("give exactly one of device_ids and tags")
+        return self
+
+
+class DeploymentCreate(BaseModel):
+    """A deployment request: `model:version` to a target."""
+
+    model: Name
+    version: Version
+    target: DeploymentTargetSpec
+
+
+@router.post("/deployments", status_code=201, dependencies=[AdminDep], summary="Create a deployment")
+def create_deployment(body: DeploymentCreate, session: SessionDep, coordinator: CoordinatorDep) -> DeploymentPublic:
+    """Raise the generation of every selected device and publish its desired state."""
+    created = deployments.create_deployment(
+        session=session,
+        publisher=coordinator,
+        public_url=coordinator.public_url,
+        model=body.model,
+        version=body.version,
+        device_ids=body.target.device_ids,
+        tags=body.target.tags,
+    )
+    assert created.id is not None
+    return deployments.get_deployment(session=session, deployment_id=created.id)
+
+
+@router.get("/deployments", summary="List deployments, newest first")
+def list_deployments(session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> DeploymentsPublic:
+    """Deployments with per-device progress."""
+    data = deployments.list_deployments(session=session, limit=limit)
+    return DeploymentsPublic(data=data, count=len(data))
+
+
+@router.get("/deployments/{deployment_id}", summary="One deployment")
+def get_deployment(deployment_id: Annotated[int, Path(ge=1)], session: SessionDep) -> DeploymentPublic:
+    """Per-device status and failure reasons."""
+    return deployments.get_deployment(session=session, deployment_id=deployment_id)

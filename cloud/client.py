@@ -1,0 +1,158 @@
+"""THE typed client of the coordinator's `/api/v1`, used by the CLI, the simulators, the demo and the benchmarks.
+
+Every method names the resource it reads or changes and returns the JSON body the API documents (dicts
+and lists, as the OpenAPI schema at `/openapi.json` describes them). A refusal or an unreachable
+coordinator is one `ApiError` whose `str()` is the line to show a person; `status` is the HTTP status
+(None when the coordinator could not be reached).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+__all__ = ["API_PREFIX", "ApiClient", "ApiError"]
+
+API_PREFIX = "/api/v1"
+
+
+class ApiError(Exception):
+    """The coordinator refused a request or could not be reached; `str()` is the line to show."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class ApiClient:
+    """Calls `/api/v1` on `url` (the coordinator's base URL), with `token` as bearer on every request."""
+
+    url: str
+    token: str | None = None
+    timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        self.url = self.url.rstrip("/")
+
+    # -- generic -----------------------------------------------------------------------------------
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """Send `method` to `/api/v1{path}`; the decoded JSON body (None when empty), else `ApiError`."""
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        try:
+            response = httpx.request(
+                method, f"{self.url}{API_PREFIX}{path}", headers=headers, timeout=self.timeout, **kwargs
+            )
+        except httpx.HTTPError as exc:
+            raise ApiError(f"cannot reach the coordinator at {self.url}: {exc}") from exc
+        if response.status_code >= 400:
+            raise ApiError(f"{_detail(response)} (HTTP {response.status_code})", status=response.status_code)
+        return response.json() if response.content else None
+
+    def get(self, path: str, **params: Any) -> Any:
+        """GET a resource under `/api/v1`."""
+        return self.request("GET", path, params=params or None)
+
+    def post_json(self, path: str, body: dict[str, Any]) -> Any:
+        """POST a JSON body under `/api/v1`."""
+        return self.request("POST", path, json=body)
+
+    # -- system ------------------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        """Coordinator version, MQTT URL and topic base."""
+        return dict(self.get("/info"))
+
+    def stats(self) -> dict[str, Any]:
+        """The coordinator's MQTT ingest counters."""
+        return dict(self.get("/stats"))
+
+    # -- models ------------------------------------------------------------------------------------
+
+    def models(self) -> list[dict[str, Any]]:
+        """Every model with its versions."""
+        return list(self.get("/models")["data"])
+
+    def model_version(self, name: str, version: str) -> dict[str, Any]:
+        """One model version."""
+        return dict(self.get(f"/models/{name}/versions/{version}"))
+
+    def push_model(
+        self, file: Path, *, name: str, version: str, fields: dict[str, str] | None = None, inputs: str | None = None
+    ) -> dict[str, Any]:
+        """Upload a model file as `name:version` (`fields`: form fields such as format, outputs, variant)."""
+        data = {"version": version, **(fields or {})} | ({"inputs": inputs} if inputs else {})
+        with file.open("rb") as fh:
+            files = {"file": (file.name, fh, "application/octet-stream")}
+            return dict(self.request("POST", f"/models/{name}/versions", data=data, files=files))
+
+    def add_variant(self, file: Path, *, name: str, version: str, fields: dict[str, str]) -> dict[str, Any]:
+        """Upload a file as another variant of `name:version`."""
+        with file.open("rb") as fh:
+            files = {"file": (file.name, fh, "application/octet-stream")}
+            return dict(self.request("POST", f"/models/{name}/versions/{version}/variants", data=fields, files=files))
+
+    # -- devices and deployments -------------------------------------------------------------------
+
+    def devices(self) -> list[dict[str, Any]]:
+        """Every known device with its reported state."""
+        return list(self.get("/devices")["data"])
+
+    def device(self, device_id: str) -> dict[str, Any]:
+        """One device with its reported state and telemetry totals."""
+        return dict(self.get(f"/devices/{device_id}"))
+
+    def telemetry(self, device_id: str) -> list[dict[str, Any]]:
+        """The telemetry windows the coordinator stored for one device."""
+        return list(self.get(f"/devices/{device_id}/telemetry")["data"])
+
+    def deploy(
+        self, *, model: str, version: str, tags: dict[str, str] | None = None, device_ids: list[str] | None = None
+    ) -> dict[str, Any]:
+        """Deploy `model:version` to devices chosen by tags or ids."""
+        target: dict[str, Any] = {"tags": tags} if tags else {"device_ids": device_ids or []}
+        return dict(self.post_json("/deployments", {"model": model, "version": version, "target": target}))
+
+    def deployments(self) -> list[dict[str, Any]]:
+        """Deployments, newest first."""
+        return list(self.get("/deployments")["data"])
+
+    def deployment(self, deployment_id: str | int) -> dict[str, Any]:
+        """One deployment with its per-device progress."""
+        return dict(self.get(f"/deployments/{deployment_id}"))
+
+    def fleet_summary(self) -> dict[str, Any]:
+        """Per-device versions, inference counts and latency percentiles."""
+        return dict(self.get("/fleet/summary"))
+
+    # -- rollouts ----------------------------------------------------------------------------------
+
+    def create_rollout(self, plan: dict[str, Any]) -> dict[str, Any]:
+        """Create a rollout from a plan (the body `POST /rollouts` takes)."""
+        return dict(self.post_json("/rollouts", plan))
+
+    def rollouts(self) -> list[dict[str, Any]]:
+        """Rollouts, newest first."""
+        return list(self.get("/rollouts")["data"])
+
+    def rollout(self, rollout_id: int) -> dict[str, Any]:
+        """One rollout with its waves, devices, gates and decisions."""
+        return dict(self.get(f"/rollouts/{rollout_id}"))
+
+    def rollout_command(self, rollout_id: int, command: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Send `pause`, `resume`, `abort` or `promote` to a rollout."""
+        return dict(self.post_json(f"/rollouts/{rollout_id}/{command}", body or {}))
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip()[:500] or response.reason_phrase
+    if isinstance(body, dict) and body.get("detail"):
+        return str(body["detail"])
+    return str(body)[:500]
