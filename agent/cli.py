@@ -1,6 +1,7 @@
-"""`edgefleet-agent`: run the device daemon, or print an example configuration.
+"""`edgefleet-agent`: enrol the device, run the daemon, or print an example configuration.
 
 edgefleet-agent init --device-id cam-0001 --coordinator http://coordinator:8000 > agent.toml
+edgefleet-agent enroll --config agent.toml --token eft_...      # the token from `edgefleet devices enroll`
 edgefleet-agent run --config agent.toml
 """
 
@@ -18,6 +19,7 @@ from types import FrameType
 from agent.config import ENV_PREFIX, load_config
 from agent.daemon import Agent, agent_version
 from agent.errors import ConfigError, TransportError
+from agent.identity import enrol
 from protocol import TopicError, validate_device_id
 
 __all__ = ["example_config", "main"]
@@ -100,6 +102,22 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument("--plain-logs", action="store_true", help="human-readable log lines instead of JSON")
 
+    enroll = commands.add_parser(
+        "enroll",
+        help="make this device's key, get its certificate from the coordinator (one-time token)",
+        description="Make the device's private key (it never leaves the device), send a certificate request "
+        "with the one-time enrolment token from `edgefleet devices enroll ID` (or the fleet's bootstrap "
+        "secret, for factory provisioning), and store the certificate, the fleet CA and the broker address "
+        "in data_dir/identity.",
+    )
+    enroll.add_argument("--config", "-c", type=Path, help="the agent's TOML configuration (device id, data dir)")
+    enroll.add_argument("--coordinator", help="coordinator base URL (default: coordinator_url of the config)")
+    enroll.add_argument("--device-id", help="this device's id (default: device_id of the config)")
+    enroll.add_argument("--data-dir", type=Path, help="where the identity is kept (default: data_dir of the config)")
+    secret = enroll.add_mutually_exclusive_group(required=True)
+    secret.add_argument("--token", help="the one-time enrolment token")
+    secret.add_argument("--bootstrap-secret", help="the fleet's bootstrap secret (weaker: factory provisioning)")
+
     init = commands.add_parser("init", help="print a commented example configuration to stdout")
     init.add_argument("--device-id", required=True, help="this device's id")
     init.add_argument("--coordinator", help="coordinator base URL, e.g. http://coordinator:8000")
@@ -134,6 +152,40 @@ def _run(config_path: Path | None, stop: threading.Event) -> int:
     return 0
 
 
+def _enroll(args: argparse.Namespace) -> int:
+    """`edgefleet-agent enroll`: settings from the options, else from the configuration file."""
+    config = None
+    if args.config is not None or not (args.coordinator and args.device_id and args.data_dir):
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            print(f"edgefleet-agent: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+    coordinator = args.coordinator or (config.coordinator_url if config else None)
+    device_id = args.device_id or (config.device_id if config else None)
+    data_dir = args.data_dir or (config.data_dir if config else None)
+    if not coordinator or not device_id or data_dir is None:
+        print("edgefleet-agent: enroll needs --coordinator, --device-id, --data-dir (or --config)", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        identity = enrol(
+            data_dir=data_dir,
+            coordinator_url=coordinator,
+            device_id=device_id,
+            token=args.token,
+            bootstrap_secret=args.bootstrap_secret,
+        )
+    except ConfigError as exc:
+        print(f"edgefleet-agent: enrolment refused: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except TransportError as exc:
+        print(f"edgefleet-agent: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    not_after = identity.certificate().not_valid_after_utc.isoformat()
+    print(f"enrolled {identity.device_id}: certificate valid until {not_after}; broker {identity.broker_url}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `edgefleet-agent`."""
     from agent._logging import configure_logging
@@ -147,6 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_CONFIG
         sys.stdout.write(example_config(args.device_id, args.coordinator, args.mqtt_url))
         return 0
+    if args.command == "enroll":
+        return _enroll(args)
     configure_logging(args.log_level, json_lines=not args.plain_logs)
     stop = threading.Event()
 

@@ -46,6 +46,14 @@ class AgentConfig(BaseModel):
     tags: dict[str, str] = Field(default_factory=dict, description="labels used for deployment targeting")
     http_host: str = Field(default="127.0.0.1", description="address of the local inference endpoint")
     http_port: int | None = Field(default=8500, ge=0, le=65535, description="0 = ephemeral, None = no endpoint")
+    http_max_request_bytes: int = Field(
+        default=32 * 1024 * 1024, ge=1024, le=2**32, description="larger request bodies get 413 before they are read"
+    )
+    http_token: str | None = Field(
+        default=None,
+        min_length=16,
+        description="bearer token required on every endpoint route but health; set it when http_host is not loopback",
+    )
     telemetry_interval_s: float = Field(default=10.0, gt=0, le=86400)
     reconnect_min_s: float = Field(default=1.0, gt=0, le=3600)
     reconnect_max_s: float = Field(default=60.0, gt=0, le=3600)
@@ -124,7 +132,7 @@ class AgentConfig(BaseModel):
     @model_validator(mode="after")
     def _reachable(self) -> AgentConfig:
         if self.coordinator_url is None and self.mqtt_url is None:
-            raise ValueError("set mqtt_url, or coordinator_url to fetch it from the coordinator")
+            raise ValueError("set coordinator_url (the device enrols with it and learns its broker), or mqtt_url")
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError(f"reconnect_max_s ({self.reconnect_max_s}) is below reconnect_min_s")
         return self

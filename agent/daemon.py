@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import ssl
 import threading
 from collections.abc import Mapping
 from importlib import metadata
 
-import httpx
 import numpy as np
 
 from agent.capabilities import device_capabilities
 from agent.config import AgentConfig
 from agent.errors import ConfigError, TransportError
+from agent.identity import DeviceIdentity, load_identity, needs_renewal, renew
 from agent.runtime import LoadedModel, RuntimeCatalog, default_catalog
 from agent.server import InferenceServer, create_app
 from agent.serving import Serving
@@ -46,6 +47,7 @@ from protocol import (
     MalformedMessageError,
     ModelRef,
     ReportedState,
+    TelemetryAck,
     TelemetryWindow,
     Topics,
     UpdateStatus,
@@ -55,7 +57,7 @@ from protocol import (
 from protocol.errors import BrokerUrlError
 from protocol.mqtt import BrokerAddress, parse_mqtt_url
 
-__all__ = ["Agent", "agent_version", "health_policy", "resolve_broker"]
+__all__ = ["Agent", "agent_version", "health_policy", "resolve_broker", "tls_context"]
 
 log = logging.getLogger(__name__)
 
@@ -70,26 +72,28 @@ def agent_version() -> str:
         return "0+unknown"
 
 
-def resolve_broker(config: AgentConfig, timeout_s: float = 10.0) -> tuple[str, str]:
-    """`(mqtt_url, topic_base)`: configured values, else the coordinator's `GET /api/v1/info`."""
-    mqtt_url, base = config.mqtt_url, config.topic_base
-    if mqtt_url is None or base is None:
-        if config.coordinator_url is None:
-            return str(mqtt_url), base or DEFAULT_BASE
-        url = f"{config.coordinator_url}/api/v1/info"
-        try:
-            response = httpx.get(url, timeout=timeout_s)
-            response.raise_for_status()
-            info = response.json()
-        except (httpx.HTTPError, ValueError) as exc:
-            raise TransportError(f"cannot fetch the broker address from {url}: {exc}") from exc
-        if not isinstance(info, dict):
-            raise TransportError(f"{url} did not answer a JSON object")
-        mqtt_url = mqtt_url or info.get("mqtt_url")
-        base = base or info.get("topic_base") or DEFAULT_BASE
-        if not isinstance(mqtt_url, str) or not mqtt_url:
-            raise TransportError(f"{url} names no mqtt_url; set mqtt_url in the agent configuration")
-    return mqtt_url, str(base)
+def resolve_broker(config: AgentConfig, identity: DeviceIdentity | None) -> tuple[str, str]:
+    """`(mqtt_url, topic_base)`: configured values, else what the coordinator said at enrolment."""
+    if identity is not None:
+        if identity.device_id != config.device_id:
+            raise ConfigError(
+                f"device_id {config.device_id!r} differs from the enrolled identity {identity.device_id!r} "
+                f"in {identity.directory}"
+            )
+        return config.mqtt_url or identity.broker_url, config.topic_base or identity.topic_base
+    if config.mqtt_url is None:
+        raise ConfigError(
+            f"device {config.device_id!r} is not enrolled: run `edgefleet-agent enroll --coordinator URL "
+            "--device-id ID --token TOKEN` (the token comes from `edgefleet devices enroll ID`)"
+        )
+    return config.mqtt_url, config.topic_base or DEFAULT_BASE
+
+
+def tls_context(identity: DeviceIdentity) -> ssl.SSLContext:
+    """TLS that trusts only the fleet CA and presents this device's certificate."""
+    context = ssl.create_default_context(cafile=str(identity.ca_path))
+    context.load_cert_chain(str(identity.cert_path), str(identity.key_path))
+    return context
 
 
 def health_policy(config: AgentConfig) -> HealthPolicy:
@@ -123,6 +127,8 @@ class Agent:
         self._telemetry: TelemetryPublisher | None = None
         self._server: InferenceServer | None = None
         self._capabilities: Capabilities | None = None
+        self._identity: DeviceIdentity | None = None
+        self._tls: ssl.SSLContext | None = None
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -224,12 +230,27 @@ class Agent:
     # -- start, one step each ----------------------------------------------------------------------
 
     def _resolve_broker(self) -> tuple[BrokerAddress, str]:
-        """The broker's address and the topic base, from the configuration or the coordinator."""
-        mqtt_url, base = resolve_broker(self.config, timeout_s=min(self.config.download_timeout_s, 10.0))
+        """The broker's address and the topic base, from the configuration or the enrolled identity."""
+        self._identity = load_identity(self.config.data_dir)
+        self._renew_if_due()
+        mqtt_url, base = resolve_broker(self.config, self._identity)
         try:
             return parse_mqtt_url(mqtt_url), base
         except BrokerUrlError as exc:
             raise ConfigError(f"mqtt_url: {exc}") from exc
+
+    def _renew_if_due(self) -> None:
+        """Renew the certificate when its last third has begun; a failure is logged and retried later."""
+        identity = self._identity
+        if identity is None or not needs_renewal(identity.certificate()):
+            return
+        try:
+            self._identity = renew(identity, timeout_s=min(self.config.download_timeout_s, 30.0))
+        except (ConfigError, TransportError) as exc:
+            log.warning("certificate renewal of %s failed (retried later): %s", self.config.device_id, exc)
+            return
+        if self._tls is not None:  # the next (re)connect presents the new certificate
+            self._tls.load_cert_chain(str(self._identity.cert_path), str(self._identity.key_path))
 
     def _detect_capabilities(self) -> Capabilities:
         """What this device reports it can run: detected, then the configured overrides."""
@@ -243,7 +264,7 @@ class Agent:
         self._fetcher = ArtifactFetcher(
             timeout_s=cfg.download_timeout_s,
             attempts=cfg.download_attempts,
-            base_url=cfg.coordinator_url,
+            base_url=cfg.coordinator_url or (self._identity.coordinator_url if self._identity else None),
             sleep=lambda s: self._worker.sleep(s) if self._worker else False,
         )
         executor = UpdateExecutor(
@@ -272,7 +293,12 @@ class Agent:
         if cfg.http_port is None:
             return
         self._server = InferenceServer(
-            create_app(self._serving, version=agent_version()),
+            create_app(
+                self._serving,
+                version=agent_version(),
+                max_request_bytes=cfg.http_max_request_bytes,
+                token=cfg.http_token,
+            ),
             host=cfg.http_host,
             port=cfg.http_port,
             name=cfg.device_id,
@@ -284,10 +310,15 @@ class Agent:
         cfg, topics = self.config, self._topics
         assert topics is not None, "set by start() before messaging starts"
         offline = ReportedState(device_id=cfg.device_id, status=DeviceStatus.OFFLINE, tags=cfg.tags)
+        identity = self._identity
+        self._tls = tls_context(identity) if identity is not None and address.tls else None
+        # An enrolled device connects as itself: the fleet's brokers refuse any other client id for its certificate.
+        default_id = cfg.device_id if identity is not None else client_id_for(cfg.device_id, base)
         self._transport = MqttTransport(
             address=address,
-            client_id=cfg.mqtt_client_id or client_id_for(cfg.device_id, base),
-            subscriptions=[topics.desired(cfg.device_id)],
+            tls=self._tls,
+            client_id=cfg.mqtt_client_id or default_id,
+            subscriptions=[topics.desired(cfg.device_id), topics.ack(cfg.device_id)],
             will=(topics.reported(cfg.device_id), encode(offline)),
             reconnect_min_s=cfg.reconnect_min_s,
             reconnect_max_s=cfg.reconnect_max_s,
@@ -325,10 +356,15 @@ class Agent:
         self._transport = self._telemetry = self._server = self._fetcher = None
 
     def _on_connect(self) -> None:
+        if self._telemetry is not None:
+            self._telemetry.connected()
         self._report()
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         assert self._topics is not None
+        if topic == self._topics.ack(self.config.device_id):
+            self._on_ack(topic, payload)
+            return
         if topic != self._topics.desired(self.config.device_id):
             return
         if not payload:
@@ -346,6 +382,19 @@ class Agent:
             return
         assert self._worker is not None
         self._worker.submit(desired)
+
+    def _on_ack(self, topic: str, payload: bytes) -> None:
+        if not payload or self._telemetry is None:
+            return
+        try:
+            ack = decode(TelemetryAck, payload)
+        except MalformedMessageError as exc:
+            self._reject(topic, str(exc))
+            return
+        if ack.device_id != self.config.device_id:
+            self._reject(topic, f"telemetry ack for device {ack.device_id!r} on the topic of {self.config.device_id!r}")
+            return
+        self._telemetry.acknowledged(ack)
 
     def _reject(self, topic: str, reason: str) -> None:
         with self._lock:

@@ -1,44 +1,52 @@
 """The local inference endpoint: Open Inference Protocol (KServe v2 REST) on `http_host:http_port`.
 
-Applications written for Triton or KServe talk to it unchanged. Errors are `{"error": "..."}` with
-400 (the request does not fit the model), 404 (unknown model or version), 503 (no model loaded yet).
+Applications written for Triton or KServe talk to it unchanged, with JSON or binary tensor data (the
+binary tensor data extension, `agent._oip_codec`). Errors are `{"error": "..."}` with 400 (the request
+does not fit the model), 401 (a token is configured and the request lacks it), 404 (unknown model or
+version), 413 (the body is over `max_request_bytes`), 503 (no model loaded yet).
 """
 
 from __future__ import annotations
 
-import json
+import ipaddress
 import logging
-import math
 import socket
 import threading
 from typing import Any
 
 import numpy as np
 import uvicorn
-from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from agent._http_guards import BodyLimit, TokenAuth
+from agent._oip_codec import decode_tensor, encode_response, encode_tensor, read_request
+from agent.config import AgentConfig
 from agent.errors import ConfigError, InferenceFailedError, InferenceInputError, NoModelError
-from agent.runtime import datatype_of, numpy_dtype
 from agent.serving import ActiveModel, Serving
 from protocol import ModelFormat
 from protocol.inference import (
+    BINARY_TENSOR_DATA,
+    INFERENCE_HEADER_CONTENT_LENGTH,
     InferenceRequest,
-    InferenceResponse,
-    InferTensor,
     ModelMetadata,
     ServerMetadata,
 )
 
-__all__ = ["InferenceServer", "create_app", "decode_tensor", "encode_tensor"]
+__all__ = ["DEFAULT_MAX_REQUEST_BYTES", "InferenceServer", "create_app", "decode_tensor", "encode_tensor"]
 
 log = logging.getLogger(__name__)
 
+# One default for the setting and for apps built without a config (simulators, tests).
+DEFAULT_MAX_REQUEST_BYTES: int = AgentConfig.model_fields["http_max_request_bytes"].default
+
 _PLATFORMS = {ModelFormat.ONNX: "onnxruntime_onnx", ModelFormat.TFLITE: "tensorflow_lite"}
+# Probes of liveness and readiness stay open when a token is set: orchestrators call them without one.
+_HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
 
 
 class _HttpError(Exception):
@@ -51,34 +59,27 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def decode_tensor(tensor: InferTensor) -> np.ndarray:
-    """The numpy array of a request tensor; `InferenceInputError` when data and shape disagree."""
-    if any(d < 0 for d in tensor.shape):
-        raise InferenceInputError(f"input {tensor.name!r}: shape {tensor.shape} has a negative dimension")
-    try:
-        array = np.asarray(tensor.data, dtype=numpy_dtype(tensor.datatype)).reshape(-1)
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise InferenceInputError(f"input {tensor.name!r}: data is not {tensor.datatype.value} ({exc})") from exc
-    expected = math.prod(tensor.shape)
-    if array.size != expected:
-        raise InferenceInputError(
-            f"input {tensor.name!r}: {array.size} values in data, shape {tensor.shape} needs {expected}"
-        )
-    return array.reshape(tensor.shape)
+def create_app(
+    serving: Serving,
+    *,
+    version: str = "0",
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    token: str | None = None,
+) -> Starlette:
+    """The Starlette app of the endpoint for one agent's `serving` (handlers find it in `app.state`).
 
-
-def encode_tensor(name: str, array: np.ndarray) -> InferTensor:
-    """A response tensor: row-major flattened data with the Open Inference Protocol datatype."""
-    return InferTensor(
-        name=name, shape=list(array.shape), datatype=datatype_of(array.dtype), data=array.ravel().tolist()
-    )
-
-
-def create_app(serving: Serving, *, version: str = "0") -> Starlette:
-    """The Starlette app of the endpoint for one agent's `serving` (handlers find it in `app.state`)."""
-    app = Starlette(routes=_routes(), exception_handlers=_EXCEPTION_HANDLERS)
+    Bodies over `max_request_bytes` get 413 unread; with a `token`, every route but health needs it.
+    """
+    if max_request_bytes < 1:
+        raise ConfigError(f"max_request_bytes (http_max_request_bytes) must be positive, got {max_request_bytes}")
+    if token is not None and not token.strip():
+        raise ConfigError("the endpoint token (http_token) is empty; set a long random one, or none")
+    middleware = [Middleware(TokenAuth, token=token, open_paths=_HEALTH_PATHS)] if token is not None else []
+    middleware.append(Middleware(BodyLimit, max_bytes=max_request_bytes))  # inside auth: strangers are refused first
+    app = Starlette(routes=_routes(), middleware=middleware, exception_handlers=_EXCEPTION_HANDLERS)
     app.state.serving = serving
     app.state.version = version
+    app.state.token_required = token is not None
     return app
 
 
@@ -130,7 +131,7 @@ async def _ready(request: Request) -> Response:
 
 
 async def _server_metadata(request: Request) -> Response:
-    body = ServerMetadata(name="edgefleet-agent", version=request.app.state.version)
+    body = ServerMetadata(name="edgefleet-agent", version=request.app.state.version, extensions=[BINARY_TENSOR_DATA])
     return JSONResponse(body.model_dump(mode="json"))
 
 
@@ -153,34 +154,19 @@ async def _model_ready(request: Request) -> Response:
 
 async def _infer(request: Request) -> Response:
     active = _model_for(request)
-    body = _parse_request(await _json_body(request))
-    inputs = {t.name: decode_tensor(t) for t in body.inputs}
-    outputs = await run_in_threadpool(_serving(request).infer, inputs, active)
-    wanted = _wanted_outputs(body, outputs)
-    return _encode_response(active, body, [(name, outputs[name]) for name in wanted])
-
-
-# -- the steps of an inference request ----------------------------------------------------------------
-
-
-async def _json_body(request: Request) -> Any:
-    try:
-        return await request.json()
-    except json.JSONDecodeError as exc:
-        raise _HttpError(400, f"request body is not JSON: {exc}") from exc
-
-
-def _parse_request(data: Any) -> InferenceRequest:
-    """The inference request in a JSON body; 400 when it is not one, or names an input twice."""
-    try:
-        body = InferenceRequest.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
-        raise _HttpError(400, f"invalid inference request: {problems}") from exc
-    names = [t.name for t in body.inputs]
-    if len(set(names)) != len(names):
-        raise _HttpError(400, f"duplicate input names in {names}")
-    return body
+    raw = await request.body()  # at most max_request_bytes: BodyLimit refuses more
+    # Parsing and encoding run in threads: a large body must not hold up the health probes.
+    decoded = await run_in_threadpool(read_request, raw, request.headers.get(INFERENCE_HEADER_CONTENT_LENGTH))
+    outputs = await run_in_threadpool(_serving(request).infer, decoded.inputs, active)
+    wanted = _wanted_outputs(decoded.body, outputs)
+    encoded = await run_in_threadpool(
+        encode_response,
+        decoded,
+        [(name, outputs[name]) for name in wanted],
+        model_name=active.spec.name,
+        model_version=active.spec.version,
+    )
+    return Response(encoded.content, media_type=encoded.media_type, headers=encoded.headers)
 
 
 def _wanted_outputs(body: InferenceRequest, outputs: dict[str, np.ndarray]) -> list[str]:
@@ -190,20 +176,6 @@ def _wanted_outputs(body: InferenceRequest, outputs: dict[str, np.ndarray]) -> l
     if unknown:
         raise _HttpError(400, f"unknown output(s) {unknown}; the model has {list(outputs)}")
     return wanted
-
-
-def _encode_response(active: ActiveModel, body: InferenceRequest, outputs: list[tuple[str, np.ndarray]]) -> Response:
-    """The JSON inference response; 500 when an output cannot be written as JSON (NaN, Inf)."""
-    response = InferenceResponse(
-        model_name=active.spec.name,
-        model_version=active.spec.version,
-        id=body.id,
-        outputs=[encode_tensor(name, array) for name, array in outputs],
-    )
-    try:
-        return JSONResponse(response.model_dump(mode="json", exclude_none=True))
-    except ValueError as exc:  # NaN/Inf cannot be written as JSON
-        raise _HttpError(500, f"model output is not representable as JSON: {exc}") from exc
 
 
 # -- errors as {"error": ...} bodies ------------------------------------------------------------------
@@ -265,6 +237,7 @@ class InferenceServer:
             sock.close()
             raise ConfigError(f"cannot listen on {self._host}:{self._port} (http_host/http_port): {exc}") from exc
         port = sock.getsockname()[1]
+        self._warn_if_open(port)
         config = uvicorn.Config(self._app, log_level="warning", access_log=False, lifespan="off")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
@@ -283,6 +256,16 @@ class InferenceServer:
         self.url = f"http://{host}:{port}"
         return self.url
 
+    def _warn_if_open(self, port: int) -> None:
+        """Warn when the endpoint is reachable from other machines and anyone there may use it."""
+        if not _is_loopback(self._host) and not getattr(self._app.state, "token_required", False):
+            log.warning(
+                "the inference endpoint listens on %s:%s, beyond this machine, without a token: "
+                "anyone who can reach it can run the model (set http_token)",
+                self._host,
+                port,
+            )
+
     def stop(self, timeout: float = 5.0) -> None:
         """Ask uvicorn to exit and wait for its thread."""
         if self._server is not None:
@@ -291,3 +274,13 @@ class InferenceServer:
             self._thread.join(timeout)
         self._server = self._thread = None
         self.url = None
+
+
+def _is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False

@@ -68,6 +68,7 @@ class MqttTransport:
         reconnect_max_s: float = 60.0,
         keepalive_s: int = 30,
         max_queued: int = 1000,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._address = address
         self._subscriptions = subscriptions
@@ -90,8 +91,8 @@ class MqttTransport:
         client.max_queued_messages_set(max_queued)
         if address.username is not None:
             client.username_pw_set(address.username, address.password)
-        if address.tls:
-            client.tls_set_context(ssl.create_default_context())
+        if address.tls:  # `tls`: the fleet CA and this device's client certificate; else the system's CAs
+            client.tls_set_context(tls or ssl.create_default_context())
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message

@@ -20,7 +20,7 @@ TOPIC_BASE = "bench/edgefleet/v1"
 @contextmanager
 def embedded_broker() -> Iterator[str]:
     """The coordinator's embedded amqtt broker on a free port; yields its URL."""
-    broker = EmbeddedBroker(host="127.0.0.1", port=0)
+    broker = EmbeddedBroker(host="127.0.0.1", port=0, allow_anonymous=True)
     broker.start()
     try:
         yield broker.url

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -16,13 +17,15 @@ from fastapi import FastAPI
 
 from cloud import __version__
 from cloud.api import install_problem_handlers, router
+from cloud.api.guard import RequestGuard
 from cloud.artifacts import FileArtifactStore
-from cloud.auth import ensure_admin_token
-from cloud.bridge import MqttBridge
-from cloud.broker import EmbeddedBroker
+from cloud.auth import ensure_admin_token, ensure_secret
+from cloud.bridge import BridgeTls, MqttBridge
+from cloud.broker import EmbeddedBroker, tls_files
 from cloud.coordinator import Coordinator
 from cloud.db import create_db_engine, init_db
 from cloud.rollouts.runner import RolloutRunner
+from cloud.services.enrolment import refresh_crl
 from cloud.settings import Settings
 
 __all__ = ["create_app"]
@@ -58,20 +61,14 @@ def create_app(
     coordinator.rollouts = RolloutRunner(
         engine=coordinator.engine,
         publisher=coordinator,
-        public_url=lambda: coordinator.public_url,
+        links=lambda: coordinator.links,
         tick_s=settings.rollout_tick_s,
     )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         init_db(coordinator.engine)
-        if settings.admin_token:
-            coordinator.admin_token = settings.admin_token
-        else:
-            coordinator.admin_token, created = ensure_admin_token(settings.data_dir)
-            coordinator.admin_token_created = created
-            if created:
-                log.info("admin token created path=%s", settings.data_dir / "admin-token")
+        _prepare_secrets(coordinator)
         try:
             if enable_mqtt:
                 _start_mqtt(coordinator)
@@ -98,24 +95,50 @@ def create_app(
     )
     app.state.coordinator = coordinator
     install_problem_handlers(app)
+    app.add_middleware(RequestGuard)
     app.include_router(router)
     return app
 
 
+def _prepare_secrets(coordinator: Coordinator) -> None:
+    """The data directory (0700), the admin token, the fleet CA and the artifact download key."""
+    settings = coordinator.settings
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(settings.data_dir, 0o700)
+    if settings.admin_token:
+        coordinator.admin_token = settings.admin_token
+    else:
+        coordinator.admin_token, created = ensure_admin_token(settings.data_dir)
+        coordinator.admin_token_created = created
+        if created:
+            log.info("admin token created path=%s", settings.data_dir / "admin-token")
+    pki = coordinator.fleet_pki()
+    coordinator.artifact_secret = ensure_secret(pki.directory / "artifact-url.key")
+    refresh_crl(engine=coordinator.engine, pki=pki)
+
+
 def _start_mqtt(coordinator: Coordinator) -> None:
     settings = coordinator.settings
+    pki = coordinator.fleet_pki()
     url = settings.mqtt_url
     if url is None:
-        coordinator.broker = EmbeddedBroker(settings.embedded_broker_host, settings.embedded_broker_port)
+        coordinator.broker = EmbeddedBroker(
+            settings.embedded_broker_host,
+            settings.embedded_broker_port,
+            tls=tls_files(pki.directory),
+            topic_base=settings.topic_base,
+        )
         coordinator.broker.start()
         url = coordinator.broker.url
     coordinator.mqtt_url = url
+    cert, key = pki.coordinator_files()
     coordinator.bridge = MqttBridge(
         url=url,
         topics=settings.topics,
         engine=coordinator.engine,
         counters=coordinator.counters,
         client_id=_bridge_client_id(settings),
+        tls=BridgeTls(ca=settings.mqtt_ca_file or pki.ca_path, cert=cert, key=key),
     )
     coordinator.bridge.start()
     if not coordinator.bridge.wait_connected(_BRIDGE_CONNECT_WAIT_S):

@@ -5,8 +5,18 @@ acknowledges (manual QoS 1 acks), so a slow database can never starve keepalives
 acknowledged only once it has been applied or rejected. A malformed payload or a topic outside the scheme
 is logged with its reason, counted and dropped; it never raises out of a callback nor changes state.
 
+While the database does not answer (`cloud.outage`), the worker retries the same message with backoff and
+takes no other: nothing is acknowledged, so the broker keeps the messages of the persistent session and
+redelivers them after a reconnect. A message that fails for a reason a retry cannot fix (a bug, data the
+database refuses) is logged, counted as failed and acknowledged.
+
+After storing telemetry the bridge publishes the device's `TelemetryAck` retained, at most once a second per
+device plus once when a burst ends (`cloud.telemetry.acks`), and at once after an online report (an agent
+reports on every connect; one that lost its seq counter waits for this answer).
+
 On every (re)connect the bridge subscribes again and republishes every device's stored desired state,
-because an embedded broker forgets its retained messages when it restarts.
+because an embedded broker forgets its retained messages when it restarts. A desired state is never
+published after a newer generation of the same device (`publish_desired`), whichever thread publishes.
 """
 
 from __future__ import annotations
@@ -17,25 +27,29 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 
 from cloud.errors import ConfigurationError
-from cloud.services import desired_states, ingest_event, ingest_reported
+from cloud.outage import DatabaseUnavailableError, PatientDatabase
+from cloud.services.deployments import desired_states
+from cloud.services.devices import ingest_event, ingest_reported
+from cloud.services.enrolment import UnknownDeviceError
+from cloud.telemetry.acks import AckThrottle, telemetry_ack
 from cloud.telemetry.counters import IngestCounters
 from cloud.telemetry.windows import ingest_telemetry
 from protocol.codec import decode, encode
 from protocol.errors import BrokerUrlError, MalformedMessageError, TopicError
-from protocol.messages import DesiredState, DeviceEvent, Message, ReportedState, TelemetryWindow
-from protocol.mqtt import BrokerAddress, parse_mqtt_url
+from protocol.messages import DesiredState, DeviceEvent, DeviceStatus, Message, ReportedState, TelemetryWindow
+from protocol.mqtt import BrokerAddress, parse_mqtt_url, redact_mqtt_url
 from protocol.topics import Channel, Topics
 
-__all__ = ["Decoded", "MqttBridge", "Rejected", "broker_address", "classify"]
+__all__ = ["BridgeTls", "Cleared", "Decoded", "MqttBridge", "Rejected", "broker_address", "classify"]
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +58,8 @@ _INBOUND: dict[Channel, type[Message]] = {
     Channel.EVENTS: DeviceEvent,
     Channel.TELEMETRY: TelemetryWindow,
 }
-_DB_ATTEMPTS = 3
 _STOP_TIMEOUT_S = 10.0
+_ACK_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -64,12 +78,21 @@ class Rejected:
     reason: str
 
 
-def classify(topics: Topics, topic: str, payload: bytes) -> Decoded | Rejected:
+@dataclass(frozen=True)
+class Cleared:
+    """An empty payload: a retained message being deleted (e.g. after a revocation), not a message to store."""
+
+    channel: str
+
+
+def classify(topics: Topics, topic: str, payload: bytes) -> Decoded | Rejected | Cleared:
     """Decide what an inbound MQTT message is. Pure: no IO, never raises."""
     try:
         device_id, channel = topics.parse(topic)
     except TopicError as exc:
         return Rejected("unknown", str(exc))
+    if not payload:
+        return Cleared(channel.value)
     kind = _INBOUND.get(channel)
     if kind is None:
         return Rejected(channel.value, f"the coordinator does not accept messages on {channel.value}")
@@ -105,7 +128,20 @@ class _Republish:
     """Worker job: publish every stored desired state (after a connect)."""
 
 
-_Job = _Inbound | _Republish | None
+class _Idle:
+    """Worker wake-up without a job: a deferred telemetry acknowledgement is due."""
+
+
+_Job = _Inbound | _Republish | _Idle | None
+
+
+@dataclass(frozen=True)
+class BridgeTls:
+    """The CA to trust and the coordinator's client certificate for an `mqtts://` broker."""
+
+    ca: Path
+    cert: Path
+    key: Path
 
 
 class MqttBridge:
@@ -119,9 +155,10 @@ class MqttBridge:
         engine: Engine,
         counters: IngestCounters,
         client_id: str,
+        tls: BridgeTls | None = None,
         keepalive: int = 30,
     ) -> None:
-        self.url = url
+        self.url = redact_mqtt_url(url)
         self.topics = topics
         self._engine = engine
         self.counters = counters
@@ -131,7 +168,10 @@ class MqttBridge:
             callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False, manual_ack=True
         )
         if address.tls:
-            self._client.tls_set()
+            if tls is None:
+                self._client.tls_set()
+            else:  # the fleet CA, and the coordinator's client certificate for a fleet broker
+                self._client.tls_set(ca_certs=str(tls.ca), certfile=str(tls.cert), keyfile=str(tls.key))
         if address.username is not None:
             self._client.username_pw_set(address.username, address.password)
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
@@ -143,6 +183,11 @@ class MqttBridge:
         self._connected = threading.Event()
         self._worker: threading.Thread | None = None
         self._stopping = False
+        self._database = PatientDatabase(engine, on_outage=lambda down: counters.database(down=down))
+        self._acks = AckThrottle(_ACK_INTERVAL_S)
+        self._ack_floor: dict[str, int] = {}  # device → its last acknowledged stored_seq (worker thread only)
+        self._desired_lock = threading.Lock()
+        self._desired_generation: dict[str, int] = {}  # device → highest generation handed to the broker
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -163,9 +208,15 @@ class MqttBridge:
         """True while the bridge holds a broker connection."""
         return self._connected.is_set()
 
+    @property
+    def database_down(self) -> bool:
+        """True while the worker waits for the database to answer (messages held, unacknowledged)."""
+        return self._database.down
+
     def stop(self) -> None:
-        """Disconnect, drain the worker and stop paho's thread."""
+        """Disconnect, drain the worker (or stop it waiting for the database) and stop paho's thread."""
         self._stopping = True
+        self._database.stop()
         self._jobs.put(None)
         if self._worker is not None:
             self._worker.join(_STOP_TIMEOUT_S)
@@ -178,7 +229,22 @@ class MqttBridge:
 
     def publish_desired(self, state: DesiredState) -> None:
         """Publish a desired state retained at QoS 1; while disconnected, the next connect republishes it."""
-        info = self._client.publish(self.topics.desired(state.device_id), encode(state), qos=1, retain=True)
+        self._publish_desired(state)
+
+    def _publish_desired(self, state: DesiredState) -> bool:
+        """Hand `state` to the broker unless a newer generation of its device was handed over; True if published."""
+        with self._desired_lock:  # compare and publish as one: the API thread and the worker both publish
+            newest = self._desired_generation.get(state.device_id, -1)
+            if state.generation < newest:
+                log.info(
+                    "desired state not published: generation %d of device=%s is older than the published %d",
+                    state.generation,
+                    state.device_id,
+                    newest,
+                )
+                return False
+            info = self._client.publish(self.topics.desired(state.device_id), encode(state), qos=1, retain=True)
+            self._desired_generation[state.device_id] = state.generation
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             log.warning(
                 "desired state queued until reconnect device=%s generation=%s reason=%s",
@@ -187,6 +253,13 @@ class MqttBridge:
                 mqtt.error_string(info.rc),
             )
         self.counters.published()
+        return True
+
+    def clear_retained(self, device_id: str) -> None:
+        """Delete a device's retained desired and reported states (an empty retained message clears one)."""
+        for topic in (self.topics.desired(device_id), self.topics.reported(device_id), self.topics.ack(device_id)):
+            self._client.publish(topic, b"", qos=1, retain=True)
+        log.info("retained messages cleared device=%s", device_id)
 
     # -- paho callbacks (network thread: enqueue only) ------------------------------------------
 
@@ -214,59 +287,109 @@ class MqttBridge:
     # -- worker thread --------------------------------------------------------------------------
 
     def _work(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            try:
-                if isinstance(job, _Republish):
-                    self._republish()
-                else:
-                    self._ingest(job)
-            except Exception:  # the worker must outlive any single bad job
-                log.exception("mqtt bridge job failed job=%r", job)
-            finally:
-                if isinstance(job, _Inbound) and job.qos > 0 and job.epoch == self._epoch:
-                    self._client.ack(job.mid, job.qos)
+        try:
+            while (job := self._next_job()) is not None:
+                self._run(job)
+                self._acknowledge_due()
+        except DatabaseUnavailableError:
+            log.info("mqtt bridge stopped while waiting for the database; unacknowledged messages stay with the broker")
+
+    def _next_job(self) -> _Job:
+        """The next job; `_Idle` when a deferred telemetry acknowledgement falls due first."""
+        due = self._acks.next_due()
+        try:
+            return self._jobs.get(timeout=None if due is None else max(0.0, due - time.monotonic()))
+        except queue.Empty:
+            return _Idle()
+
+    def _run(self, job: _Inbound | _Republish | _Idle) -> None:
+        """Do one job; an inbound message is acknowledged once applied, rejected or failed for good."""
+        try:
+            if isinstance(job, _Republish):
+                self._republish()
+            elif isinstance(job, _Inbound):
+                self._ingest(job)
+        except DatabaseUnavailableError:
+            raise  # stopping during an outage: leave the message unacknowledged for redelivery
+        except Exception:  # a bug in the bridge itself: the worker must outlive any single bad job
+            log.exception("mqtt bridge job failed job=%r", job)
+        if isinstance(job, _Inbound) and job.qos > 0 and job.epoch == self._epoch:
+            self._client.ack(job.mid, job.qos)
 
     def _republish(self) -> None:
         states = self._with_session(lambda session: desired_states(session=session))
-        for state in states or []:
-            self._client.publish(self.topics.desired(state.device_id), encode(state), qos=1, retain=True)
-        self.counters.published(len(states or []))
-        log.info("mqtt bridge republished desired states count=%d", len(states or []))
+        published = sum(self._publish_desired(state) for state in states)
+        log.info("mqtt bridge republished desired states count=%d skipped_older=%d", published, len(states) - published)
 
     def _ingest(self, job: _Inbound) -> None:
         verdict = classify(self.topics, job.topic, job.payload)
+        if isinstance(verdict, Cleared):
+            log.debug("retained message cleared topic=%s", job.topic)
+            return
         self.counters.received(verdict.channel if isinstance(verdict, Rejected) else verdict.channel.value)
         if isinstance(verdict, Rejected):
             self.counters.rejected(verdict.channel, verdict.reason)
             log.warning("mqtt message rejected topic=%s reason=%s", job.topic, verdict.reason)
             return
         channel, message = verdict.channel.value, verdict.message
-        if isinstance(message, ReportedState):
-            done = self._with_session(lambda s: ingest_reported(session=s, state=message))
-        elif isinstance(message, DeviceEvent):
-            done = self._with_session(lambda s: ingest_event(session=s, event=message))
-        elif isinstance(message, TelemetryWindow):
-            done = self._with_session(lambda s: ingest_telemetry(session=s, window=message))
-            if done is False:
-                self.counters.duplicate()
-                log.info("telemetry duplicate dropped device=%s seq=%d", message.device_id, message.seq)
-                return
-        if done is None:
+        try:
+            done = self._apply(message)
+        except UnknownDeviceError as exc:  # no auto-enrolment: only enrolled devices speak
+            self.counters.rejected(channel, str(exc))
+            log.warning("mqtt message ignored topic=%s reason=%s", job.topic, exc)
+            return
+        except DatabaseUnavailableError:
+            raise
+        except Exception as exc:  # not transient (a bug, data the database refuses): it would fail forever
             self.counters.failed(channel)
+            log.error("mqtt message failed, dropped topic=%s error=%s: %s", job.topic, type(exc).__name__, exc)
+            return
+        if isinstance(message, TelemetryWindow) and done is False:
+            self.counters.duplicate()
+            log.info("telemetry duplicate dropped device=%s seq=%d", message.device_id, message.seq)
         else:
             self.counters.stored(channel)
+        if isinstance(message, TelemetryWindow):
+            self._telemetry_changed(message.device_id)
+        elif isinstance(message, ReportedState) and message.status is DeviceStatus.ONLINE:
+            # An agent reports on every connect; one that lost its seq counter settles on this answer, so it is
+            # sent at once (not throttled) and is never older than what is stored (the retained one may be).
+            self._acknowledge(message.device_id)
+
+    def _apply(self, message: Message) -> Any:
+        """Store one decoded message; `UnknownDeviceError` when its device is not enrolled."""
+        if isinstance(message, ReportedState):
+            return self._with_session(lambda s: ingest_reported(session=s, state=message))
+        if isinstance(message, DeviceEvent):
+            return self._with_session(lambda s: ingest_event(session=s, event=message))
+        assert isinstance(message, TelemetryWindow)
+        return self._with_session(lambda s: ingest_telemetry(session=s, window=message))
 
     def _with_session(self, apply: Callable[[Session], Any]) -> Any:
-        """Run `apply` in a fresh session, retrying transient database errors; None if it keeps failing."""
-        for attempt in range(1, _DB_ATTEMPTS + 1):
+        """Run `apply` in a fresh session, waiting out a database outage (`DatabaseUnavailableError` on stop)."""
+        return self._database.run(apply)
+
+    # -- telemetry acknowledgements (worker thread) ----------------------------------------------
+
+    def _telemetry_changed(self, device_id: str) -> None:
+        """Acknowledge `device_id`'s telemetry now, or once its throttle interval is over."""
+        if self._acks.stored(device_id, time.monotonic()):
+            self._acknowledge(device_id)
+
+    def _acknowledge_due(self) -> None:
+        for device_id in self._acks.due(time.monotonic()):
             try:
-                with Session(self._engine, expire_on_commit=False) as session:
-                    result = apply(session)
-                    return True if result is None else result
-            except SQLAlchemyError as exc:
-                log.warning("database write failed attempt=%d/%d error=%s", attempt, _DB_ATTEMPTS, exc)
-                time.sleep(0.2 * attempt)
-        return None
+                self._acknowledge(device_id)
+            except DatabaseUnavailableError:
+                raise
+            except Exception:  # a bug must not end the worker; the next stored window acknowledges again
+                log.exception("telemetry acknowledgement failed device=%s", device_id)
+
+    def _acknowledge(self, device_id: str) -> None:
+        """Publish what is stored of `device_id`'s telemetry, retained (`protocol.TelemetryAck`)."""
+        floor = self._ack_floor.get(device_id)
+        ack = self._with_session(lambda s: telemetry_ack(s, device_id, floor))
+        if ack.stored_seq is not None:
+            self._ack_floor[device_id] = ack.stored_seq
+        self._client.publish(self.topics.ack(device_id), encode(ack), qos=1, retain=True)
+        self.counters.acknowledged()

@@ -1,8 +1,9 @@
 """The embedded MQTT broker: amqtt running in a thread of its own, for a coordinator without an external broker.
 
-`edgefleet up` starts one when no `mqtt_url` is configured, so a laptop demo needs no Mosquitto. It keeps
-retained messages and delivers last wills, but only in memory: after a restart the coordinator refills the
-retained desired states itself (see `cloud.bridge`).
+`edgefleet up` starts one when no `mqtt_url` is configured, so a laptop demo needs no Mosquitto. It listens
+with TLS and admits only clients with a fleet certificate, each on its own topics (`cloud.broker_auth`,
+`cloud.broker_rights`). It keeps retained messages and delivers last wills, but only in memory: after a
+restart the coordinator refills the retained desired states itself (see `cloud.bridge`).
 """
 
 from __future__ import annotations
@@ -13,15 +14,18 @@ import logging
 import socket
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from amqtt.broker import Broker
-from amqtt.plugins.base import BaseAuthPlugin
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 
 from cloud.errors import BrokerStartError
+from protocol.topics import DEFAULT_BASE
 
-__all__ = ["EmbeddedBroker"]
+__all__ = ["BrokerTls", "EmbeddedBroker", "tls_files"]
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +33,28 @@ _START_TIMEOUT_S = 15.0
 _STOP_TIMEOUT_S = 10.0
 
 
-def _broker_config(host: str, port: int) -> dict[str, Any]:
-    """amqtt configuration: one TCP listener, anonymous clients, no $SYS chatter or packet logging."""
+@dataclass(frozen=True)
+class BrokerTls:
+    """The files of a TLS listener that requires fleet client certificates."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    crl: Path
+
+
+def _broker_config(host: str, port: int, tls: BrokerTls | None, topic_base: str) -> dict[str, Any]:
+    """amqtt configuration: one listener; with `tls`, fleet certificates and topic rights, else anyone."""
+    listener: dict[str, Any] = {"type": "tcp", "bind": f"{host}:{port}", "max_connections": -1}
+    if tls is None:
+        return {"listeners": {"default": listener}, "plugins": {"cloud.broker_auth.OpenSessionAuthPlugin": {}}}
+    listener.update(ssl=True, cafile=str(tls.ca), certfile=str(tls.cert), keyfile=str(tls.key))
     return {
-        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}", "max_connections": -1}},
-        "plugins": {f"{__name__}.OpenSessionAuthPlugin": {}},
+        "listeners": {"default": listener},
+        "plugins": {
+            "cloud.broker_auth.FleetAuthPlugin": {"crl_path": str(tls.crl), "topic_base": topic_base},
+            "cloud.broker_auth.FleetTopicPlugin": {"topic_base": topic_base},
+        },
     }
 
 
@@ -47,31 +68,61 @@ def _is_address_in_use(exc: BaseException) -> bool:
     return False
 
 
-class OpenSessionAuthPlugin(BaseAuthPlugin):
-    """Accepts every client without marking it anonymous.
-
-    amqtt's AnonymousAuthPlugin flags sessions as anonymous, and amqtt then never queues QoS 1 messages
-    for a disconnected persistent session: telemetry sent while the coordinator restarts would be lost.
-    Device authentication on the broker comes with governance; until then the embedded broker listens on
-    the address the operator chose (loopback by default).
-    """
-
-    @dataclass
-    class Config:
-        """No options."""
-
-    async def authenticate(self, *, session: Session) -> bool | None:
-        """Every client may connect; its session keeps offline QoS 1 messages if it asked for that."""
-        return True
-
-
 class _FleetBroker(Broker):
-    """amqtt's broker with one fix: retained messages go only to clients subscribed to a matching filter.
+    """amqtt's broker with two fixes that make client identities hold.
 
-    amqtt 0.12 replays, to every connecting client, the retained messages matching *any* client's
-    subscriptions, so a device would receive other devices' desired states. Here a replay for a filter
-    happens only when this session holds that filter, at the QoS it was granted.
+    1. A client is authenticated *before* its CONNECT touches any session. amqtt 0.12 first deletes (clean
+       session) or reuses (persistent session, keeping the earlier connection's TLS object) the session of
+       the client id it names, and authenticates afterwards: anyone could take over a device's session.
+    2. Retained messages go only to clients subscribed to a matching filter. amqtt 0.12 replays, to every
+       connecting client, the retained messages matching *any* client's subscriptions.
     """
+
+    async def _initialize_client_session(
+        self, reader: Any, writer: Any, remote_address: str, remote_port: int
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        try:
+            handler, incoming = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
+        except (AMQTTError, NoDataError) as exc:
+            raise AMQTTError(exc) from exc
+        except MQTTError:
+            await writer.close()
+            raise
+        if not await self._authenticate(incoming, None):  # the listener argument is unused
+            handler.attach(incoming, reader, writer)
+            incoming.parent = 0
+            await handler.mqtt_connack_authorize(False)
+            await writer.close()
+            raise AMQTTError(f"client {incoming.client_id!r} from {remote_address}:{remote_port} not authorized")
+        ssl_object = incoming.ssl_object
+        reused = not incoming.clean_session and incoming.client_id in self._sessions
+        handler, session = await self._continue_session(handler, incoming)
+        if reused:
+            session.ssl_object = ssl_object  # authenticate the reused session with *this* connection's certificate
+        return handler, session
+
+    async def _continue_session(
+        self, handler: BrokerProtocolHandler, incoming: Session
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        """amqtt's own session lookup (clean: replace; persistent: reuse), after authentication."""
+        if incoming.clean_session:
+            if incoming.client_id:
+                await self._delete_session(incoming.client_id)
+            incoming.parent = 0
+            session = incoming
+        elif incoming.client_id in self._sessions:
+            session, _ = self._sessions[incoming.client_id]
+            for attr in ("will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive"):
+                setattr(session, attr, getattr(incoming, attr))
+            session.username, session.password = incoming.username, incoming.password
+            session.parent = 1
+        else:
+            incoming.parent = 0
+            session = incoming
+        delay = self.config.get("timeout-disconnect-delay", 0)
+        if session.keep_alive > 0 and isinstance(delay, int):
+            session.keep_alive += delay
+        return handler, session
 
     async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int], session: Any) -> None:
         topic_filter, _ = subscription
@@ -96,11 +147,26 @@ class EmbeddedBroker:
     """An amqtt broker in its own thread and event loop; `start()` returns once it accepts connections.
 
     `port=0` picks a free port. With `fallback_to_free_port`, a busy port is replaced by a free one and the
-    change is logged (the coordinator then advertises the actual URL through `/api/v1/info`).
+    change is logged (the coordinator then advertises the actual URL through `/api/v1/info`). `tls` makes it
+    a fleet broker (client certificates, topic rights under `topic_base`); without it the broker admits
+    anyone, which only `allow_anonymous=True` permits (a bare broker for agent tests).
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 1883, *, fallback_to_free_port: bool = True) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 1883,
+        *,
+        tls: BrokerTls | None = None,
+        topic_base: str = DEFAULT_BASE,
+        allow_anonymous: bool = False,
+        fallback_to_free_port: bool = True,
+    ) -> None:
+        if tls is None and not allow_anonymous:
+            raise BrokerStartError("the embedded broker needs TLS files (fleet certificates) or allow_anonymous=True")
         self.host = host
+        self.tls = tls
+        self.topic_base = topic_base
         self._requested_port = port
         self._fallback = fallback_to_free_port
         self._port: int | None = None
@@ -119,8 +185,10 @@ class EmbeddedBroker:
 
     @property
     def url(self) -> str:
-        """`mqtt://host:port` of the running broker."""
-        return f"mqtt://{self.host}:{self.port}"
+        """`mqtts://host:port` (or `mqtt://` without TLS) of the running broker."""
+        scheme = "mqtt" if self.tls is None else "mqtts"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.port}"
 
     @property
     def running(self) -> bool:
@@ -206,7 +274,9 @@ class EmbeddedBroker:
         )
 
     async def _start_listening(self, port: int) -> _FleetBroker:
-        broker = _FleetBroker(_broker_config(self.host, port), loop=asyncio.get_running_loop())
+        broker = _FleetBroker(
+            _broker_config(self.host, port, self.tls, self.topic_base), loop=asyncio.get_running_loop()
+        )
         await broker.start()
         server = broker._servers["default"].instance  # amqtt exposes no public way to learn a bound port
         self._port = int(server.sockets[0].getsockname()[1])
@@ -218,19 +288,29 @@ class EmbeddedBroker:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m cloud.broker [--host H] [--port P]`: the embedded broker alone, until SIGTERM or Ctrl-C.
+    """`python -m cloud.broker --pki-dir DIR`: the embedded broker alone, until SIGTERM or Ctrl-C.
 
-    For tests and benchmarks that want amqtt as an *external* broker in a process of its own.
+    For tests and benchmarks that want amqtt as an *external* broker in a process of its own: with the
+    fleet's PKI directory (`edgefleet broker pki`) it is the same fleet broker `edgefleet up` runs;
+    `--allow-anonymous` instead runs a bare broker that admits anyone (agent tests only).
     """
     import argparse
     import signal
 
     parser = argparse.ArgumentParser(prog="python -m cloud.broker", description=main.__doc__)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=1883, help="port; 0 picks a free one (default 1883)")
+    parser.add_argument("--port", type=int, default=8883, help="port; 0 picks a free one (default 8883)")
+    parser.add_argument("--pki-dir", type=Path, help="the fleet PKI directory (ca.crt, broker.crt/key, crl.pem)")
+    parser.add_argument("--topic-base", default=DEFAULT_BASE, help=f"topic base of the rights (default {DEFAULT_BASE})")
+    parser.add_argument("--allow-anonymous", action="store_true", help="no TLS, no authentication (tests only)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    broker = EmbeddedBroker(args.host, args.port)
+    if args.pki_dir is None and not args.allow_anonymous:
+        parser.error("give --pki-dir (a fleet broker) or --allow-anonymous (a bare broker for tests)")
+    tls = None if args.pki_dir is None else tls_files(args.pki_dir)
+    broker = EmbeddedBroker(
+        args.host, args.port, tls=tls, topic_base=args.topic_base, allow_anonymous=args.allow_anonymous
+    )
     broker.start()
     print(broker.url, flush=True)
     stop = threading.Event()
@@ -241,6 +321,13 @@ def main(argv: list[str] | None = None) -> None:
         pass
     finally:
         broker.stop()
+
+
+def tls_files(pki_dir: Path) -> BrokerTls:
+    """The broker's TLS files in a fleet PKI directory (see `cloud.pki`)."""
+    return BrokerTls(
+        ca=pki_dir / "ca.crt", cert=pki_dir / "broker.crt", key=pki_dir / "broker.key", crl=pki_dir / "crl.pem"
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
 from dataclasses import dataclass, field
 
 from sqlalchemy.engine import Engine
@@ -14,10 +16,13 @@ from sqlalchemy.engine import Engine
 from cloud.artifacts import ArtifactStore
 from cloud.bridge import MqttBridge
 from cloud.broker import EmbeddedBroker
+from cloud.pki import FleetPki, private_write
 from cloud.rollouts.runner import RolloutRunner
+from cloud.services.registry import ArtifactLinks
 from cloud.settings import Settings
 from cloud.telemetry.counters import IngestCounters
 from protocol.messages import DesiredState
+from protocol.mqtt import strip_mqtt_credentials
 
 __all__ = ["Coordinator"]
 
@@ -38,11 +43,42 @@ class Coordinator:
     broker: EmbeddedBroker | None = None
     bridge: MqttBridge | None = None
     rollouts: RolloutRunner | None = None
+    pki: FleetPki | None = None
+    artifact_secret: bytes = b""
 
     @property
     def public_url(self) -> str:
         """The URL devices fetch artifacts from."""
         return self.settings.resolved_public_url()
+
+    @property
+    def links(self) -> ArtifactLinks:
+        """Per-device artifact download URLs (with their download tokens)."""
+        return ArtifactLinks(self.public_url, self.artifact_secret)
+
+    @property
+    def device_mqtt_url(self) -> str | None:
+        """The broker URL devices are told at enrolment (never with credentials)."""
+        url = self.settings.device_mqtt_url or self.mqtt_url
+        return strip_mqtt_credentials(url) if url else None
+
+    def fleet_pki(self) -> FleetPki:
+        """The fleet CA (created on first use)."""
+        if self.pki is None:
+            self.pki = FleetPki(self.settings.resolved_pki_dir, broker_hostnames=self.settings.broker_hostnames)
+            self.pki.ensure()
+        return self.pki
+
+    def after_revocation(self, device_id: str) -> None:
+        """Make a revocation bite at once: the broker's CRL copy and reload, the device's retained state cleared."""
+        settings = self.settings
+        if settings.broker_crl_file is not None:
+            private_write(settings.broker_crl_file, self.fleet_pki().crl_path.read_bytes())
+            os.chmod(settings.broker_crl_file, 0o644)
+        if settings.broker_reload_command:
+            _run_reload(settings.broker_reload_command)
+        if self.bridge is not None:
+            self.bridge.clear_retained(device_id)
 
     def publish_desired(self, state: DesiredState) -> None:
         """Hand a desired state to the bridge (dropped with a warning when MQTT is disabled)."""
@@ -50,3 +86,16 @@ class Coordinator:
             log.warning("no MQTT bridge; desired state for %s not published", state.device_id)
             return
         self.bridge.publish_desired(state)
+
+
+def _run_reload(command: str) -> None:
+    """Run the operator's broker reload command; a failure is logged (the CRL is written either way)."""
+    try:
+        done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.error("broker reload command failed: %s", exc)
+        return
+    if done.returncode != 0:
+        log.error("broker reload command exited %d: %s", done.returncode, (done.stderr or done.stdout).strip()[:500])
+    else:
+        log.info("broker reloaded after a revocation")

@@ -9,8 +9,11 @@ Exception tree::
     │   ├── InvalidInputError         (422) the input is well-formed but unusable; `field` names the culprit
     │   │   ├── InvalidModelError         the uploaded file is not a model of the declared format
     │   │   └── EmptyTargetError          a deployment target that matches no device
-    │   └── UnauthorizedError         (401) missing or wrong admin token
+    │   ├── UnauthorizedError         (401) no valid credentials (API token, enrolment token, device identity)
+    │   ├── ForbiddenError            (403) valid credentials whose role may not do this
+    │   └── PayloadTooLargeError      (413) a request body above the configured limit
     ├── ConfigurationError            the operator's settings are unusable (fatal at start-up)
+    ├── BackupError                   a backup cannot be made or restored: missing tool, bad archive, busy target
     └── TransientError                an external system failed; retrying later may help
         ├── BrokerStartError          the embedded MQTT broker could not listen
         └── PublishError              a desired state could not be handed to the broker
@@ -19,14 +22,17 @@ Exception tree::
 from __future__ import annotations
 
 __all__ = [
+    "BackupError",
     "BrokerStartError",
     "CloudError",
     "ConfigurationError",
     "ConflictError",
     "EmptyTargetError",
+    "ForbiddenError",
     "InvalidInputError",
     "InvalidModelError",
     "NotFoundError",
+    "PayloadTooLargeError",
     "PublishError",
     "RequestError",
     "TransientError",
@@ -77,13 +83,29 @@ class EmptyTargetError(InvalidInputError):
 
 
 class UnauthorizedError(RequestError):
-    """A write without a valid admin token."""
+    """A request without valid credentials."""
 
     status_code = 401
 
 
+class ForbiddenError(RequestError):
+    """A request whose credentials are valid but whose role may not do it."""
+
+    status_code = 403
+
+
+class PayloadTooLargeError(RequestError):
+    """A request body larger than the limit for its route."""
+
+    status_code = 413
+
+
 class ConfigurationError(CloudError):
     """Settings the coordinator refuses to run with (e.g. a placeholder secret in production)."""
+
+
+class BackupError(CloudError):
+    """A backup or restore that cannot proceed (pg_dump missing, unreadable archive, non-empty target, ...)."""
 
 
 class TransientError(CloudError):

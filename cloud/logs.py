@@ -17,5 +17,6 @@ def configure_logging(*, level: str = "INFO", json_lines: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("amqtt", "transitions", "uvicorn.access"):
+    # alembic logs its set-up at INFO on every start; `cloud.db` logs the one line that matters (from, to).
+    for noisy in ("alembic", "amqtt", "transitions", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

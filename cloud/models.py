@@ -11,21 +11,29 @@ from enum import StrEnum
 from typing import Any
 
 from pydantic import field_validator
-from sqlalchemy import JSON, Column, DateTime, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, DateTime, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from protocol.messages import utcnow
 
 __all__ = [
+    "ApiToken",
+    "ApiTokenPublic",
+    "BootstrapSecret",
     "Deployment",
     "DeploymentPublic",
     "DeploymentTarget",
     "DeploymentTargetPublic",
     "DeploymentsPublic",
     "Device",
+    "DeviceCertificate",
+    "DeviceEventPublic",
     "DeviceEventRecord",
+    "DeviceEventsPublic",
     "DevicePublic",
     "DevicesPublic",
+    "EnrolmentState",
+    "EnrolmentToken",
     "Model",
     "ModelPublic",
     "ModelVersion",
@@ -153,17 +161,30 @@ class DeviceBase(SQLModel):
     active_model_name: str | None = Field(default=None, max_length=128)
     active_model_version: str | None = Field(default=None, max_length=64)
     active_model_sha256: str | None = Field(default=None, max_length=64)
-    desired_generation: int = 0
-    reported_generation: int | None = None
+    desired_generation: int = Field(default=0, sa_type=BigInteger)
+    reported_generation: int | None = Field(default=None, sa_type=BigInteger)
     update_phase: str | None = Field(default=None, max_length=32)
     last_error_code: str | None = Field(default=None, max_length=64)
     last_error_message: str | None = None
+    # Why the coordinator distrusts what the device reports (e.g. a generation it never issued); None when fine.
+    anomaly: str | None = Field(default=None, max_length=512)
+
+
+class EnrolmentState(StrEnum):
+    """Where a device stands with the fleet: only `enrolled` devices may speak on the broker."""
+
+    PENDING = "pending"  # an operator created an enrolment token; the device has no certificate yet
+    ENROLLED = "enrolled"
+    REVOKED = "revoked"
 
 
 class Device(DeviceBase, table=True):
-    """A device, enrolled on its first message; `desired_state` is what the bridge (re)publishes."""
+    """A device the fleet enrolled; `desired_state` is what the bridge (re)publishes."""
 
     id: str = Field(primary_key=True, max_length=128)
+    enrolment: str = Field(default=EnrolmentState.PENDING.value, max_length=16, index=True)
+    enrolled_at: datetime | None = _when(nullable=True)
+    revoked_at: datetime | None = _when(nullable=True)
     desired_state: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     first_seen: datetime = _when()
     last_seen: datetime | None = _when(nullable=True)
@@ -174,6 +195,9 @@ class DevicePublic(DeviceBase, _UtcOut):
     """A device with its reported state and telemetry totals."""
 
     id: str
+    enrolment: str = EnrolmentState.PENDING.value
+    enrolled_at: datetime | None = None
+    revoked_at: datetime | None = None
     first_seen: datetime
     last_seen: datetime | None
     # The active model again, under the names the fleet summary uses.
@@ -221,13 +245,33 @@ class DeviceEventRecord(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     device_id: str = Field(foreign_key="device.id", index=True, max_length=128)
     kind: str = Field(max_length=32)
-    generation: int | None = None
+    generation: int | None = Field(default=None, sa_type=BigInteger)
     phase: str | None = Field(default=None, max_length=32)
     message: str = ""
     error_code: str | None = Field(default=None, max_length=64)
     error_message: str | None = None
     at: datetime = _when()
     received_at: datetime = _when()
+
+
+class DeviceEventPublic(_UtcOut):
+    """A device event as the API shows it."""
+
+    kind: str
+    generation: int | None
+    phase: str | None
+    message: str
+    error_code: str | None
+    error_message: str | None
+    at: datetime
+    received_at: datetime
+
+
+class DeviceEventsPublic(SQLModel):
+    """A device's events, oldest first."""
+
+    data: list[DeviceEventPublic]
+    count: int
 
 
 class TelemetryRecord(SQLModel, table=True):
@@ -238,7 +282,7 @@ class TelemetryRecord(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     device_id: str = Field(foreign_key="device.id", index=True, max_length=128)
-    seq: int
+    seq: int = Field(sa_type=BigInteger)
     window_start: datetime = _when()
     window_end: datetime = _when()
     model_name: str | None = Field(default=None, max_length=128)
@@ -285,7 +329,7 @@ class DeploymentTargetBase(SQLModel):
     """One device's part in a deployment."""
 
     device_id: str = Field(foreign_key="device.id", index=True, max_length=128)
-    generation: int
+    generation: int = Field(sa_type=BigInteger)
     status: str = Field(default=TargetStatus.PENDING.value, max_length=16)
     phase: str | None = Field(default=None, max_length=32)
     error_code: str | None = Field(default=None, max_length=64)
@@ -391,7 +435,7 @@ class RolloutDispatchRecord(SQLModel, table=True):
     device_id: str = Field(foreign_key="device.id", index=True, max_length=128)
     kind: str = Field(max_length=16)  # dispatch | rollback
     attempt: int
-    generation: int
+    generation: int = Field(sa_type=BigInteger)
     deployment_id: int = Field(foreign_key="deployment.id")
     created_at: datetime = _when()
 
@@ -459,3 +503,76 @@ class RolloutsPublic(SQLModel):
 
     data: list[RolloutPublic]
     count: int
+
+
+# -- identity: enrolment, certificates, API tokens ------------------------------------------------
+
+
+class EnrolmentToken(SQLModel, table=True):
+    """A one-time, expiring token that lets one device id enrol (only its sha256 is kept)."""
+
+    __tablename__ = "enrolment_token"
+
+    id: int | None = Field(default=None, primary_key=True)
+    token_sha256: str = Field(unique=True, max_length=64)
+    device_id: str = Field(foreign_key="device.id", index=True, max_length=128)
+    created_by: str = Field(default="", max_length=128)
+    created_at: datetime = _when()
+    expires_at: datetime = _when()
+    used_at: datetime | None = _when(nullable=True)
+
+
+class BootstrapSecret(SQLModel, table=True):
+    """A fleet-wide enrolment secret for factory provisioning: any new device id may enrol with it (weaker)."""
+
+    __tablename__ = "bootstrap_secret"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True, max_length=128)
+    secret_sha256: str = Field(unique=True, max_length=64)
+    tags: dict[str, str] = _json(dict)
+    created_by: str = Field(default="", max_length=128)
+    created_at: datetime = _when()
+    expires_at: datetime | None = _when(nullable=True)
+    revoked_at: datetime | None = _when(nullable=True)
+    uses: int = 0
+
+
+class DeviceCertificate(SQLModel, table=True):
+    """A client certificate the fleet CA issued to a device (serial in hex)."""
+
+    __tablename__ = "device_certificate"
+
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(foreign_key="device.id", index=True, max_length=128)
+    serial: str = Field(unique=True, max_length=64)
+    public_key_sha256: str = Field(index=True, max_length=64)
+    not_after: datetime = _when()
+    issued_at: datetime = _when()
+    revoked_at: datetime | None = _when(nullable=True)
+
+
+class ApiToken(SQLModel, table=True):
+    """A named API token with one role (only its sha256 is kept)."""
+
+    __tablename__ = "api_token"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True, max_length=128)
+    role: str = Field(max_length=16)
+    token_sha256: str = Field(unique=True, max_length=64)
+    created_by: str = Field(default="", max_length=128)
+    created_at: datetime = _when()
+    last_used_at: datetime | None = _when(nullable=True)
+    revoked_at: datetime | None = _when(nullable=True)
+
+
+class ApiTokenPublic(_UtcOut):
+    """A token as listings show it (never the secret)."""
+
+    name: str
+    role: str
+    created_by: str
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None

@@ -61,6 +61,29 @@ class Settings(BaseSettings):
     mqtt_client_id: str | None = Field(
         default=None, description="Bridge client id; default derived from the data dir and topic base."
     )
+    pki_dir: Path | None = Field(
+        default=None, description="The fleet CA, broker and coordinator certificates, CRL; default data_dir/pki."
+    )
+    broker_hostnames: list[str] = Field(
+        default_factory=list, description="Extra names (DNS or IP) devices use for the embedded broker (TLS SANs)."
+    )
+    device_mqtt_url: str | None = Field(
+        default=None, description="The broker URL devices are told at enrolment; default the broker's own URL."
+    )
+    mqtt_ca_file: Path | None = Field(
+        default=None, description="CA that signed an external broker's server certificate; default the fleet CA."
+    )
+    broker_crl_file: Path | None = Field(
+        default=None, description="A copy of the CRL an external broker reads (Mosquitto's crlfile), kept current."
+    )
+    broker_reload_command: str | None = Field(
+        default=None, description="Shell command run after a revocation so the broker re-reads the CRL (SIGHUP)."
+    )
+    device_certificate_days: float = Field(default=90, gt=0, le=3650, description="Validity of device certificates.")
+    enrolment_token_ttl_s: float = Field(
+        default=24 * 3600, gt=0, le=90 * 24 * 3600, description="How long an enrolment token may be used."
+    )
+    max_json_body_bytes: int = Field(default=1024 * 1024, gt=0, description="Largest JSON request body accepted.")
     rollout_tick_s: float = Field(
         default=1.0, ge=0, le=3600, description="How often the rollout runner steps rollouts; 0 = no runner thread."
     )
@@ -112,6 +135,11 @@ class Settings(BaseSettings):
         env_values = cls().model_dump(exclude_unset=True)
         given = {k: v for k, v in overrides.items() if v is not None}
         return cls.model_validate({**file_values, **env_values, **given})
+
+    @property
+    def resolved_pki_dir(self) -> Path:
+        """`pki_dir`, else `data_dir/pki`."""
+        return (self.pki_dir or self.data_dir / "pki").expanduser()
 
     @property
     def topics(self) -> Topics:

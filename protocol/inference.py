@@ -1,7 +1,9 @@
 """Open Inference Protocol (KServe v2 REST) bodies, as the agent's local endpoint speaks them.
 
 Applications written for Triton or KServe send these unchanged to `POST /v2/models/{name}/infer`.
-Only JSON tensor data is supported (no binary extension); `data` is the flattened, row-major tensor.
+`data` is the flattened, row-major tensor. With the *binary tensor data extension* a tensor has no
+`data`: `parameters.binary_data_size` gives the byte length of its raw little-endian row-major bytes,
+which follow the JSON header (`INFERENCE_HEADER_CONTENT_LENGTH` bytes long) in input or output order.
 """
 
 from __future__ import annotations
@@ -11,6 +13,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from protocol.messages import Datatype, TensorSpec
+
+# Length in bytes of the JSON part of a body whose binary tensor data follows it.
+INFERENCE_HEADER_CONTENT_LENGTH = "Inference-Header-Content-Length"
+# The name servers list in `ServerMetadata.extensions` when they speak the binary tensor data extension.
+BINARY_TENSOR_DATA = "binary_tensor_data"
 
 
 class _Body(BaseModel):
@@ -23,7 +30,7 @@ class InferTensor(_Body):
     name: str
     shape: list[int]
     datatype: Datatype
-    data: list[Any]
+    data: list[Any] | None = None  # None when the tensor travels as binary data (`binary_data_size`)
     parameters: dict[str, Any] | None = None
 
 

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from protocol.errors import ErrorCode
 from protocol.topics import DEVICE_ID_PATTERN
@@ -251,3 +251,25 @@ class TelemetryWindow(Message):
     # so the coordinator can merge windows into exact-to-the-bucket percentiles.
     latency_histogram: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)
     class_counts: dict[str, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
+
+
+class TelemetryAck(Message):
+    """What the coordinator has stored of one device's telemetry (retained on the device's `ack` topic).
+
+    `max_seq` is the highest stored seq and `stored_seq` the end of the contiguous run of stored seqs that
+    starts at the device's lowest stored seq (every seq from there up to it is stored); both None while nothing
+    of the device is stored. An agent that lost its seq counter continues above `max_seq`.
+    """
+
+    device_id: DeviceId
+    stored_seq: int | None = Field(default=None, ge=0)
+    max_seq: int | None = Field(default=None, ge=0)
+    at: datetime = Field(default_factory=utcnow)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TelemetryAck:
+        if (self.stored_seq is None) != (self.max_seq is None):
+            raise ValueError("stored_seq and max_seq are both set or both null")
+        if self.stored_seq is not None and self.max_seq is not None and self.stored_seq > self.max_seq:
+            raise ValueError(f"stored_seq {self.stored_seq} is above max_seq {self.max_seq}")
+        return self

@@ -11,7 +11,14 @@ from urllib.parse import unquote, urlsplit
 
 from protocol.errors import BrokerUrlError
 
-__all__ = ["MQTT_SCHEMES", "TLS_SCHEMES", "BrokerAddress", "parse_mqtt_url", "redact_mqtt_url"]
+__all__ = [
+    "MQTT_SCHEMES",
+    "TLS_SCHEMES",
+    "BrokerAddress",
+    "parse_mqtt_url",
+    "redact_mqtt_url",
+    "strip_mqtt_credentials",
+]
 
 MQTT_SCHEMES = frozenset({"mqtt", "tcp", "mqtts", "ssl"})
 TLS_SCHEMES = frozenset({"mqtts", "ssl"})
@@ -55,3 +62,11 @@ def redact_mqtt_url(url: str) -> str:
     netloc = parts.netloc.rpartition("@")[2]
     user = parts.username or ""
     return parts._replace(netloc=f"{user}:***@{netloc}").geturl()
+
+
+def strip_mqtt_credentials(url: str) -> str:
+    """`url` without user name and password (what devices and API readers are told)."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()

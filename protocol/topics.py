@@ -9,6 +9,7 @@
 | reported    | agent → coordinator | yes      | 1   | `ReportedState` (will: offline) |
 | events      | agent → coordinator | no       | 1   | `DeviceEvent`                |
 | telemetry   | agent → coordinator | no       | 1   | `TelemetryWindow`            |
+| ack         | coordinator → agent | yes      | 1   | `TelemetryAck`               |
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class Channel(StrEnum):
     REPORTED = "reported"
     EVENTS = "events"
     TELEMETRY = "telemetry"
+    ACK = "ack"
 
 
 def validate_device_id(device_id: str) -> str:
@@ -74,6 +76,10 @@ class Topics:
     def telemetry(self, device_id: str) -> str:
         """Where a device publishes telemetry windows."""
         return self.device(device_id, Channel.TELEMETRY)
+
+    def ack(self, device_id: str) -> str:
+        """Where the coordinator acknowledges a device's stored telemetry (retained)."""
+        return self.device(device_id, Channel.ACK)
 
     def all_devices(self, channel: Channel) -> str:
         """Subscription filter for one channel of every device."""

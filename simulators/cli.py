@@ -19,6 +19,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from cloud.client import read_config
 from simulators.fleet import FleetConfig, SimulatedFleet
 from simulators.traffic import drive_inference
 
@@ -27,9 +28,16 @@ AGENTS_PER_PROCESS = 250
 
 def sim(
     devices: Annotated[int, typer.Option(min=1, max=10000, help="How many device agents to run.")] = 10,
-    coordinator: Annotated[str, typer.Option(help="Coordinator URL; the MQTT URL is asked from it.")] = (
-        "http://127.0.0.1:8080"
-    ),
+    coordinator: Annotated[
+        str, typer.Option(help="Coordinator URL; devices enrol there and learn the broker's address.")
+    ] = "http://127.0.0.1:8080",
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="EDGEFLEET_TOKEN",
+            help="Operator API token that enrols the devices (default: the CLI config's token).",
+        ),
+    ] = None,
     mqtt_url: Annotated[str | None, typer.Option(help="MQTT broker URL, if not the coordinator's.")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Root of the devices' data dirs (default: a temp dir).")] = None,
     prefix: Annotated[
@@ -57,6 +65,7 @@ def sim(
             devices=devices,
             data_root=root,
             coordinator_url=coordinator,
+            api_token=token or read_config().token,
             mqtt_url=mqtt_url,
             id_prefix=prefix,
             http=http,

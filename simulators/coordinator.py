@@ -29,12 +29,14 @@ class CoordinatorProcess:
         mqtt_url: str | None = None,
         database_url: str | None = None,
         topic_base: str | None = None,
+        extra_args: tuple[str, ...] = (),
         startup_timeout: float = 60.0,
     ) -> None:
         self.data_dir = data_dir
         self.mqtt_url = mqtt_url
         self.database_url = database_url
         self.topic_base = topic_base
+        self.extra_args = extra_args
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
@@ -47,7 +49,7 @@ class CoordinatorProcess:
             cmd += ["--mqtt-url", self.mqtt_url]
         if self.database_url:
             cmd += ["--database-url", self.database_url]
-        return cmd
+        return [*cmd, *self.extra_args]
 
     def start(self) -> ApiClient:
         """Start the coordinator and wait until it answers `/healthz`."""

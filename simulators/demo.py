@@ -122,10 +122,11 @@ def run_demo(console: Console, root: Path, *, devices: int, requests: int, timeo
             coordinator_url=client.url,
             id_prefix="demo",
             profiles=MIXED_PROFILES,
+            api_token=client.token,  # the fleet enrols itself: one enrolment token per device
         )
         with SimulatedFleet(fleet_config) as fleet:
             kind_names = ", ".join(p.name for p in MIXED_PROFILES)
-            console.print(f"[bold]3/6[/] {devices} device agents started ({kind_names}); waiting for them to enrol ...")
+            console.print(f"[bold]3/6[/] {devices} device agents enrolled and started ({kind_names}) ...")
             _wait_for_enrolment(client, fleet.device_ids, timeout)
             console.print(f"[bold]4/6[/] deploying {MODEL_NAME}:{MODEL_VERSION} to tag fleet=demo ...")
             deployment = client.deploy(model=MODEL_NAME, version=MODEL_VERSION, tags={"fleet": "demo"})

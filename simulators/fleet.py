@@ -2,7 +2,9 @@
 
 Used by the demo, the end-to-end tests, benchmarks and fault injection. Nothing is faked: every
 agent has its own MQTT connection, its own slots on disk, its own runtime session and (optionally)
-its own local inference endpoint.
+its own local inference endpoint. With an operator's API token the fleet enrols itself the way an
+operator and a device would: a one-time enrolment token per device (carrying the device's tags) from the
+coordinator's API, then `agent.identity.enrol` with a key made on the "device".
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent import Agent, AgentConfig
+from agent.identity import enrol, load_identity
+from cloud.client import ApiClient
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,8 @@ class FleetConfig:
     # split over processes; see `simulators.cli`). Defaults: the whole fleet in this process.
     first_index: int = 0
     fleet_size: int | None = None
+    # An operator (or admin) API token: devices without an identity are enrolled with it before they start.
+    api_token: str | None = None
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -136,8 +142,25 @@ class SimulatedFleet:
         """Ids of every device of the fleet, in order."""
         return [device_id(self.config, i) for i in self._indexes]
 
+    def enrol(self) -> None:
+        """Enrol every device that has no identity yet (needs `api_token` and `coordinator_url`)."""
+        config = self.config
+        if config.api_token is None or config.coordinator_url is None:
+            return
+        client = ApiClient(config.coordinator_url, config.api_token)
+        for index in self._indexes:
+            ident = device_id(config, index)
+            if load_identity(config.data_root / ident) is not None:
+                continue
+            body = {"tags": device_tags(config, index)}
+            token = client.post_json(f"/devices/{ident}/enrolment-token", body)["token"]
+            enrol(
+                data_dir=config.data_root / ident, coordinator_url=config.coordinator_url, device_id=ident, token=token
+            )
+
     def start(self, progress: ProgressFn | None = None) -> None:
-        """Start every agent; each loads its active slot and connects."""
+        """Enrol the devices that need it, then start every agent; each loads its active slot and connects."""
+        self.enrol()
         for done, agent in enumerate(self.agents, start=1):
             agent.start()
             if progress:

@@ -6,16 +6,22 @@ where the same situation fails: CI must run everything.
 
 from __future__ import annotations
 
+import json
 import os
+import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,14 +84,14 @@ def run_mosquitto(workdir: Path) -> Iterator[str]:
 
 @contextmanager
 def run_amqtt(workdir: Path) -> Iterator[str]:
-    """Start the embedded amqtt broker (`python -m cloud.broker`) in a process of its own on a free port.
+    """Start a bare amqtt broker (`python -m cloud.broker --allow-anonymous`) in a process of its own on a free port.
 
     Its own process, as an external broker would be: in the test process it would compete for the GIL with
     the fleets under test and miss keepalives. amqtt is a Python dependency, so failing to start is a failure.
     """
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "cloud.broker", "--host", "127.0.0.1", "--port", str(port)]
+    command = [sys.executable, "-m", "cloud.broker", "--host", "127.0.0.1", "--port", str(port), "--allow-anonymous"]
     with _broker_process(command, port, workdir / "broker.log", pytest.fail) as url:
         yield url
 
@@ -129,3 +135,184 @@ def fresh_postgres_database() -> Iterator[str]:
     finally:
         with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# -- a PostgreSQL server of the test's own (to stop and start it) --------------------------------------------
+
+
+def postgres_bin_dir() -> Path | None:
+    """The directory holding the newest installed PostgreSQL server binaries (`initdb`, `postgres`), if any."""
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda d: d.parent.name.zfill(8), reverse=True)
+    on_path = shutil.which("initdb")
+    for directory in [*versions, *([Path(on_path).parent] if on_path else [])]:
+        if (directory / "initdb").exists() and (directory / "postgres").exists():
+            return directory
+    return None
+
+
+class OwnPostgres:
+    """A private PostgreSQL server on a free port; `stop()` and `start()` it to make the database go away and back.
+
+    initdb and postgres refuse to run as root: as root they run as the `postgres` OS user.
+    """
+
+    _SIGNALS = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}
+
+    def __init__(self, bin_dir: Path, root: Path, user: pwd.struct_passwd | None) -> None:
+        self.bin_dir = bin_dir
+        self.root = root
+        self.data = root / "data"
+        self.port = free_port()
+        self._user = user
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log = root / "postgres.log"
+
+    @property
+    def url(self) -> str:
+        """SQLAlchemy URL of the `edgefleet` database on this server."""
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/edgefleet"
+
+    @property
+    def running(self) -> bool:
+        """True while the server process runs."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def _run_as(self) -> dict[str, Any]:
+        """Popen arguments running a command as the server's OS user (nothing when that is us)."""
+        if self._user is None:
+            return {}
+        return {"user": self._user.pw_uid, "group": self._user.pw_gid, "extra_groups": []}
+
+    def init(self) -> None:
+        """initdb the data directory and create the `edgefleet` database (starts the server)."""
+        command = [str(self.bin_dir / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8"]
+        done = subprocess.run([*command, "--no-sync"], capture_output=True, check=False, **self._run_as())
+        if done.returncode != 0:
+            unavailable(f"initdb failed (exit {done.returncode}): {done.stderr.decode(errors='replace')[-500:]}")
+        self.start()
+        import psycopg
+
+        with psycopg.connect(self._admin_dsn(), autocommit=True) as conn:
+            conn.execute("CREATE DATABASE edgefleet")
+
+    def start(self) -> None:
+        """Start the server on its port and wait until it accepts connections."""
+        settings = ["listen_addresses=127.0.0.1", f"unix_socket_directories={self.root}", "fsync=off"]
+        command = [str(self.bin_dir / "postgres"), "-D", str(self.data), "-p", str(self.port)]
+        for setting in settings:
+            command += ["-c", setting]
+        with self._log.open("ab") as log:
+            self._proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, **self._run_as())
+        self._wait_ready()
+
+    def stop(self, mode: str = "fast") -> None:
+        """Shut the server down (`smart`, `fast` or `immediate`, as `pg_ctl stop -m`) and wait for it to exit."""
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.send_signal(self._SIGNALS[mode])
+            self._proc.wait(60)
+        self._proc = None
+
+    def _admin_dsn(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _wait_ready(self, timeout: float = 60.0) -> None:
+        import psycopg
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                psycopg.connect(self._admin_dsn(), connect_timeout=2).close()
+                return
+            except psycopg.OperationalError as exc:
+                if self._proc is None or self._proc.poll() is not None or time.monotonic() > deadline:
+                    tail = self._log.read_text(errors="replace")[-800:] if self._log.exists() else ""
+                    pytest.fail(f"own PostgreSQL did not start on port {self.port}: {exc}\n{tail}")
+                time.sleep(0.1)
+
+
+@contextmanager
+def run_own_postgres() -> Iterator[OwnPostgres]:
+    """A private, initialised PostgreSQL server (skipped with the reason, or failed under CI, when impossible)."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        unavailable("psycopg is not installed; PostgreSQL tests need the cloud extra")
+    bin_dir = postgres_bin_dir()
+    if bin_dir is None:
+        unavailable("PostgreSQL server binaries (initdb, postgres) are not installed (apt-get install postgresql)")
+    assert bin_dir is not None
+    user = None
+    if os.geteuid() == 0:
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            unavailable("running as root, and there is no `postgres` OS user to run initdb and postgres as")
+    root = Path(tempfile.mkdtemp(prefix="edgefleet-pg-"))
+    if user is not None:
+        os.chown(root, user.pw_uid, user.pw_gid)
+    server = OwnPostgres(bin_dir, root, user)
+    try:
+        server.init()
+        yield server
+    finally:
+        server.stop("fast")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# -- fleet brokers: TLS with the fleet's client certificates and per-device topic rights -----------------
+
+
+@dataclass(frozen=True)
+class FleetBroker:
+    """A broker that admits only the fleet's certificates; how the coordinator keeps its CRL current."""
+
+    kind: str
+    url: str
+    coordinator_args: tuple[str, ...] = ()  # extra `edgefleet up` options (CRL copy and reload for Mosquitto)
+
+
+@contextmanager
+def run_fleet_mosquitto(workdir: Path, data_dir: Path, topic_base: str) -> Iterator[FleetBroker]:
+    """Mosquitto configured by `edgefleet broker mosquitto-config` for the coordinator whose data dir is `data_dir`."""
+    binary = mosquitto_binary()
+    if binary is None:
+        unavailable("Mosquitto is not installed (apt-get install mosquitto); MQTT end-to-end tests need it")
+    assert binary is not None
+    port = free_port()
+    command = [
+        str(Path(sys.executable).parent / "edgefleet"), "broker", "mosquitto-config", "--out", str(workdir),
+        "--data-dir", str(data_dir), "--port", str(port), "--bind", "127.0.0.1", "--topic-base", topic_base,
+        "--user", "root" if os.geteuid() == 0 else "", "--no-persistence", "--json",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, f"mosquitto-config failed: {done.stdout}{done.stderr}"
+    info = json.loads(done.stdout)
+    args = ("--broker-crl-file", info["broker_crl_file"], "--broker-reload-command", info["broker_reload_command"])
+    with _broker_process([binary, "-c", info["config"]], port, workdir / "mosquitto.log", unavailable):
+        yield FleetBroker("mosquitto", f"mqtts://127.0.0.1:{port}", args)
+
+
+@contextmanager
+def run_fleet_amqtt(workdir: Path, data_dir: Path, topic_base: str) -> Iterator[FleetBroker]:
+    """The embedded broker in a process of its own, with the fleet PKI of the coordinator in `data_dir`."""
+    from cloud.pki import FleetPki
+
+    pki = FleetPki(data_dir / "pki").ensure()
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable, "-m", "cloud.broker", "--host", "127.0.0.1", "--port", str(port),
+        "--pki-dir", str(pki.directory), "--topic-base", topic_base,
+    ]  # fmt: skip
+    with _broker_process(command, port, workdir / "broker.log", pytest.fail):
+        yield FleetBroker("amqtt", f"mqtts://127.0.0.1:{port}")
+
+
+@contextmanager
+def run_fleet_broker(kind: str, workdir: Path, data_dir: Path, topic_base: str) -> Iterator[FleetBroker]:
+    """A fleet broker of `kind` (`mosquitto` or `amqtt`)."""
+    runner = run_fleet_mosquitto if kind == "mosquitto" else run_fleet_amqtt
+    with runner(workdir, data_dir, topic_base) as broker:
+        yield broker

@@ -1,20 +1,38 @@
 """The REST API under `/api/v1`, plus `/healthz`: one module per resource; handlers call services and nothing else.
 
-`system` (health, info, ingest counters), `models` (registry and artifacts), `devices`, `deployments`,
-`rollouts`, `fleet` (the summary). `deps` holds the dependencies every route shares, `problems` maps
-domain errors to problem responses.
+`system` (health, info, ingest counters), `models` (registry), `artifacts` (model bytes), `devices`,
+`enrolment` (device identity), `deployments`, `rollouts`, `fleet` (the summary), `tokens` (API tokens).
+Every route needs a valid token (`requires()`), stricter roles where it writes, except what a device calls
+before it has an identity (enrolment, renewal, CA, CRL) and artifacts (own check: a viewer token or a
+device's download token). `deps` holds the shared dependencies, `problems` maps domain errors to problems.
 """
 
 from fastapi import APIRouter
 
-from cloud.api import deployments, devices, fleet, models, rollouts, system
+from cloud.api import artifacts, deployments, devices, enrolment, fleet, models, rollouts, system, tokens
+from cloud.api.deps import requires
 from cloud.api.problems import install_problem_handlers
 
-__all__ = ["install_problem_handlers", "router"]
+__all__ = ["PUBLIC_ROUTES", "install_problem_handlers", "router"]
 
 router = APIRouter()
 router.include_router(system.health_router)
 _v1 = APIRouter(prefix="/api/v1")
-for _resource in (system, models, devices, deployments, fleet, rollouts):
-    _v1.include_router(_resource.router)
+_v1.include_router(enrolment.public_router)
+_v1.include_router(artifacts.router)
+_protected = APIRouter(dependencies=[requires()])
+for _resource in (system, models, devices, enrolment, deployments, fleet, rollouts, tokens):
+    _protected.include_router(_resource.router)
+_v1.include_router(_protected)
 router.include_router(_v1)
+
+# Routes anyone may call (`tests/cloud/test_route_roles.py` checks that every other route needs a role).
+PUBLIC_ROUTES = frozenset(
+    {
+        ("GET", "/healthz"),
+        ("POST", "/api/v1/enrolment"),
+        ("POST", "/api/v1/enrolment/renew"),
+        ("GET", "/api/v1/pki/ca.pem"),
+        ("GET", "/api/v1/pki/crl.pem"),
+    }
+)

@@ -7,12 +7,15 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel, Field, model_validator
 
-from cloud.api.deps import AdminDep, CoordinatorDep, SessionDep
+from cloud.api.deps import CoordinatorDep, SessionDep, requires
+from cloud.auth import Role
 from cloud.models import DeploymentPublic, DeploymentsPublic
 from cloud.services import deployments
 from protocol.messages import DeviceId, Name, Version
 
 __all__ = ["DeploymentCreate", "DeploymentTargetSpec", "router"]
+
+_WRITE = requires(Role.OPERATOR)
 
 router = APIRouter(tags=["deployments"])
 
@@ -38,13 +41,13 @@ class DeploymentCreate(BaseModel):
     target: DeploymentTargetSpec
 
 
-@router.post("/deployments", status_code=201, dependencies=[AdminDep], summary="Create a deployment")
+@router.post("/deployments", status_code=201, dependencies=[_WRITE], summary="Create a deployment")
 def create_deployment(body: DeploymentCreate, session: SessionDep, coordinator: CoordinatorDep) -> DeploymentPublic:
     """Raise the generation of every selected device and publish its desired state."""
     created = deployments.create_deployment(
         session=session,
         publisher=coordinator,
-        public_url=coordinator.public_url,
+        links=coordinator.links,
         model=body.model,
         version=body.version,
         device_ids=body.target.device_ids,

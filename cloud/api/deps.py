@@ -1,21 +1,35 @@
-"""FastAPI dependencies: the coordinator, a database session per request, and the admin check for writes."""
+"""FastAPI dependencies: the coordinator, a database session per request, and who is calling with which role.
+
+Every route of `/api/v1` states the roles it needs with `requires(...)` (reads: `requires()`, any valid
+token); `tests/cloud/test_route_roles.py` walks every route and checks each role against it.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session
 
-from cloud.auth import token_matches
+from cloud.auth import Principal, Role, allowed
 from cloud.coordinator import Coordinator
-from cloud.errors import UnauthorizedError
+from cloud.errors import ForbiddenError, UnauthorizedError
+from cloud.services.tokens import authenticate_token
 
-__all__ = ["AdminDep", "CoordinatorDep", "SessionDep", "get_coordinator", "get_session", "require_admin"]
+__all__ = [
+    "CoordinatorDep",
+    "PrincipalDep",
+    "RoleCheck",
+    "SessionDep",
+    "get_coordinator",
+    "get_principal",
+    "get_session",
+    "requires",
+]
 
-_bearer = HTTPBearer(auto_error=False, description="The admin token from data_dir/admin-token.")
+_bearer = HTTPBearer(auto_error=False, description="An API token (`edgefleet tokens create`) or the admin token.")
 
 
 def get_coordinator(request: Request) -> Coordinator:
@@ -36,18 +50,47 @@ def get_session(coordinator: CoordinatorDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def require_admin(
+def get_principal(
+    request: Request,
     coordinator: CoordinatorDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> None:
-    """Reject a write without `Authorization: Bearer <admin token>`."""
+) -> Principal:
+    """Who calls: the token's name and role; `UnauthorizedError` without a valid token."""
+    cached = getattr(request.state, "principal", None)
+    if isinstance(cached, Principal):
+        return cached
     if credentials is None:
         raise UnauthorizedError(
-            "this request changes the registry and needs 'Authorization: Bearer <admin token>' "
-            "(the token is in the coordinator's data_dir/admin-token)"
+            "this request needs 'Authorization: Bearer <token>' (an API token from `edgefleet tokens create`, "
+            "or the admin token in the coordinator's data_dir/admin-token)"
         )
-    if not token_matches(credentials.credentials, coordinator.admin_token):
-        raise UnauthorizedError("the bearer token is not the coordinator's admin token")
+    with Session(coordinator.engine) as session:
+        principal = authenticate_token(
+            session=session, presented=credentials.credentials, admin_token=coordinator.admin_token
+        )
+    if principal is None:
+        raise UnauthorizedError("the bearer token is not a valid API token (unknown or revoked)")
+    request.state.principal = principal
+    return principal
 
 
-AdminDep = Depends(require_admin)
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+class RoleCheck:
+    """A dependency that admits callers whose role is one of `roles` (or admin; empty: any valid token)."""
+
+    def __init__(self, roles: frozenset[Role]) -> None:
+        self.roles = roles
+
+    def __call__(self, principal: PrincipalDep) -> Principal:
+        """The caller, if its role may call this route; `ForbiddenError` otherwise."""
+        if not allowed(principal.role, self.roles):
+            needed = " or ".join(sorted({r.value for r in self.roles} | {Role.ADMIN.value}))
+            raise ForbiddenError(f"token {principal.name!r} has role {principal.role.value}; this needs {needed}")
+        return principal
+
+
+def requires(*roles: Role) -> Any:
+    """`dependencies=[requires(Role.OPERATOR)]`: the route needs one of `roles` (admin always may)."""
+    return Depends(RoleCheck(frozenset(roles)))

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query
 
 from cloud.api.deps import SessionDep
-from cloud.models import DevicePublic, DevicesPublic, TelemetryWindowsPublic
+from cloud.models import DeviceEventsPublic, DevicePublic, DevicesPublic, TelemetryWindowsPublic
 from cloud.services import devices
 from cloud.telemetry import device_telemetry
 from protocol.messages import DeviceId
@@ -37,3 +37,12 @@ def get_device_telemetry(
     """Stored windows by seq (each `(device, seq)` once, however often it was delivered)."""
     data = device_telemetry(session=session, device_id=device_id, limit=limit)
     return TelemetryWindowsPublic(data=data, count=len(data))
+
+
+@router.get("/devices/{device_id}/events", summary="A device's events, newest last")
+def get_device_events(
+    device_id: Annotated[DeviceId, Path()], session: SessionDep, limit: Annotated[int, Query(ge=1, le=10_000)] = 200
+) -> DeviceEventsPublic:
+    """Update progress, failures, enrolment, renewal and revocation of one device."""
+    data = devices.device_events(session=session, device_id=device_id, limit=limit)
+    return DeviceEventsPublic(data=data, count=len(data))

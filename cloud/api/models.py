@@ -6,16 +6,18 @@ import json
 from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, File, Form, Path, UploadFile
-from fastapi.responses import FileResponse
 from pydantic import StrictStr, TypeAdapter, ValidationError
 
-from cloud.api.deps import AdminDep, CoordinatorDep, SessionDep
+from cloud.api.deps import CoordinatorDep, SessionDep, requires
+from cloud.auth import Role
 from cloud.errors import InvalidInputError
 from cloud.models import ModelPublic, ModelsPublic, ModelVersionPublic
 from cloud.services import registry, variants
 from protocol.messages import ModelFormat, Name, TensorSpec, Version
 
 __all__ = ["router"]
+
+_WRITE = requires(Role.PUBLISHER)
 
 router = APIRouter(tags=["registry"])
 
@@ -51,7 +53,7 @@ def _string_list(raw: str | None, field: str) -> list[str] | None:
 @router.post(
     "/models/{name}/versions",
     status_code=201,
-    dependencies=[AdminDep],
+    dependencies=[_WRITE],
     summary="Push a model version (multipart upload)",
 )
 def push_model_version(
@@ -83,7 +85,7 @@ def push_model_version(
 @router.post(
     "/models/{name}/versions/{version}/variants",
     status_code=201,
-    dependencies=[AdminDep],
+    dependencies=[_WRITE],
     summary="Add a variant (another artifact) to a model version",
 )
 def add_variant(
@@ -149,18 +151,3 @@ def get_model_version(
     """A model version with its digest, size, tensors and artifact URL."""
     record = registry.get_model_version(session=session, name=name, version=version)
     return registry.version_public(record, public_url=coordinator.public_url)
-
-
-@router.get(
-    "/artifacts/{sha256}",
-    summary="Artifact bytes (HTTP Range supported)",
-    response_class=FileResponse,
-    responses={206: {"description": "Partial content"}, 416: {"description": "Range not satisfiable"}},
-)
-def get_artifact(
-    sha256: Annotated[str, Path(pattern=r"^[0-9a-f]{64}$", description="Hex sha256 of the artifact.")],
-    coordinator: CoordinatorDep,
-) -> FileResponse:
-    """Stream the artifact; Starlette's FileResponse answers Range requests with 206 or 416."""
-    path = coordinator.store.path(sha256)
-    return FileResponse(path, media_type="application/octet-stream", headers={"Cache-Control": "public, immutable"})

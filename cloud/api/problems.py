@@ -16,6 +16,7 @@ __all__ = ["install_problem_handlers", "problem"]
 _TITLES = {
     400: "Bad Request",
     401: "Unauthorized",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
     409: "Conflict",

@@ -13,12 +13,15 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Response
 from pydantic import BaseModel, Field
 
-from cloud.api.deps import AdminDep, CoordinatorDep, SessionDep
+from cloud.api.deps import CoordinatorDep, SessionDep, requires
+from cloud.auth import Role
 from cloud.models import RolloutDetailPublic, RolloutsPublic
 from cloud.rollouts import Abort, Command, Pause, Promote, Resume, RolloutPlan
 from cloud.rollouts import service as rollouts
 
 __all__ = ["AbortBody", "CommandAccepted", "PauseBody", "router"]
+
+_WRITE = requires(Role.OPERATOR)
 
 router = APIRouter(tags=["rollouts"])
 
@@ -49,7 +52,7 @@ class CommandAccepted(BaseModel):
     rollout: RolloutDetailPublic
 
 
-@router.post("/rollouts", status_code=201, dependencies=[AdminDep], summary="Create a rollout from a plan")
+@router.post("/rollouts", status_code=201, dependencies=[_WRITE], summary="Create a rollout from a plan")
 def create_rollout(plan: RolloutPlan, session: SessionDep, coordinator: CoordinatorDep) -> RolloutDetailPublic:
     """Store the plan; the runner starts the first wave at its next step."""
     row = rollouts.create_rollout(session=session, plan=plan)
@@ -100,7 +103,7 @@ _COMMAND_RESPONSES: dict[int | str, dict[str, str]] = {
 
 
 @router.post(
-    "/rollouts/{rollout_id}/pause", dependencies=[AdminDep], responses=_COMMAND_RESPONSES, summary="Pause a rollout"
+    "/rollouts/{rollout_id}/pause", dependencies=[_WRITE], responses=_COMMAND_RESPONSES, summary="Pause a rollout"
 )
 def pause(
     rollout_id: RolloutId,
@@ -115,7 +118,7 @@ def pause(
 
 
 @router.post(
-    "/rollouts/{rollout_id}/abort", dependencies=[AdminDep], responses=_COMMAND_RESPONSES, summary="Abort a rollout"
+    "/rollouts/{rollout_id}/abort", dependencies=[_WRITE], responses=_COMMAND_RESPONSES, summary="Abort a rollout"
 )
 def abort(
     rollout_id: RolloutId,
@@ -140,7 +143,7 @@ def _bodyless(name: str, make: Callable[[str], Command], summary: str, doc: str)
 
     route.__name__, route.__doc__ = name, doc
     router.post(
-        f"/rollouts/{{rollout_id}}/{name}", dependencies=[AdminDep], responses=_COMMAND_RESPONSES, summary=summary
+        f"/rollouts/{{rollout_id}}/{name}", dependencies=[_WRITE], responses=_COMMAND_RESPONSES, summary=summary
     )(route)
 
 

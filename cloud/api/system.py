@@ -20,7 +20,7 @@ health_router = APIRouter(tags=["system"])
 
 @health_router.get("/healthz", summary="Liveness and readiness")
 def healthz(coordinator: CoordinatorDep) -> JSONResponse:
-    """200 when the database answers and the bridge is connected (or MQTT is disabled), else 503."""
+    """200 when the database answers, the bridge is connected and not waiting for the database (or MQTT is off)."""
     checks: dict[str, Any] = {}
     try:
         with coordinator.engine.connect() as connection:
@@ -30,7 +30,9 @@ def healthz(coordinator: CoordinatorDep) -> JSONResponse:
         checks["database"] = f"error: {exc.__class__.__name__}"
     bridge = coordinator.bridge
     checks["broker"] = "disabled" if bridge is None else ("ok" if bridge.connected else "disconnected")
-    ready = checks["database"] == "ok" and checks["broker"] in {"ok", "disabled"}
+    # The bridge holds inbound messages (unacknowledged) until its retry reaches the database again.
+    checks["ingest"] = "disabled" if bridge is None else ("waiting for the database" if bridge.database_down else "ok")
+    ready = checks["database"] == "ok" and all(checks[k] in {"ok", "disabled"} for k in ("broker", "ingest"))
     return JSONResponse(
         {"status": "ok" if ready else "unavailable", "checks": checks}, status_code=200 if ready else 503
     )
@@ -41,7 +43,7 @@ def info(coordinator: CoordinatorDep) -> dict[str, Any]:
     """What an agent or operator needs to talk to this coordinator."""
     return {
         "version": __version__,
-        "mqtt_url": coordinator.mqtt_url,
+        "mqtt_url": coordinator.device_mqtt_url,  # never with credentials
         "topic_base": coordinator.settings.topic_base,
         "public_url": coordinator.public_url,
         "environment": coordinator.settings.environment.value,

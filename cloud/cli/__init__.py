@@ -11,11 +11,14 @@ from importlib.metadata import entry_points
 
 import typer
 
+from cloud.cli.broker import broker_app
+from cloud.cli.db import backup, db_app, restore
 from cloud.cli.deployments import deploy, deployments_app
 from cloud.cli.devices import devices_app
 from cloud.cli.fleet import fleet_app
 from cloud.cli.models import models_app
 from cloud.cli.rollouts import rollouts_app
+from cloud.cli.tokens import tokens_app
 from cloud.cli.up import up
 
 __all__ = ["PLUGIN_GROUP", "build_app", "main"]
@@ -38,6 +41,11 @@ def build_app(*, load_plugins: bool = True) -> typer.Typer:
     app.add_typer(deployments_app, name="deployments")
     app.add_typer(fleet_app, name="fleet")
     app.add_typer(rollouts_app, name="rollouts")
+    app.add_typer(tokens_app, name="tokens")
+    app.add_typer(broker_app, name="broker")
+    app.add_typer(db_app, name="db")
+    app.command("backup")(backup)
+    app.command("restore")(restore)
     if load_plugins:
         _add_plugins(app)
     return app

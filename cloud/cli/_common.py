@@ -12,8 +12,7 @@ import typer
 from rich.console import Console, RenderableType
 from rich.table import Table
 
-from cloud.cli.config import config_path, read_config
-from cloud.client import ApiClient, ApiError
+from cloud.client import ApiClient, ApiError, config_path, read_config
 
 __all__ = ["JsonOpt", "TokenOpt", "UrlOpt", "api_errors", "connect", "counts", "emit", "fail", "table"]
 
@@ -23,7 +22,7 @@ UrlOpt = Annotated[
 ]
 TokenOpt = Annotated[
     str | None,
-    typer.Option("--token", envvar="EDGEFLEET_TOKEN", help="Admin token for writes (default: from the config)."),
+    typer.Option("--token", envvar="EDGEFLEET_TOKEN", help="API token (default: from the CLI config file)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 

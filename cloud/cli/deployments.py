@@ -45,10 +45,10 @@ def deploy(
 
 
 @deployments_app.command("list")
-def deployments_list(url: UrlOpt = None, as_json: JsonOpt = False) -> None:
+def deployments_list(url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
     """List deployments, newest first."""
     with api_errors():
-        body = connect(url, None).get("/deployments")
+        body = connect(url, token).get("/deployments")
     rows = [
         (d["id"], f"{d['model_name']}:{d['model_version']}", d["status"], counts(d["counts"]), d["created_at"])
         for d in body["data"]
@@ -60,11 +60,12 @@ def deployments_list(url: UrlOpt = None, as_json: JsonOpt = False) -> None:
 def deployments_show(
     deployment_id: Annotated[int, typer.Argument(metavar="ID", help="Deployment id.")],
     url: UrlOpt = None,
+    token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Show one deployment's per-device progress and failure reasons."""
     with api_errors():
-        body = connect(url, None).get(f"/deployments/{deployment_id}")
+        body = connect(url, token).get(f"/deployments/{deployment_id}")
     rows = [
         (
             t["device_id"],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cloud.cli._common import JsonOpt, UrlOpt, api_errors, connect, emit, table
+from cloud.cli._common import JsonOpt, TokenOpt, UrlOpt, api_errors, connect, emit, table
 
 __all__ = ["fleet_app"]
 
@@ -12,10 +12,10 @@ fleet_app = typer.Typer(help="Fleet-wide views.", no_args_is_help=True)
 
 
 @fleet_app.command("summary")
-def fleet_summary(url: UrlOpt = None, as_json: JsonOpt = False) -> None:
+def fleet_summary(url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
     """Per device: version, inferences, errors and latency p50/p95 from telemetry."""
     with api_errors():
-        body = connect(url, None).get("/fleet/summary")
+        body = connect(url, token).get("/fleet/summary")
     rows = [
         (
             d["device_id"],

@@ -129,10 +129,10 @@ def variant_fields(entry: ManifestVariant) -> dict[str, str]:
 
 
 @models_app.command("list")
-def models_list(url: UrlOpt = None, as_json: JsonOpt = False) -> None:
+def models_list(url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
     """List models and their versions."""
     with api_errors():
-        body = connect(url, None).get("/models")
+        body = connect(url, token).get("/models")
     rows = [
         (m["name"], v["version"], v["format"], v["size"], v["sha256"][:12], v["created_at"])
         for m in body["data"]

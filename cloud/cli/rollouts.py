@@ -203,10 +203,10 @@ def create(
 
 
 @rollouts_app.command("list")
-def list_(url: UrlOpt = None, as_json: JsonOpt = False) -> None:
+def list_(url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
     """List rollouts, newest first."""
     with api_errors():
-        body = connect(url, None).get("/rollouts")
+        body = connect(url, token).get("/rollouts")
     rows = [
         (
             r["id"],
@@ -290,10 +290,11 @@ def status(
     interval: Annotated[float, typer.Option("--interval", help="Seconds between refreshes.")] = 1.0,
     timeout: Annotated[float, typer.Option("--timeout", help="Stop watching after this many seconds.")] = 3600.0,
     url: UrlOpt = None,
+    token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Show a rollout's waves, gate figures and decisions; with --watch, live until it completes or stops."""
-    client = connect(url, None)
+    client = connect(url, token)
     with api_errors():
         body = client.rollout(rollout_id)
     if not watch:

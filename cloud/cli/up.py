@@ -15,9 +15,10 @@ import typer
 import uvicorn
 
 from cloud.cli._common import fail
-from cloud.cli.config import write_config_if_absent
+from cloud.client import write_config_if_absent
 from cloud.errors import CloudError
 from cloud.logs import configure_logging
+from cloud.pki import private_write
 from cloud.settings import Settings
 
 if TYPE_CHECKING:  # the coordinator is imported only when it runs: `edgefleet --help` stays fast
@@ -43,9 +44,8 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def _write_info(path: Path, *, url: str, mqtt_url: str | None) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"url": url, "mqtt_url": mqtt_url, "pid": os.getpid()}, indent=2) + "\n")
-    os.replace(tmp, path)
+    body = json.dumps({"url": url, "mqtt_url": mqtt_url, "pid": os.getpid()}, indent=2) + "\n"
+    private_write(path, body.encode())
 
 
 def up(
@@ -58,6 +58,12 @@ def up(
     ] = None,
     host: Annotated[str | None, typer.Option(help="HTTP listen address (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="HTTP port (default 8080; 0 picks a free one).")] = None,
+    broker_crl_file: Annotated[
+        Path | None, typer.Option(help="Keep a copy of the CRL here for an external broker (Mosquitto's crlfile).")
+    ] = None,
+    broker_reload_command: Annotated[
+        str | None, typer.Option(help="Run after a revocation so the broker re-reads the CRL, e.g. 'kill -HUP PID'.")
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="Settings file (.toml or .env).", exists=True)] = None,
     log_json: Annotated[bool, typer.Option("--log-json", help="Log JSON lines instead of key=value.")] = False,
 ) -> None:
@@ -67,7 +73,16 @@ def up(
     with the actual URLs and pid, and the CLI config (url + token) if it does not exist yet.
     """
     configure_logging(json_lines=log_json)
-    settings = _settings(config, data_dir=data_dir, database_url=database_url, mqtt_url=mqtt_url, host=host, port=port)
+    settings = _settings(
+        config,
+        data_dir=data_dir,
+        database_url=database_url,
+        mqtt_url=mqtt_url,
+        host=host,
+        port=port,
+        broker_crl_file=broker_crl_file,
+        broker_reload_command=broker_reload_command,
+    )
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     sock = _bind(settings.host, settings.port)
     settings = settings.model_copy(update={"port": sock.getsockname()[1]})
@@ -89,10 +104,10 @@ def _announce(settings: Settings, info_path: Path) -> Callable[[Coordinator], No
 
     def on_started(coordinator: Coordinator) -> None:
         url = coordinator.settings.resolved_public_url()
-        _write_info(info_path, url=url, mqtt_url=coordinator.mqtt_url)
+        _write_info(info_path, url=url, mqtt_url=coordinator.device_mqtt_url)
         lines = [
             f"edgefleet coordinator {url}",
-            f"  MQTT broker: {coordinator.mqtt_url}",
+            f"  MQTT broker: {coordinator.device_mqtt_url}",
             f"  data dir:    {settings.data_dir}",
             f"  database:    {_redact(settings.database_url)}",
         ]
@@ -112,6 +127,7 @@ def _serve(settings: Settings, sock: socket.socket) -> None:
 
     info_path = settings.data_dir / INFO_FILE
     try:
+        _upgrade_database(settings)  # here, so that a refusal is one clear line rather than a lifespan traceback
         app = create_app(settings, on_started=_announce(settings, info_path))
     except CloudError as exc:
         fail(str(exc))
@@ -129,6 +145,17 @@ def _serve(settings: Settings, sock: socket.socket) -> None:
         info_path.unlink(missing_ok=True)
     if not server.started:
         sys.exit(1)
+
+
+def _upgrade_database(settings: Settings) -> None:
+    """Bring the database to this release's schema (`edgefleet db upgrade`); `CloudError` if it cannot."""
+    from cloud.db import create_db_engine, upgrade_db
+
+    engine = create_db_engine(settings.database_url)
+    try:
+        upgrade_db(engine)
+    finally:
+        engine.dispose()
 
 
 def _stop_requested(signum: int, _frame: object) -> None:

@@ -38,7 +38,7 @@ from cloud.rollouts.service import (
     pending_commands,
 )
 from cloud.services.deployments import DesiredStatePublisher, assign_devices
-from cloud.services.registry import get_model_version
+from cloud.services.registry import ArtifactLinks, get_model_version
 from protocol.messages import DesiredState, utcnow
 
 __all__ = ["RolloutRunner", "execute_actions"]
@@ -53,7 +53,7 @@ def _figures(decision: Decision) -> dict[str, object]:
 
 
 def execute_actions(
-    *, session: Session, rollout_id: int, plan: RolloutPlan, actions: Sequence[Action], public_url: str
+    *, session: Session, rollout_id: int, plan: RolloutPlan, actions: Sequence[Action], links: ArtifactLinks
 ) -> list[DesiredState]:
     """Turn Dispatch/Rollback actions into desired states, in `session` (not committed); returns them to publish.
 
@@ -87,7 +87,7 @@ def execute_actions(
             elif device.desired_state is not None and device.desired_generation == done.generation:
                 states.append(DesiredState.model_validate(device.desired_state))
         if fresh:
-            states.extend(_assign(session, rollout_id, plan, kind, version, fresh, public_url))
+            states.extend(_assign(session, rollout_id, plan, kind, version, fresh, links))
     return states
 
 
@@ -98,7 +98,7 @@ def _assign(
     kind: str,
     version: str,
     devices: list[tuple[Device, int]],
-    public_url: str,
+    links: ArtifactLinks,
 ) -> list[DesiredState]:
     """One deployment for the devices of one step sent the same version, through the deployment path."""
     record = get_model_version(session=session, name=plan.model, version=version)
@@ -113,7 +113,7 @@ def _assign(
     session.flush()
     assert deployment.id is not None
     states = assign_devices(
-        session=session, deployment=deployment, record=record, devices=[d for d, _ in devices], public_url=public_url
+        session=session, deployment=deployment, record=record, devices=[d for d, _ in devices], links=links
     )
     given = {state.device_id: state for state in states}
     for device, attempt in devices:
@@ -143,13 +143,13 @@ class RolloutRunner:
         *,
         engine: Engine,
         publisher: DesiredStatePublisher,
-        public_url: Callable[[], str],
+        links: Callable[[], ArtifactLinks],
         tick_s: float = 1.0,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._engine = engine
         self._publisher = publisher
-        self._public_url = public_url
+        self._links = links
         self.tick_s = tick_s
         self._clock = clock
         self._lock = threading.Lock()  # one step at a time: the thread, and tests or the API calling tick()
@@ -266,7 +266,7 @@ class RolloutRunner:
                 record.applied_at = now
                 session.add(record)
             states = execute_actions(
-                session=session, rollout_id=rollout_id, plan=plan, actions=actions, public_url=self._public_url()
+                session=session, rollout_id=rollout_id, plan=plan, actions=actions, links=self._links()
             )
             session.commit()  # the state, decisions and desired states are stored before anything is published
         self._publish(states)
@@ -283,7 +283,7 @@ class RolloutRunner:
                 plan, state = load_rollout(row)
                 actions = inflight_actions(state, plan)
                 states += execute_actions(
-                    session=session, rollout_id=rollout_id, plan=plan, actions=actions, public_url=self._public_url()
+                    session=session, rollout_id=rollout_id, plan=plan, actions=actions, links=self._links()
                 )
             session.commit()
         self._publish(states)

@@ -7,6 +7,8 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Protocol
 
+from sqlalchemy import update
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, col, select
 
 from cloud.errors import EmptyTargetError, InvalidInputError, NotFoundError
@@ -19,7 +21,7 @@ from cloud.models import (
     ModelVersion,
     TargetStatus,
 )
-from cloud.services.registry import artifact_url, get_model_version
+from cloud.services.registry import ArtifactLinks, get_model_version
 from cloud.variant_policy import NoCompatibleVariantError, choose_variant, version_variants
 from protocol.messages import ArtifactRef, DesiredState, ModelSpec, utcnow
 
@@ -33,6 +35,7 @@ __all__ = [
     "desired_states",
     "get_deployment",
     "list_deployments",
+    "next_generation",
     "select_devices",
 ]
 
@@ -71,7 +74,7 @@ def create_deployment(
     *,
     session: Session,
     publisher: DesiredStatePublisher,
-    public_url: str,
+    links: ArtifactLinks,
     model: str,
     version: str,
     device_ids: list[str] | None = None,
@@ -104,9 +107,7 @@ def create_deployment(
     session.add(deployment)
     session.flush()
     assert deployment.id is not None
-    states = assign_devices(
-        session=session, deployment=deployment, record=record, devices=chosen, public_url=public_url
-    )
+    states = assign_devices(session=session, deployment=deployment, record=record, devices=chosen, links=links)
     session.commit()
     session.refresh(deployment)
     # Published after the commit: the stored desired states are the truth the bridge republishes on reconnect.
@@ -117,7 +118,7 @@ def create_deployment(
 
 
 def desired_state_for(
-    *, record: ModelVersion, device: Device, generation: int, deployment_id: str | None, public_url: str
+    *, record: ModelVersion, device: Device, generation: int, deployment_id: str | None, links: ArtifactLinks
 ) -> DesiredState:
     """The desired state telling `device` to run the model version `record` at `generation`. Pure.
 
@@ -131,7 +132,7 @@ def desired_state_for(
         name=record.name,
         version=record.version,
         artifact=ArtifactRef(
-            url=artifact_url(public_url, variant.sha256),
+            url=links.for_device(device.id, variant.sha256),
             sha256=variant.sha256,
             size=variant.size,
             format=variant.format,
@@ -144,7 +145,7 @@ def desired_state_for(
 
 
 def assign_devices(
-    *, session: Session, deployment: Deployment, record: ModelVersion, devices: Sequence[Device], public_url: str
+    *, session: Session, deployment: Deployment, record: ModelVersion, devices: Sequence[Device], links: ArtifactLinks
 ) -> list[DesiredState]:
     """Give each device the next generation for `deployment`: store its desired state and a target row.
 
@@ -153,14 +154,11 @@ def assign_devices(
     """
     assert deployment.id is not None
     states = []
-    for device in devices:
+    for device in sorted(devices, key=lambda d: d.id):  # one lock order for every writer: no deadlocks
         try:
+            # Generation 0 stands in until the device is known to get this state: `next_generation` below.
             state = desired_state_for(
-                record=record,
-                device=device,
-                generation=device.desired_generation + 1,
-                deployment_id=str(deployment.id),
-                public_url=public_url,
+                record=record, device=device, generation=0, deployment_id=str(deployment.id), links=links
             )
         except NoCompatibleVariantError as exc:
             # The device keeps its current desired state; the deployment shows why it was left out.
@@ -174,13 +172,33 @@ def assign_devices(
             )
             session.add(failed)
             continue
+        generation = next_generation(session, device)  # locks the device's row until the caller commits
         _supersede(session, device)
-        device.desired_generation += 1
+        state = state.model_copy(update={"generation": generation})
         device.desired_state = state.model_dump(mode="json")
         session.add(device)
         session.add(DeploymentTarget(deployment_id=deployment.id, device_id=device.id, generation=state.generation))
         states.append(state)
     return states
+
+
+def next_generation(session: Session, device: Device) -> int:
+    """Raise `device`'s desired generation by one in the database, atomically; returns the new generation.
+
+    One `UPDATE ... RETURNING`: concurrent writers (a deployment through the API, a rollout step) each get a
+    generation of their own, never the same one twice, and the row stays locked until the caller commits
+    (SQLite locks the whole database for the writer), so the last desired state stored has the highest one.
+    """
+    statement = (
+        update(Device)
+        .where(col(Device.id) == device.id)
+        .values(desired_generation=col(Device.desired_generation) + 1)
+        .returning(col(Device.desired_generation))
+        .execution_options(synchronize_session=False)
+    )
+    generation = int(session.exec(statement).scalar_one())
+    set_committed_value(device, "desired_generation", generation)  # what the row now holds, without a write
+    return generation
 
 
 def _supersede(session: Session, device: Device) -> None:

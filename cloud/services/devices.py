@@ -1,18 +1,25 @@
-"""Devices as their messages describe them: reported state, events and telemetry, enrolled on first contact."""
+"""Devices as their messages describe them: reported state and events (of enrolled devices only).
+
+Tags are the coordinator's, set at enrolment: tags a device reports are ignored.
+"""
 
 from __future__ import annotations
 
-from sqlmodel import Session, select
+import logging
+from datetime import datetime, timedelta
+
+from sqlmodel import Session, col, select
 
 from cloud.models import (
     DeploymentTarget,
     Device,
+    DeviceEventPublic,
     DeviceEventRecord,
     DevicePublic,
     TargetStatus,
     as_utc,
 )
-from cloud.services.enrolment import enrol, require_device
+from cloud.services.enrolment import enrolled_device, require_device
 from cloud.telemetry.windows import telemetry_totals
 from protocol.errors import ErrorCode
 from protocol.messages import (
@@ -26,13 +33,24 @@ from protocol.messages import (
 )
 
 __all__ = [
+    "CLOCK_SKEW",
+    "GENERATION_AHEAD",
     "device_public",
     "devices_public",
+    "generation_anomaly",
     "get_device",
     "ingest_event",
     "ingest_reported",
+    "report_time",
     "target_status_for_phase",
 ]
+
+log = logging.getLogger(__name__)
+
+# How far ahead of the coordinator's clock a device's `reported_at` may be and still count as its own time.
+CLOCK_SKEW = timedelta(seconds=60)
+# Event kind recorded when a device reports a generation this coordinator never issued.
+GENERATION_AHEAD = "security.generation_ahead"
 
 
 def target_status_for_phase(phase: UpdatePhase) -> TargetStatus:
@@ -48,15 +66,16 @@ def target_status_for_phase(phase: UpdatePhase) -> TargetStatus:
 
 def ingest_reported(*, session: Session, state: ReportedState) -> Device:
     """Apply a reported state. A last will (`status=offline`) only flips connectivity."""
-    device = enrol(session=session, device_id=state.device_id)
+    device = enrolled_device(session=session, device_id=state.device_id)
     now = utcnow()
     if state.status is DeviceStatus.OFFLINE:
         device.status = DeviceStatus.OFFLINE.value
         session.add(device)
         session.commit()
         return device
+    reported_at = report_time(state.reported_at, now)
     last = as_utc(device.last_reported_at)
-    if last is not None and state.reported_at < last:
+    if last is not None and reported_at < last:
         # An older report delivered late (e.g. a retained one replayed after ours); connectivity only.
         device.status = DeviceStatus.ONLINE.value
         device.last_seen = now
@@ -65,8 +84,7 @@ def ingest_reported(*, session: Session, state: ReportedState) -> Device:
         return device
     device.status = DeviceStatus.ONLINE.value
     device.last_seen = now
-    device.last_reported_at = state.reported_at
-    device.tags = dict(state.tags)
+    device.last_reported_at = reported_at
     device.agent_version = state.agent_version
     device.inference_url = state.inference_url
     device.capabilities = state.capabilities.model_dump(mode="json") if state.capabilities else None
@@ -77,6 +95,7 @@ def ingest_reported(*, session: Session, state: ReportedState) -> Device:
     if state.update is not None:
         device.reported_generation = state.update.generation
         device.update_phase = state.update.phase.value
+        _check_generation(session, device, state.update.generation)
         if state.update.error is not None:
             _record_error(device, state.update.error)
         _advance_targets(
@@ -91,9 +110,42 @@ def ingest_reported(*, session: Session, state: ReportedState) -> Device:
     return device
 
 
+def report_time(reported_at: datetime, now: datetime, skew: timedelta = CLOCK_SKEW) -> datetime:
+    """When a report counts as made, for ordering: its own time, or `now` if that is more than `skew` ahead. Pure.
+
+    A device whose clock runs in the future (year 2099) would otherwise make every later honest report look older.
+    """
+    return now if reported_at > now + skew else reported_at
+
+
+def generation_anomaly(reported: int, desired: int) -> str | None:
+    """Why a reported update generation cannot be trusted, or None when it can. Pure."""
+    if reported <= desired:
+        return None
+    return (
+        f"reported generation {reported} is above the desired {desired}: "
+        "it ran a desired state this coordinator never issued"
+    )
+
+
+def _check_generation(session: Session, device: Device, reported: int) -> None:
+    """Flag (once, with a security event) or clear the device's anomaly from its reported generation."""
+    anomaly = generation_anomaly(reported, device.desired_generation)
+    if anomaly == device.anomaly:
+        return
+    if anomaly is None:
+        log.info(
+            "device anomaly cleared device=%s generation=%d desired=%d", device.id, reported, device.desired_generation
+        )
+    else:
+        log.warning("device anomaly device=%s: %s", device.id, anomaly)
+        session.add(DeviceEventRecord(device_id=device.id, kind=GENERATION_AHEAD, generation=reported, message=anomaly))
+    device.anomaly = anomaly
+
+
 def ingest_event(*, session: Session, event: DeviceEvent) -> DeviceEventRecord:
     """Record an event; a failure stores its error on the device and on the deployment target."""
-    device = enrol(session=session, device_id=event.device_id)
+    device = enrolled_device(session=session, device_id=event.device_id)
     device.last_seen = utcnow()
     error = event.error
     record = DeviceEventRecord(
@@ -182,3 +234,15 @@ def get_device(*, session: Session, device_id: str) -> DevicePublic:
     """One device with telemetry totals; `NotFoundError` if it is not enrolled."""
     device = require_device(session=session, device_id=device_id)
     return device_public(device, telemetry_totals(session, [device_id]).get(device_id, (0, 0, 0)))
+
+
+def device_events(*, session: Session, device_id: str, limit: int = 200) -> list[DeviceEventPublic]:
+    """The newest `limit` events of a device, oldest first; `NotFoundError` if the fleet does not know it."""
+    require_device(session=session, device_id=device_id)
+    statement = (
+        select(DeviceEventRecord)
+        .where(DeviceEventRecord.device_id == device_id)
+        .order_by(col(DeviceEventRecord.id).desc())
+        .limit(limit)
+    )
+    return [DeviceEventPublic.model_validate(e, from_attributes=True) for e in reversed(list(session.exec(statement)))]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import BinaryIO
+from urllib.parse import urlencode
 
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from cloud.artifacts import ArtifactStore
+from cloud.auth import artifact_token
 from cloud.errors import ConflictError, InvalidInputError, InvalidModelError, NotFoundError
 from cloud.models import Model, ModelPublic, ModelVersion, ModelVersionPublic
 from protocol.errors import TensorSpecError
@@ -15,6 +18,7 @@ from protocol.messages import ModelFormat, TensorSpec, utcnow
 from protocol.tensors import onnx_tensor_specs
 
 __all__ = [
+    "ArtifactLinks",
     "artifact_url",
     "declared_tensors",
     "discard_unreferenced",
@@ -28,8 +32,21 @@ __all__ = [
 
 
 def artifact_url(public_url: str, sha256: str) -> str:
-    """Where devices fetch the artifact with this digest."""
+    """Where the artifact with this digest is served (readers with a viewer token fetch it here)."""
     return f"{public_url.rstrip('/')}/api/v1/artifacts/{sha256}"
+
+
+@dataclass(frozen=True)
+class ArtifactLinks:
+    """Builds the per-device download URLs devices are sent (an HMAC bound to device and digest)."""
+
+    public_url: str
+    secret: bytes
+
+    def for_device(self, device_id: str, sha256: str) -> str:
+        """The URL `device_id` downloads artifact `sha256` from, with its download token."""
+        query = urlencode({"device": device_id, "token": artifact_token(self.secret, device_id, sha256)})
+        return f"{artifact_url(self.public_url, sha256)}?{query}"
 
 
 def push_model_version(

@@ -21,6 +21,8 @@ class IngestCounters:
         self._duplicates = 0
         self._published = 0
         self._connects = 0
+        self._acks = 0
+        self._database_down = False
         self._last_rejection: str | None = None
 
     def received(self, channel: str) -> None:
@@ -40,7 +42,7 @@ class IngestCounters:
             self._last_rejection = reason[:500]
 
     def failed(self, channel: str) -> None:
-        """A valid message could not be applied (database error)."""
+        """A valid message could not be applied and never will be (a bug, or data the database refuses)."""
         with self._lock:
             self._failed[channel] += 1
 
@@ -53,6 +55,16 @@ class IngestCounters:
         """Desired states handed to the broker."""
         with self._lock:
             self._published += count
+
+    def acknowledged(self) -> None:
+        """A telemetry acknowledgement was handed to the broker."""
+        with self._lock:
+            self._acks += 1
+
+    def database(self, *, down: bool) -> None:
+        """The bridge is waiting for the database to answer again (`down`), or it answers."""
+        with self._lock:
+            self._database_down = down
 
     def connected(self) -> None:
         """The bridge (re)connected."""
@@ -71,5 +83,7 @@ class IngestCounters:
                 "duplicates_dropped": self._duplicates,
                 "desired_published": self._published,
                 "connects": self._connects,
+                "acks_published": self._acks,
+                "database_down": self._database_down,
                 "last_rejection": self._last_rejection,
             }

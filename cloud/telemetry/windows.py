@@ -7,7 +7,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from cloud.models import TelemetryRecord, TelemetryWindowPublic
-from cloud.services.enrolment import enrol, require_device
+from cloud.services.enrolment import enrolled_device, require_device
 from protocol.messages import TelemetryWindow, utcnow
 
 __all__ = ["device_telemetry", "ingest_telemetry", "telemetry_totals"]
@@ -15,7 +15,7 @@ __all__ = ["device_telemetry", "ingest_telemetry", "telemetry_totals"]
 
 def ingest_telemetry(*, session: Session, window: TelemetryWindow) -> bool:
     """Store a window once per `(device_id, seq)`; False if it was a duplicate (QoS 1 redelivery)."""
-    device = enrol(session=session, device_id=window.device_id)
+    device = enrolled_device(session=session, device_id=window.device_id)
     device.last_seen = utcnow()
     session.add(device)
     session.commit()

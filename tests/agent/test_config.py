@@ -8,6 +8,7 @@ import pytest
 
 from agent import AgentConfig, ConfigError, load_config
 from agent.daemon import resolve_broker
+from agent.identity import DeviceIdentity
 from protocol import DEFAULT_BASE
 
 
@@ -88,45 +89,47 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
 
 def test_configured_broker_needs_no_coordinator(tmp_path: Path) -> None:
     config = AgentConfig(device_id="d1", data_dir=tmp_path, mqtt_url="mqtt://h:1883")
-    assert resolve_broker(config) == ("mqtt://h:1883", DEFAULT_BASE)
+    assert resolve_broker(config, None) == ("mqtt://h:1883", DEFAULT_BASE)
 
 
-def test_broker_address_and_topic_base_come_from_the_coordinator(tmp_path: Path) -> None:
-    import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+def identity(tmp_path: Path, device_id: str = "d1") -> DeviceIdentity:
+    return DeviceIdentity(
+        directory=tmp_path / "identity",
+        device_id=device_id,
+        broker_url="mqtts://10.0.0.5:8883",
+        topic_base="site/edgefleet/v1",
+        coordinator_url="http://10.0.0.5:8080",
+        tags={},
+    )
 
-    class Info(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = json.dumps({"mqtt_url": "mqtt://10.0.0.5:1883", "topic_base": "site/edgefleet/v1"}).encode()
-            self.send_response(200 if self.path == "/api/v1/info" else 404)
-            self.send_header("content-type", "application/json")
-            self.end_headers()
-            self.wfile.write(body)
 
-        def log_message(self, *_args: object) -> None:
-            pass
+def test_broker_address_and_topic_base_come_from_the_enrolment(tmp_path: Path) -> None:
+    config = AgentConfig(device_id="d1", data_dir=tmp_path, coordinator_url="http://10.0.0.5:8080")
+    assert resolve_broker(config, identity(tmp_path)) == ("mqtts://10.0.0.5:8883", "site/edgefleet/v1")
+    pinned = AgentConfig(device_id="d1", data_dir=tmp_path, coordinator_url="http://c:1", topic_base="mine/v1")
+    assert resolve_broker(pinned, identity(tmp_path)) == ("mqtts://10.0.0.5:8883", "mine/v1")
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Info)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
-        config = AgentConfig(device_id="d1", data_dir=tmp_path, coordinator_url=url)
-        assert resolve_broker(config) == ("mqtt://10.0.0.5:1883", "site/edgefleet/v1")
-        pinned = AgentConfig(device_id="d1", data_dir=tmp_path, coordinator_url=url, topic_base="mine/v1")
-        assert resolve_broker(pinned) == ("mqtt://10.0.0.5:1883", "mine/v1")
-    finally:
-        server.shutdown()
-        server.server_close()
+
+def test_device_that_never_enrolled_is_told_how_to(tmp_path: Path) -> None:
+    config = AgentConfig(device_id="d1", data_dir=tmp_path, coordinator_url="http://10.0.0.5:8080")
+    with pytest.raises(ConfigError, match="not enrolled: run `edgefleet-agent enroll"):
+        resolve_broker(config, None)
+
+
+def test_config_cannot_claim_another_enrolled_id(tmp_path: Path) -> None:
+    config = AgentConfig(device_id="d2", data_dir=tmp_path, coordinator_url="http://10.0.0.5:8080")
+    with pytest.raises(ConfigError, match="differs from the enrolled identity 'd1'"):
+        resolve_broker(config, identity(tmp_path, "d1"))
 
 
 def test_unreachable_coordinator_is_a_transport_error(tmp_path: Path) -> None:
     from agent import TransportError
+    from agent.identity import enrol
     from tests.services import free_port
 
-    config = AgentConfig(device_id="d1", data_dir=tmp_path, coordinator_url=f"http://127.0.0.1:{free_port()}")
-    with pytest.raises(TransportError, match="cannot fetch the broker address"):
-        resolve_broker(config, timeout_s=2)
+    with pytest.raises(TransportError, match="cannot reach the coordinator"):
+        enrol(data_dir=tmp_path, coordinator_url=f"http://127.0.0.1:{free_port()}", device_id="d1", token="t")
+    assert not (tmp_path / "identity" / "device.key").exists(), "no half identity left behind"
 
 
 def test_broker_url_that_is_not_mqtt_is_a_config_error_naming_the_key(tmp_path: Path) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -11,6 +13,9 @@ import onnxruntime
 import pytest
 
 from agent import Agent, AgentConfig
+from agent.runtime import OnnxRuntime
+from agent.server import InferenceServer, create_app
+from agent.serving import ActiveModel, Serving
 from tests.agent.conftest import install_model, model_spec
 from tests.services import free_port
 
@@ -27,6 +32,26 @@ def offline_config(data_dir: Path, **overrides: object) -> AgentConfig:
     }
     settings.update(overrides)
     return AgentConfig(**settings)
+
+
+def digits_serving(directory: Path, data: bytes) -> Serving:
+    """A `Serving` with the digits model loaded in the real ONNX runtime, without an agent around it."""
+    path = directory / "digits.onnx"
+    path.write_bytes(data)
+    serving = Serving()
+    serving.swap(ActiveModel(spec=model_spec("digits", "1.0", data), model=OnnxRuntime().load(path)))
+    return serving
+
+
+@contextmanager
+def endpoint(serving: Serving, *, host: str = "127.0.0.1", **app_options: Any) -> Iterator[str]:
+    """`create_app(serving, **app_options)` on real uvicorn at an ephemeral port; yields the base URL."""
+    server = InferenceServer(create_app(serving, **app_options), host=host, port=0, name="test")
+    url = server.start()
+    try:
+        yield url
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +99,8 @@ def test_health_and_metadata(served: tuple[Agent, httpx.Client]) -> None:
     _, client = served
     assert client.get("/v2/health/live").status_code == 200
     assert client.get("/v2/health/ready").status_code == 200
-    assert client.get("/v2").json()["name"] == "edgefleet-agent"
+    server = client.get("/v2").json()
+    assert server["name"] == "edgefleet-agent" and server["extensions"] == ["binary_tensor_data"]
     meta = client.get("/v2/models/digits").json()
     assert meta["versions"] == ["1.0"] and meta["platform"] == "onnxruntime_onnx"
     assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]

@@ -7,21 +7,28 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from cloud.app import create_app
 from cloud.coordinator import Coordinator
-from cloud.services import ingest_reported
+from cloud.models import Device, EnrolmentState
+from cloud.services.devices import ingest_reported
 from cloud.settings import Settings
 from protocol.messages import ReportedState
 
 
 class Api:
-    """A TestClient on a running coordinator, with its admin token at hand."""
+    """A TestClient on a running coordinator sending its admin token, and one (`anonymous`) that sends none."""
 
-    def __init__(self, client: TestClient, coordinator: Coordinator) -> None:
+    def __init__(self, client: TestClient, coordinator: Coordinator, anonymous: TestClient) -> None:
         self.client = client
         self.coordinator = coordinator
+        self.anonymous = anonymous
+
+    def enrol(self, device_id: str, tags: dict[str, str] | None = None) -> None:
+        """Make `device_id` an enrolled device (as a completed enrolment would; the certificate is not needed here)."""
+        enrol_for_test(self.coordinator.engine, device_id, tags)
 
     @property
     def auth(self) -> dict[str, str]:
@@ -38,7 +45,10 @@ class Api:
         return dict(response.json())
 
     def report(self, device_id: str, **fields: object) -> None:
-        """Ingest a reported state as the bridge would (enrols the device)."""
+        """Ingest a reported state as the bridge would; a device the fleet does not know yet is enrolled first,
+        with the reported tags as its enrolment tags (tags a device reports later are ignored)."""
+        tags = fields.get("tags")
+        enrol_for_test(self.coordinator.engine, device_id, dict(tags) if isinstance(tags, dict) else None, keep=True)
         with Session(self.coordinator.engine) as session:
             ingest_reported(session=session, state=ReportedState.model_validate({"device_id": device_id, **fields}))
 
@@ -46,7 +56,27 @@ class Api:
 @pytest.fixture
 def api(database_url: str, tmp_path: Path) -> Iterator[Api]:
     """The coordinator's API on SQLite or PostgreSQL, without MQTT."""
-    settings = Settings(data_dir=tmp_path / "coordinator", database_url=database_url, port=8080)
+    settings = Settings(
+        data_dir=tmp_path / "coordinator",
+        database_url=database_url,
+        port=8080,
+        device_mqtt_url="mqtts://broker.test:8883",  # no broker runs here; enrolment answers still name one
+    )
     app = create_app(settings, enable_mqtt=False)
     with TestClient(app) as client:
-        yield Api(client, app.state.coordinator)
+        coordinator = app.state.coordinator
+        client.headers["Authorization"] = f"Bearer {coordinator.admin_token}"
+        yield Api(client, coordinator, TestClient(app))
+
+
+def enrol_for_test(engine: Engine, device_id: str, tags: dict[str, str] | None, *, keep: bool = False) -> None:
+    """An enrolled device row (`keep`: leave an existing device as it is)."""
+    with Session(engine) as session:
+        device = session.get(Device, device_id)
+        if device is not None and keep:
+            return
+        device = device or Device(id=device_id)
+        device.enrolment = EnrolmentState.ENROLLED.value
+        device.tags = dict(tags or device.tags or {})
+        session.add(device)
+        session.commit()

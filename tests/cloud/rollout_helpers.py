@@ -19,10 +19,11 @@ from sqlmodel import Session, select
 from cloud.app import create_app
 from cloud.models import RolloutDecisionRecord, RolloutDispatchRecord, TelemetryRecord
 from cloud.rollouts.runner import RolloutRunner
-from cloud.services import ingest_reported
+from cloud.services.devices import ingest_reported
 from cloud.settings import Settings
 from protocol.messages import DesiredState, ReportedState, utcnow
 from protocol.telemetry import latency_histogram
+from tests.cloud.conftest import enrol_for_test
 
 EVEN = {str(c): 10 for c in range(10)}
 SHIFTED = {str(c): (60 if c < 2 else 2) for c in range(10)}
@@ -50,6 +51,7 @@ class RolloutBench:
     def __init__(self, client: TestClient, sha: dict[str, str]) -> None:
         self.client = client
         self.coordinator = client.app.state.coordinator  # type: ignore[attr-defined]
+        client.headers["Authorization"] = f"Bearer {self.coordinator.admin_token}"
         self.recorder = Recorder()
         self.runner = self.new_runner(self.recorder)
         self.coordinator.rollouts = self.runner
@@ -60,7 +62,7 @@ class RolloutBench:
 
     def new_runner(self, publisher: Any) -> RolloutRunner:
         return RolloutRunner(
-            engine=self.coordinator.engine, publisher=publisher, public_url=lambda: "http://127.0.0.1:8080", tick_s=0
+            engine=self.coordinator.engine, publisher=publisher, links=lambda: self.coordinator.links, tick_s=0
         )
 
     @property
@@ -80,6 +82,7 @@ class RolloutBench:
     ) -> list[str]:
         ids = [f"{prefix}-{i:02d}" for i in range(count)]
         for device_id in ids:
+            enrol_for_test(self.coordinator.engine, device_id, tags or {"site": "lab"})
             self.report(device_id, version, tags=tags or {"site": "lab"})
         return ids
 

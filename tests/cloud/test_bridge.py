@@ -18,6 +18,7 @@ from protocol.messages import DeviceEvent, ReportedState, TelemetryWindow, utcno
 from protocol.telemetry import latency_histogram
 from protocol.topics import Topics
 from tests.cloud.conftest import Api
+from tests.cloud.fleet_helpers import api_for
 from tests.cloud.mqtt_helpers import connected_client, publish
 
 
@@ -39,7 +40,7 @@ def live(broker_url: str, topic_base: str, tmp_path: Path) -> Iterator[Api]:
     settings = Settings(data_dir=tmp_path / "coordinator", mqtt_url=broker_url, topic_base=topic_base, port=8080)
     app = create_app(settings)
     with TestClient(app) as client:
-        api = Api(client, app.state.coordinator)
+        api = api_for(app, client)
         assert api.coordinator.bridge is not None and api.coordinator.bridge.wait_connected(10)
         yield api
 
@@ -69,14 +70,16 @@ def device(api: Api, device_id: str) -> dict[str, Any]:
 
 def test_ingests_reported_state_events_and_telemetry(live: Api, broker_url: str, topic_base: str) -> None:
     topics = Topics(topic_base)
-    state = ReportedState(device_id="cam-1", tags={"site": "lab"}, agent_version="0.1.0")
+    live.enrol("cam-1", {"site": "lab"})
+    state = ReportedState(device_id="cam-1", tags={"site": "elsewhere"}, agent_version="0.1.0")
     event = DeviceEvent(device_id="cam-1", kind="agent.started", message="hello")
     with connected_client(broker_url) as (client, _):
         publish(client, topics.reported("cam-1"), encode(state), retain=True)
         publish(client, topics.events("cam-1"), encode(event))
         publish(client, topics.telemetry("cam-1"), encode(window("cam-1", 0)))
     shown = wait_until(lambda: device(live, "cam-1").get("telemetry_windows") == 1 and device(live, "cam-1"))
-    assert shown["status"] == "online" and shown["tags"] == {"site": "lab"} and shown["agent_version"] == "0.1.0"
+    assert shown["status"] == "online" and shown["agent_version"] == "0.1.0"
+    assert shown["tags"] == {"site": "lab"}, "tags are the coordinator's (set at enrolment), not the device's"
     assert shown["inference_count"] == 10 and shown["error_count"] == 1
     wait_until(lambda: stats(live)["stored"].get("events") == 1, what="event stored")
     summary = live.client.get("/api/v1/fleet/summary").json()
@@ -85,6 +88,7 @@ def test_ingests_reported_state_events_and_telemetry(live: Api, broker_url: str,
 
 def test_same_telemetry_window_twice_is_counted_once(live: Api, broker_url: str, topic_base: str) -> None:
     topic = Topics(topic_base).telemetry("cam-2")
+    live.enrol("cam-2")
     with connected_client(broker_url) as (client, _):
         publish(client, topic, encode(window("cam-2", 7, count=5)))
         publish(client, topic, encode(window("cam-2", 7, count=5)))  # a QoS 1 redelivery
@@ -111,6 +115,7 @@ MALFORMED = [
 
 def test_malformed_payloads_are_counted_dropped_and_change_nothing(live: Api, broker_url: str, topic_base: str) -> None:
     topics = Topics(topic_base)
+    live.enrol("victim", {"site": "lab"})
     with connected_client(broker_url) as (client, _):
         publish(client, topics.reported("victim"), encode(ReportedState(device_id="victim", tags={"site": "lab"})))
         wait_until(lambda: device(live, "victim").get("status") == "online", what="victim enrolled")
@@ -134,6 +139,7 @@ def test_malformed_payloads_are_counted_dropped_and_change_nothing(live: Api, br
 def test_last_will_flips_connectivity_and_keeps_the_model(live: Api, broker_url: str, topic_base: str) -> None:
     topics = Topics(topic_base)
     model = {"name": "digits", "version": "1.0", "sha256": "a" * 64}
+    live.enrol("cam-3", {"k": "v"})
     online = ReportedState.model_validate({"device_id": "cam-3", "active_model": model, "tags": {"k": "v"}})
     with connected_client(broker_url) as (client, _):
         publish(client, topics.reported("cam-3"), encode(online), retain=True)
@@ -158,5 +164,32 @@ def test_deployment_publishes_retained_desired_state_for_a_late_subscriber(
     desired = json.loads(message.payload)
     assert desired["generation"] == 1
     assert desired["model"]["artifact"]["sha256"] == pushed["sha256"]
-    assert desired["model"]["artifact"]["url"] == pushed["artifact_url"]
+    # The device's own download link: the digest's URL with a token bound to this device.
+    assert desired["model"]["artifact"]["url"].startswith(f"{pushed['artifact_url']}?device=late-1&token=")
     assert desired["model"]["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]
+
+
+@pytest.mark.parametrize("state", ["unknown", "pending", "revoked"])
+def test_messages_of_a_device_that_is_not_enrolled_are_not_stored(
+    live: Api, broker_url: str, topic_base: str, state: str
+) -> None:
+    topics = Topics(topic_base)
+    if state == "pending":
+        live.client.post("/api/v1/devices/ghost/enrolment-token", json={"tags": {"site": "lab"}})
+    elif state == "revoked":
+        live.enrol("ghost", {"site": "lab"})
+        assert live.client.post("/api/v1/devices/ghost/revoke").status_code == 200
+    with connected_client(broker_url) as (client, _):
+        publish(client, topics.reported("ghost"), encode(ReportedState(device_id="ghost", tags={"site": "lab"})))
+        publish(client, topics.telemetry("ghost"), encode(window("ghost", 0)))
+        publish(client, topics.events("ghost"), encode(DeviceEvent(device_id="ghost", kind="agent.started")))
+    wait_until(lambda: stats(live)["rejected_total"] >= 3, what="three messages of a stranger refused")
+    assert stats(live)["rejected_total"] == 3
+    assert stats(live)["stored"] == {}
+    response = live.client.get("/api/v1/devices/ghost")
+    if state == "unknown":
+        assert response.status_code == 404, "telemetry auto-enrolled a device"
+    else:
+        assert response.json()["telemetry_windows"] == 0 and response.json()["status"] == "offline"
+    summary = live.client.get("/api/v1/fleet/summary").json()
+    assert summary["inference_count"] == 0, "a stranger's windows counted in the fleet summary"

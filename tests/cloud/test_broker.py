@@ -49,7 +49,7 @@ def test_busy_port_falls_back_to_a_free_port() -> None:
         occupant.bind(("127.0.0.1", 0))
         occupant.listen()
         busy = occupant.getsockname()[1]
-        broker = EmbeddedBroker("127.0.0.1", busy)
+        broker = EmbeddedBroker("127.0.0.1", busy, allow_anonymous=True)
         broker.start()
         try:
             assert broker.port != busy
@@ -67,13 +67,13 @@ def test_busy_port_without_fallback_fails_with_a_clear_error() -> None:
         occupant.bind(("127.0.0.1", 0))
         occupant.listen()
         busy = occupant.getsockname()[1]
-        broker = EmbeddedBroker("127.0.0.1", busy, fallback_to_free_port=False)
+        broker = EmbeddedBroker("127.0.0.1", busy, allow_anonymous=True, fallback_to_free_port=False)
         with pytest.raises(BrokerStartError, match="could not start"):
             broker.start()
 
 
 def test_stop_closes_the_listener_and_is_idempotent() -> None:
-    broker = EmbeddedBroker("127.0.0.1", 0)
+    broker = EmbeddedBroker("127.0.0.1", 0, allow_anonymous=True)
     broker.start()
     port = broker.port
     broker.stop()

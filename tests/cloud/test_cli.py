@@ -21,10 +21,11 @@ import typer
 from typer.testing import CliRunner
 
 import cloud.cli as cli
+from agent.identity import enrol
 from protocol.codec import encode
 from protocol.messages import ReportedState
 from protocol.topics import DEFAULT_BASE, Topics
-from tests.cloud.mqtt_helpers import connected_client, publish
+from tests.e2e.clients import device_tls, mqtt_session
 
 EDGEFLEET = Path(sys.executable).parent / "edgefleet"
 
@@ -81,8 +82,14 @@ def test_up_serves_creates_token_and_exits_cleanly_on_sigterm(coordinator: Runni
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
     config = coordinator.config.read_text()
     assert coordinator.url in config and coordinator.token in config
-    info = httpx.get(f"{coordinator.url}/api/v1/info", timeout=5).json()
+    assert httpx.get(f"{coordinator.url}/api/v1/info", timeout=5).status_code == 401, "reads need a token"
+    auth = {"Authorization": f"Bearer {coordinator.token}"}
+    info = httpx.get(f"{coordinator.url}/api/v1/info", headers=auth, timeout=5).json()
     assert info["mqtt_url"] == coordinator.mqtt_url and info["topic_base"] == DEFAULT_BASE
+    assert info["mqtt_url"].startswith("mqtts://"), "the embedded broker listens with TLS"
+    assert stat.S_IMODE(coordinator.data_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((coordinator.data_dir / "coordinator.json").stat().st_mode) == 0o600
+    assert stat.S_IMODE((coordinator.data_dir / "pki" / "ca.key").stat().st_mode) == 0o600
 
     started = time.monotonic()
     coordinator.proc.send_signal(signal.SIGTERM)
@@ -108,12 +115,21 @@ def test_cli_pushes_deploys_and_lists_against_a_live_coordinator(coordinator: Ru
     assert [v["version"] for v in json.loads(listed.stdout)["data"][0]["versions"]] == ["1.0"]
     assert "digits" in run("models", "list", env=env).stdout
 
-    with connected_client(coordinator.mqtt_url) as (client, _):
-        state = ReportedState(device_id="cam-9", tags={"site": "lab"})
-        publish(client, Topics(DEFAULT_BASE).reported("cam-9"), encode(state), retain=True)
+    enrolled = run("devices", "enroll", "cam-9", "--tag", "site=lab", "--json", env=env)
+    assert enrolled.exit_code == 0, enrolled.output
+    ticket = json.loads(enrolled.stdout)
+    assert ticket["command"].startswith("edgefleet-agent enroll") and ticket["token"] in ticket["command"]
+    identity = enrol(data_dir=coordinator.data_dir.parent / "cam-9", coordinator_url=coordinator.url,
+                     device_id="cam-9", token=ticket["token"])  # fmt: skip
+    state = ReportedState(device_id="cam-9", tags={"site": "elsewhere"})
+    with mqtt_session(identity.broker_url, "cam-9", device_tls(identity)) as device:
+        assert device.refused is None, device.refused
+        device.client.publish(
+            Topics(DEFAULT_BASE).reported("cam-9"), encode(state), qos=1, retain=True
+        ).wait_for_publish(10)
     deadline = time.monotonic() + 10
-    while not json.loads(run("devices", "list", "--json", env=env).stdout)["data"]:
-        assert time.monotonic() < deadline, "device never enrolled"
+    while json.loads(run("devices", "list", "--json", env=env).stdout)["data"][0]["status"] != "online":
+        assert time.monotonic() < deadline, "device never came online"
         time.sleep(0.05)
 
     deployed = run("deploy", "digits:1.0", "--to", "site=lab", "--json", env=env)
@@ -148,7 +164,7 @@ def test_cli_shows_api_errors_as_one_line_and_fails(coordinator: Running, digits
         "nope",
         env={**env, "EDGEFLEET_URL": coordinator.url},
     )
-    assert wrong.exit_code == 1 and "not the coordinator's admin token (HTTP 401)" in wrong.output
+    assert wrong.exit_code == 1 and "not a valid API token (unknown or revoked) (HTTP 401)" in wrong.output
     bad_target = run("deploy", "digits", "--to", "x", env=env)
     assert bad_target.exit_code == 1 and "NAME:VERSION" in bad_target.output
 

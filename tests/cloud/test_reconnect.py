@@ -14,7 +14,7 @@ from cloud.app import create_app
 from cloud.broker import EmbeddedBroker
 from cloud.settings import Settings
 from protocol.topics import Topics
-from tests.cloud.conftest import Api
+from tests.cloud.fleet_helpers import api_for
 from tests.cloud.mqtt_helpers import connected_client
 from tests.cloud.test_bridge import stats, wait_until
 from tests.services import free_port, mosquitto_binary, unavailable, wait_for_port
@@ -36,7 +36,7 @@ class RestartableBroker:
 
     def start(self) -> None:
         if self.kind == "amqtt":
-            self._embedded = EmbeddedBroker("127.0.0.1", self.port, fallback_to_free_port=False)
+            self._embedded = EmbeddedBroker("127.0.0.1", self.port, allow_anonymous=True, fallback_to_free_port=False)
             self._embedded.start()
             return
         binary = mosquitto_binary()
@@ -75,7 +75,7 @@ def test_republishes_desired_states_after_the_broker_lost_them(
     settings = Settings(data_dir=tmp_path / "c", mqtt_url=restartable.url, topic_base=topic_base, port=8080)
     app = create_app(settings)
     with TestClient(app) as client:
-        api = Api(client, app.state.coordinator)
+        api = api_for(app, client)
         api.push("digits", "1.0", digits_model_bytes)
         api.report("edge-1", tags={"site": "lab"})
         body = {"model": "digits", "version": "1.0", "target": {"device_ids": ["edge-1"]}}

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 
 from compression.reference import shifted_model
 from tests.cloud.rollout_helpers import SHIFTED, Recorder, RolloutBench, bench
@@ -226,7 +227,8 @@ def test_invalid_plans_conflicts_and_unknown_rollouts_are_refused_clearly(rb: Ro
         headers=rb.auth,
     )
     assert response.status_code == 422 and response.json()["field"] == "selector"
-    assert post("/api/v1/rollouts", json={"model": "digits", "version": "2.0"}).status_code == 401
+    anonymous = TestClient(rb.client.app)
+    assert anonymous.post("/api/v1/rollouts", json={"model": "digits", "version": "2.0"}).status_code == 401
     first = rb.create()
     response = post("/api/v1/rollouts", json={"model": "digits", "version": "2.0"}, headers=rb.auth)
     assert response.status_code == 409 and f"rollout {first['id']}" in response.json()["detail"]

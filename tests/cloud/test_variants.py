@@ -146,7 +146,7 @@ def test_variant_upload_errors_name_the_problem(api: Api, digits_model_bytes: by
         headers=api.auth,
     )
     assert response.status_code == 404
-    unauthenticated = api.client.post(
+    unauthenticated = api.anonymous.post(
         "/api/v1/models/digits/versions/1.0/variants", data={"variant": "v"}, files={"file": ("v", b"x")}
     )
     assert unauthenticated.status_code == 401

@@ -10,6 +10,7 @@ import pytest
 
 from cloud.client import ApiClient
 from simulators import FleetConfig, SimulatedFleet, drive_inference
+from tests.services import FleetBroker
 
 pytestmark = pytest.mark.e2e
 
@@ -28,6 +29,7 @@ def fleet_config(client: ApiClient, topic_base: str, root: Path, devices: int, p
         devices=devices,
         data_root=root,
         coordinator_url=client.url,
+        api_token=client.token,
         topic_base=topic_base,
         id_prefix=prefix,
         telemetry_interval_s=3600,
@@ -119,11 +121,13 @@ def test_device_offline_during_deploy_converges_after_reconnect(
 
 
 def test_telemetry_sent_while_coordinator_is_down_is_counted_after_restart(
-    broker_url: str, topic_base: str, tmp_path: Path, digits_model_path: Path
+    fleet_broker: FleetBroker, coordinator_data_dir: Path, topic_base: str, tmp_path: Path, digits_model_path: Path
 ) -> None:
     from simulators import CoordinatorProcess
 
-    process = CoordinatorProcess(tmp_path / "coordinator", mqtt_url=broker_url, topic_base=topic_base)
+    process = CoordinatorProcess(
+        coordinator_data_dir, mqtt_url=fleet_broker.url, topic_base=topic_base, extra_args=fleet_broker.coordinator_args
+    )
     client = process.start()
     try:
         client.push_model(digits_model_path, name="digits", version="1.0.0")

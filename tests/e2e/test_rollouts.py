@@ -26,6 +26,7 @@ from agent import Agent
 from cloud.client import ApiClient
 from compression.reference import load_digits_split, shifted_model
 from simulators import CoordinatorProcess, FleetConfig, SimulatedFleet, slow_model
+from tests.services import run_fleet_mosquitto
 
 pytestmark = pytest.mark.e2e
 
@@ -141,25 +142,26 @@ def cli(client: ApiClient, *args: str) -> Any:
 
 
 @pytest.fixture
-def coordinator(
-    mosquitto_url: str, topic_base: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[FixedPortCoordinator]:
+def coordinator(topic_base: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FixedPortCoordinator]:
     monkeypatch.setenv("EDGEFLEET_ROLLOUT_TICK_S", "0.2")
-    process = FixedPortCoordinator(tmp_path / "coordinator", mqtt_url=mosquitto_url, topic_base=topic_base)
-    process.start()
-    try:
-        yield process
-    finally:
-        process.stop()
+    data_dir = tmp_path / "coordinator"
+    with run_fleet_mosquitto(tmp_path / "broker", data_dir, topic_base) as broker:
+        process = FixedPortCoordinator(
+            data_dir, mqtt_url=broker.url, topic_base=topic_base, extra_args=broker.coordinator_args
+        )
+        process.start()
+        try:
+            yield process
+        finally:
+            process.stop()
 
 
-def start_fleet(
-    client: ApiClient, topic_base: str, root: Path, devices: int, prefix: str = "ro"
-) -> SimulatedFleet:
+def start_fleet(client: ApiClient, topic_base: str, root: Path, devices: int, prefix: str = "ro") -> SimulatedFleet:
     config = FleetConfig(
         devices=devices,
         data_root=root,
         coordinator_url=client.url,
+        api_token=client.token,
         topic_base=topic_base,
         id_prefix=prefix,
         tags=GROUP,

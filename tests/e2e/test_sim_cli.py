@@ -5,24 +5,28 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from cloud.client import ApiClient
 from tests.e2e.test_fleet_deploy import online_ids, wait_until
+from tests.services import FleetBroker, run_fleet_broker
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture
-def broker_url(mosquitto_url: str) -> str:
-    return mosquitto_url
+@pytest.fixture(params=["mosquitto"])
+def fleet_broker(
+    request: pytest.FixtureRequest, coordinator_data_dir: Path, topic_base: str, tmp_path: Path
+) -> Iterator[FleetBroker]:
+    """One broker is enough here: what is tested is the split over processes."""
+    with run_fleet_broker(request.param, tmp_path / "broker", coordinator_data_dir, topic_base) as broker:
+        yield broker
 
 
-def test_sim_splits_a_fleet_over_processes_with_distinct_identities(
-    coordinator: ApiClient, tmp_path: Path
-) -> None:
+def test_sim_splits_a_fleet_over_processes_with_distinct_identities(coordinator: ApiClient, tmp_path: Path) -> None:
     edgefleet = Path(sys.executable).parent / "edgefleet"
     command = [
         str(edgefleet),
@@ -33,6 +37,8 @@ def test_sim_splits_a_fleet_over_processes_with_distinct_identities(
         "2",
         "--coordinator",
         coordinator.url,
+        "--token",
+        str(coordinator.token),
         "--prefix",
         "split",
         "--no-http",

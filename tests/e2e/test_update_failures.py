@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud.client import ApiClient
 from protocol import Topics
 from simulators import FleetConfig, SimulatedFleet
+from tests.e2e.clients import device_tls, enrol_device, mqtt_session
 from tests.e2e.test_fleet_deploy import deployment_statuses, fleet_config, online_ids, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -90,43 +90,46 @@ def test_bad_artifact_is_refused_and_previous_model_keeps_serving(
         fleet.stop()
 
 
-def test_garbage_on_every_topic_is_rejected_and_the_fleet_still_converges(
+def test_garbage_from_an_enrolled_device_is_rejected_and_the_fleet_still_converges(
     coordinator: ApiClient,
     broker_url: str,
     topic_base: str,
     tmp_path: Path,
     digits_model_path: Path,
 ) -> None:
+    """A device the fleet enrolled turns hostile: garbage on its own topics is refused by the coordinator,
+    garbage aimed at another device's topics never gets past the broker, and the fleet converges regardless."""
     config = fleet_config(coordinator, topic_base, tmp_path / "fleet", 2, "junk")
     fleet = start_fleet_on_v1(coordinator, config, digits_model_path)
     try:
         topics = Topics(topic_base)
         victim = fleet.device_ids[0]
-        host, port = broker_url.removeprefix("mqtt://").split(":")
-        attacker = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="attacker")
-        attacker.connect(host, int(port))
-        attacker.loop_start()
+        mallory = enrol_device(coordinator, tmp_path / "mallory", "junk-mallory", {"role": "mallory"})
         garbage = [b"\x00\xff", b"{not json", b"[]", b'{"schema_version": 99}', b'{"schema_version": 1}']
-        published = []
-        for payload in garbage:
-            for topic in (
-                topics.reported(victim),
-                topics.events(victim),
-                topics.telemetry(victim),
-                topics.desired(victim),
-            ):
-                published.append(attacker.publish(topic, payload, qos=1))
-        published.append(attacker.publish(f"{topic_base}/devices/{victim}/nonsense", b"{}", qos=1))
-        for info in published:
-            info.wait_for_publish(10)
-        # clear the retained garbage we may have left on the victim's desired topic
-        attacker.publish(topics.desired(victim), b"", qos=1, retain=True).wait_for_publish(10)
-        attacker.loop_stop()
-        attacker.disconnect()
+        with mqtt_session(broker_url, "junk-mallory", device_tls(mallory)) as attacker:
+            assert attacker.refused is None, attacker.refused
+            published = []
+            for payload in garbage:
+                for topic in (
+                    topics.reported("junk-mallory"),
+                    topics.events("junk-mallory"),
+                    topics.telemetry("junk-mallory"),
+                    topics.reported(victim),
+                    topics.events(victim),
+                    topics.telemetry(victim),
+                    topics.desired(victim),
+                ):
+                    published.append(attacker.client.publish(topic, payload, qos=1))
+            published.append(attacker.client.publish(f"{topic_base}/devices/{victim}/nonsense", b"{}", qos=1))
+            for info in published:
+                info.wait_for_publish(10)
+            # amqtt acknowledges a PUBLISH before it routes it, and drops what it has not routed when the client
+            # disconnects (an at-least-once gap of the embedded broker, issue 10): give it a moment.
+            time.sleep(1.0)
 
-        wait_until(lambda: fleet.agents[0].rejected_messages >= len(garbage), 30, "the agent to count the garbage")
         wait_until(lambda: _rejected(coordinator) >= 3 * len(garbage), 30, "the coordinator to count the garbage")
-
+        assert _rejected(coordinator) == 3 * len(garbage), "only mallory's own topics reached the coordinator"
+        assert fleet.agents[0].rejected_messages == 0, "nothing reached the victim's desired topic"
         assert fleet.agents[0].active_model is not None and fleet.agents[0].active_model.version == "1.0.0"
         coordinator.push_model(digits_model_path, name="digits2", version="1.0.0")
         deployment = coordinator.deploy(model="digits2", version="1.0.0", tags={"fleet": "junk"})

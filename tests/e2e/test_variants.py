@@ -110,6 +110,7 @@ def test_mixed_fleet_receives_the_variant_each_device_runs_best(
         devices=len(MIXED_PROFILES),
         data_root=tmp_path / "fleet",
         coordinator_url=coordinator.url,
+        api_token=coordinator.token,
         topic_base=topic_base,
         id_prefix="mix",
         profiles=MIXED_PROFILES,

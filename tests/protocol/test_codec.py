@@ -13,6 +13,7 @@ from protocol import (
     MalformedMessageError,
     ModelSpec,
     ReportedState,
+    TelemetryAck,
     TelemetryWindow,
     TensorSpec,
     UnsupportedSchemaVersionError,
@@ -105,3 +106,22 @@ def test_rejects_negative_telemetry_counts() -> None:
     )
     with pytest.raises(MalformedMessageError, match="inference_count"):
         decode(TelemetryWindow, payload)
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"stored_seq": 9, "max_seq": 3}, "stored_seq 9 is above max_seq 3"),
+        ({"stored_seq": 3}, "both set or both null"),
+        ({"max_seq": -1}, "max_seq"),
+    ],
+)
+def test_rejects_telemetry_ack_that_contradicts_itself(fields: dict[str, int], reason: str) -> None:
+    payload = json.dumps({"schema_version": 1, "device_id": "dev-1", **fields}).encode()
+    with pytest.raises(MalformedMessageError, match=reason):
+        decode(TelemetryAck, payload)
+
+
+def test_telemetry_ack_of_nothing_stored_round_trips() -> None:
+    ack = TelemetryAck(device_id="dev-1")
+    assert decode(TelemetryAck, encode(ack)) == ack and ack.max_seq is None and ack.stored_seq is None

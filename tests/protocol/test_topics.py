@@ -12,6 +12,7 @@ def test_builds_the_documented_topics() -> None:
     assert topics.desired("dev-1") == "edgefleet/v1/devices/dev-1/desired"
     assert topics.reported("dev-1") == "edgefleet/v1/devices/dev-1/reported"
     assert topics.all_devices(Channel.TELEMETRY) == "edgefleet/v1/devices/+/telemetry"
+    assert topics.ack("dev-1") == "edgefleet/v1/devices/dev-1/ack"
 
 
 def test_parses_a_device_topic_under_a_test_prefix() -> None:

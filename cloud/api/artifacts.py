@@ -1,0 +1,61 @@
+"""The artifact route: model bytes by digest, for readers with a token and for devices with a download token.
+
+Devices hold no API token: the desired state they receive carries a URL with `device` and `token` query
+parameters (an HMAC of device id and digest, `cloud.auth.artifact_token`), valid only while the device is
+enrolled. People and programs use a viewer (or higher) bearer token.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Request
+from fastapi.responses import FileResponse
+from fastapi.security import HTTPAuthorizationCredentials
+from sqlmodel import Session
+
+from cloud.api.deps import CoordinatorDep, get_principal
+from cloud.auth import artifact_token, token_matches
+from cloud.errors import UnauthorizedError
+from cloud.services.enrolment import enrolled_device
+from protocol.messages import DeviceId
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["models"])
+
+
+@router.get(
+    "/artifacts/{sha256}",
+    summary="Artifact bytes (HTTP Range supported); a viewer token, or a device's download token",
+    response_class=FileResponse,
+    responses={206: {"description": "Partial content"}, 416: {"description": "Range not satisfiable"}},
+)
+def get_artifact(
+    sha256: Annotated[str, Path(pattern=r"^[0-9a-f]{64}$", description="Hex sha256 of the artifact.")],
+    request: Request,
+    coordinator: CoordinatorDep,
+    device: Annotated[DeviceId | None, Query(description="The downloading device (with `token`).")] = None,
+    token: Annotated[str | None, Query(max_length=128, description="The device's download token.")] = None,
+) -> FileResponse:
+    """Stream the artifact; Starlette's FileResponse answers Range requests with 206 or 416."""
+    if device is not None and token is not None:
+        _check_device_token(coordinator, device, token, sha256)
+    else:
+        get_principal(request, coordinator, _bearer_of(request))
+    path = coordinator.store.path(sha256)
+    return FileResponse(path, media_type="application/octet-stream", headers={"Cache-Control": "private, immutable"})
+
+
+def _check_device_token(coordinator: CoordinatorDep, device_id: str, token: str, sha256: str) -> None:
+    if not token_matches(token, artifact_token(coordinator.artifact_secret, device_id, sha256)):
+        raise UnauthorizedError("the download token does not match this device and artifact")
+    with Session(coordinator.engine) as session:
+        enrolled_device(session=session, device_id=device_id)  # a revoked device's links die with it
+
+
+def _bearer_of(request: Request) -> HTTPAuthorizationCredentials | None:
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not value:
+        return None
+    return HTTPAuthorizationCredentials(scheme="Bearer", credentials=value.strip())

@@ -1,0 +1,110 @@
+"""The coordinator acknowledges stored telemetry per device, retained, cheaply: what it says and how often."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from sqlmodel import Session
+
+import cloud.telemetry.acks as acks
+from cloud.db import create_db_engine, init_db
+from cloud.models import Device, TelemetryRecord
+from cloud.telemetry.acks import AckThrottle, telemetry_ack
+from protocol.codec import decode, encode
+from protocol.messages import ReportedState, TelemetryAck
+from protocol.topics import Topics
+from tests.cloud.fleet_helpers import enrol, live_coordinator, window
+from tests.cloud.mqtt_helpers import connected_client, publish
+
+# -- when to acknowledge (pure) ----------------------------------------------------------------------
+
+
+def test_burst_is_acknowledged_at_once_then_once_more_when_it_ends() -> None:
+    throttle = AckThrottle(interval_s=1.0)
+    assert throttle.stored("edge-1", now=10.0)  # the first window of a burst: at once
+    assert not any(throttle.stored("edge-1", now=10.0 + i / 10) for i in range(1, 9))
+    assert throttle.stored("edge-2", now=10.5)  # per device
+    assert throttle.next_due() == 11.0 and throttle.due(now=10.99) == []
+    assert throttle.due(now=11.0) == ["edge-1"]  # the end of the burst: once
+    assert throttle.due(now=20.0) == [] and throttle.next_due() is None
+
+
+def test_steady_stream_is_acknowledged_at_most_once_per_interval() -> None:
+    throttle = AckThrottle(interval_s=1.0)
+    sent = 0
+    for tick in range(100):  # ten windows a second for ten seconds
+        now = tick / 10
+        sent += throttle.stored("edge-1", now=now)
+        sent += len(throttle.due(now=now))
+    assert 9 <= sent <= 11
+
+
+# -- what to acknowledge (the database) --------------------------------------------------------------
+
+
+@contextmanager
+def stored(database_url: str, seqs: list[int]) -> Iterator[Session]:
+    """A session on a database holding the telemetry windows `seqs` of device `edge-1`."""
+    engine = create_db_engine(database_url)
+    init_db(engine)
+    try:
+        with Session(engine) as session:
+            session.add(Device(id="edge-1"))
+            add_windows(session, seqs)
+            yield session
+    finally:
+        engine.dispose()
+
+
+def add_windows(session: Session, seqs: list[int]) -> None:
+    for seq in seqs:
+        session.add(TelemetryRecord(device_id="edge-1", seq=seq, inference_count=1, error_count=0))
+    session.commit()
+
+
+def test_ack_says_the_highest_and_the_end_of_the_contiguous_run(database_url: str) -> None:
+    with stored(database_url, [3, 4, 5, 6, 8, 9]) as session:
+        nothing = telemetry_ack(session, "nobody")
+        assert (nothing.stored_seq, nothing.max_seq) == (None, None)
+        first = telemetry_ack(session, "edge-1")
+        assert (first.stored_seq, first.max_seq) == (6, 9)  # the run starts at the lowest stored seq
+        add_windows(session, [7])
+        again = telemetry_ack(session, "edge-1", floor=first.stored_seq)
+        assert (again.stored_seq, again.max_seq) == (9, 9)
+
+
+def test_one_ack_moves_the_run_at_most_a_bounded_scan_ahead(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(acks, "ACK_SCAN_ROWS", 4)
+    with stored(database_url, list(range(10))) as session:
+        floors = [0]
+        for _ in range(3):
+            floors.append(telemetry_ack(session, "edge-1", floor=floors[-1]).stored_seq or 0)
+        assert floors == [0, 4, 8, 9]
+
+
+# -- on the wire ---------------------------------------------------------------------------------
+
+
+def test_burst_of_windows_ends_in_one_retained_ack_of_all_of_them(
+    mosquitto_url: str, topic_base: str, tmp_path: Path
+) -> None:
+    topics = Topics(topic_base)
+    with live_coordinator(tmp_path, mqtt_url=mosquitto_url, topic_base=topic_base) as api:
+        enrol(api.coordinator, "edge-1")
+        with connected_client(mosquitto_url, topics.ack("edge-1")) as (client, received):
+            publish(client, topics.reported("edge-1"), encode(ReportedState(device_id="edge-1")))
+            answer = decode(TelemetryAck, received.wait_for(lambda m: True).payload)
+            assert (answer.stored_seq, answer.max_seq) == (None, None)  # the answer to a report: nothing stored
+            for seq in range(50):
+                publish(client, topics.telemetry("edge-1"), encode(window("edge-1", seq)))
+            last = received.wait_for(lambda m: json.loads(m.payload)["max_seq"] == 49)
+            assert json.loads(last.payload)["stored_seq"] == 49
+        counters = api.client.get("/api/v1/stats", headers=api.auth).json()
+        assert 2 <= counters["acks_published"] <= 10, counters  # throttled: not one per window
+    with connected_client(mosquitto_url, topics.ack("edge-1")) as (_, received):
+        retained = received.wait_for(lambda m: True)
+    assert retained.retain and json.loads(retained.payload)["max_seq"] == 49
