@@ -96,6 +96,12 @@ class AgentConfig(BaseModel):
     max_trial_boots: int = Field(
         default=3, ge=1, le=100, description="agent starts tolerated during a trial before rolling back"
     )
+    certificate_check_s: float = Field(
+        default=6 * 3600,
+        gt=0,
+        le=86400,
+        description="how often a running agent checks whether to renew its certificate",
+    )
 
     @field_validator("device_id")
     @classmethod

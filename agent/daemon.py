@@ -129,6 +129,7 @@ class Agent:
         self._capabilities: Capabilities | None = None
         self._identity: DeviceIdentity | None = None
         self._tls: ssl.SSLContext | None = None
+        self._renewal_stop = threading.Event()
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -207,6 +208,7 @@ class Agent:
             self._shutdown(report=False)
             raise
         self._started = True
+        self._start_renewal()
         self._event(EventKind.AGENT_STARTED, message=f"agent {agent_version()} started")
         log.info(
             "agent %s started (model: %s, endpoint: %s)", self.config.device_id, self.active_model, self.inference_url
@@ -251,6 +253,11 @@ class Agent:
             return
         if self._tls is not None:  # the next (re)connect presents the new certificate
             self._tls.load_cert_chain(str(self._identity.cert_path), str(self._identity.key_path))
+
+    @property
+    def certificate_serial(self) -> int | None:
+        """Serial number of the certificate this device presents (None when it has no fleet identity)."""
+        return self._identity.certificate().serial_number if self._identity is not None else None
 
     def _detect_capabilities(self) -> Capabilities:
         """What this device reports it can run: detected, then the configured overrides."""
@@ -335,7 +342,21 @@ class Agent:
 
     # -- internals --------------------------------------------------------------------------------
 
+    def _start_renewal(self) -> None:
+        """Check the certificate every `certificate_check_s` while running, renewing it when due."""
+        if self._identity is None:
+            return
+        self._renewal_stop.clear()
+
+        def loop() -> None:
+            while not self._renewal_stop.wait(self.config.certificate_check_s):
+                self._renew_if_due()
+
+        thread = threading.Thread(target=loop, name=f"{self.config.device_id}-renewal", daemon=True)
+        thread.start()
+
     def _shutdown(self, *, report: bool) -> None:
+        self._renewal_stop.set()
         if self._worker is not None:
             self._worker.stop()
         if self._telemetry is not None:

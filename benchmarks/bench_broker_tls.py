@@ -63,7 +63,7 @@ def plain_mosquitto(workdir: Path) -> Iterator[str]:
     conf = workdir / "mosquitto.conf"
     conf.write_text(
         f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        "max_queued_messages 100000\nmax_inflight_messages 100\n"
+        "max_queued_messages 100000\nmax_inflight_messages 100\nset_tcp_nodelay true\n"
     )
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

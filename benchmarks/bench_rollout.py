@@ -39,6 +39,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from simulators import CoordinatorProcess
+from simulators.brokers import FleetBroker, fleet_broker
 
 
 def tiny_model() -> bytes:
@@ -225,65 +226,77 @@ def main() -> None:
     n = args.devices
     with tempfile.TemporaryDirectory() as tmp, mosquitto(Path(tmp)) as broker_url:
         root = Path(tmp)
-        proxy = CountingProxy()
-        os.environ["EDGEFLEET_ROLLOUT_TICK_S"] = "0.2"
-        os.environ["EDGEFLEET_PUBLIC_URL"] = proxy.url
-        process = FixedPortCoordinator(root / "coordinator", mqtt_url=broker_url, topic_base="bench/rollout/v1")
-        proxy.upstream = f"http://127.0.0.1:{process.port}"
-        client = process.start()
-        client.url = proxy.upstream  # the API directly; devices fetch artifacts through the proxy
-        model = root / "tiny.onnx"
-        model.write_bytes(tiny_model())
-        size = model.stat().st_size
-        client.push_model(model, name="tiny", version="1.0")
-        # The fleet runs as `edgefleet sim` in worker processes (paho's select() caps one process's sockets).
-        sim = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "edgefleet"),
-                "sim",
-                "--devices",
-                str(n),
-                "--coordinator",
-                client.url,
-                "--prefix",
-                "b",
-                "--no-http",
-                "--rps",
-                "0",
-                "--data-dir",
-                str(root / "fleet"),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        started = time.perf_counter()
-        deadline = time.monotonic() + args.timeout
-        while len(client.devices()) < n and time.monotonic() < deadline:
-            time.sleep(1.0)
-        enrolled = time.perf_counter() - started
-        plan = {
-            "model": "tiny",
-            "version": "1.0",
-            "waves": [{"percent": 100, "bake_seconds": 0}],
-            "gates": dict.fromkeys(
-                ["max_install_failure_rate", "max_error_rate_increase", "max_p95_latency_ratio", "max_psi"]
-            ),
-            "max_concurrent_downloads": n,
-            "device_timeout_seconds": args.timeout,
-        }
-        t0 = time.perf_counter()
-        created = client.create_rollout(plan)
-        status = ""
-        while time.monotonic() < deadline:
-            status = client.get(f"/rollouts/{created['id']}", decisions=0)["status"]
-            if status == "completed":
-                break
-            time.sleep(0.2)
-        converged = time.perf_counter() - t0
-        on_version = sum(1 for d in client.devices() if d.get("active_model_version") == "1.0")
-        sim.send_signal(signal.SIGTERM)
-        sim.wait(120)
-        process.stop()
-        baseline = mqtt_baseline(broker_url, n)
+        fleet_mosquitto = fleet_broker("mosquitto", root / "fleet-broker", root / "coordinator", "bench/rollout/v1")
+        with fleet_mosquitto as fleet:
+            result = run(args, root, fleet, broker_url, n)
+    print(json.dumps(result, indent=2))
+
+
+def run(args: argparse.Namespace, root: Path, fleet: FleetBroker, broker_url: str, n: int) -> dict[str, object]:
+    """Enrol and start the fleet, roll the model out, measure; the MQTT baseline on the plain broker."""
+    proxy = CountingProxy()
+    os.environ["EDGEFLEET_ROLLOUT_TICK_S"] = "0.2"
+    os.environ["EDGEFLEET_PUBLIC_URL"] = proxy.url
+    process = FixedPortCoordinator(
+        root / "coordinator", mqtt_url=fleet.url, topic_base="bench/rollout/v1", extra_args=fleet.coordinator_args
+    )
+    proxy.upstream = f"http://127.0.0.1:{process.port}"
+    client = process.start()
+    client.url = proxy.upstream  # the API directly; devices fetch artifacts through the proxy
+    model = root / "tiny.onnx"
+    model.write_bytes(tiny_model())
+    size = model.stat().st_size
+    client.push_model(model, name="tiny", version="1.0")
+    # The fleet runs as `edgefleet sim` in worker processes (paho's select() caps one process's sockets).
+    sim = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "edgefleet"),
+            "sim",
+            "--devices",
+            str(n),
+            "--coordinator",
+            client.url,
+            "--token",
+            str(client.token),
+            "--prefix",
+            "b",
+            "--no-http",
+            "--rps",
+            "0",
+            "--data-dir",
+            str(root / "fleet"),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    started = time.perf_counter()
+    deadline = time.monotonic() + args.timeout
+    while len(client.devices()) < n and time.monotonic() < deadline:
+        time.sleep(1.0)
+    enrolled = time.perf_counter() - started
+    plan = {
+        "model": "tiny",
+        "version": "1.0",
+        "waves": [{"percent": 100, "bake_seconds": 0}],
+        "gates": dict.fromkeys(
+            ["max_install_failure_rate", "max_error_rate_increase", "max_p95_latency_ratio", "max_psi"]
+        ),
+        "max_concurrent_downloads": n,
+        "device_timeout_seconds": args.timeout,
+    }
+    t0 = time.perf_counter()
+    created = client.create_rollout(plan)
+    status = ""
+    while time.monotonic() < deadline:
+        status = client.get(f"/rollouts/{created['id']}", decisions=0)["status"]
+        if status == "completed":
+            break
+        time.sleep(0.2)
+    converged = time.perf_counter() - t0
+    on_version = sum(1 for d in client.devices() if d.get("active_model_version") == "1.0")
+    sim.send_signal(signal.SIGTERM)
+    sim.wait(120)
+    process.stop()
+    baseline = mqtt_baseline(broker_url, n)
     result = {
         "devices": n,
         "enrol_s": round(enrolled, 1),
@@ -297,7 +310,7 @@ def main() -> None:
         "mqtt_baseline_s": round(baseline, 2),
         "mqtt_baseline_clients_per_min": round(n / baseline * 60),
     }
-    print(json.dumps(result, indent=2))
+    return result
 
 
 if __name__ == "__main__":

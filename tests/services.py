@@ -6,7 +6,6 @@ where the same situation fails: CI must run everything.
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import shutil
@@ -19,11 +18,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from simulators.brokers import FleetBroker, fleet_broker, free_port, mosquitto_binary
 
 POSTGRES_ADMIN_URL = os.environ.get("EDGEFLEET_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -40,13 +40,6 @@ def unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def wait_for_port(host: str, port: int, timeout: float = 10.0) -> bool:
     """Wait until something accepts TCP connections on host:port."""
     deadline = time.monotonic() + timeout
@@ -57,11 +50,6 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0) -> bool:
         except OSError:
             time.sleep(0.05)
     return False
-
-
-def mosquitto_binary() -> str | None:
-    """Path of the Mosquitto broker binary, if installed."""
-    return shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
 
 
 @contextmanager
@@ -264,55 +252,17 @@ def run_own_postgres() -> Iterator[OwnPostgres]:
 # -- fleet brokers: TLS with the fleet's client certificates and per-device topic rights -----------------
 
 
-@dataclass(frozen=True)
-class FleetBroker:
-    """A broker that admits only the fleet's certificates; how the coordinator keeps its CRL current."""
-
-    kind: str
-    url: str
-    coordinator_args: tuple[str, ...] = ()  # extra `edgefleet up` options (CRL copy and reload for Mosquitto)
+@contextmanager
+def run_fleet_broker(kind: str, workdir: Path, data_dir: Path, topic_base: str) -> Iterator[FleetBroker]:
+    """A fleet broker of `kind` (`simulators.brokers`); a missing Mosquitto skips (fails under CI)."""
+    if kind == "mosquitto" and mosquitto_binary() is None:
+        unavailable("Mosquitto is not installed (apt-get install mosquitto); MQTT end-to-end tests need it")
+    with fleet_broker(kind, workdir, data_dir, topic_base) as broker:
+        yield broker
 
 
 @contextmanager
 def run_fleet_mosquitto(workdir: Path, data_dir: Path, topic_base: str) -> Iterator[FleetBroker]:
-    """Mosquitto configured by `edgefleet broker mosquitto-config` for the coordinator whose data dir is `data_dir`."""
-    binary = mosquitto_binary()
-    if binary is None:
-        unavailable("Mosquitto is not installed (apt-get install mosquitto); MQTT end-to-end tests need it")
-    assert binary is not None
-    port = free_port()
-    command = [
-        str(Path(sys.executable).parent / "edgefleet"), "broker", "mosquitto-config", "--out", str(workdir),
-        "--data-dir", str(data_dir), "--port", str(port), "--bind", "127.0.0.1", "--topic-base", topic_base,
-        "--user", "root" if os.geteuid() == 0 else "", "--no-persistence", "--json",
-    ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
-    assert done.returncode == 0, f"mosquitto-config failed: {done.stdout}{done.stderr}"
-    info = json.loads(done.stdout)
-    args = ("--broker-crl-file", info["broker_crl_file"], "--broker-reload-command", info["broker_reload_command"])
-    with _broker_process([binary, "-c", info["config"]], port, workdir / "mosquitto.log", unavailable):
-        yield FleetBroker("mosquitto", f"mqtts://127.0.0.1:{port}", args)
-
-
-@contextmanager
-def run_fleet_amqtt(workdir: Path, data_dir: Path, topic_base: str) -> Iterator[FleetBroker]:
-    """The embedded broker in a process of its own, with the fleet PKI of the coordinator in `data_dir`."""
-    from cloud.pki import FleetPki
-
-    pki = FleetPki(data_dir / "pki").ensure()
-    port = free_port()
-    workdir.mkdir(parents=True, exist_ok=True)
-    command = [
-        sys.executable, "-m", "cloud.broker", "--host", "127.0.0.1", "--port", str(port),
-        "--pki-dir", str(pki.directory), "--topic-base", topic_base,
-    ]  # fmt: skip
-    with _broker_process(command, port, workdir / "broker.log", pytest.fail):
-        yield FleetBroker("amqtt", f"mqtts://127.0.0.1:{port}")
-
-
-@contextmanager
-def run_fleet_broker(kind: str, workdir: Path, data_dir: Path, topic_base: str) -> Iterator[FleetBroker]:
-    """A fleet broker of `kind` (`mosquitto` or `amqtt`)."""
-    runner = run_fleet_mosquitto if kind == "mosquitto" else run_fleet_amqtt
-    with runner(workdir, data_dir, topic_base) as broker:
+    """Mosquitto configured by `edgefleet broker mosquitto-config` for the coordinator in `data_dir`."""
+    with run_fleet_broker("mosquitto", workdir, data_dir, topic_base) as broker:
         yield broker

@@ -41,6 +41,7 @@ def mosquitto_conf(out: Path, *, bind: str, port: int, user: str | None, persist
         f"acl_file {out / 'acl'}",
         "max_queued_messages 100000",
         "max_inflight_messages 100",
+        "set_tcp_nodelay true",  # TLS handshakes and small QoS 1 messages otherwise wait out delayed ACKs
         f"persistence {'true' if persistence else 'false'}",
         f"persistence_location {out}/",
         f"listener {port} {bind}",
@@ -120,3 +121,29 @@ def _render(s: dict[str, Any]) -> str:
         f"  edgefleet up --mqtt-url {s['mqtt_url']} --broker-crl-file {s['broker_crl_file']} \\\n"
         f"      --broker-reload-command '{s['broker_reload_command']}'"
     )
+
+
+@broker_app.command("pki")
+def pki(
+    data_dir: Annotated[Path | None, typer.Option(help="The coordinator's data dir (its pki/ holds the CA).")] = None,
+    pki_dir: Annotated[Path | None, typer.Option(help="The fleet PKI directory (default data_dir/pki).")] = None,
+    config: Annotated[Path | None, typer.Option(help="Coordinator settings file (.toml or .env).", exists=True)] = None,
+    hostname: Annotated[
+        list[str] | None, typer.Option("--hostname", help="Name or IP devices use for the broker (TLS SAN); repeat.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create the fleet's CA and the broker's and coordinator's certificates where missing; print where they are."""
+    try:
+        settings = Settings.load(config, data_dir=data_dir, pki_dir=pki_dir)
+        fleet = FleetPki(settings.resolved_pki_dir, broker_hostnames=hostname or []).ensure()
+    except (CloudError, ValueError, OSError) as exc:
+        fail(f"cannot prepare the fleet PKI: {exc}")
+    cert, _key = fleet.broker_files()
+    summary = {
+        "pki_dir": str(fleet.directory),
+        "ca": str(fleet.ca_path),
+        "broker_cert": str(cert),
+        "crl": str(fleet.crl_path),
+    }
+    emit(summary, as_json, lambda s: f"fleet PKI in {s['pki_dir']} (CA {s['ca']}, broker {s['broker_cert']})")

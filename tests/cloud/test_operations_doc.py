@@ -146,7 +146,7 @@ def test_developer_scenario(tmp_path: Path) -> None:
     for package in ("cloud", "protocol"):
         shutil.copytree(ROOT / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copyfile(ROOT / "pyproject.toml", repo / "pyproject.toml")  # ruff's settings for the new file
-    with (repo / "cloud" / "models.py").open("a") as models:
+    with (repo / "cloud" / "models" / "devices.py").open("a") as models:
         models.write(NEW_MODEL)
     real_versions = sorted(p.name for p in (ROOT / "cloud" / "migrations" / "versions").iterdir())
 

@@ -189,3 +189,27 @@ def test_revoked_device_cannot_renew(coordinator: ApiClient, tmp_path: Path) -> 
     coordinator.post_json("/devices/gone/revoke", {})
     with pytest.raises(ConfigError, match="revoked"):
         renew(identity)
+
+
+@pytest.fixture
+def short_certificates(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Device certificates of 86 s (plus the 5 min back-dating): always in their last third, always due."""
+    monkeypatch.setenv("EDGEFLEET_DEVICE_CERTIFICATE_DAYS", "0.001")
+
+
+def test_running_agent_renews_its_certificate_before_it_expires(
+    short_certificates: None, coordinator: ApiClient, tmp_path: Path
+) -> None:
+    identity = enrol_device(coordinator, tmp_path / "devices", "ageing")
+    enrolled = identity.certificate().serial_number
+    agent = agent_for(identity, tmp_path, certificate_check_s=0.5)
+    agent.start()
+    try:
+        started_with = agent.certificate_serial
+        assert started_with != enrolled, "a certificate in its last third is renewed at start"
+        wait_until(lambda: agent.certificate_serial not in (enrolled, started_with), 30, "a renewal while running")
+        wait_until(lambda: coordinator.device("ageing")["status"] == "online", 30, "the device to stay online")
+        kinds = [e["kind"] for e in coordinator.get("/devices/ageing/events")["data"]]
+        assert kinds.count("device.certificate_renewed") >= 2
+    finally:
+        agent.stop()

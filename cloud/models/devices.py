@@ -1,0 +1,171 @@
+"""Devices as their reports describe them, their events and their telemetry windows."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Column, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+from cloud.models._common import UtcOut, json_column, when
+
+__all__ = [
+    "Device",
+    "DeviceBase",
+    "DeviceEventPublic",
+    "DeviceEventRecord",
+    "DeviceEventsPublic",
+    "DevicePublic",
+    "DevicesPublic",
+    "EnrolmentState",
+    "TelemetryRecord",
+    "TelemetryWindowPublic",
+    "TelemetryWindowsPublic",
+]
+
+
+class DeviceBase(SQLModel):
+    """A device as its reports describe it."""
+
+    tags: dict[str, str] = json_column(dict)
+    status: str = Field(default="offline", max_length=16)
+    agent_version: str | None = Field(default=None, max_length=64)
+    inference_url: str | None = Field(default=None, max_length=2048)
+    capabilities: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    active_model_name: str | None = Field(default=None, max_length=128)
+    active_model_version: str | None = Field(default=None, max_length=64)
+    active_model_sha256: str | None = Field(default=None, max_length=64)
+    desired_generation: int = Field(default=0, sa_type=BigInteger)
+    reported_generation: int | None = Field(default=None, sa_type=BigInteger)
+    update_phase: str | None = Field(default=None, max_length=32)
+    last_error_code: str | None = Field(default=None, max_length=64)
+    last_error_message: str | None = None
+    # Why the coordinator distrusts what the device reports (e.g. a generation it never issued); None when fine.
+    anomaly: str | None = Field(default=None, max_length=512)
+
+
+class EnrolmentState(StrEnum):
+    """Where a device stands with the fleet: only `enrolled` devices may speak on the broker."""
+
+    PENDING = "pending"  # an operator created an enrolment token; the device has no certificate yet
+    ENROLLED = "enrolled"
+    REVOKED = "revoked"
+
+
+class Device(DeviceBase, table=True):
+    """A device the fleet enrolled; `desired_state` is what the bridge (re)publishes."""
+
+    id: str = Field(primary_key=True, max_length=128)
+    enrolment: str = Field(default=EnrolmentState.PENDING.value, max_length=16, index=True)
+    enrolled_at: datetime | None = when(nullable=True)
+    revoked_at: datetime | None = when(nullable=True)
+    desired_state: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    first_seen: datetime = when()
+    last_seen: datetime | None = when(nullable=True)
+    last_reported_at: datetime | None = when(nullable=True)
+
+
+class DevicePublic(DeviceBase, UtcOut):
+    """A device with its reported state and telemetry totals."""
+
+    id: str
+    enrolment: str = EnrolmentState.PENDING.value
+    enrolled_at: datetime | None = None
+    revoked_at: datetime | None = None
+    first_seen: datetime
+    last_seen: datetime | None
+    # The active model again, under the names the fleet summary uses.
+    model_name: str | None = None
+    model_version: str | None = None
+    inference_count: int = 0
+    error_count: int = 0
+    telemetry_windows: int = 0
+
+
+class TelemetryWindowPublic(UtcOut):
+    """One stored telemetry window."""
+
+    seq: int
+    window_start: datetime
+    window_end: datetime
+    model_name: str | None
+    model_version: str | None
+    inference_count: int
+    error_count: int
+    latency_histogram: list[int]
+    class_counts: dict[str, int]
+    received_at: datetime
+
+
+class TelemetryWindowsPublic(SQLModel):
+    """A device's stored telemetry windows, by seq."""
+
+    data: list[TelemetryWindowPublic]
+    count: int
+
+
+class DevicesPublic(SQLModel):
+    """A listing of devices."""
+
+    data: list[DevicePublic]
+    count: int
+
+
+class DeviceEventRecord(SQLModel, table=True):
+    """A `protocol.DeviceEvent` as received."""
+
+    __tablename__ = "device_event"
+
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(foreign_key="device.id", index=True, max_length=128)
+    kind: str = Field(max_length=32)
+    generation: int | None = Field(default=None, sa_type=BigInteger)
+    phase: str | None = Field(default=None, max_length=32)
+    message: str = ""
+    error_code: str | None = Field(default=None, max_length=64)
+    error_message: str | None = None
+    at: datetime = when()
+    received_at: datetime = when()
+
+
+class DeviceEventPublic(UtcOut):
+    """A device event as the API shows it."""
+
+    kind: str
+    generation: int | None
+    phase: str | None
+    message: str
+    error_code: str | None
+    error_message: str | None
+    at: datetime
+    received_at: datetime
+
+
+class DeviceEventsPublic(SQLModel):
+    """A device's events, oldest first."""
+
+    data: list[DeviceEventPublic]
+    count: int
+
+
+class TelemetryRecord(SQLModel, table=True):
+    """One `protocol.TelemetryWindow`, stored once per `(device_id, seq)`."""
+
+    __tablename__ = "telemetry_window"
+    __table_args__ = (UniqueConstraint("device_id", "seq", name="uq_telemetry_device_seq"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(foreign_key="device.id", index=True, max_length=128)
+    seq: int = Field(sa_type=BigInteger)
+    window_start: datetime = when()
+    window_end: datetime = when()
+    model_name: str | None = Field(default=None, max_length=128)
+    model_version: str | None = Field(default=None, max_length=64)
+    model_sha256: str | None = Field(default=None, max_length=64)
+    inference_count: int
+    error_count: int
+    latency_histogram: list[int] = json_column(list)
+    class_counts: dict[str, int] = json_column(dict)
+    received_at: datetime = when()

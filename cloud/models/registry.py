@@ -1,0 +1,81 @@
+"""Models and their versions (with their variants as JSON)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+from cloud.models._common import UtcOut, json_column, when
+
+__all__ = [
+    "Model",
+    "ModelPublic",
+    "ModelVersion",
+    "ModelVersionBase",
+    "ModelVersionPublic",
+    "ModelsPublic",
+]
+
+
+class Model(SQLModel, table=True):
+    """A named model; its versions hold the artifacts."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(index=True, unique=True, max_length=128)
+    created_at: datetime = when()
+
+
+class ModelVersionBase(SQLModel):
+    """What identifies and describes one uploaded version."""
+
+    name: str = Field(index=True, max_length=128)
+    version: str = Field(max_length=64)
+    sha256: str = Field(index=True, max_length=64)
+    size: int
+    format: str = Field(max_length=16)
+
+
+class ModelVersion(ModelVersionBase, table=True):
+    """One immutable model version; `inputs`/`outputs` are `protocol.TensorSpec` lists as JSON."""
+
+    __tablename__ = "model_version"
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_model_version_name_version"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    model_id: int = Field(foreign_key="model.id", index=True)
+    inputs: list[dict[str, Any]] = json_column(list)
+    outputs: list[dict[str, Any]] = json_column(list)
+    # Further artifacts of the same version (quantized ONNX, TFLite, ...): `cloud.variant_policy.Variant`
+    # dumps. The version's own artifact above is its primary variant, named by `primary_variant`.
+    variants: list[dict[str, Any]] = json_column(list)
+    primary_variant: str = Field(default="default", max_length=64)
+    created_at: datetime = when()
+
+
+class ModelVersionPublic(ModelVersionBase, UtcOut):
+    """A model version as the API shows it, with the URL its artifact is served from."""
+
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    created_at: datetime
+    artifact_url: str = ""
+    primary_variant: str = "default"
+    variants: list[dict[str, Any]] = []
+
+
+class ModelPublic(UtcOut):
+    """A model with its versions, newest last."""
+
+    name: str
+    created_at: datetime
+    versions: list[ModelVersionPublic]
+
+
+class ModelsPublic(SQLModel):
+    """A listing of models."""
+
+    data: list[ModelPublic]
+    count: int
