@@ -59,6 +59,11 @@ class AgentConfig(BaseModel):
     reconnect_max_s: float = Field(default=60.0, gt=0, le=3600)
     download_timeout_s: float = Field(default=60.0, gt=0, le=86400, description="per-request network timeout")
     download_attempts: int = Field(default=3, ge=1, le=20, description="tries before a download is reported failed")
+    download_min_rate_bps: int = Field(
+        default=16384,
+        ge=1,
+        description="slowest accepted transfer (bytes/s): an attempt may take download_timeout_s + size/rate",
+    )
     intra_op_threads: int = Field(default=1, ge=1, le=256, description="runtime threads per inference")
     # What the device offers the coordinator's variant policy (docs/variants.md). Detected unless set.
     runtimes: list[str] | None = Field(

@@ -10,7 +10,7 @@ import dataclasses
 import logging
 import ssl
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib import metadata
 
 import numpy as np
@@ -24,6 +24,7 @@ from agent.server import InferenceServer, create_app
 from agent.serving import Serving
 from agent.telemetry import SeqCounter, TelemetryPublisher, TelemetryRecorder
 from agent.transport import MqttTransport, Transport, client_id_for
+from agent.trust import TrustGate
 from agent.update import (
     ArtifactFetcher,
     HealthPolicy,
@@ -130,6 +131,7 @@ class Agent:
         self._identity: DeviceIdentity | None = None
         self._tls: ssl.SSLContext | None = None
         self._renewal_stop = threading.Event()
+        self._refused: tuple[int, ErrorInfo] | None = None
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -271,6 +273,7 @@ class Agent:
         self._fetcher = ArtifactFetcher(
             timeout_s=cfg.download_timeout_s,
             attempts=cfg.download_attempts,
+            min_rate_bps=cfg.download_min_rate_bps,
             base_url=cfg.coordinator_url or (self._identity.coordinator_url if self._identity else None),
             sleep=lambda s: self._worker.sleep(s) if self._worker else False,
         )
@@ -291,8 +294,27 @@ class Agent:
             on_transition=self._on_transition,
             hooks=self._hooks,
             max_trial_boots=cfg.max_trial_boots,
+            gate=self._trust_gate(),
+            on_refused=self._on_refused,
         )
         return self._worker
+
+    def _trust_gate(self) -> Callable[[DesiredState], DesiredState] | None:
+        """The governance check of desired states, for a device enrolled with the fleet's TUF root."""
+        identity = self._identity
+        if identity is None or identity.tuf_url is None or not identity.root_path.exists():
+            if identity is not None:
+                log.warning("device %s has no TUF root from enrolment: updates are not governed", identity.device_id)
+            return None
+        gate = TrustGate(identity, self.config.data_dir / "tuf", timeout_s=min(self.config.download_timeout_s, 30.0))
+        return gate.check
+
+    def _on_refused(self, desired: DesiredState, error: ErrorInfo) -> None:
+        """A desired state whose signed metadata did not verify: report why; nothing else changes."""
+        with self._lock:
+            self._refused = (desired.generation, error)
+        self._event(EventKind.UPDATE_REFUSED, generation=desired.generation, message=error.message, error=error)
+        self._report()
 
     def _start_endpoint(self) -> None:
         """Serve the local inference endpoint, unless `http_port` disables it."""
@@ -447,6 +469,8 @@ class Agent:
             agent_version=agent_version(),
             capabilities=self._capabilities,
             inference_url=self.inference_url,
+            refused=self._refused[1] if self._refused else None,
+            refused_generation=self._refused[0] if self._refused else None,
         )
         transport.publish(topics.reported(self.config.device_id), encode(state), qos=1, retain=True)
 

@@ -49,6 +49,12 @@ class DeviceIdentity:
     topic_base: str
     coordinator_url: str
     tags: dict[str, str]
+    tuf_url: str | None = None  # the fleet's image repository metadata (None: enrolled before governance)
+
+    @property
+    def root_path(self) -> Path:
+        """The fleet's TUF root metadata given at enrolment (the trust anchor of governance)."""
+        return self.directory / "root.json"
 
     @property
     def key_path(self) -> Path:
@@ -108,6 +114,8 @@ def _post(url: str, body: dict[str, object], timeout_s: float) -> EnrolmentRespo
 def _store(directory: Path, answer: EnrolmentResponse) -> DeviceIdentity:
     _write(directory / "device.crt", answer.certificate_pem.encode(), 0o644)
     _write(directory / "ca.crt", answer.ca_pem.encode(), 0o644)
+    if answer.tuf_root and not (directory / "root.json").exists():  # the anchor is kept; ngclient walks its chain
+        _write(directory / "root.json", answer.tuf_root.encode(), 0o644)
     identity = DeviceIdentity(
         directory=directory,
         device_id=answer.device_id,
@@ -115,6 +123,7 @@ def _store(directory: Path, answer: EnrolmentResponse) -> DeviceIdentity:
         topic_base=answer.topic_base,
         coordinator_url=answer.coordinator_url.rstrip("/"),
         tags=dict(answer.tags),
+        tuf_url=answer.tuf_url,
     )
     meta = {k: v for k, v in identity.__dict__.items() if k != "directory"}
     _write(directory / "identity.json", (json.dumps(meta, indent=2) + "\n").encode(), 0o644)

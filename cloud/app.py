@@ -24,6 +24,8 @@ from cloud.bridge import BridgeTls, MqttBridge
 from cloud.broker import EmbeddedBroker, tls_files
 from cloud.coordinator import Coordinator
 from cloud.db import create_db_engine, init_db
+from cloud.governance.maintainer import GovernanceMaintainer
+from cloud.governance.service import Governance
 from cloud.rollouts.runner import RolloutRunner
 from cloud.services.enrolment import refresh_crl
 from cloud.settings import Settings
@@ -70,20 +72,29 @@ def create_app(
         init_db(coordinator.engine)
         _prepare_secrets(coordinator)
         try:
+            coordinator.audit_checkpointer().start()  # signs the audit chain's head off the request path
             if enable_mqtt:
                 _start_mqtt(coordinator)
             if coordinator.rollouts is not None and settings.rollout_tick_s > 0:
                 coordinator.rollouts.start()  # after the bridge: its recovery publishes in-flight desired states
+            if coordinator.governance is not None and settings.governance_tick_s > 0:
+                maintainer = GovernanceMaintainer(coordinator.governance, coordinator, settings.governance_tick_s)
+                coordinator.maintainer = maintainer
+                maintainer.start()
             if on_started is not None:
                 on_started(coordinator)
             yield
         finally:
+            if coordinator.maintainer is not None:
+                coordinator.maintainer.stop()
             if coordinator.rollouts is not None:
                 coordinator.rollouts.stop()
             if coordinator.bridge is not None:
                 coordinator.bridge.stop()
             if coordinator.broker is not None:
                 coordinator.broker.stop()
+            if coordinator.audit is not None:
+                coordinator.audit.stop()  # a last checkpoint of what was recorded since the previous one
             coordinator.engine.dispose()
             log.info("coordinator stopped")
 
@@ -115,6 +126,8 @@ def _prepare_secrets(coordinator: Coordinator) -> None:
     pki = coordinator.fleet_pki()
     coordinator.artifact_secret = ensure_secret(pki.directory / "artifact-url.key")
     refresh_crl(engine=coordinator.engine, pki=pki)
+    coordinator.governance = Governance(coordinator.engine, settings)
+    coordinator.governance.ensure_initialized()
 
 
 def _start_mqtt(coordinator: Coordinator) -> None:

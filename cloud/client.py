@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,9 @@ class ApiClient:
     url: str
     token: str | None = None
     timeout: float = 60.0
+    # Sends the requests instead of `httpx.request` (with its own timeouts): an `httpx.Client`'s `request` for
+    # connection reuse, or an in-process app's `TestClient.request` in tests.
+    send: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         self.url = self.url.rstrip("/")
@@ -53,10 +57,12 @@ class ApiClient:
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         """Send `method` to `/api/v1{path}`; the decoded JSON body (None when empty), else `ApiError`."""
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        url = f"{self.url}{API_PREFIX}{path}"
         try:
-            response = httpx.request(
-                method, f"{self.url}{API_PREFIX}{path}", headers=headers, timeout=self.timeout, **kwargs
-            )
+            if self.send is not None:
+                response = self.send(method, url, headers=headers, **kwargs)
+            else:
+                response = httpx.request(method, url, headers=headers, timeout=self.timeout, **kwargs)
         except httpx.HTTPError as exc:
             raise ApiError(f"cannot reach the coordinator at {self.url}: {exc}") from exc
         if response.status_code >= 400:
@@ -70,6 +76,10 @@ class ApiClient:
     def post_json(self, path: str, body: dict[str, Any]) -> Any:
         """POST a JSON body under `/api/v1`."""
         return self.request("POST", path, json=body)
+
+    def put_json(self, path: str, body: dict[str, Any]) -> Any:
+        """PUT a JSON body under `/api/v1`."""
+        return self.request("PUT", path, json=body)
 
     # -- system ------------------------------------------------------------------------------------
 
@@ -105,6 +115,24 @@ class ApiClient:
         with file.open("rb") as fh:
             files = {"file": (file.name, fh, "application/octet-stream")}
             return dict(self.request("POST", f"/models/{name}/versions/{version}/variants", data=fields, files=files))
+
+    # -- model cards and approvals -----------------------------------------------------------------
+
+    def model_card(self, name: str, version: str) -> dict[str, Any]:
+        """The model card of `name:version` with its digest, risk class and signing state."""
+        return dict(self.get(f"/models/{name}/versions/{version}/card"))
+
+    def set_model_card(self, name: str, version: str, card: dict[str, Any]) -> dict[str, Any]:
+        """Set the model card of `name:version` (it carries the version's risk class)."""
+        return dict(self.put_json(f"/models/{name}/versions/{version}/card", card))
+
+    def version_approvals(self, name: str, version: str) -> dict[str, Any]:
+        """The approval status of `name:version`: approvals needed, who signed, who could, deployable or why not."""
+        return dict(self.get(f"/models/{name}/versions/{version}/approvals"))
+
+    def approvals(self) -> list[dict[str, Any]]:
+        """Every high-risk version not signed yet, with its approval status."""
+        return list(self.get("/approvals")["data"])
 
     # -- devices and deployments -------------------------------------------------------------------
 

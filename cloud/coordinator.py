@@ -12,15 +12,22 @@ import subprocess
 from dataclasses import dataclass, field
 
 from sqlalchemy.engine import Engine
+from sqlmodel import Session
 
 from cloud.artifacts import ArtifactStore
+from cloud.audit import HEAD_FILE, AuditCheckpointer, load_audit_key
 from cloud.bridge import MqttBridge
 from cloud.broker import EmbeddedBroker
+from cloud.governance.maintainer import GovernanceMaintainer
+from cloud.governance.service import Governance
+from cloud.models import ModelVersion
 from cloud.pki import FleetPki, private_write
 from cloud.rollouts.runner import RolloutRunner
-from cloud.services.registry import ArtifactLinks
+from cloud.services.approvals import ensure_deployable
+from cloud.services.registry import ArtifactLinks, get_model_version
 from cloud.settings import Settings
 from cloud.telemetry.counters import IngestCounters
+from cloud.variant_policy import Variant
 from protocol.messages import DesiredState
 from protocol.mqtt import strip_mqtt_credentials
 
@@ -45,16 +52,29 @@ class Coordinator:
     rollouts: RolloutRunner | None = None
     pki: FleetPki | None = None
     artifact_secret: bytes = b""
+    audit: AuditCheckpointer | None = None
 
     @property
     def public_url(self) -> str:
         """The URL devices fetch artifacts from."""
         return self.settings.resolved_public_url()
 
+    governance: Governance | None = None
+    maintainer: GovernanceMaintainer | None = None
+
     @property
     def links(self) -> ArtifactLinks:
-        """Per-device artifact download URLs (with their download tokens)."""
-        return ArtifactLinks(self.public_url, self.artifact_secret)
+        """Per-device artifact download URLs (with their download tokens) and the director's signature."""
+        instruct = None
+        if self.governance is not None:
+            governance = self.governance
+
+            def instruct(device_id: str, generation: int, record: ModelVersion, variant: Variant) -> str:
+                return governance.instruction(
+                    device_id=device_id, generation=generation, record=record, variant=variant
+                )
+
+        return ArtifactLinks(self.public_url, self.artifact_secret, instruct)
 
     @property
     def device_mqtt_url(self) -> str | None:
@@ -68,6 +88,26 @@ class Coordinator:
             self.pki = FleetPki(self.settings.resolved_pki_dir, broker_hostnames=self.settings.broker_hostnames)
             self.pki.ensure()
         return self.pki
+
+    def audit_checkpointer(self) -> AuditCheckpointer:
+        """The audit log's signer: its key in the PKI directory (made on first use), its head file in data_dir."""
+        if self.audit is None:
+            key = load_audit_key(self.settings.resolved_pki_dir)
+            self.audit = AuditCheckpointer(engine=self.engine, key=key, head_file=self.settings.data_dir / HEAD_FILE)
+        return self.audit
+
+    def approval_threshold(self, session: Session) -> int:
+        """The approvals a high-risk version needs: the root policy's threshold (what devices enforce), else,
+        before root metadata exists, the `approval_threshold` setting."""
+        governance = self.governance
+        if governance is not None and governance.repository.initialized:
+            return governance.repository.policy(session).approval_threshold
+        return self.settings.approval_threshold
+
+    def ensure_deployable(self, session: Session, name: str, version: str) -> None:
+        """`ConflictError` (409) unless `name:version` is signed (and, high risk, approved by enough approvers)."""
+        record = get_model_version(session=session, name=name, version=version)
+        ensure_deployable(session=session, record=record, threshold=self.approval_threshold(session))
 
     def after_revocation(self, device_id: str) -> None:
         """Make a revocation bite at once: the broker's CRL copy and reload, the device's retained state cleared."""

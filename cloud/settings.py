@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     mqtt_ca_file: Path | None = Field(
         default=None, description="CA that signed an external broker's server certificate; default the fleet CA."
     )
+    root_keys_dir: Path | None = Field(
+        default=None,
+        description="Where a development coordinator keeps the root keys it makes (default <data_dir>.root-keys).",
+    )
     broker_crl_file: Path | None = Field(
         default=None, description="A copy of the CRL an external broker reads (Mosquitto's crlfile), kept current."
     )
@@ -86,6 +90,19 @@ class Settings(BaseSettings):
     max_json_body_bytes: int = Field(default=1024 * 1024, gt=0, description="Largest JSON request body accepted.")
     rollout_tick_s: float = Field(
         default=1.0, ge=0, le=3600, description="How often the rollout runner steps rollouts; 0 = no runner thread."
+    )
+    governance_tick_s: float = Field(
+        default=300.0,
+        ge=0,
+        le=86400,
+        description="How often the coordinator re-signs repository metadata and director instructions before they "
+        "expire; 0 = never (devices then refuse updates once the timestamp expires, after a day).",
+    )
+    approval_threshold: int = Field(
+        default=2,
+        ge=1,
+        le=16,
+        description="How many approvers (not revoked) must sign a high-risk model version before it may be deployed.",
     )
 
     @field_validator("data_dir")

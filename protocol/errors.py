@@ -34,6 +34,7 @@ class ErrorCode(StrEnum):
     HEALTH_CHECK_FAILED = "health_check_failed"
     STORAGE_FAILED = "storage_failed"
     MALFORMED_MESSAGE = "malformed_message"
+    UNTRUSTED_UPDATE = "untrusted_update"  # signed metadata (repository or director) did not verify
     INTERNAL = "internal"
 
     @property

@@ -76,6 +76,9 @@ class EnrolmentResponse(_Body):
     topic_base: str
     coordinator_url: str
     tags: dict[str, str] = Field(default_factory=dict)
+    # Governance trust anchor: the fleet's TUF root metadata (JSON) and where the image repository's metadata is.
+    tuf_root: str | None = None
+    tuf_url: str | None = None
 
 
 def certificate_identity(certificate_pem: str | bytes) -> tuple[str, str]:

@@ -130,6 +130,9 @@ class DesiredState(Message):
     deployment_id: str | None = None
     model: ModelSpec | None = None
     issued_at: datetime = Field(default_factory=utcnow)
+    # The director's signed instruction (`protocol.governance`): what a governed device actually trusts. The
+    # unsigned fields above only say where to download from; the digests that count come from signed metadata.
+    director: str | None = Field(default=None, max_length=65536)
 
 
 class ErrorInfo(_Part):
@@ -201,6 +204,9 @@ class ReportedState(Message):
     capabilities: Capabilities | None = None
     inference_url: str | None = None
     reported_at: datetime = Field(default_factory=utcnow)
+    # The last desired state this device refused because its signed metadata did not verify, and why.
+    refused: ErrorInfo | None = None
+    refused_generation: int | None = None
 
 
 class EventKind(StrEnum):
@@ -210,6 +216,7 @@ class EventKind(StrEnum):
     UPDATE_PROGRESS = "update.progress"
     UPDATE_FAILED = "update.failed"
     UPDATE_ACTIVATED = "update.activated"
+    UPDATE_REFUSED = "update.refused"  # signed metadata did not verify: nothing changed, the current model serves
     MESSAGE_REJECTED = "message.rejected"
     AGENT_STARTED = "agent.started"
 

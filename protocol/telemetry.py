@@ -7,8 +7,33 @@ from collections.abc import Iterable, Sequence
 
 # Upper bounds (ms) of the latency buckets; one extra bucket counts everything above the last bound.
 LATENCY_BUCKETS_MS: tuple[float, ...] = (
-    0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 150, 200, 300,
-    500, 750, 1000, 2000, 5000,
+    0.05,
+    0.1,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1,
+    1.5,
+    2,
+    3,
+    5,
+    7.5,
+    10,
+    15,
+    20,
+    30,
+    50,
+    75,
+    100,
+    150,
+    200,
+    300,
+    500,
+    750,
+    1000,
+    2000,
+    5000,
 )
 
 

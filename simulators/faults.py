@@ -60,6 +60,7 @@ class ArtifactFaults:
     delay_s: float = 0.0  # sleep between chunks of `chunk_bytes`: a slow server
     chunk_bytes: int = 4096
     ignore_range: bool = False  # answer every Range request with the whole file (200)
+    endless: bool = False  # no Content-Length: the file, then filler until the client hangs up (capped at 1 GiB)
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,9 @@ class _FaultyHandler(BaseHTTPRequestHandler):
             self.owner._record(name, ServedRequest(name, range_header, 404, 0))
             return
         data, faults, drop, corrupt = taken
+        if faults.endless:
+            self._answer_endless(name, range_header, data, faults)
+            return
         if faults.truncate_to is not None:
             data = data[: faults.truncate_to]
         if corrupt and faults.corrupt_at is not None and faults.corrupt_at < len(data):
@@ -203,6 +207,25 @@ class _FaultyHandler(BaseHTTPRequestHandler):
             self.owner._record(name, ServedRequest(name, range_header, status, sent))
         if sent < len(body):
             self.close_connection = True  # the drop: the declared length is never reached
+
+    def _answer_endless(self, name: str, range_header: str | None, data: bytes, faults: ArtifactFaults) -> None:
+        """The endless-data attack: a body without a length that never ends (until 1 GiB, so the loop stops)."""
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+        self.close_connection = True
+        sent = 0
+        filler = bytes(faults.chunk_bytes)
+        try:
+            self.wfile.write(data)
+            sent = len(data)
+            while sent < 1 << 30:
+                self.wfile.write(filler)
+                sent += len(filler)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        finally:
+            self.owner._record(name, ServedRequest(name, range_header, 200, sent))
 
     def _answer_empty(self, status: int, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)

@@ -31,6 +31,7 @@ ALLOWED: dict[str, set[str]] = {
 PURE_MODULES = [
     "agent/update/machine.py",
     "cloud/variant_policy.py",
+    "cloud/audit/chain.py",
     "cloud/rollouts/_base.py",
     "cloud/rollouts/_context.py",
     "cloud/rollouts/_devices.py",

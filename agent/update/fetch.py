@@ -5,11 +5,16 @@ Downloads resume: a `.part` left by a dropped connection or an agent restart is 
 (`200`) sends the whole file, which replaces the part; `416` (the part is longer than the server's
 file) starts over from byte 0. A body that ends before the declared size is a transient failure, and
 the next attempt resumes where it stopped.
+
+A server cannot hold an update hostage: more bytes than declared stop the download at once (endless
+data), and an attempt that has not finished within `timeout_s + remaining / min_rate_bps` seconds is
+cut (slow retrieval: a trickle of bytes never trips the per-read timeout); the next attempt resumes.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urljoin
@@ -41,11 +46,14 @@ class ArtifactFetcher:
         *,
         timeout_s: float,
         attempts: int,
+        min_rate_bps: int = 16384,
         base_url: str | None = None,
         sleep: Callable[[float], bool] | None = None,
     ) -> None:
         self._client = httpx.Client(timeout=timeout_s, follow_redirects=True)
         self._attempts = attempts
+        self._timeout_s = timeout_s
+        self._min_rate_bps = min_rate_bps
         self._base_url = base_url
         # `sleep(seconds)` returns True when the wait was interrupted (agent stopping).
         self._sleep = sleep
@@ -89,10 +97,11 @@ class ArtifactFetcher:
         if have == expected_size and have > 0:
             return  # complete from an earlier attempt; the verifying step decides whether it is right
         headers = {"Range": f"bytes={have}-"} if have else {}
+        deadline = time.monotonic() + self._timeout_s + (expected_size - have) / self._min_rate_bps
         try:
             with self._client.stream("GET", url, headers=headers) as response:
                 offset = self._offset(url, response, have, dest)
-                received = self._write(url, response, dest, offset, expected_size, cancelled)
+                received = self._write(url, response, dest, offset, expected_size, cancelled, deadline)
         except httpx.HTTPError as exc:
             raise DownloadError(f"GET {url} failed: {type(exc).__name__}: {exc}") from exc
         except OSError as exc:
@@ -126,6 +135,7 @@ class ArtifactFetcher:
         offset: int,
         expected_size: int,
         cancelled: Callable[[], bool],
+        deadline: float,
     ) -> int:
         received = offset
         with dest.open("r+b" if offset else "wb") as out:
@@ -145,6 +155,11 @@ class ArtifactFetcher:
                     )
                 out.write(chunk)
                 out.flush()  # the bytes reach the OS at once, so a killed agent resumes from them
+                if time.monotonic() > deadline:
+                    raise DownloadError(
+                        f"GET {url} is slower than the minimum rate (received {received} of {expected_size} bytes "
+                        "before the deadline); the next attempt resumes"
+                    )
         return received
 
 

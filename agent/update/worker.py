@@ -13,20 +13,24 @@ import logging
 import threading
 from collections.abc import Callable
 
-from agent.errors import AgentError
+from agent.errors import AgentError, TransportError
 from agent.serving import Serving
 from agent.update.executor import UpdateExecutor
 from agent.update.hooks import UpdateHooks
 from agent.update.machine import Booted, DesiredReceived, Event, Restarted, StepFailed, handle, other_slot
 from agent.update.slots import SlotStore
 from agent.update.state import StateFile, UpdateState
-from protocol import DesiredState, ModelRef, UpdatePhase
+from protocol import DesiredState, ErrorCode, ErrorInfo, ModelRef, ProtocolError, UpdatePhase
 
 __all__ = ["UpdateWorker"]
 
 log = logging.getLogger(__name__)
 
 Transition = Callable[[UpdateState, UpdateState], None]
+# The trust gate (`agent.trust`): returns the desired state as signed metadata states it, or raises.
+Gate = Callable[[DesiredState], DesiredState]
+Refused = Callable[[DesiredState, ErrorInfo], None]
+_GATE_RETRY_S = (2.0, 60.0)
 
 
 class UpdateWorker:
@@ -43,7 +47,11 @@ class UpdateWorker:
         on_transition: Transition,
         hooks: UpdateHooks | None = None,
         max_trial_boots: int = 3,
+        gate: Gate | None = None,
+        on_refused: Refused | None = None,
     ) -> None:
+        self._gate = gate
+        self._on_refused = on_refused
         self._name = name
         self._hooks = hooks or UpdateHooks()
         self._max_trial_boots = max_trial_boots
@@ -57,6 +65,7 @@ class UpdateWorker:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._state = state_file.load()
+        self._gate_failures = 0
 
     @property
     def state(self) -> UpdateState:
@@ -135,6 +144,8 @@ class UpdateWorker:
                     return
                 desired, self._pending = self._pending, None
             try:
+                if desired is not None and self._gate is not None and self._is_new(desired):
+                    desired = self._screen(desired)
                 if desired is not None:
                     self._apply(self._desired_event(desired))
                 if self._state.in_progress:
@@ -144,6 +155,35 @@ class UpdateWorker:
             except Exception:  # keep serving and keep listening, whatever a step or a report did
                 log.exception("update worker %s: unexpected error", self._name)
                 self.sleep(1.0)
+
+    def _is_new(self, desired: DesiredState) -> bool:
+        return self._state.generation is None or desired.generation > self._state.generation
+
+    def _screen(self, desired: DesiredState) -> DesiredState | None:
+        """The gated desired state; None when refused (reported) or when the repository is unreachable (retried)."""
+        assert self._gate is not None
+        try:
+            return self._gate(desired)
+        except TransportError as exc:
+            self._gate_failures += 1
+            delay = min(_GATE_RETRY_S[0] * 2 ** (self._gate_failures - 1), _GATE_RETRY_S[1])
+            log.warning(
+                "update %s: cannot verify generation %s yet (%s); again in %.0fs",
+                self._name,
+                desired.generation,
+                exc,
+                delay,
+            )
+            if not self.sleep(delay):
+                self.submit(desired)  # unless a newer one arrived meanwhile
+            return None
+        except (ProtocolError, AgentError) as exc:
+            self._gate_failures = 0
+            info = exc.error_info() if isinstance(exc, AgentError) else ErrorInfo.of(_code(exc), str(exc))
+            log.warning("update %s: generation %s refused: %s", self._name, desired.generation, info.message)
+            if self._on_refused is not None:
+                self._on_refused(desired, info)
+            return None
 
     def _desired_event(self, desired: DesiredState) -> DesiredReceived:
         current = self._serving.current()
@@ -203,3 +243,8 @@ class UpdateWorker:
             hook(*args)
         except Exception:
             log.exception("update hook %s of %s failed", getattr(hook, "__name__", hook), self._name)
+
+
+def _code(exc: ProtocolError) -> ErrorCode:
+    code = getattr(exc, "code", None)
+    return code if isinstance(code, ErrorCode) else ErrorCode.UNTRUSTED_UPDATE

@@ -1,7 +1,8 @@
 """The REST API under `/api/v1`, plus `/healthz`: one module per resource; handlers call services and nothing else.
 
 `system` (health, info, ingest counters), `models` (registry), `artifacts` (model bytes), `devices`,
-`enrolment` (device identity), `deployments`, `rollouts`, `fleet` (the summary), `tokens` (API tokens).
+`enrolment` (device identity), `deployments`, `rollouts`, `fleet` (the summary), `tokens` (API tokens), `cards`
+(model cards), `approvals` (what high-risk versions lack before they may be deployed) and `audit` (the log).
 Every route needs a valid token (`requires()`), stricter roles where it writes, except what a device calls
 before it has an identity (enrolment, renewal, CA, CRL) and artifacts (own check: a viewer token or a
 device's download token). `deps` holds the shared dependencies, `problems` maps domain errors to problems.
@@ -9,7 +10,21 @@ device's download token). `deps` holds the shared dependencies, `problems` maps 
 
 from fastapi import APIRouter
 
-from cloud.api import artifacts, deployments, devices, enrolment, fleet, models, rollouts, system, tokens
+from cloud.api import (
+    approvals,
+    artifacts,
+    audit,
+    cards,
+    deployments,
+    devices,
+    enrolment,
+    fleet,
+    governance,
+    models,
+    rollouts,
+    system,
+    tokens,
+)
 from cloud.api.deps import requires
 from cloud.api.problems import install_problem_handlers
 
@@ -20,8 +35,11 @@ router.include_router(system.health_router)
 _v1 = APIRouter(prefix="/api/v1")
 _v1.include_router(enrolment.public_router)
 _v1.include_router(artifacts.router)
+_v1.include_router(governance.public_router)
 _protected = APIRouter(dependencies=[requires()])
-for _resource in (system, models, devices, enrolment, deployments, fleet, rollouts, tokens):
+for _resource in (
+    system, models, cards, approvals, governance, devices, enrolment, deployments, fleet, rollouts, tokens, audit
+):  # fmt: skip
     _protected.include_router(_resource.router)
 _v1.include_router(_protected)
 router.include_router(_v1)
@@ -34,5 +52,6 @@ PUBLIC_ROUTES = frozenset(
         ("POST", "/api/v1/enrolment/renew"),
         ("GET", "/api/v1/pki/ca.pem"),
         ("GET", "/api/v1/pki/crl.pem"),
+        ("GET", "/api/v1/tuf/metadata/{filename}"),  # signed: any TUF client verifies it
     }
 )

@@ -39,12 +39,18 @@ def get_artifact(
     token: Annotated[str | None, Query(max_length=128, description="The device's download token.")] = None,
 ) -> FileResponse:
     """Stream the artifact; Starlette's FileResponse answers Range requests with 206 or 416."""
+    authorize_download(request, coordinator, sha256)
+    path = coordinator.store.path(sha256)
+    return FileResponse(path, media_type="application/octet-stream", headers={"Cache-Control": "private, immutable"})
+
+
+def authorize_download(request: Request, coordinator: CoordinatorDep, sha256: str) -> None:
+    """A device's download token (`device`, `token` query parameters) or any valid bearer token; else 401."""
+    device, token = request.query_params.get("device"), request.query_params.get("token")
     if device is not None and token is not None:
         _check_device_token(coordinator, device, token, sha256)
     else:
         get_principal(request, coordinator, _bearer_of(request))
-    path = coordinator.store.path(sha256)
-    return FileResponse(path, media_type="application/octet-stream", headers={"Cache-Control": "private, immutable"})
 
 
 def _check_device_token(coordinator: CoordinatorDep, device_id: str, token: str, sha256: str) -> None:

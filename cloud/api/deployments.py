@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel, Field, model_validator
 
-from cloud.api.deps import CoordinatorDep, SessionDep, requires
+from cloud.api.deps import CoordinatorDep, PrincipalDep, SessionDep, requires
 from cloud.auth import Role
 from cloud.models import DeploymentPublic, DeploymentsPublic
 from cloud.services import deployments
@@ -42,8 +42,11 @@ class DeploymentCreate(BaseModel):
 
 
 @router.post("/deployments", status_code=201, dependencies=[_WRITE], summary="Create a deployment")
-def create_deployment(body: DeploymentCreate, session: SessionDep, coordinator: CoordinatorDep) -> DeploymentPublic:
-    """Raise the generation of every selected device and publish its desired state."""
+def create_deployment(
+    body: DeploymentCreate, session: SessionDep, coordinator: CoordinatorDep, principal: PrincipalDep
+) -> DeploymentPublic:
+    """Raise the generation of every selected device and publish its desired state (signed versions only)."""
+    coordinator.ensure_deployable(session, body.model, body.version)
     created = deployments.create_deployment(
         session=session,
         publisher=coordinator,
@@ -52,6 +55,7 @@ def create_deployment(body: DeploymentCreate, session: SessionDep, coordinator: 
         version=body.version,
         device_ids=body.target.device_ids,
         tags=body.target.tags,
+        actor=principal.name,
     )
     assert created.id is not None
     return deployments.get_deployment(session=session, deployment_id=created.id)

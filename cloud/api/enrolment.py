@@ -128,6 +128,8 @@ def _response(
         topic_base=coordinator.settings.topic_base,
         coordinator_url=coordinator.public_url,
         tags=tags,
+        tuf_root=coordinator.governance.root_json() if coordinator.governance is not None else None,
+        tuf_url=f"{coordinator.public_url}/api/v1/tuf/metadata/",
     )
 
 
@@ -190,7 +192,9 @@ def list_bootstrap_secrets(session: SessionDep) -> list[BootstrapSecretPublic]:
 
 
 @router.post("/bootstrap-secrets/{name}/revoke", dependencies=[_ADMIN], summary="Revoke a bootstrap secret")
-def revoke_bootstrap_secret(name: Annotated[Name, Path()], session: SessionDep) -> BootstrapSecretPublic:
+def revoke_bootstrap_secret(
+    name: Annotated[Name, Path()], session: SessionDep, principal: PrincipalDep
+) -> BootstrapSecretPublic:
     """No more enrolments with this secret (devices enrolled with it stay)."""
-    record = enrolment.revoke_bootstrap_secret(session=session, name=name)
+    record = enrolment.revoke_bootstrap_secret(session=session, name=name, actor=principal.name)
     return BootstrapSecretPublic.model_validate(record, from_attributes=True)

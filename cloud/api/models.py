@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, cast
+from typing import Annotated, Any, Literal, cast
 
 from fastapi import APIRouter, File, Form, Path, UploadFile
 from pydantic import StrictStr, TypeAdapter, ValidationError
 
-from cloud.api.deps import CoordinatorDep, SessionDep, requires
+from cloud.api.deps import CoordinatorDep, PrincipalDep, SessionDep, requires
 from cloud.auth import Role
 from cloud.errors import InvalidInputError
 from cloud.models import ModelPublic, ModelsPublic, ModelVersionPublic
@@ -62,10 +62,15 @@ def push_model_version(
     file: Annotated[UploadFile, File(description="The model file.")],
     session: SessionDep,
     coordinator: CoordinatorDep,
+    principal: PrincipalDep,
     format: Annotated[ModelFormat, Form(description="Model format.")] = ModelFormat.ONNX,
     inputs: Annotated[str | None, Form(description="JSON list of TensorSpec; derived from ONNX if absent.")] = None,
     outputs: Annotated[str | None, Form(description="JSON list of TensorSpec.")] = None,
     variant: Annotated[Name, Form(description="Name of this file as the version's primary variant.")] = "default",
+    risk_class: Annotated[
+        Literal["low", "high"],
+        Form(description="`high`: deployable only after its model card is set and enough approvers signed it."),
+    ] = "low",
 ) -> ModelVersionPublic:
     """Store the file and register it; the ONNX graph supplies inputs/outputs unless they are given."""
     record = registry.push_model_version(
@@ -78,7 +83,11 @@ def push_model_version(
         inputs=_tensor_specs(inputs, "inputs"),
         outputs=_tensor_specs(outputs, "outputs"),
         primary_variant=variant,
+        risk_class=risk_class,
+        actor=principal.name,
     )
+    _sign(coordinator)
+    session.refresh(record)
     return registry.version_public(record, public_url=coordinator.public_url)
 
 
@@ -95,6 +104,7 @@ def add_variant(
     file: Annotated[UploadFile, File(description="The variant's model file.")],
     session: SessionDep,
     coordinator: CoordinatorDep,
+    principal: PrincipalDep,
     format: Annotated[ModelFormat, Form(description="Model format.")] = ModelFormat.ONNX,
     precision: Annotated[str, Form(max_length=32, description="fp32, fp16, int8, ...")] = "fp32",
     runtime: Annotated[str | None, Form(max_length=64, description="Runtime the variant was built for.")] = None,
@@ -108,6 +118,8 @@ def add_variant(
     outputs: Annotated[str | None, Form(description="JSON list of TensorSpec.")] = None,
 ) -> ModelVersionPublic:
     """Store the file as a variant of `name:version`; deployments give each device the variant it runs best."""
+    if coordinator.governance is not None:
+        coordinator.governance.before_variant(registry.get_model_version(session=session, name=name, version=version))
     variants.add_variant(
         session=session,
         store=coordinator.store,
@@ -124,9 +136,20 @@ def add_variant(
         latency_p50_ms=latency_p50_ms,
         inputs=_tensor_specs(inputs, "inputs"),
         outputs=_tensor_specs(outputs, "outputs"),
+        actor=principal.name,
     )
     record = registry.get_model_version(session=session, name=name, version=version)
+    if coordinator.governance is not None:
+        coordinator.governance.version_changed(record)
+    _sign(coordinator)
+    session.refresh(record)
     return registry.version_public(record, public_url=coordinator.public_url)
+
+
+def _sign(coordinator: CoordinatorDep) -> None:
+    """Sign what the push made signable (low risk at once; high risk becomes a pending approval)."""
+    if coordinator.governance is not None:
+        coordinator.governance.sync()
 
 
 @router.get("/models", summary="List models and their versions")

@@ -13,7 +13,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Response
 from pydantic import BaseModel, Field
 
-from cloud.api.deps import CoordinatorDep, SessionDep, requires
+from cloud.api.deps import CoordinatorDep, PrincipalDep, SessionDep, requires
 from cloud.auth import Role
 from cloud.models import RolloutDetailPublic, RolloutsPublic
 from cloud.rollouts import Abort, Command, Pause, Promote, Resume, RolloutPlan
@@ -53,9 +53,12 @@ class CommandAccepted(BaseModel):
 
 
 @router.post("/rollouts", status_code=201, dependencies=[_WRITE], summary="Create a rollout from a plan")
-def create_rollout(plan: RolloutPlan, session: SessionDep, coordinator: CoordinatorDep) -> RolloutDetailPublic:
-    """Store the plan; the runner starts the first wave at its next step."""
-    row = rollouts.create_rollout(session=session, plan=plan)
+def create_rollout(
+    plan: RolloutPlan, session: SessionDep, coordinator: CoordinatorDep, principal: PrincipalDep
+) -> RolloutDetailPublic:
+    """Store the plan (of a signed version); the runner starts the first wave at its next step."""
+    coordinator.ensure_deployable(session, plan.model, plan.version)
+    row = rollouts.create_rollout(session=session, plan=plan, actor=principal.name)
     if coordinator.rollouts is not None:
         coordinator.rollouts.wake()
     assert row.id is not None
@@ -80,7 +83,7 @@ def get_rollout(
 def _submit(
     rollout_id: int, command: Command, session: SessionDep, coordinator: CoordinatorDep, response: Response
 ) -> CommandAccepted:
-    rollouts.queue_command(session=session, rollout_id=rollout_id, command=command)
+    rollouts.queue_command(session=session, rollout_id=rollout_id, command=command, actor=command.by)
     runner = coordinator.rollouts
     applied = False
     if runner is not None:
@@ -109,11 +112,13 @@ def pause(
     rollout_id: RolloutId,
     session: SessionDep,
     coordinator: CoordinatorDep,
+    principal: PrincipalDep,
     response: Response,
     body: PauseBody | None = None,
 ) -> CommandAccepted:
     """Stop dispatching; installs in flight still report."""
-    command = Pause(command_id=rollouts.new_command_id(), reason=(body or PauseBody()).reason)
+    reason = (body or PauseBody()).reason
+    command = Pause(command_id=rollouts.new_command_id(), by=principal.name, reason=reason)
     return _submit(rollout_id, command, session, coordinator, response)
 
 
@@ -124,22 +129,30 @@ def abort(
     rollout_id: RolloutId,
     session: SessionDep,
     coordinator: CoordinatorDep,
+    principal: PrincipalDep,
     response: Response,
     body: AbortBody | None = None,
 ) -> CommandAccepted:
     """Stop for good; with `rollback`, every device the rollout touched goes back to the previous version."""
     given = body or AbortBody()
-    command = Abort(command_id=rollouts.new_command_id(), rollback=given.rollback, reason=given.reason)
+    command = Abort(
+        command_id=rollouts.new_command_id(), by=principal.name, rollback=given.rollback, reason=given.reason
+    )
     return _submit(rollout_id, command, session, coordinator, response)
 
 
-def _bodyless(name: str, make: Callable[[str], Command], summary: str, doc: str) -> None:
+def _bodyless(name: str, make: Callable[[str, str], Command], summary: str, doc: str) -> None:
     """Add the route `POST /rollouts/{id}/<name>` of a command that takes no body."""
 
     def route(
-        rollout_id: RolloutId, session: SessionDep, coordinator: CoordinatorDep, response: Response
+        rollout_id: RolloutId,
+        session: SessionDep,
+        coordinator: CoordinatorDep,
+        principal: PrincipalDep,
+        response: Response,
     ) -> CommandAccepted:
-        return _submit(rollout_id, make(rollouts.new_command_id()), session, coordinator, response)
+        command = make(rollouts.new_command_id(), principal.name)
+        return _submit(rollout_id, command, session, coordinator, response)
 
     route.__name__, route.__doc__ = name, doc
     router.post(
@@ -149,13 +162,13 @@ def _bodyless(name: str, make: Callable[[str], Command], summary: str, doc: str)
 
 _bodyless(
     "resume",
-    lambda command_id: Resume(command_id=command_id),
+    lambda command_id, by: Resume(command_id=command_id, by=by),
     "Resume a paused rollout",
     "Continue where it stopped; a bake in progress starts over.",
 )
 _bodyless(
     "promote",
-    lambda command_id: Promote(command_id=command_id),
+    lambda command_id, by: Promote(command_id=command_id, by=by),
     "Start the next wave now",
     "Skip the rest of the current wave's bake and gates.",
 )

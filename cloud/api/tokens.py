@@ -45,6 +45,7 @@ def list_tokens(session: SessionDep) -> list[ApiTokenPublic]:
 
 
 @router.delete("/tokens/{name}", summary="Revoke an API token")
-def revoke_token(name: Annotated[Name, Path()], session: SessionDep) -> ApiTokenPublic:
+def revoke_token(name: Annotated[Name, Path()], session: SessionDep, principal: PrincipalDep) -> ApiTokenPublic:
     """Revoke the token at once (its next request is refused)."""
-    return ApiTokenPublic.model_validate(tokens.revoke_token(session=session, name=name), from_attributes=True)
+    record = tokens.revoke_token(session=session, name=name, actor=principal.name)
+    return ApiTokenPublic.model_validate(record, from_attributes=True)

@@ -11,11 +11,14 @@ from importlib.metadata import entry_points
 
 import typer
 
+from cloud.cli.approvals import approvals_app
+from cloud.cli.audit import audit_app
 from cloud.cli.broker import broker_app
 from cloud.cli.db import backup, db_app, restore
 from cloud.cli.deployments import deploy, deployments_app
 from cloud.cli.devices import devices_app
 from cloud.cli.fleet import fleet_app
+from cloud.cli.keys import approve, keys_app
 from cloud.cli.models import models_app
 from cloud.cli.rollouts import rollouts_app
 from cloud.cli.tokens import tokens_app
@@ -42,7 +45,11 @@ def build_app(*, load_plugins: bool = True) -> typer.Typer:
     app.add_typer(fleet_app, name="fleet")
     app.add_typer(rollouts_app, name="rollouts")
     app.add_typer(tokens_app, name="tokens")
+    app.add_typer(audit_app, name="audit")
+    app.add_typer(approvals_app, name="approvals")
     app.add_typer(broker_app, name="broker")
+    app.add_typer(keys_app, name="keys")
+    app.command("approve")(approve)
     app.add_typer(db_app, name="db")
     app.command("backup")(backup)
     app.command("restore")(restore)

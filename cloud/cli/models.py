@@ -1,23 +1,37 @@
-"""`edgefleet models ...`: push model versions (one file, or the variants `edgefleet compress` wrote) and list them."""
+"""`edgefleet models ...`: push model versions (one file, or the variants `edgefleet compress` wrote), list and show
+them, and set their model cards (which carry the risk class)."""
 
 from __future__ import annotations
 
 import json
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Group, RenderableType
+from rich.text import Text
 
+from cloud.cli._cards import apply_sets, parse_ref, read_card_file
 from cloud.cli._common import JsonOpt, TokenOpt, UrlOpt, api_errors, connect, emit, fail, table
-from cloud.client import ApiClient
+from cloud.client import ApiClient, ApiError
+from cloud.errors import InvalidInputError
 from protocol.errors import ManifestError
 from protocol.manifest import ManifestVariant, VariantsManifest, read_manifest
 
-__all__ = ["models_app"]
+__all__ = ["Risk", "models_app"]
 
-models_app = typer.Typer(help="Push and list model versions in the registry.", no_args_is_help=True)
+models_app = typer.Typer(help="Push, list and show model versions; set their model cards.", no_args_is_help=True)
 
-_PRIMARY_FIELDS = frozenset({"format", "inputs", "outputs", "variant"})
+# `risk_class` is sent with the upload too, for a registry that takes it at push (older ones ignore the field).
+_PRIMARY_FIELDS = frozenset({"format", "inputs", "outputs", "variant", "risk_class"})
+
+
+class Risk(StrEnum):
+    """A version's risk class: `low` is signed by the coordinator, `high` needs a model card and approvers."""
+
+    LOW = "low"
+    HIGH = "high"
 
 
 @models_app.command("push")
@@ -43,6 +57,25 @@ def models_push(
             "version; its fp32 model is the primary unless FILE is given.",
         ),
     ] = None,
+    risk: Annotated[
+        Risk | None,
+        typer.Option(
+            "--risk",
+            help="Risk class: low (signed by the coordinator) or high (needs --card and approvers' signatures). "
+            "Default: the card's risk_class, else low.",
+        ),
+    ] = None,
+    card: Annotated[
+        Path | None,
+        typer.Option(
+            "--card",
+            exists=True,
+            dir_okay=False,
+            readable=True,
+            help="Model card (JSON: intended_use, training_data, metrics, limitations, owner) stored with the "
+            "version after the upload; required with --risk high.",
+        ),
+    ] = None,
     url: UrlOpt = None,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
@@ -52,9 +85,12 @@ def models_push(
         fail("--name and --version are required")
     if file is None and variants is None:
         fail("give a model FILE, or --variants DIR from `edgefleet compress`")
+    card_body = _card_for_push(card, risk)  # checked before a byte is uploaded
     manifest = _manifest(variants) if variants is not None else None
     file, fields = _primary(file, format, variants, manifest)
     fields.update({k: v for k, v in (("inputs", inputs), ("outputs", outputs)) if v is not None})
+    if risk is not None:
+        fields["risk_class"] = risk.value
     client = connect(url, token)
     with api_errors():
         body = client.push_model(
@@ -62,14 +98,63 @@ def models_push(
         )
         if manifest is not None and variants is not None:
             body = _push_other_variants(client, body, variants, manifest, quiet=as_json)
-    emit(
-        body,
-        as_json,
-        lambda b: (
-            f"pushed {b['name']}:{b['version']} sha256={b['sha256']} size={b['size']}"
-            + (f" with {len(b['variants'])} more variants" if b.get("variants") else "")
-        ),
-    )
+    if card_body is not None and card is not None:
+        stored = _store_pushed_card(client, name, version, card_body, card)
+        with api_errors():
+            body = client.model_version(name, version) | {"card": stored}
+    emit(body, as_json, _pushed_line)
+
+
+def _pushed_line(body: dict[str, Any]) -> str:
+    """'pushed digits:2.0 sha256=... size=...' (+ variants; + risk, signing state and card when a card was set)."""
+    line = f"pushed {body['name']}:{body['version']} sha256={body['sha256']} size={body['size']}"
+    if body.get("variants"):
+        line += f" with {len(body['variants'])} more variants"
+    if body.get("card"):
+        line += f"; {body['risk_class']} risk, {body['signing_state']}, card sha256={body['card']['sha256']}"
+    return line
+
+
+def _card_for_push(path: Path | None, risk: Risk | None) -> dict[str, Any] | None:
+    """The card to store after the upload, validated against the registry's schema first; None without --card.
+
+    A high-risk push without a card is refused here: the version would exist without what approvers must see.
+    """
+    if path is None:
+        if risk is Risk.HIGH:
+            fail(
+                "a high-risk version needs its model card: pass --card FILE (JSON with intended_use, training_data, "
+                "metrics, limitations, owner); approvers sign the version together with its card"
+            )
+        return None
+    try:
+        body = read_card_file(path)
+    except ValueError as exc:
+        fail(str(exc))
+    declared = body.get("risk_class")
+    if risk is not None and declared is not None and declared != risk.value:
+        fail(f"--risk {risk.value}, but {path} says risk_class {declared!r}: make them agree")
+    if risk is not None:
+        body["risk_class"] = risk.value
+    from cloud.services.cards import parse_card  # the registry's own schema; only a push with a card needs it
+
+    try:
+        parse_card({"risk_class": Risk.LOW.value, **body})  # a new version is low risk unless the card says more
+    except InvalidInputError as exc:
+        fail(f"{path}: {exc}")
+    return body
+
+
+def _store_pushed_card(client: ApiClient, name: str, version: str, card: dict[str, Any], path: Path) -> dict[str, Any]:
+    """PUT the card of a version just pushed; if that fails, say what state the version is left in."""
+    try:
+        return client.set_model_card(name, version, card)
+    except ApiError as exc:
+        fail(
+            f"pushed {name}:{version}, but its card was not stored: {exc}. Until it is, the version has no card and "
+            f"its risk class is the registry's default; store it with "
+            f"`edgefleet models card {name}:{version} --file {path}`"
+        )
 
 
 def _manifest(directory: Path) -> VariantsManifest:
@@ -139,3 +224,131 @@ def models_list(url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = F
         for v in m["versions"]
     ]
     emit(body, as_json, lambda _: table("models", ["name", "version", "format", "size", "sha256", "created"], rows))
+
+
+@models_app.command("card")
+def models_card(
+    ref: Annotated[str, typer.Argument(metavar="NAME:VERSION", help="Model version, e.g. digits:2.0.")],
+    file: Annotated[
+        Path | None,
+        typer.Option("--file", "-f", exists=True, dir_okay=False, readable=True, help="The card as a JSON file."),
+    ] = None,
+    sets: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="key=value merged into the current card (or into --file); repeatable. Dotted keys reach into "
+            "objects; metrics are numbers: --set metrics.accuracy=0.97",
+        ),
+    ] = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Set the model card of NAME:VERSION (--file, --set), or show it (neither). The card carries the risk class."""
+    try:
+        name, version = parse_ref(ref)
+        base = read_card_file(file) if file is not None else None
+    except ValueError as exc:
+        fail(str(exc))
+    client = connect(url, token)
+    with api_errors():
+        if base is None and not sets:
+            body = client.model_card(name, version)
+        else:
+            current = base if base is not None else _current_card(client, name, version)
+            try:
+                card = apply_sets(current, sets or [])
+            except ValueError as exc:
+                fail(str(exc))
+            body = client.set_model_card(name, version, card)
+    emit(body, as_json, _render_card)
+
+
+def _current_card(client: ApiClient, name: str, version: str) -> dict[str, Any]:
+    """The version's card as stored, or an empty one (a version without a card yet)."""
+    try:
+        return dict(client.model_card(name, version)["card"])
+    except ApiError as exc:
+        if exc.status == 404 and "no model card" in str(exc):
+            return {}
+        raise
+
+
+def _render_card(body: dict[str, Any]) -> RenderableType:
+    head = (
+        f"card of {body['name']}:{body['version']} ({body['risk_class']} risk, {body['signing_state']}) "
+        f"sha256={body['sha256']}, by {body['updated_by']} at {body['updated_at']}"
+    )
+    return Group(Text(head), *_card_lines(body["card"]))
+
+
+def _card_lines(card: dict[str, Any]) -> list[Text]:
+    """One plain line per card field (user text is never read as console markup)."""
+    lines = []
+    for key, value in sorted(card.items()):
+        if key == "extra" and not value:
+            continue
+        shown = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        lines.append(Text(f"  {key}: {shown}"))
+    return lines
+
+
+@models_app.command("show")
+def models_show(
+    ref: Annotated[str, typer.Argument(metavar="NAME:VERSION", help="Model version, e.g. digits:2.0.")],
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show NAME:VERSION: variants, risk class, signing state, model card and approvals."""
+    try:
+        name, version = parse_ref(ref)
+    except ValueError as exc:
+        fail(str(exc))
+    client = connect(url, token)
+    with api_errors():
+        body = client.model_version(name, version)
+        try:
+            card: dict[str, Any] | None = client.model_card(name, version)
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            card = None
+        body |= {"card": card, "approvals": client.version_approvals(name, version)}
+    emit(body, as_json, _render_version)
+
+
+def _render_version(body: dict[str, Any]) -> RenderableType:
+    head = (
+        f"{body['name']}:{body['version']}  {body['format']}  {body['size']} B  sha256={body['sha256']}  "
+        f"created {body['created_at']}"
+    )
+    variants = [(body.get("primary_variant", "default") + " (primary)", body["format"], "fp32", None, body["size"])] + [
+        (v["name"], v["format"], v.get("precision"), v.get("runtime"), v["size"]) for v in body.get("variants", [])
+    ]
+    card = body.get("card")
+    parts: list[RenderableType] = [
+        Text(head),
+        Text(f"risk: {body.get('risk_class', 'low')}  signing: {body.get('signing_state', '-')}"),
+        table("variants", ["variant", "format", "precision", "runtime", "size"], variants),
+    ]
+    if card is None:
+        parts.append(Text("card: none"))
+    else:
+        parts += [Text(f"card: sha256={card['sha256']}, by {card['updated_by']} at {card['updated_at']}")]
+        parts += _card_lines(card["card"])
+    parts.append(Text(approval_line(body["approvals"])))
+    return Group(*parts)
+
+
+def approval_line(status: dict[str, Any]) -> str:
+    """'approvals: 1 of 2 (alice); missing: bob, carol' and whether the version may be deployed."""
+    line = ""
+    if status.get("required"):
+        signed = status.get("signed_by") or []
+        line = f"approvals: {len(signed)} of {status['required']}" + (f" ({', '.join(signed)})" if signed else "")
+        if status.get("missing"):
+            line += f"; not yet: {', '.join(status['missing'])}"
+        line += "\n"
+    return line + ("deployable: yes" if status.get("deployable") else f"not deployable: {status.get('reason')}")

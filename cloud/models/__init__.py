@@ -1,6 +1,6 @@
 """Registry tables and their API shapes, as SQLModel families (`XBase → X(table=True) → XPublic`), one module
 per entity group: `registry` (models, versions), `devices` (devices, events, telemetry windows), `deployments`,
-`rollouts`, `identity` (enrolment, certificates, API tokens).
+`rollouts`, `identity` (enrolment, certificates, API tokens), `governance` (cards, TUF metadata, approvals, audit).
 
 The same definitions run on SQLite and PostgreSQL: JSON columns use the portable `JSON` type and
 timestamps are stored timezone-aware (SQLite hands them back naive; `as_utc` restores the zone).
@@ -29,6 +29,15 @@ from cloud.models.devices import (
     TelemetryRecord,
     TelemetryWindowPublic,
     TelemetryWindowsPublic,
+)
+from cloud.models.governance import (
+    ApprovalSignature,
+    Approver,
+    AuditCheckpoint,
+    AuditEntry,
+    AuditEntryPublic,
+    ModelCard,
+    TufMetadata,
 )
 from cloud.models.identity import (
     ApiToken,
@@ -62,6 +71,11 @@ from cloud.models.rollouts import (
 __all__ = [
     "ApiToken",
     "ApiTokenPublic",
+    "ApprovalSignature",
+    "Approver",
+    "AuditCheckpoint",
+    "AuditEntry",
+    "AuditEntryPublic",
     "BootstrapSecret",
     "Deployment",
     "DeploymentBase",
@@ -81,6 +95,7 @@ __all__ = [
     "EnrolmentState",
     "EnrolmentToken",
     "Model",
+    "ModelCard",
     "ModelPublic",
     "ModelVersion",
     "ModelVersionBase",
@@ -101,5 +116,6 @@ __all__ = [
     "TelemetryRecord",
     "TelemetryWindowPublic",
     "TelemetryWindowsPublic",
+    "TufMetadata",
     "as_utc",
 ]

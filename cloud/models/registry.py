@@ -36,6 +36,10 @@ class ModelVersionBase(SQLModel):
     sha256: str = Field(index=True, max_length=64)
     size: int
     format: str = Field(max_length=16)
+    # Governance (docs/governance.md): `low` versions are signed by the online key after the push's checks;
+    # `high` ones need a model card and k approvers. signing_state: unsigned | awaiting_approval | signed.
+    risk_class: str = Field(default="low", max_length=8, sa_column_kwargs={"server_default": "low"})
+    signing_state: str = Field(default="unsigned", max_length=24, sa_column_kwargs={"server_default": "unsigned"})
 
 
 class ModelVersion(ModelVersionBase, table=True):

@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import TypeAdapter
 from sqlmodel import Session, col, func, select
 
+from cloud import audit
 from cloud.errors import ConfigurationError, ConflictError, EmptyTargetError, NotFoundError
 from cloud.models import (
     Rollout,
@@ -61,6 +62,13 @@ UNFINISHED = frozenset(
     )
 )
 _COMMAND = TypeAdapter[Command](Command)
+# The audit log's action of each operator command.
+_COMMAND_ACTIONS = {
+    "pause": "rollout.paused",
+    "resume": "rollout.resumed",
+    "abort": "rollout.aborted",
+    "promote": "rollout.promoted",
+}
 
 
 def engine_id(rollout_id: int) -> str:
@@ -89,8 +97,8 @@ def _get(session: Session, rollout_id: int) -> Rollout:
     return row
 
 
-def create_rollout(*, session: Session, plan: RolloutPlan) -> Rollout:
-    """Store a new rollout of `plan` (pending: the runner starts it at its next step).
+def create_rollout(*, session: Session, plan: RolloutPlan, actor: str) -> Rollout:
+    """Store a new rollout of `plan` (pending: the runner starts it at its next step), audited as `actor`.
 
     Unknown model/version → `NotFoundError`; another unfinished rollout of the model → `ConflictError`;
     a selector matching no enrolled device → `EmptyTargetError`.
@@ -117,13 +125,15 @@ def create_rollout(*, session: Session, plan: RolloutPlan) -> Rollout:
     row.state = RolloutState.new(engine_id(row.id)).model_dump(mode="json")
     row.format_version = FORMAT_VERSION
     session.add(row)
+    details = {"model": plan.model, "version": plan.version, "previous_version": plan.previous_version}
+    audit.record(session=session, actor=actor, action="rollout.created", subject=str(row.id), details=details)
     session.commit()
     session.refresh(row)
     return row
 
 
-def queue_command(*, session: Session, rollout_id: int, command: Command) -> RolloutCommandRecord:
-    """Store `command` for the engine's next step; `ConflictError` with the engine's reason if it cannot apply."""
+def queue_command(*, session: Session, rollout_id: int, command: Command, actor: str) -> RolloutCommandRecord:
+    """Store `command` for the engine's next step, audited as `actor`; `ConflictError` if it cannot apply."""
     row = _get(session, rollout_id)
     plan, state = load_rollout(row)
     if why := command_error(state, plan, command):
@@ -135,6 +145,13 @@ def queue_command(*, session: Session, rollout_id: int, command: Command) -> Rol
         body=command.model_dump(mode="json"),
     )
     session.add(record)
+    audit.record(
+        session=session,
+        actor=actor,
+        action=_COMMAND_ACTIONS[command.kind],
+        subject=str(rollout_id),
+        details=command.model_dump(mode="json", exclude={"kind", "by"}),
+    )
     session.commit()
     session.refresh(record)
     return record

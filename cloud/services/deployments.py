@@ -11,6 +11,7 @@ from sqlalchemy import update
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, col, select
 
+from cloud import audit
 from cloud.errors import EmptyTargetError, InvalidInputError, NotFoundError
 from cloud.models import (
     Deployment,
@@ -79,6 +80,7 @@ def create_deployment(
     version: str,
     device_ids: list[str] | None = None,
     tags: dict[str, str] | None = None,
+    actor: str = "system",
 ) -> Deployment:
     """Deploy `model:version` to the devices the target selects, and publish their desired states.
 
@@ -108,6 +110,13 @@ def create_deployment(
     session.flush()
     assert deployment.id is not None
     states = assign_devices(session=session, deployment=deployment, record=record, devices=chosen, links=links)
+    audit.record(
+        session=session,
+        actor=actor,
+        action="deployment.created",
+        subject=str(deployment.id),
+        details={"model": f"{model}:{version}", "target": target, "devices": [s.device_id for s in states]},
+    )
     session.commit()
     session.refresh(deployment)
     # Published after the commit: the stored desired states are the truth the bridge republishes on reconnect.
@@ -123,6 +132,7 @@ def desired_state_for(
     """The desired state telling `device` to run the model version `record` at `generation`. Pure.
 
     The one place a desired state is built from a registry record: deployments and rollouts both call it.
+    The director signs it when `generation` is known (not for the placeholder generation 0).
     The artifact is the variant `choose_variant` picks from the device's reported capabilities;
     `NoCompatibleVariantError` when none of the version's variants runs on the device.
     """
@@ -141,7 +151,18 @@ def desired_state_for(
         outputs=variant.outputs,
         variant=variant.name,
     )
-    return DesiredState(device_id=device.id, generation=generation, deployment_id=deployment_id, model=spec)
+    director = links.instruct(device.id, generation, record, variant) if links.instruct and generation else None
+    return DesiredState(
+        device_id=device.id, generation=generation, deployment_id=deployment_id, model=spec, director=director
+    )
+
+
+def _signed(state: DesiredState, record: ModelVersion, links: ArtifactLinks) -> DesiredState:
+    """`state` with the director's instruction for its generation (unchanged without a director)."""
+    if links.instruct is None or state.model is None:
+        return state
+    variant = next(v for v in version_variants(record) if v.name == state.model.variant)
+    return state.model_copy(update={"director": links.instruct(state.device_id, state.generation, record, variant)})
 
 
 def assign_devices(
@@ -174,7 +195,7 @@ def assign_devices(
             continue
         generation = next_generation(session, device)  # locks the device's row until the caller commits
         _supersede(session, device)
-        state = state.model_copy(update={"generation": generation})
+        state = _signed(state.model_copy(update={"generation": generation}), record, links)
         device.desired_state = state.model_dump(mode="json")
         session.add(device)
         session.add(DeploymentTarget(deployment_id=deployment.id, device_id=device.id, generation=state.generation))

@@ -160,9 +160,9 @@ def ingest_event(*, session: Session, event: DeviceEvent) -> DeviceEventRecord:
     )
     session.add(record)
     phase = _event_phase(event)
-    if event.kind is EventKind.UPDATE_FAILED and error is None:
+    if event.kind in (EventKind.UPDATE_FAILED, EventKind.UPDATE_REFUSED) and error is None:
         error = ErrorInfo.of(ErrorCode.INTERNAL, message=event.message or "update failed (no reason given)")
-    if error is not None and event.kind is EventKind.UPDATE_FAILED:
+    if error is not None and event.kind in (EventKind.UPDATE_FAILED, EventKind.UPDATE_REFUSED):
         _record_error(device, error)
     if event.generation is not None and phase is not None:
         _advance_targets(session, device_id=device.id, generation=event.generation, phase=phase, error=error)
@@ -173,7 +173,7 @@ def ingest_event(*, session: Session, event: DeviceEvent) -> DeviceEventRecord:
 
 
 def _event_phase(event: DeviceEvent) -> UpdatePhase | None:
-    if event.kind is EventKind.UPDATE_FAILED:
+    if event.kind in (EventKind.UPDATE_FAILED, EventKind.UPDATE_REFUSED):  # refused: the signatures did not verify
         return UpdatePhase.FAILED
     if event.kind is EventKind.UPDATE_ACTIVATED:
         return UpdatePhase.ACTIVE

@@ -15,6 +15,7 @@ from datetime import timedelta
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
+from cloud import audit
 from cloud.auth import new_token, token_digest
 from cloud.errors import ConflictError, InvalidInputError, NotFoundError, UnauthorizedError
 from cloud.models import (
@@ -34,6 +35,7 @@ __all__ = [
     "UnknownDeviceError",
     "create_bootstrap_secret",
     "create_enrolment_token",
+    "device_actor",
     "enrol_device",
     "enrolled_device",
     "list_bootstrap_secrets",
@@ -73,6 +75,11 @@ def _event(session: Session, device_id: str, kind: str, message: str) -> None:
     session.add(DeviceEventRecord(device_id=device_id, kind=kind, message=message))
 
 
+def device_actor(device_id: str) -> str:
+    """The audit log's actor for what a device does itself: `device:<id>`."""
+    return f"device:{device_id}"
+
+
 # -- enrolment tokens and bootstrap secrets --------------------------------------------------------
 
 
@@ -100,6 +107,10 @@ def create_enrolment_token(
     )
     session.add(record)
     _event(session, device_id, "device.enrolment_token", f"enrolment token created by {created_by}")
+    details = {"tags": dict(tags), "expires_at": record.expires_at.isoformat()}
+    audit.record(
+        session=session, actor=created_by, action="enrolment_token.created", subject=device_id, details=details
+    )
     session.commit()
     session.refresh(record)
     return token, record
@@ -122,6 +133,8 @@ def create_bootstrap_secret(
         expires_at=now + timedelta(seconds=ttl_s) if ttl_s else None,
     )
     session.add(record)
+    details = {"tags": dict(tags), "expires_at": record.expires_at.isoformat() if record.expires_at else None}
+    audit.record(session=session, actor=created_by, action="bootstrap_secret.created", subject=name, details=details)
     session.commit()
     session.refresh(record)
     return secret, record
@@ -132,14 +145,18 @@ def list_bootstrap_secrets(*, session: Session) -> list[BootstrapSecret]:
     return list(session.exec(select(BootstrapSecret).order_by(col(BootstrapSecret.id))))
 
 
-def revoke_bootstrap_secret(*, session: Session, name: str) -> BootstrapSecret:
-    """Stop a bootstrap secret from enrolling more devices (those enrolled with it stay)."""
+def revoke_bootstrap_secret(*, session: Session, name: str, actor: str) -> BootstrapSecret:
+    """Stop a bootstrap secret from enrolling more devices (those enrolled with it stay); audited as `actor`."""
     record = session.exec(select(BootstrapSecret).where(BootstrapSecret.name == name)).first()
     if record is None:
         raise NotFoundError(f"bootstrap secret {name!r} does not exist")
-    record.revoked_at = record.revoked_at or utcnow()
-    session.add(record)
-    session.commit()
+    if record.revoked_at is None:
+        record.revoked_at = utcnow()
+        session.add(record)
+        audit.record(
+            session=session, actor=actor, action="bootstrap_secret.revoked", subject=name, details={"uses": record.uses}
+        )
+        session.commit()
     return record
 
 
@@ -166,7 +183,7 @@ def _use_token(session: Session, request: EnrolmentRequest) -> Device:
     return device
 
 
-def _use_bootstrap_secret(session: Session, request: EnrolmentRequest) -> Device:
+def _use_bootstrap_secret(session: Session, request: EnrolmentRequest) -> tuple[Device, str]:
     assert request.bootstrap_secret is not None
     record = session.exec(
         select(BootstrapSecret).where(BootstrapSecret.secret_sha256 == token_digest(request.bootstrap_secret))
@@ -181,7 +198,7 @@ def _use_bootstrap_secret(session: Session, request: EnrolmentRequest) -> Device
     session.add(record)
     device = Device(id=request.device_id, tags=dict(record.tags))
     session.add(device)
-    return device
+    return device, record.name
 
 
 def _issue(session: Session, pki: FleetPki, device: Device, csr_pem: str, days: float) -> IssuedCertificate:
@@ -203,7 +220,11 @@ def enrol_device(
     """Check the token (or bootstrap secret), issue the device's certificate, mark it enrolled; one transaction."""
     if (request.token is None) == (request.bootstrap_secret is None):
         raise InvalidInputError("give exactly one of token and bootstrap_secret", field="token")
-    device = _use_token(session, request) if request.token else _use_bootstrap_secret(session, request)
+    secret_name: str | None = None
+    if request.token:
+        device = _use_token(session, request)
+    else:
+        device, secret_name = _use_bootstrap_secret(session, request)
     session.flush()
     issued = _issue(session, pki, device, request.csr_pem, days)
     device.enrolment = EnrolmentState.ENROLLED.value
@@ -211,6 +232,10 @@ def enrol_device(
     session.add(device)
     how = "enrolment token" if request.token else "bootstrap secret"
     _event(session, device.id, "device.enrolled", f"enrolled with a {how}; certificate {issued.serial}")
+    details = {"via": how.replace(" ", "_"), "bootstrap_secret": secret_name, "serial": issued.serial}
+    audit.record(
+        session=session, actor=device_actor(device.id), action="device.enrolled", subject=device.id, details=details
+    )
     session.commit()
     session.refresh(device)
     log.info("device enrolled device=%s serial=%s via=%s", device.id, issued.serial, how)
@@ -242,6 +267,14 @@ def renew_certificate(
         )
     issued = _issue(session, pki, device, request.csr_pem, days)
     _event(session, device.id, "device.certificate_renewed", f"certificate {issued.serial} issued")
+    details = {"serial": issued.serial, "not_after": issued.not_after.isoformat()}
+    audit.record(
+        session=session,
+        actor=device_actor(device.id),
+        action="device.certificate_renewed",
+        subject=device.id,
+        details=details,
+    )
     session.commit()
     return device, issued
 
@@ -258,11 +291,16 @@ def revoke_device(*, session: Session, pki: FleetPki, device_id: str, by: str) -
     device.desired_state = None
     device.status = "offline"
     session.add(device)
+    serials = []
     for cert in session.exec(select(DeviceCertificate).where(DeviceCertificate.device_id == device_id)):
         if cert.revoked_at is None:
             cert.revoked_at = now
             session.add(cert)
+            serials.append(cert.serial)
     _event(session, device_id, "device.revoked", f"revoked by {by}")
+    audit.record(
+        session=session, actor=by, action="device.revoked", subject=device_id, details={"certificates": serials}
+    )
     session.commit()
     _write_crl(session, pki)
     session.refresh(device)

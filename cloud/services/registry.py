@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 from urllib.parse import urlencode
@@ -9,10 +10,12 @@ from urllib.parse import urlencode
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
+from cloud import audit
 from cloud.artifacts import ArtifactStore
 from cloud.auth import artifact_token
 from cloud.errors import ConflictError, InvalidInputError, InvalidModelError, NotFoundError
 from cloud.models import Model, ModelPublic, ModelVersion, ModelVersionPublic
+from cloud.variant_policy import Variant
 from protocol.errors import TensorSpecError
 from protocol.messages import ModelFormat, TensorSpec, utcnow
 from protocol.tensors import onnx_tensor_specs
@@ -42,6 +45,8 @@ class ArtifactLinks:
 
     public_url: str
     secret: bytes
+    # Signs the director's instruction for (device id, generation, version, variant); None: ungoverned (tests).
+    instruct: Callable[[str, int, ModelVersion, Variant], str] | None = None
 
     def for_device(self, device_id: str, sha256: str) -> str:
         """The URL `device_id` downloads artifact `sha256` from, with its download token."""
@@ -60,8 +65,10 @@ def push_model_version(
     inputs: list[TensorSpec] | None = None,
     outputs: list[TensorSpec] | None = None,
     primary_variant: str = "default",
+    risk_class: str = "low",
+    actor: str = "system",
 ) -> ModelVersion:
-    """Store an artifact and register it as `name:version`.
+    """Store an artifact and register it as `name:version` (`risk_class` decides how it gets signed).
 
     Without explicit `inputs`, an ONNX file's tensors are read from its graph, and a file that does not
     parse is refused (`InvalidModelError`). With explicit `inputs` the bytes are stored as they are, so a
@@ -89,8 +96,11 @@ def push_model_version(
         inputs=[spec.model_dump(mode="json") for spec in inputs],
         outputs=[spec.model_dump(mode="json") for spec in outputs],
         primary_variant=primary_variant,
+        risk_class=risk_class,
     )
     session.add(record)
+    details = {"sha256": sha256, "size": size, "format": format.value, "risk_class": risk_class}
+    audit.record(session=session, actor=actor, action="model.pushed", subject=f"{name}:{version}", details=details)
     try:
         session.commit()
     except IntegrityError as exc:  # a concurrent push of the same name:version won the race

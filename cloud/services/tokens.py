@@ -7,6 +7,7 @@ from datetime import timedelta
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
+from cloud import audit
 from cloud.auth import Principal, Role, new_token, token_digest, token_matches
 from cloud.errors import ConflictError, InvalidInputError, NotFoundError
 from cloud.models import ApiToken, as_utc
@@ -19,17 +20,19 @@ _LAST_USED_RESOLUTION = timedelta(minutes=1)  # don't write a row on every reque
 
 
 def create_token(*, session: Session, name: str, role: Role, created_by: str) -> tuple[str, ApiToken]:
-    """A new token `name` with `role`; returns the secret (shown once) and the stored record."""
+    """A new token `name` with `role`, audited as `created_by`; returns the secret (shown once) and the record."""
     if name == ADMIN_TOKEN_NAME:
         raise InvalidInputError(f"{ADMIN_TOKEN_NAME!r} is the bootstrap admin token's name", field="name")
     token = new_token("efa_")
     record = ApiToken(name=name, role=role.value, token_sha256=token_digest(token), created_by=created_by)
     session.add(record)
     try:
-        session.commit()
+        session.flush()
     except IntegrityError as exc:
         session.rollback()
         raise ConflictError(f"a token named {name!r} exists already") from exc
+    audit.record(session=session, actor=created_by, action="token.created", subject=name, details={"role": role.value})
+    session.commit()
     session.refresh(record)
     return token, record
 
@@ -39,14 +42,16 @@ def list_tokens(*, session: Session) -> list[ApiToken]:
     return list(session.exec(select(ApiToken).order_by(col(ApiToken.id))))
 
 
-def revoke_token(*, session: Session, name: str) -> ApiToken:
-    """Revoke token `name` at once; `NotFoundError` if unknown."""
+def revoke_token(*, session: Session, name: str, actor: str) -> ApiToken:
+    """Revoke token `name` at once (audited as `actor` unless revoked already); `NotFoundError` if unknown."""
     record = session.exec(select(ApiToken).where(ApiToken.name == name)).first()
     if record is None:
         raise NotFoundError(f"token {name!r} does not exist")
-    record.revoked_at = record.revoked_at or utcnow()
-    session.add(record)
-    session.commit()
+    if record.revoked_at is None:
+        record.revoked_at = utcnow()
+        session.add(record)
+        audit.record(session=session, actor=actor, action="token.revoked", subject=name, details={"role": record.role})
+        session.commit()
     return record
 
 

@@ -10,6 +10,7 @@ from typing import BinaryIO
 from pydantic import ValidationError
 from sqlmodel import Session
 
+from cloud import audit
 from cloud.artifacts import ArtifactStore
 from cloud.errors import ConflictError, InvalidInputError
 from cloud.services.registry import declared_tensors, discard_unreferenced, get_model_version
@@ -36,6 +37,7 @@ def add_variant(
     latency_p50_ms: float | None = None,
     inputs: list[TensorSpec] | None = None,
     outputs: list[TensorSpec] | None = None,
+    actor: str = "system",
 ) -> Variant:
     """Store another artifact of `name:version` as variant `variant`; `ConflictError` if the name is taken.
 
@@ -71,5 +73,7 @@ def add_variant(
     # A new list object, so the JSON column is seen as changed.
     record.variants = [*record.variants, entry.model_dump(mode="json")]
     session.add(record)
+    details = {"variant": variant, "sha256": sha256, "size": size, "format": format.value}
+    audit.record(session=session, actor=actor, action="variant.added", subject=f"{name}:{version}", details=details)
     session.commit()
     return entry

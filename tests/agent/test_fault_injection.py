@@ -151,6 +151,44 @@ def test_artifact_corrupted_on_every_download_is_refused_and_the_previous_model_
     assert not list((agent.config.data_dir / "downloads").glob("*.part")), "bad bytes must not be resumed"
 
 
+def test_endless_data_attack_is_cut_at_the_declared_size_and_v1_keeps_serving(
+    make_agent: AgentFactory, server: FaultyArtifactServer, observer: Observer, digits_model_bytes: bytes
+) -> None:
+    agent, v1 = serving_v1(make_agent, server, observer, digits_model_bytes)
+    v2_bytes = shifted_model(digits_model_bytes)
+    observer.desire("dev-1", 2, publish(server, "2.0", v2_bytes, ArtifactFaults(endless=True, chunk_bytes=65536)))
+    failed = observer.event("dev-1", lambda e: e.kind is EventKind.UPDATE_FAILED and e.generation == 2)
+    assert failed.error.code is ErrorCode.ARTIFACT_SIZE_MISMATCH
+    assert agent.active_model == v1.ref
+    (request,) = server.requests("digits-2.0.onnx")
+    # The agent hung up shortly after the declared size: at most what the socket buffers held, not the 1 GiB.
+    assert request.sent < len(v2_bytes) + 16 * 1024 * 1024
+    assert not list((agent.config.data_dir / "downloads").glob("*.part"))
+
+
+def test_slow_retrieval_attack_is_cut_at_the_minimum_rate_and_v1_keeps_serving(
+    make_agent: AgentFactory, server: FaultyArtifactServer, observer: Observer, digits_model_bytes: bytes
+) -> None:
+    # A trickle that never trips the per-read timeout (a chunk every 50 ms against 2 s) but would take minutes.
+    agent, v1 = serving_v1(
+        make_agent,
+        server,
+        observer,
+        digits_model_bytes,
+        download_attempts=2,
+        download_timeout_s=2.0,
+        download_min_rate_bps=65536,
+    )
+    v2_bytes = shifted_model(digits_model_bytes)
+    started = time.monotonic()
+    observer.desire("dev-1", 2, publish(server, "2.0", v2_bytes, ArtifactFaults(delay_s=0.05, chunk_bytes=64)))
+    failed = observer.event("dev-1", lambda e: e.kind is EventKind.UPDATE_FAILED and e.generation == 2)
+    assert failed.error.code is ErrorCode.DOWNLOAD_FAILED and "minimum rate" in failed.error.message
+    assert time.monotonic() - started < 20
+    assert agent.active_model == v1.ref
+    assert sum(r.sent for r in server.requests("digits-2.0.onnx")) < len(v2_bytes)
+
+
 # -- health check -------------------------------------------------------------------------------------------
 
 
