@@ -216,3 +216,20 @@ def test_broken_plugin_warns_and_leaves_the_cli_working(
     assert "hello from plugin" in result.stdout
     assert CliRunner().invoke(app, ["fn", "--name", "fleet"]).stdout.strip() == "hi fleet"
     assert CliRunner().invoke(app, ["models", "--help"]).exit_code == 0
+
+
+def test_coordinator_socket_disables_nagle_so_keep_alive_requests_do_not_wait_for_delayed_acks() -> None:
+    """uvicorn on a pre-bound socket leaves Nagle on; each keep-alive API call then took 44 ms instead of 1 ms."""
+    import socket
+
+    from cloud.cli.up import _bind
+
+    sock = _bind("127.0.0.1", 0)
+    try:
+        sock.listen()
+        with socket.create_connection(sock.getsockname()):
+            accepted, _ = sock.accept()
+            with accepted:
+                assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        sock.close()
