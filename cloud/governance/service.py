@@ -190,7 +190,8 @@ class Governance:
         return sign_instruction(self.pki_dir, device_id=device_id, generation=generation, target=target)
 
     def renew_instructions(self, now: datetime | None = None) -> list[DesiredState]:
-        """Re-sign instructions that pass half their lifetime before their device converged; returns the states.
+        """Re-sign instructions that pass half their lifetime, or whose director key was rotated, before their
+        device converged; returns the states.
 
         Same generation, same target, a fresh expiry: a device offline for longer than `INSTRUCTION_TTL` finds a
         valid instruction when it returns. The caller publishes the returned states. A state that changed
@@ -199,6 +200,7 @@ class Governance:
         now = now or datetime.now(UTC)
         renewed = []
         with Session(self._engine) as session:
+            director_keys = self.repository.policy(session).director_keyids
             rows = session.exec(
                 select(Device).where(
                     col(Device.desired_state).is_not(None), Device.enrolment == EnrolmentState.ENROLLED.value
@@ -211,8 +213,10 @@ class Governance:
                 converged = device.reported_generation is not None and device.reported_generation >= state.generation
                 if state.director is None or converged:
                     continue
-                old = Metadata[Targets].from_bytes(state.director.encode()).signed
-                if old.expires - now >= INSTRUCTION_TTL / 2:
+                signed_md = Metadata[Targets].from_bytes(state.director.encode())
+                old = signed_md.signed
+                current_key = bool(set(signed_md.signatures) & director_keys)
+                if current_key and old.expires - now >= INSTRUCTION_TTL / 2:
                     continue
                 target = next(iter(old.targets.values()))
                 director = sign_instruction(

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from sqlmodel import Session
 from tuf.api.metadata import Metadata, Targets
+from tuf.ngclient import Updater
 from typer.testing import CliRunner
 
 from cloud import cli
@@ -22,7 +23,9 @@ from cloud.governance.maintainer import GovernanceMaintainer
 from cloud.governance.service import Governance
 from cloud.models import Device
 from cloud.settings import Environment, Settings
+from protocol.governance import verify_director
 from protocol.messages import DesiredState
+from tests.agent.trust_helpers import RepositoryServer
 from tests.cloud.cards_helpers import CARD
 from tests.cloud.conftest import Api
 
@@ -244,3 +247,39 @@ def test_repository_metadata_is_re_signed_before_it_expires(api: Api) -> None:
     assert after.version == before.version + 1 and after.expires > before.expires
     repository._clock = lambda: datetime.now(UTC) + timedelta(days=20)
     assert set(repository.refresh()) == {"targets", "low", "snapshot"}
+
+
+@pytest.mark.parametrize("role", ["timestamp", "targets", "director"])
+def test_online_key_rotation_is_followed_by_a_client_that_holds_only_the_first_root(
+    api: Api, keys_cli: Any, tmp_path: Path, role: str
+) -> None:
+    governance = api.coordinator.governance
+    assert governance is not None
+    api.enrol("dev-1")
+    api.push("digits", "1.0", b"model bytes", inputs=INPUTS)
+    assert deploy(api, "1.0").status_code == 201
+    engine, repository = api.coordinator.engine, governance.repository
+    with Session(engine) as session:
+        first_root = repository.file(session, "1.root.json")
+    rotated = keys_cli("keys", "rotate", role)
+    assert rotated.exit_code == 0, rotated.output
+
+    with RepositoryServer(engine, repository) as server:
+        client_dir = tmp_path / "client"
+        client_dir.mkdir()
+        updater = Updater(
+            metadata_dir=str(client_dir), metadata_base_url=f"{server.url}/api/v1/tuf/metadata/", bootstrap=first_root
+        )
+        updater.refresh()  # walks 1.root.json -> 2.root.json, then verifies everything with the new keys
+        assert updater.get_targetinfo("low/digits/1.0/default.onnx") is not None
+    with Session(engine) as session:
+        root = repository.root(session)
+    assert root.version == 2
+
+    renewed = governance.renew_instructions()
+    if role == "director":  # instructions in flight were signed by the old key: re-signed at once
+        assert [s.device_id for s in renewed] == ["dev-1"]
+        assert renewed[0].director is not None
+        assert verify_director(root, renewed[0].director, "dev-1").version == renewed[0].generation
+    else:
+        assert renewed == []
