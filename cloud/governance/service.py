@@ -58,19 +58,33 @@ def init_root_keys(keys_dir: Path, passphrase: str, count: int = ROOT_KEY_COUNT)
     return paths
 
 
-def target_file(record: ModelVersion, variant: Variant, card_sha256: str | None) -> TargetFile:
-    """The TUF target of one variant: its digest and length, and what the version is (custom metadata)."""
+def target_file(record: ModelVersion, variant: Variant, card: ModelCard | None) -> TargetFile:
+    """The TUF target of one variant: its digest and length, and what the version is (custom metadata).
+
+    Lineage comes from the model card (`parent_version`, `run`: e.g. `--set parent_version=1.0 --set
+    run=train-2026-11-30`) and from the version itself (`variant_of`: the primary variant a compressed one was
+    made from).
+    """
     path = target_path(record.risk_class, record.name, record.version, variant.name, variant.format.value)
+    extra = dict((card.card or {}).get("extra") or {}) if card else {}
     custom = {
         "model": record.name,
         "version": record.version,
         "variant": variant.name,
         "format": variant.format.value,
         "risk": record.risk_class,
-        "card_sha256": card_sha256,
-        "lineage": {"parent_version": None, "run": None, "variant_of": record.primary_variant},
+        "card_sha256": card.sha256 if card else None,
+        "lineage": {
+            "parent_version": _text(extra.get("parent_version")),
+            "run": _text(extra.get("run")),
+            "variant_of": None if variant.name == record.primary_variant else record.primary_variant,
+        },
     }
     return TargetFile(variant.size, {"sha256": variant.sha256}, path, unrecognized_fields={"custom": custom})
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 class Governance:
@@ -135,9 +149,7 @@ class Governance:
     def _sign_version(self, record: ModelVersion, card: ModelCard | None) -> str:
         if record.risk_class == "high" and card is None:
             raise CloudError(f"{record.name}:{record.version} is high risk and has no model card yet")
-        targets = {
-            t.path: t for t in (target_file(record, v, card.sha256 if card else None) for v in version_variants(record))
-        }
+        targets = {t.path: t for t in (target_file(record, v, card) for v in version_variants(record))}
         if record.risk_class == "high":
             self.repository.prepare_high(high_role(record.name, record.version), targets)
             state = "awaiting_approval"
@@ -186,7 +198,7 @@ class Governance:
         """The director's signed instruction for `device_id` to install `variant` of `record` as `generation`."""
         with Session(self._engine) as session:
             card = session.exec(select(ModelCard).where(ModelCard.model_version_id == record.id)).first()
-        target = target_file(record, variant, card.sha256 if card else None)
+        target = target_file(record, variant, card)
         return sign_instruction(self.pki_dir, device_id=device_id, generation=generation, target=target)
 
     def renew_instructions(self, now: datetime | None = None) -> list[DesiredState]:

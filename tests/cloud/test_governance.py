@@ -283,3 +283,25 @@ def test_online_key_rotation_is_followed_by_a_client_that_holds_only_the_first_r
         assert verify_director(root, renewed[0].director, "dev-1").version == renewed[0].generation
     else:
         assert renewed == []
+
+
+def test_targets_carry_the_versions_card_digest_and_lineage(api: Api) -> None:
+    api.push("digits", "1.1", b"model bytes", inputs=INPUTS)
+    card = {**CARD, "risk_class": "low", "parent_version": "1.0", "run": "train-2026-11-30"}
+    stored = api.client.put("/api/v1/models/digits/versions/1.1/card", json=card)
+    assert stored.status_code == 200, stored.text
+    governance = api.coordinator.governance
+    assert governance is not None
+    with Session(api.coordinator.engine) as session:
+        low = governance.repository.metadata(session, "low").signed
+    target = low.targets["low/digits/1.1/default.onnx"]
+    custom = target.unrecognized_fields["custom"]
+    assert custom["card_sha256"] == stored.json()["sha256"]
+    assert custom["lineage"] == {"parent_version": "1.0", "run": "train-2026-11-30", "variant_of": None}
+    assert (custom["model"], custom["version"], custom["variant"], custom["format"], custom["risk"]) == (
+        "digits",
+        "1.1",
+        "default",
+        "onnx",
+        "low",
+    )
