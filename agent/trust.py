@@ -152,6 +152,8 @@ class TrustGate:
         model = desired.model
         custom = info.unrecognized_fields.get("custom") or {}
         claimed = {"model": model.name, "version": model.version, "format": model.artifact.format.value}
+        if model.variant is not None:
+            claimed["variant"] = model.variant
         signed = {key: custom.get(key) for key in claimed}
         if claimed != signed:
             raise GovernanceError(f"the message names {claimed}, the signed target {info.path} is {signed}")

@@ -128,7 +128,12 @@ def run_demo(console: Console, root: Path, *, devices: int, requests: int, timeo
             kind_names = ", ".join(p.name for p in MIXED_PROFILES)
             console.print(f"[bold]3/6[/] {devices} device agents enrolled and started ({kind_names}) ...")
             _wait_for_enrolment(client, fleet.device_ids, timeout)
-            console.print(f"[bold]4/6[/] deploying {MODEL_NAME}:{MODEL_VERSION} to tag fleet=demo ...")
+            version = client.model_version(MODEL_NAME, MODEL_VERSION)
+            console.print(
+                f"[bold]4/6[/] deploying {MODEL_NAME}:{MODEL_VERSION} to tag fleet=demo ({version['risk_class']} "
+                f"risk, {version['signing_state']} in the fleet's TUF repository; every device verifies it and its "
+                "signed director instruction before installing) ..."
+            )
             deployment = client.deploy(model=MODEL_NAME, version=MODEL_VERSION, tags={"fleet": "demo"})
             _watch_deployment(console, client, deployment["id"], devices, timeout)
             console.print(f"[bold]5/6[/] sending {requests} held-out digits to each device's inference endpoint ...")

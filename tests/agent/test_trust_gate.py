@@ -314,7 +314,9 @@ def test_rejects_director_and_repository_disagreeing_about_the_hashes(fleet: Fle
 
 
 @pytest.mark.parametrize(
-    "lie", [{"name": "other-model"}, {"version": "0.9"}, {"format": "tflite"}], ids=["name", "version", "format"]
+    "lie",
+    [{"name": "other-model"}, {"version": "0.9"}, {"format": "tflite"}, {"variant": "int8"}],
+    ids=["name", "version", "format", "variant"],
 )
 def test_rejects_message_naming_other_model_than_the_signed_target(fleet: Fleet, lie: dict[str, Any]) -> None:
     target = fleet.publish_low("detector", "1.0", b"one")

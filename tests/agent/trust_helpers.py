@@ -300,7 +300,7 @@ class Fleet:
                 format=ModelFormat(model.get("format", custom["format"])),
             ),
             inputs=[TensorSpec(name="input", datatype="FP32", shape=[-1, 64])],
-            variant="fp32",
+            variant=model.get("variant", custom["variant"]),
         )
         instruction = self.instruct(target, generation) if director is None else director
         return DesiredState(device_id=DEVICE, generation=generation, model=spec, director=instruction)
