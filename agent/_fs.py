@@ -10,10 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_copy", "atomic_write_bytes"]
+__all__ = ["atomic_copy", "atomic_write_bytes", "fsync_dir"]
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     # Makes the rename itself durable; not every platform/filesystem allows opening a directory.
     with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
@@ -37,7 +37,7 @@ def _atomic_write(path: Path, fill: Callable[[BinaryIO], object]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -55,8 +55,13 @@ data_dir = "edgefleet-agent-data"
 http_host = "127.0.0.1"
 http_port = 8500
 
-# Seconds between telemetry windows (empty windows are not sent).
+# Seconds between telemetry windows (empty windows are not sent). Each window waits on disk until the
+# coordinator confirms it, and is sent again after telemetry_resend_s; beyond the outbox bounds the oldest
+# are dropped (and counted). telemetry_outbox_windows = 0 keeps nothing on disk.
 telemetry_interval_s = 10
+telemetry_resend_s = 30
+telemetry_outbox_windows = 10000
+telemetry_outbox_bytes = 67108864
 
 # MQTT reconnect backoff bounds, download timeout and attempts, threads per inference.
 reconnect_min_s = 1

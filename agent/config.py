@@ -55,8 +55,26 @@ class AgentConfig(BaseModel):
         description="bearer token required on every endpoint route but health; set it when http_host is not loopback",
     )
     telemetry_interval_s: float = Field(default=10.0, gt=0, le=86400)
+    telemetry_outbox_windows: int = Field(
+        default=10_000,
+        ge=0,
+        le=10_000_000,
+        description="unconfirmed telemetry windows kept on disk (the oldest are dropped beyond); 0 = no outbox",
+    )
+    telemetry_outbox_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=64 * 1024, description="most bytes of unconfirmed telemetry kept on disk"
+    )
+    telemetry_resend_s: float = Field(
+        default=30.0, gt=0, le=86400, description="seconds an unconfirmed telemetry window waits before it is resent"
+    )
     reconnect_min_s: float = Field(default=1.0, gt=0, le=3600)
     reconnect_max_s: float = Field(default=60.0, gt=0, le=3600)
+    broker_rediscover_after: int = Field(
+        default=5,
+        ge=1,
+        le=1000,
+        description="failed broker connects in a row before an enrolled agent asks the coordinator where it is now",
+    )
     download_timeout_s: float = Field(default=60.0, gt=0, le=86400, description="per-request network timeout")
     download_attempts: int = Field(default=3, ge=1, le=20, description="tries before a download is reported failed")
     download_min_rate_bps: int = Field(

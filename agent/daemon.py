@@ -18,13 +18,15 @@ import numpy as np
 from agent.capabilities import device_capabilities
 from agent.config import AgentConfig
 from agent.errors import ConfigError, TransportError
-from agent.identity import DeviceIdentity, load_identity, needs_renewal, renew
+from agent.identity import DeviceIdentity, load_identity, locate_broker, needs_renewal, renew
+from agent.outbox import Outbox
 from agent.runtime import LoadedModel, RuntimeCatalog, default_catalog
+from agent.seq import SEQ_FILE, SeqCounter
 from agent.server import InferenceServer, create_app
 from agent.serving import Serving
-from agent.telemetry import SeqCounter, TelemetryPublisher, TelemetryRecorder
+from agent.telemetry import TelemetryPublisher, TelemetryRecorder
 from agent.transport import MqttTransport, Transport, client_id_for
-from agent.trust import TrustGate
+from agent.trust import trust_gate_for
 from agent.update import (
     ArtifactFetcher,
     HealthPolicy,
@@ -132,8 +134,15 @@ class Agent:
         self._tls: ssl.SSLContext | None = None
         self._renewal_stop = threading.Event()
         self._refused: tuple[int, ErrorInfo] | None = None
+        self._broker: BrokerAddress | None = None  # where the last connection went (a moved broker changes it)
 
     # -- public API -------------------------------------------------------------------------------
+
+    @property
+    def broker_address(self) -> BrokerAddress | None:
+        """Where the agent's MQTT connection goes now (after a moved broker was found: the new address)."""
+        transport = self._transport
+        return transport.address if isinstance(transport, MqttTransport) else None
 
     @property
     def active_model(self) -> ModelRef | None:
@@ -164,9 +173,24 @@ class Agent:
 
     @property
     def telemetry_sent_seqs(self) -> list[int]:
-        """Seqs of the telemetry windows this agent published since it was created (the most recent 10,000)."""
+        """Seqs of the telemetry windows this agent published since it was created (the most recent 10,000).
+
+        First publishes only: windows sent again from the outbox are not listed twice.
+        """
         with self._lock:
             return list(self._sent_seqs)
+
+    @property
+    def telemetry_unconfirmed(self) -> list[int]:
+        """Seqs of the telemetry windows on disk that the coordinator has not confirmed yet (none when stopped)."""
+        telemetry = self._telemetry
+        return telemetry.unconfirmed if telemetry is not None else []
+
+    @property
+    def telemetry_dropped(self) -> int:
+        """Telemetry windows this device dropped for good (its outbox was full); 0 when stopped."""
+        telemetry = self._telemetry
+        return telemetry.dropped if telemetry is not None else 0
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one inference on the served model, counted in telemetry; `NoModelError` before a model is loaded."""
@@ -301,13 +325,8 @@ class Agent:
 
     def _trust_gate(self) -> Callable[[DesiredState], DesiredState] | None:
         """The governance check of desired states, for a device enrolled with the fleet's TUF root."""
-        identity = self._identity
-        if identity is None or identity.tuf_url is None or not identity.root_path.exists():
-            if identity is not None:
-                log.warning("device %s has no TUF root from enrolment: updates are not governed", identity.device_id)
-            return None
-        gate = TrustGate(identity, self.config.data_dir / "tuf", timeout_s=min(self.config.download_timeout_s, 30.0))
-        return gate.check
+        timeout_s = min(self.config.download_timeout_s, 30.0)
+        return trust_gate_for(self._identity, self.config.data_dir / "tuf", timeout_s)
 
     def _on_refused(self, desired: DesiredState, error: ErrorInfo) -> None:
         """A desired state whose signed metadata did not verify: report why; nothing else changes."""
@@ -351,18 +370,26 @@ class Agent:
             will=(topics.reported(cfg.device_id), encode(offline)),
             reconnect_min_s=cfg.reconnect_min_s,
             reconnect_max_s=cfg.reconnect_max_s,
+            rediscover=self._locate_broker if identity is not None and cfg.mqtt_url is None else None,
+            rediscover_after=cfg.broker_rediscover_after,
         )
-        self._telemetry = TelemetryPublisher(
-            device_id=cfg.device_id,
-            recorder=self._recorder,
-            seq=SeqCounter(cfg.data_dir / "telemetry-seq"),
-            publish=self._publish_telemetry,
-            interval_s=cfg.telemetry_interval_s,
-        )
+        self._telemetry = self._telemetry_publisher(self._transport)
         self._transport.start(on_message=self._on_message, on_connect=self._on_connect)
         self._telemetry.start()
 
     # -- internals --------------------------------------------------------------------------------
+
+    def _locate_broker(self) -> BrokerAddress | None:
+        """Where the coordinator says the broker is now (the enrolled URL stopped answering); stored for restarts."""
+        identity = self._identity
+        if identity is None:
+            return None
+        moved = locate_broker(identity, timeout_s=min(self.config.download_timeout_s, 10.0))
+        if moved.topic_base != identity.topic_base:
+            log.error("the fleet's topic base changed to %s; restart the agent", moved.topic_base)
+            return None
+        self._identity = moved
+        return parse_mqtt_url(moved.broker_url)
 
     def _start_renewal(self) -> None:
         """Check the certificate every `certificate_check_s` while running, renewing it when due."""
@@ -402,6 +429,13 @@ class Agent:
         if self._telemetry is not None:
             self._telemetry.connected()
         self._report()
+        transport = self._transport
+        address = transport.address if isinstance(transport, MqttTransport) else None
+        if self._broker is not None and address is not None and address != self._broker:
+            moved = f"broker moved from {self._broker.host}:{self._broker.port} to {address.host}:{address.port}"
+            log.warning("%s (the coordinator named it after failed connects; kept for restarts)", moved)
+            self._event(EventKind.BROKER_MOVED, message=moved)
+        self._broker = address
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         assert self._topics is not None
@@ -481,11 +515,37 @@ class Agent:
         event = DeviceEvent(device_id=self.config.device_id, kind=kind, **fields)
         transport.publish(topics.events(self.config.device_id), encode(event), qos=1)
 
+    def _telemetry_publisher(self, transport: MqttTransport) -> TelemetryPublisher:
+        """Windows on disk until the coordinator confirms them (`agent.outbox`), unless the outbox is disabled."""
+        cfg = self.config
+        outbox = None
+        if cfg.telemetry_outbox_windows > 0:
+            outbox = Outbox(
+                cfg.data_dir / "telemetry",
+                max_windows=cfg.telemetry_outbox_windows,
+                max_bytes=cfg.telemetry_outbox_bytes,
+            )
+        return TelemetryPublisher(
+            device_id=cfg.device_id,
+            recorder=self._recorder,
+            seq=SeqCounter(cfg.data_dir / SEQ_FILE, used=outbox.highest if outbox is not None else None),
+            publish=self._publish_telemetry,
+            republish=self._republish_telemetry,
+            interval_s=cfg.telemetry_interval_s,
+            outbox=outbox,
+            resend_s=cfg.telemetry_resend_s,
+            is_connected=lambda: transport.connected,
+            backlog=lambda: transport.unacknowledged,
+        )
+
     def _publish_telemetry(self, window: TelemetryWindow) -> None:
+        self._republish_telemetry(window)
+        with self._lock:
+            self._sent_seqs.append(window.seq)
+            del self._sent_seqs[:-MAX_SENT_SEQS]
+
+    def _republish_telemetry(self, window: TelemetryWindow) -> None:
         transport, topics = self._transport, self._topics
         if transport is None or topics is None:
             raise TransportError("telemetry published before the transport started")
         transport.publish(topics.telemetry(self.config.device_id), encode(window), qos=1)
-        with self._lock:
-            self._sent_seqs.append(window.seq)
-            del self._sent_seqs[:-MAX_SENT_SEQS]

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -29,9 +29,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from agent.errors import ConfigError, TransportError
-from protocol.identity import EnrolmentRequest, EnrolmentResponse, RenewalRequest
+from agent.seq import start_counter
+from protocol.identity import BrokerLocation, EnrolmentRequest, EnrolmentResponse, RenewalRequest
 
-__all__ = ["DeviceIdentity", "enrol", "load_identity", "needs_renewal", "renew"]
+__all__ = ["DeviceIdentity", "enrol", "load_identity", "locate_broker", "needs_renewal", "renew"]
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +126,7 @@ def _store(directory: Path, answer: EnrolmentResponse) -> DeviceIdentity:
         tags=dict(answer.tags),
         tuf_url=answer.tuf_url,
     )
-    meta = {k: v for k, v in identity.__dict__.items() if k != "directory"}
-    _write(directory / "identity.json", (json.dumps(meta, indent=2) + "\n").encode(), 0o644)
+    _save_meta(identity)
     return identity
 
 
@@ -151,6 +151,7 @@ def enrol(
     encoding, fmt = serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8
     _write(directory / "device.key", key.private_bytes(encoding, fmt, serialization.NoEncryption()))
     identity = _store(directory, answer)
+    start_counter(data_dir)
     log.info("enrolled as %s; certificate valid until %s", device_id, answer.not_after.isoformat())
     return identity
 
@@ -170,6 +171,32 @@ def load_identity(data_dir: Path) -> DeviceIdentity | None:
         if not path.exists():
             raise ConfigError(f"{path} is missing; enrol the device again (`edgefleet-agent enroll`)")
     return identity
+
+
+def locate_broker(identity: DeviceIdentity, timeout_s: float = 10.0) -> DeviceIdentity:
+    """Ask the coordinator where the broker is now; the identity with that URL (stored when it changed).
+
+    `TransportError` when the coordinator cannot be reached, `ConfigError` when it answers nonsense.
+    """
+    url = f"{identity.coordinator_url}/api/v1/enrolment/broker"
+    try:
+        response = httpx.get(url, timeout=timeout_s)
+        response.raise_for_status()
+        location = BrokerLocation.model_validate(response.json())
+    except httpx.HTTPError as exc:
+        raise TransportError(f"cannot ask {url} where the broker is: {exc}") from exc
+    except ValueError as exc:
+        raise ConfigError(f"{url} answered something that is not a broker location: {exc}") from exc
+    if location.broker_url == identity.broker_url and location.topic_base == identity.topic_base:
+        return identity
+    moved = replace(identity, broker_url=location.broker_url, topic_base=location.topic_base)
+    _save_meta(moved)
+    return moved
+
+
+def _save_meta(identity: DeviceIdentity) -> None:
+    meta = {k: v for k, v in identity.__dict__.items() if k != "directory"}
+    _write(identity.directory / "identity.json", (json.dumps(meta, indent=2) + "\n").encode(), 0o644)
 
 
 def needs_renewal(certificate: x509.Certificate, now: datetime | None = None) -> bool:

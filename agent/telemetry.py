@@ -1,36 +1,39 @@
-"""Telemetry windows: inference and error counts, latency percentiles and histogram, predicted classes.
+"""Telemetry publishing: a window every interval and on `flush()`, kept on disk until the coordinator confirms it.
 
-`TelemetryRecorder` collects (thread-safe); `build_window` turns a closed window into the wire message
-(pure); `SeqCounter` hands out the per-device `seq`, persisted *before* use so it is never reused
-across restarts; `TelemetryPublisher` closes and publishes a window every interval and on `flush()`.
+A closed window gets the next `seq` and its `prev_seq` (`agent.seq`), is written to the outbox (`agent.outbox`)
+and only then published at QoS 1. The coordinator's `TelemetryAck` deletes what it confirms
+(`TelemetryAck.confirms`). Unconfirmed windows are published again, in seq order, after every (re)connect (so
+after a restart too) and whenever they have waited `resend_s` since they were last sent; the coordinator drops
+duplicates by seq, so resending is safe. A broker that loses a window, a coordinator that crashes before storing
+it or a database outage longer than the bridge waits therefore delays a window, never loses it.
 
-A counter whose file is missing or unreadable does not guess: the publisher holds windows (in memory,
-bounded) and collects the coordinator's `TelemetryAck`s after connecting, the retained one first and then the
-coordinator's answer to the agent's report (the retained one may be up to a throttle interval old). With
-`ACKS_TO_SETTLE` of them, or `SEQ_WAIT_S` after connecting, it continues above everything they say is stored
-plus `SEQ_MARGIN` (`resume_seq`); without any, at 0 (a device that never sent telemetry).
+A counter whose file is missing or unreadable does not guess: the publisher holds windows (on disk in the outbox's
+`held/`, so a restart keeps them; at most `MAX_HELD_WINDOWS`) and collects the coordinator's `TelemetryAck`s after
+connecting, the retained one first and then the coordinator's answer to the agent's report (the retained one may
+be up to a throttle interval old). With `ACKS_TO_SETTLE` of them, or `SEQ_WAIT_S` after connecting, it continues
+above everything they say is stored plus `SEQ_MARGIN` (`resume_seq`); without any, at 0 (a device that never
+sent telemetry).
 """
 
 from __future__ import annotations
 
-import bisect
 import logging
+import math
 import threading
+import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
-from pathlib import Path
+from collections.abc import Callable
 
-import numpy as np
-
-from agent._fs import atomic_write_bytes
-from protocol import LatencySummary, ModelRef, TelemetryAck, TelemetryWindow, utcnow
-from protocol.telemetry import LATENCY_BUCKETS_MS, latency_histogram
+from agent.outbox import Outbox
+from agent.seq import SEQ_MARGIN, SeqCounter, resume_seq, seq_after_ack
+from agent.windows import TelemetryRecorder, WindowCounts, build_window, predicted_classes
+from protocol import MalformedMessageError, TelemetryAck, TelemetryWindow, decode
 
 __all__ = [
     "ACKS_TO_SETTLE",
     "MAX_HELD_WINDOWS",
+    "MAX_RESEND_BACKLOG",
+    "RESEND_S",
     "SEQ_MARGIN",
     "SEQ_WAIT_S",
     "SeqCounter",
@@ -38,229 +41,35 @@ __all__ = [
     "TelemetryRecorder",
     "WindowCounts",
     "build_window",
+    "predicted_classes",
     "resume_seq",
     "seq_after_ack",
 ]
 
 log = logging.getLogger(__name__)
 
-# Latencies kept per window for exact percentiles; the histogram counts every inference regardless.
-MAX_LATENCY_SAMPLES = 20_000
-# Seqs left out above the coordinator's `max_seq` when the counter was lost: windows an earlier run published
-# that the coordinator had not stored when it acknowledged (at most paho's queue, `MqttTransport(max_queued)`).
-SEQ_MARGIN = 1000
 # How long after connecting an unknown counter collects acknowledgements (the retained one comes right after
 # the subscription, the coordinator answers the agent's report at once) before it settles.
 SEQ_WAIT_S = 5.0
 # Acknowledgements that settle an unknown counter before the wait is over: the retained one and a live answer.
 ACKS_TO_SETTLE = 2
-# Closed windows kept while the counter is unknown; older ones are dropped beyond this.
+# Closed windows kept while the counter is unknown; older ones are dropped (and counted) beyond this.
 MAX_HELD_WINDOWS = 100
+# How long an unconfirmed window waits before it is published again (the coordinator acknowledges within ~1 s).
+RESEND_S = 30.0
+# QoS 1 publishes in flight above which resending waits: paho's queue (1000) must not overflow.
+MAX_RESEND_BACKLOG = 200
 
-
-@dataclass
-class WindowCounts:
-    """What happened in one window (mutable while open, handed out once closed)."""
-
-    start: datetime
-    end: datetime | None = None
-    model: ModelRef | None = None
-    inferences: int = 0
-    errors: int = 0
-    latencies_ms: list[float] = field(default_factory=list)
-    histogram: list[int] = field(default_factory=lambda: latency_histogram([]))
-    classes: dict[str, int] = field(default_factory=dict)
-
-
-def _percentile(ordered: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(ordered), q * 100.0)) if ordered else 0.0
-
-
-def build_window(device_id: str, seq: int, counts: WindowCounts) -> TelemetryWindow:
-    """The wire message of a closed window."""
-    latency = None
-    if counts.latencies_ms:
-        ordered = sorted(counts.latencies_ms)
-        latency = LatencySummary(
-            p50_ms=_percentile(ordered, 0.50),
-            p95_ms=_percentile(ordered, 0.95),
-            p99_ms=_percentile(ordered, 0.99),
-            max_ms=ordered[-1],
-            mean_ms=sum(ordered) / len(ordered),
-        )
-    return TelemetryWindow(
-        device_id=device_id,
-        seq=seq,
-        window_start=counts.start,
-        window_end=counts.end or utcnow(),
-        model=counts.model,
-        inference_count=counts.inferences,
-        error_count=counts.errors,
-        latency=latency,
-        latency_histogram=counts.histogram,
-        class_counts=dict(counts.classes),
-    )
-
-
-def predicted_classes(output: np.ndarray | None) -> list[int]:
-    """Argmax per row of a `[batch, classes]` output; nothing for any other shape."""
-    if output is None or output.ndim != 2 or output.shape[1] < 1 or not np.issubdtype(output.dtype, np.number):
-        return []
-    return [int(i) for i in np.argmax(output, axis=1)]
-
-
-class TelemetryRecorder:
-    """Collects inference outcomes into the open window; `take()` closes it and opens the next."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._open = WindowCounts(start=utcnow())
-
-    def record(self, model: ModelRef, latency_ms: float, ok: bool, first_output: np.ndarray | None) -> None:
-        """Count one inference (matches `serving.InferenceRecorder`)."""
-        classes = predicted_classes(first_output) if ok else []
-        latency_ms = max(0.0, latency_ms)
-        with self._lock:
-            w = self._open
-            w.model = model
-            w.inferences += 1
-            if not ok:
-                w.errors += 1
-            if len(w.latencies_ms) < MAX_LATENCY_SAMPLES:
-                w.latencies_ms.append(latency_ms)
-            w.histogram[_bucket(latency_ms)] += 1
-            for cls in classes:
-                w.classes[str(cls)] = w.classes.get(str(cls), 0) + 1
-
-    def take(self) -> WindowCounts | None:
-        """Close the open window; None (and the window stays open) when nothing happened in it."""
-        with self._lock:
-            if self._open.inferences == 0:
-                return None
-            closed, self._open = self._open, WindowCounts(start=utcnow())
-        closed.end = self._open.start
-        return closed
-
-
-def _bucket(latency_ms: float) -> int:
-    # The bucket `protocol.telemetry.latency_histogram` would count it in, without building a histogram.
-    return bisect.bisect_left(LATENCY_BUCKETS_MS, latency_ms)
-
-
-def resume_seq(acks: Sequence[TelemetryAck], margin: int = SEQ_MARGIN) -> int:
-    """Where a lost counter continues: `margin` above every seq any of `acks` says is stored; 0 without any. Pure.
-
-    The margin applies to "nothing stored" too: an acknowledgement can be older than windows already on their
-    way (the coordinator throttles it, and stores what the broker still holds only when it can).
-    """
-    if not acks:
-        return 0
-    stored = max((ack.max_seq for ack in acks if ack.max_seq is not None), default=-1)
-    return stored + 1 + margin
-
-
-def seq_after_ack(next_seq: int, ack: TelemetryAck, margin: int = SEQ_MARGIN) -> int | None:
-    """The seq a known counter jumps to when `ack` shows its next seq already stored, else None. Pure.
-
-    That counter's file was restored from an older copy: seqs at or below `max_seq` would be dropped as
-    duplicates.
-    """
-    if ack.max_seq is not None and ack.max_seq >= next_seq:
-        return resume_seq([ack], margin)
-    return None
-
-
-class SeqCounter:
-    """Per-device telemetry sequence numbers, persisted in `path` before each is used.
-
-    Without a readable file the counter is unknown (`next()` returns None) until `resume` settles it from the
-    coordinator's acknowledgements (or from none: a device that never sent telemetry starts at 0).
-    """
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._lock = threading.Lock()
-        self._next = self._load()
-
-    def _load(self) -> int | None:
-        try:
-            text = self._path.read_text()
-        except FileNotFoundError:
-            log.info("no telemetry seq file %s; holding windows until the coordinator acknowledges", self._path)
-            return None
-        except OSError as exc:
-            log.warning("cannot read telemetry seq %s (%s); holding windows until acknowledged", self._path, exc)
-            return None
-        try:
-            value = int(text.strip())
-        except ValueError:
-            value = -1
-        if value < 0:
-            log.warning("unreadable telemetry seq %s (%r); holding windows until acknowledged", self._path, text[:40])
-            return None
-        return value
-
-    @property
-    def known(self) -> bool:
-        """True once the counter knows where it stands (its file, or `resume`)."""
-        with self._lock:
-            return self._next is not None
-
-    def next(self) -> int | None:
-        """The next seq, the one after it on disk before this returns; None while the counter is unknown."""
-        with self._lock:
-            seq = self._next
-            if seq is None:
-                return None
-            atomic_write_bytes(self._path, str(seq + 1).encode())
-            self._next = seq + 1
-            return seq
-
-    def resume(self, acks: Sequence[TelemetryAck]) -> bool:
-        """Settle an unknown counter at `resume_seq(acks)`; False (and nothing changes) if it is known."""
-        with self._lock:
-            if self._next is not None:
-                return False
-            self._set(resume_seq(acks))
-            target = self._next
-        if not acks:
-            log.info("telemetry seq starts at 0: no acknowledgement from the coordinator (never sent telemetry)")
-        else:
-            stored = max((a.max_seq for a in acks if a.max_seq is not None), default=None)
-            log.warning(
-                "telemetry seq continues at %d (no usable seq file): coordinator stored %s, +%d for windows in flight",
-                target,
-                "nothing" if stored is None else f"up to {stored}",
-                SEQ_MARGIN,
-            )
-        return True
-
-    def acknowledged(self, ack: TelemetryAck) -> bool:
-        """Check a known counter against the coordinator's acknowledgement (`seq_after_ack`); True if it jumped."""
-        with self._lock:
-            previous = self._next
-            target = None if previous is None else seq_after_ack(previous, ack)
-            if previous is None or target is None:
-                return False
-            self._set(target)
-        log.warning(
-            "telemetry seq jumps from %d to %d: the coordinator stored up to %s already (seq file from an older copy?)",
-            previous,
-            target,
-            ack.max_seq,
-        )
-        return True
-
-    def _set(self, value: int) -> None:
-        atomic_write_bytes(self._path, str(value).encode())
-        self._next = value
+Publish = Callable[[TelemetryWindow], None]
 
 
 class TelemetryPublisher:
     """Publishes the recorder's windows every `interval_s` and on `flush()`; empty windows are not sent.
 
-    While the seq counter is unknown, closed windows are held (at most `MAX_HELD_WINDOWS`) and published,
-    in order, once `ACKS_TO_SETTLE` acknowledgements or the end of the wait after `connected()` settle it.
+    With an `outbox`, windows wait on disk until acknowledged and are published again as the module says:
+    `publish` sends a window this process has not sent yet, `republish` one it sent before (default: `publish`);
+    `is_connected` says whether sending now makes sense and `backlog` how many publishes the transport still has
+    in flight. Without an outbox, windows are only published.
     """
 
     def __init__(
@@ -269,23 +78,38 @@ class TelemetryPublisher:
         device_id: str,
         recorder: TelemetryRecorder,
         seq: SeqCounter,
-        publish: Callable[[TelemetryWindow], None],
+        publish: Publish,
         interval_s: float,
         seq_wait_s: float = SEQ_WAIT_S,
+        outbox: Outbox | None = None,
+        resend_s: float = RESEND_S,
+        republish: Publish | None = None,
+        is_connected: Callable[[], bool] | None = None,
+        backlog: Callable[[], int] | None = None,
     ) -> None:
         self._device_id = device_id
         self._recorder = recorder
         self._seq = seq
         self._publish = publish
+        self._republish = republish or publish
+        self._is_connected = is_connected
+        self._backlog = backlog
         self._interval = interval_s
         self._seq_wait_s = seq_wait_s
+        self._outbox = outbox
+        self._resend_s = resend_s
         self._flush_lock = threading.Lock()
-        self._held: deque[WindowCounts] = deque()
+        # Closed windows without a seq yet: (hold number in the outbox or None, the window with seq 0).
+        self._held: deque[tuple[int | None, TelemetryWindow]] = deque(outbox.held() if outbox is not None else ())
+        self._dropped = 0  # windows dropped without an outbox to count them
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._wait: threading.Timer | None = None
         self._acks: list[TelemetryAck] = []  # acknowledgements seen while the counter is unknown
         self._acks_lock = threading.Lock()
+        self._resend_lock = threading.Lock()
+        self._resend_from: float | None = None  # a connect: resend what was not sent since then
 
     def start(self) -> None:
         """Start the interval timer thread."""
@@ -296,6 +120,7 @@ class TelemetryPublisher:
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the timer (without flushing; the caller decides)."""
         self._stop.set()
+        self._wake.set()
         if self._wait is not None:
             self._wait.cancel()
         if self._thread is not None:
@@ -308,16 +133,30 @@ class TelemetryPublisher:
         with self._flush_lock:
             return len(self._held)
 
+    @property
+    def dropped(self) -> int:
+        """Windows dropped for good (outbox full, or held beyond `MAX_HELD_WINDOWS`)."""
+        return self._outbox.dropped if self._outbox is not None else self._dropped
+
+    @property
+    def unconfirmed(self) -> list[int]:
+        """Seqs of the windows waiting in the outbox for the coordinator to confirm them."""
+        return self._outbox.seqs if self._outbox is not None else []
+
     def flush(self) -> TelemetryWindow | None:
         """Close the current window and publish what can be; returns the last window published, if any."""
         with self._flush_lock:
             counts = self._recorder.take()
             if counts is not None:
-                self._hold(counts)
+                self._hold(build_window(self._device_id, 0, counts))
             return self._release()
 
     def connected(self) -> None:
-        """The transport connected: an unknown counter collects acknowledgements for `seq_wait_s` (once)."""
+        """The transport connected: resend what is unconfirmed; an unknown counter collects acknowledgements."""
+        if self._outbox is not None:
+            with self._resend_lock:
+                self._resend_from = time.monotonic()
+            self._wake.set()
         if self._seq.known or self._wait is not None or self._stop.is_set():
             return
         self._wait = threading.Timer(self._seq_wait_s, self._settle)
@@ -325,7 +164,9 @@ class TelemetryPublisher:
         self._wait.start()
 
     def acknowledged(self, ack: TelemetryAck) -> None:
-        """The coordinator's acknowledgement arrived: settle (or correct) the counter, then publish held windows."""
+        """The coordinator's acknowledgement: forget what it confirms, settle (or correct) the counter, publish."""
+        if self._outbox is not None:
+            self._outbox.confirm(ack)
         if self._seq.known:
             if self._seq.acknowledged(ack):
                 self._release_now()
@@ -335,6 +176,45 @@ class TelemetryPublisher:
             enough = len(self._acks) >= ACKS_TO_SETTLE
         if enough:
             self._settle()
+
+    def resend(self, before: float | None = None) -> int:
+        """Publish again, in seq order, the unconfirmed windows not sent since monotonic `before` (None: all)."""
+        outbox = self._outbox
+        if outbox is None:
+            return 0
+        count, limit = 0, math.inf if before is None else before
+        for seq in outbox.due(before):
+            if self._stop.is_set() or not self._connected_now() or not self._backlog_drained():
+                break
+            payload = outbox.payload(seq)
+            if payload is None:  # confirmed meanwhile
+                continue
+            try:
+                window = decode(TelemetryWindow, payload)
+            except MalformedMessageError as exc:
+                log.error(
+                    "telemetry window %d of %s in the outbox is unreadable, not sent: %s", seq, self._device_id, exc
+                )
+                continue
+            first = outbox.claim(seq, limit, time.monotonic())
+            if first is None:  # confirmed, or sent by `flush` since
+                continue
+            # First: closed while disconnected, or by an earlier run of the agent.
+            (self._publish if first else self._republish)(window)
+            count += 1
+        if count:
+            log.info("telemetry of %s: published %d unconfirmed windows again", self._device_id, count)
+        return count
+
+    def _connected_now(self) -> bool:
+        return self._is_connected is None or self._is_connected()
+
+    def _backlog_drained(self) -> bool:
+        """Wait while the transport has more than `MAX_RESEND_BACKLOG` publishes in flight; False to give up."""
+        while self._backlog is not None and self._backlog() > MAX_RESEND_BACKLOG:
+            if self._stop.wait(0.05) or not self._connected_now():
+                return False
+        return True
 
     def _settle(self) -> None:
         with self._acks_lock:
@@ -349,33 +229,80 @@ class TelemetryPublisher:
         except Exception:  # called from the MQTT thread or a timer: report, never raise
             log.exception("publishing held telemetry of %s failed", self._device_id)
 
-    def _hold(self, counts: WindowCounts) -> None:
-        self._held.append(counts)
-        if len(self._held) > MAX_HELD_WINDOWS:
-            dropped = self._held.popleft()
-            log.warning(
-                "telemetry seq of %s still unknown: dropped the held window from %s (%d inferences)",
-                self._device_id,
-                dropped.start.isoformat(),
-                dropped.inferences,
-            )
+    def _hold(self, window: TelemetryWindow) -> None:
+        """Keep a closed window until it has a seq: on disk while the counter is unknown (restarts keep it)."""
+        number = self._outbox.hold(window) if self._outbox is not None and not self._seq.known else None
+        self._held.append((number, window))
+        if len(self._held) <= MAX_HELD_WINDOWS:
+            return
+        number, dropped = self._held.popleft()
+        if self._outbox is None:
+            self._dropped += 1
+        elif number is None:
+            self._outbox.count_dropped(1)
+        else:
+            self._outbox.drop_held(number)
+        log.warning(
+            "telemetry seq of %s still unknown: dropped the held window from %s (%d inferences), %d dropped in all",
+            self._device_id,
+            dropped.window_start.isoformat(),
+            dropped.inference_count,
+            self.dropped,
+        )
 
     def _release(self) -> TelemetryWindow | None:
-        """Publish held windows in order while the counter hands out seqs (caller holds the flush lock)."""
+        """Give held windows their seqs in order, outbox first, then publish (caller holds the flush lock)."""
         published = None
         while self._held:
-            seq = self._seq.next()
-            if seq is None:
+            reserved = self._seq.reserve()
+            if reserved is None:
                 log.debug("telemetry of %s held until its seq is known (%d windows)", self._device_id, len(self._held))
                 break
-            window = build_window(self._device_id, seq, self._held.popleft())
-            self._publish(window)
+            seq, prev = reserved
+            number, pending = self._held[0]
+            if self._outbox is not None:
+                self._outbox.make_room()
+            window = pending.model_copy(update={"seq": seq, "prev_seq": prev, "dropped_windows": self.dropped})
+            if self._outbox is not None:
+                self._outbox.add(window, held=number)
+            self._seq.commit(seq)
+            self._held.popleft()
+            self._send(window)
             published = window
         return published
 
+    def _send(self, window: TelemetryWindow) -> None:
+        if self._outbox is not None:
+            if not self._connected_now():
+                return  # it waits in the outbox: the next connect publishes it
+            if self._outbox.claim(window.seq, -math.inf, time.monotonic()) is None:
+                return  # a resend pass got to it first
+        self._publish(window)
+
     def _run(self) -> None:
-        while not self._stop.wait(self._interval):
+        next_flush = time.monotonic() + self._interval
+        check = max(0.05, min(self._resend_s / 2, 5.0))
+        while not self._stop.is_set():
+            self._wake.wait(max(0.0, min(next_flush - time.monotonic(), check)))
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            if time.monotonic() >= next_flush:
+                next_flush = time.monotonic() + self._interval
+                try:
+                    self.flush()
+                except Exception:  # a full disk or a broken publish must not end telemetry for good
+                    log.exception("publishing telemetry of %s failed", self._device_id)
             try:
-                self.flush()
-            except Exception:  # a full disk or a broken publish must not end telemetry for good
-                log.exception("publishing telemetry of %s failed", self._device_id)
+                self._resend_due()
+            except Exception:
+                log.exception("publishing unconfirmed telemetry of %s again failed", self._device_id)
+
+    def _resend_due(self) -> None:
+        if self._outbox is None:
+            return
+        with self._resend_lock:
+            since, self._resend_from = self._resend_from, None
+        if since is not None:
+            self.resend(before=since)
+        self.resend(before=time.monotonic() - self._resend_s)

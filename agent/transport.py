@@ -4,6 +4,10 @@ The session is persistent (`clean_session=False`, a stable client id), so the br
 subscription and QoS 1 messages across short disconnects, and paho resends unacknowledged QoS 1
 publishes after reconnecting (bounded by `max_queued`). The last will is the device's `offline`
 reported state, retained.
+
+A broker that moved (an embedded broker on a new port, a new host) is found again: after `rediscover_after`
+failed connects in a row, `rediscover()` asks where it is now (an enrolled agent asks the coordinator) and the
+next attempt goes there.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[str, bytes], None]
 ConnectHandler = Callable[[], None]
+# Where the broker is now (None: unknown, keep trying the current address).
+Rediscover = Callable[[], BrokerAddress | None]
 
 
 class Transport(Protocol):
@@ -69,8 +75,13 @@ class MqttTransport:
         keepalive_s: int = 30,
         max_queued: int = 1000,
         tls: ssl.SSLContext | None = None,
+        rediscover: Rediscover | None = None,
+        rediscover_after: int = 5,
     ) -> None:
         self._address = address
+        self._rediscover = rediscover
+        self._rediscover_after = rediscover_after
+        self._failed_connects = 0
         self._subscriptions = subscriptions
         self._keepalive = keepalive_s
         self._on_message: MessageHandler | None = None
@@ -95,6 +106,7 @@ class MqttTransport:
             client.tls_set_context(tls or ssl.create_default_context())
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
+        client.on_connect_fail = self._handle_connect_fail
         client.on_message = self._handle_message
         client.on_publish = self._handle_publish
         self._client = client
@@ -104,9 +116,20 @@ class MqttTransport:
         """True while connected to the broker."""
         return self._connected.is_set()
 
+    @property
+    def address(self) -> BrokerAddress:
+        """Where this transport connects (changes when a moved broker was found again)."""
+        return self._address
+
     def wait_connected(self, timeout: float) -> bool:
         """Wait for the first (or next) connection; False after `timeout` seconds."""
         return self._connected.wait(timeout)
+
+    @property
+    def unacknowledged(self) -> int:
+        """QoS 1 publishes handed to paho that the broker has not acknowledged yet."""
+        with self._unacked_cond:
+            return len(self._unacked)
 
     def start(self, *, on_message: MessageHandler, on_connect: ConnectHandler) -> None:
         """Connect in the background; paho's loop thread reconnects with exponential backoff."""
@@ -147,10 +170,45 @@ class MqttTransport:
             self._address.port,
             flags.session_present,
         )
+        self._failed_connects = 0
         for topic in self._subscriptions:
             client.subscribe(topic, qos=1)
         self._connected.set()
         self._call(self._on_connect)
+
+    def _handle_connect_fail(self, client: mqtt.Client, _userdata: Any) -> None:
+        """paho could not connect (refused, unreachable, TLS failed): after a few in a row, ask where the broker is."""
+        self._failed_connects += 1
+        if self._rediscover is None or self._failed_connects < self._rediscover_after:
+            return
+        self._failed_connects = 0
+        current = self._address
+        try:
+            found = self._rediscover()
+        except Exception as exc:  # the coordinator may be down too: keep trying the current address
+            log.warning("broker %s:%s unreachable; asking where it is failed: %s", current.host, current.port, exc)
+            return
+        if found is None or (found.host, found.port) == (current.host, current.port):
+            log.warning(
+                "broker %s:%s unreachable after %d attempts; the coordinator still names it, trying on",
+                current.host,
+                current.port,
+                self._rediscover_after,
+            )
+            return
+        if found.tls != current.tls:
+            log.error("the broker moved to %s:%s with another TLS setting; restart the agent", found.host, found.port)
+            return
+        log.warning(
+            "broker %s:%s unreachable after %d attempts; the coordinator says it moved to %s:%s: connecting there",
+            current.host,
+            current.port,
+            self._rediscover_after,
+            found.host,
+            found.port,
+        )
+        client.connect_async(found.host, found.port, keepalive=self._keepalive)  # the next attempt goes there
+        self._address = found
 
     def _handle_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
         self._connected.clear()

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,7 +46,9 @@ from protocol.governance import (
     verify_director,
 )
 
-__all__ = ["TrustGate"]
+__all__ = ["TrustGate", "trust_gate_for"]
+
+Gate = Callable[[DesiredState], DesiredState]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,15 @@ def _repository_errors(what: str) -> Iterator[None]:
     # ngclient wraps only the errors of opening a response: a connection dropped mid-body is urllib3's own.
     except (OSError, urllib3.exceptions.HTTPError) as exc:
         raise TransportError(f"the image repository cannot be reached: {exc}") from exc
+
+
+def trust_gate_for(identity: DeviceIdentity | None, metadata_dir: Path, timeout_s: float) -> Gate | None:
+    """The gate's check for an enrolled device holding the fleet's TUF root; None (ungoverned, logged) else."""
+    if identity is None or identity.tuf_url is None or not identity.root_path.exists():
+        if identity is not None:
+            log.warning("device %s has no TUF root from enrolment: updates are not governed", identity.device_id)
+        return None
+    return TrustGate(identity, metadata_dir, timeout_s=timeout_s).check
 
 
 class TrustGate:

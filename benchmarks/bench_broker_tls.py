@@ -17,12 +17,9 @@ import argparse
 import json
 import ssl
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -34,7 +31,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud.pki import FleetPki
 from protocol import Channel, TelemetryWindow, Topics, encode, utcnow
-from simulators.brokers import FleetBroker, fleet_broker, free_port, mosquitto_binary
+from simulators.brokers import FleetBroker, fleet_broker, plain_mosquitto
 
 BASE = "bench/tls/v1"
 DEVICE = "bench-dev"
@@ -51,27 +48,6 @@ def device_identity(pki: FleetPki, directory: Path) -> tuple[Path, Path]:
     encoding, fmt = serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8
     (directory / "device.key").write_bytes(key.private_bytes(encoding, fmt, serialization.NoEncryption()))
     return directory / "device.crt", directory / "device.key"
-
-
-@contextmanager
-def plain_mosquitto(workdir: Path) -> Iterator[str]:
-    """Mosquitto on plain TCP, anonymous, no ACL: the baseline."""
-    binary = mosquitto_binary()
-    assert binary, "Mosquitto is not installed"
-    port = free_port()
-    workdir.mkdir(parents=True, exist_ok=True)
-    conf = workdir / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        "max_queued_messages 100000\nmax_inflight_messages 100\nset_tcp_nodelay true\n"
-    )
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(0.5)
-        yield f"mqtt://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def client(url: str, client_id: str, tls: ssl.SSLContext | None) -> mqtt.Client:

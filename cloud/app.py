@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from sqlmodel import Session
 
 from cloud import __version__
 from cloud.api import install_problem_handlers, router
@@ -27,6 +28,7 @@ from cloud.db import create_db_engine, init_db
 from cloud.governance.maintainer import GovernanceMaintainer
 from cloud.governance.service import Governance
 from cloud.rollouts.runner import RolloutRunner
+from cloud.services.devices import mark_unconfirmed
 from cloud.services.enrolment import refresh_crl
 from cloud.settings import Settings
 
@@ -71,6 +73,8 @@ def create_app(
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         init_db(coordinator.engine)
         _prepare_secrets(coordinator)
+        if enable_mqtt and settings.mqtt_url is None:
+            _unconfirm_devices(coordinator)  # before the bridge: what it hears from now on confirms them
         try:
             coordinator.audit_checkpointer().start()  # signs the audit chain's head off the request path
             if enable_mqtt:
@@ -130,6 +134,18 @@ def _prepare_secrets(coordinator: Coordinator) -> None:
     coordinator.governance.ensure_initialized()
 
 
+def _unconfirm_devices(coordinator: Coordinator) -> None:
+    """Devices `online` before this start are `unknown` until heard from: the embedded broker's wills died with it.
+
+    Not with an external broker: it outlives the coordinator and queues the wills of devices that went away
+    meanwhile for the bridge's persistent session, so the stored status stays true across a restart.
+    """
+    with Session(coordinator.engine) as session:
+        marked = mark_unconfirmed(session=session)
+    if marked:
+        log.info("devices not heard from since this start count=%d status=unknown", marked)
+
+
 def _start_mqtt(coordinator: Coordinator) -> None:
     settings = coordinator.settings
     pki = coordinator.fleet_pki()
@@ -140,6 +156,7 @@ def _start_mqtt(coordinator: Coordinator) -> None:
             settings.embedded_broker_port,
             tls=tls_files(pki.directory),
             topic_base=settings.topic_base,
+            state_dir=settings.data_dir,  # keeps its port and its sessions, queued and retained messages
         )
         coordinator.broker.start()
         url = coordinator.broker.url
@@ -152,6 +169,7 @@ def _start_mqtt(coordinator: Coordinator) -> None:
         counters=coordinator.counters,
         client_id=_bridge_client_id(settings),
         tls=BridgeTls(ca=settings.mqtt_ca_file or pki.ca_path, cert=cert, key=key),
+        gap_grace_s=settings.telemetry_gap_grace_s,
     )
     coordinator.bridge.start()
     if not coordinator.bridge.wait_connected(_BRIDGE_CONNECT_WAIT_S):

@@ -12,11 +12,17 @@ database refuses) is logged, counted as failed and acknowledged.
 
 After storing telemetry the bridge publishes the device's `TelemetryAck` retained, at most once a second per
 device plus once when a burst ends (`cloud.telemetry.acks`), and at once after an online report (an agent
-reports on every connect; one that lost its seq counter waits for this answer).
+reports on every connect; one that lost its seq counter waits for this answer). Computing it settles the device's
+chain of windows; a hole in it is reported as a gap once `gap_grace_s` is over (`cloud.telemetry.gaps`), the
+bridge coming back to it then even if the device stays silent.
 
 On every (re)connect the bridge subscribes again and republishes every device's stored desired state,
 because an embedded broker forgets its retained messages when it restarts. A desired state is never
 published after a newer generation of the same device (`publish_desired`), whichever thread publishes.
+
+A message the broker replays from its store (RETAIN flag set: a retained message, or one an embedded broker
+kept across its restart) is applied but is no sign of life: after a coordinator start only a live message
+makes a device `online` again (`cloud.services.devices.mark_unconfirmed`).
 """
 
 from __future__ import annotations
@@ -38,10 +44,11 @@ from sqlmodel import Session
 from cloud.errors import ConfigurationError
 from cloud.outage import DatabaseUnavailableError, PatientDatabase
 from cloud.services.deployments import desired_states
-from cloud.services.devices import ingest_event, ingest_reported
+from cloud.services.devices import confirm_heard, ingest_event, ingest_reported
 from cloud.services.enrolment import UnknownDeviceError
-from cloud.telemetry.acks import AckThrottle, telemetry_ack
+from cloud.telemetry.acks import AckThrottle, acknowledge_telemetry
 from cloud.telemetry.counters import IngestCounters
+from cloud.telemetry.gaps import GAP_GRACE_S
 from cloud.telemetry.windows import ingest_telemetry
 from protocol.codec import decode, encode
 from protocol.errors import BrokerUrlError, MalformedMessageError, TopicError
@@ -122,6 +129,8 @@ class _Inbound:
     mid: int
     qos: int
     epoch: int
+    # The broker replays it from its store (RETAIN flag) rather than forwarding what a device just sent.
+    replayed: bool = False
 
 
 class _Republish:
@@ -157,6 +166,7 @@ class MqttBridge:
         client_id: str,
         tls: BridgeTls | None = None,
         keepalive: int = 30,
+        gap_grace_s: float = GAP_GRACE_S,
     ) -> None:
         self.url = redact_mqtt_url(url)
         self.topics = topics
@@ -185,7 +195,8 @@ class MqttBridge:
         self._stopping = False
         self._database = PatientDatabase(engine, on_outage=lambda down: counters.database(down=down))
         self._acks = AckThrottle(_ACK_INTERVAL_S)
-        self._ack_floor: dict[str, int] = {}  # device → its last acknowledged stored_seq (worker thread only)
+        self._gap_grace_s = gap_grace_s  # how long a hole in a device's telemetry chain waits before it is reported
+        self._confirmed: set[str] = set()  # devices heard on a live session since this start (worker thread only)
         self._desired_lock = threading.Lock()
         self._desired_generation: dict[str, int] = {}  # device → highest generation handed to the broker
 
@@ -282,7 +293,9 @@ class MqttBridge:
             log.warning("mqtt bridge disconnected url=%s reason=%s (reconnecting with backoff)", self.url, reason)
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
-        self._jobs.put(_Inbound(message.topic, bytes(message.payload), message.mid, message.qos, self._epoch))
+        self._jobs.put(
+            _Inbound(message.topic, bytes(message.payload), message.mid, message.qos, self._epoch, message.retain)
+        )
 
     # -- worker thread --------------------------------------------------------------------------
 
@@ -333,7 +346,7 @@ class MqttBridge:
             return
         channel, message = verdict.channel.value, verdict.message
         try:
-            done = self._apply(message)
+            done = self._apply(message, live=not job.replayed)
         except UnknownDeviceError as exc:  # no auto-enrolment: only enrolled devices speak
             self.counters.rejected(channel, str(exc))
             log.warning("mqtt message ignored topic=%s reason=%s", job.topic, exc)
@@ -349,6 +362,8 @@ class MqttBridge:
             log.info("telemetry duplicate dropped device=%s seq=%d", message.device_id, message.seq)
         else:
             self.counters.stored(channel)
+        if not job.replayed and isinstance(message, DeviceEvent | TelemetryWindow):
+            self._heard(message.device_id)  # a live report confirmed it already (`ingest_reported`)
         if isinstance(message, TelemetryWindow):
             self._telemetry_changed(message.device_id)
         elif isinstance(message, ReportedState) and message.status is DeviceStatus.ONLINE:
@@ -356,14 +371,20 @@ class MqttBridge:
             # sent at once (not throttled) and is never older than what is stored (the retained one may be).
             self._acknowledge(message.device_id)
 
-    def _apply(self, message: Message) -> Any:
+    def _apply(self, message: Message, *, live: bool = True) -> Any:
         """Store one decoded message; `UnknownDeviceError` when its device is not enrolled."""
         if isinstance(message, ReportedState):
-            return self._with_session(lambda s: ingest_reported(session=s, state=message))
+            return self._with_session(lambda s: ingest_reported(session=s, state=message, live=live))
         if isinstance(message, DeviceEvent):
-            return self._with_session(lambda s: ingest_event(session=s, event=message))
+            return self._with_session(lambda s: ingest_event(session=s, event=message, live=live))
         assert isinstance(message, TelemetryWindow)
-        return self._with_session(lambda s: ingest_telemetry(session=s, window=message))
+        return self._with_session(lambda s: ingest_telemetry(session=s, window=message, live=live))
+
+    def _heard(self, device_id: str) -> None:
+        """A device spoke on a live session: `unknown` (not heard since this start) becomes `online`, once."""
+        if device_id not in self._confirmed:
+            self._with_session(lambda s: confirm_heard(session=s, device_id=device_id))
+            self._confirmed.add(device_id)
 
     def _with_session(self, apply: Callable[[Session], Any]) -> Any:
         """Run `apply` in a fresh session, waiting out a database outage (`DatabaseUnavailableError` on stop)."""
@@ -386,10 +407,12 @@ class MqttBridge:
                 log.exception("telemetry acknowledgement failed device=%s", device_id)
 
     def _acknowledge(self, device_id: str) -> None:
-        """Publish what is stored of `device_id`'s telemetry, retained (`protocol.TelemetryAck`)."""
-        floor = self._ack_floor.get(device_id)
-        ack = self._with_session(lambda s: telemetry_ack(s, device_id, floor))
-        if ack.stored_seq is not None:
-            self._ack_floor[device_id] = ack.stored_seq
-        self._client.publish(self.topics.ack(device_id), encode(ack), qos=1, retain=True)
+        """Publish what is stored of `device_id`'s telemetry, retained (`protocol.TelemetryAck`).
+
+        Settling the chain may report a gap; a hole still in its grace period is looked at again when it ends.
+        """
+        answer = self._with_session(lambda s: acknowledge_telemetry(s, device_id, grace_s=self._gap_grace_s))
+        if answer.recheck_s is not None:
+            self._acks.recheck(device_id, time.monotonic() + answer.recheck_s)
+        self._client.publish(self.topics.ack(device_id), encode(answer.ack), qos=1, retain=True)
         self.counters.acknowledged()

@@ -2,8 +2,11 @@
 
 `edgefleet up` starts one when no `mqtt_url` is configured, so a laptop demo needs no Mosquitto. It listens
 with TLS and admits only clients with a fleet certificate, each on its own topics (`cloud.broker_auth`,
-`cloud.broker_rights`). It keeps retained messages and delivers last wills, but only in memory: after a
-restart the coordinator refills the retained desired states itself (see `cloud.bridge`).
+`cloud.broker_rights`). Given a `state_dir` (the coordinator's data directory) it keeps its address
+(`cloud.broker_address`: the port picked on first start is reused) and its memory (`cloud.broker_durable`:
+persistent sessions, their subscriptions and queued QoS 1 messages, retained messages) across a restart or a
+kill. Last wills die with the process: the coordinator does not trust an `online` it has not heard since it
+started (see `cloud.services.devices.mark_unconfirmed`).
 """
 
 from __future__ import annotations
@@ -11,17 +14,29 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from amqtt.broker import Broker
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 
+from cloud.broker_address import (
+    ADDRESS_FILE,
+    KeptAddress,
+    ListenPlan,
+    kept_port_taken,
+    load_kept_address,
+    plan_listen,
+    port_is_busy,
+    save_kept_address,
+)
+from cloud.broker_auth import bind_identity, session_identity
+from cloud.broker_durable import DurableBroker
+from cloud.broker_rights import Identity
+from cloud.broker_store import STORE_FILE, BrokerStore
 from cloud.errors import BrokerStartError
 from protocol.topics import DEFAULT_BASE
 
@@ -68,8 +83,8 @@ def _is_address_in_use(exc: BaseException) -> bool:
     return False
 
 
-class _FleetBroker(Broker):
-    """amqtt's broker with two fixes that make client identities hold.
+class _FleetBroker(DurableBroker):
+    """amqtt's broker (with a memory, `cloud.broker_durable`) and two fixes that make client identities hold.
 
     1. A client is authenticated *before* its CONNECT touches any session. amqtt 0.12 first deletes (clean
        session) or reuses (persistent session, keeping the earlier connection's TLS object) the session of
@@ -82,7 +97,7 @@ class _FleetBroker(Broker):
         self, reader: Any, writer: Any, remote_address: str, remote_port: int
     ) -> tuple[BrokerProtocolHandler, Session]:
         try:
-            handler, incoming = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
+            handler, incoming = await self._read_connect(reader, writer)
         except (AMQTTError, NoDataError) as exc:
             raise AMQTTError(exc) from exc
         except MQTTError:
@@ -99,7 +114,19 @@ class _FleetBroker(Broker):
         handler, session = await self._continue_session(handler, incoming)
         if reused:
             session.ssl_object = ssl_object  # authenticate the reused session with *this* connection's certificate
+        self._keep_session(session, incoming)
         return handler, session
+
+    def _owner(self, session: Session) -> str | None:
+        identity = session_identity(session)
+        if identity is None:
+            return None
+        return f"{'coordinator' if identity.coordinator else 'device'}:{identity.name}"
+
+    def _bind_owner(self, session: Session, owner: str | None) -> None:
+        if owner:
+            kind, _, name = owner.partition(":")
+            bind_identity(session, Identity(name, coordinator=kind == "coordinator"))
 
     async def _continue_session(
         self, handler: BrokerProtocolHandler, incoming: Session
@@ -132,17 +159,6 @@ class _FleetBroker(Broker):
             await super()._publish_retained_messages_for_subscription((topic_filter, granted[0]), session)
 
 
-def _port_is_busy(host: str, port: int) -> bool:
-    """True if something already listens on host:port (binding it fails with EADDRINUSE)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            return exc.errno == errno.EADDRINUSE
-    return False
-
-
 class EmbeddedBroker:
     """An amqtt broker in its own thread and event loop; `start()` returns once it accepts connections.
 
@@ -150,6 +166,10 @@ class EmbeddedBroker:
     change is logged (the coordinator then advertises the actual URL through `/api/v1/info`). `tls` makes it
     a fleet broker (client certificates, topic rights under `topic_base`); without it the broker admits
     anyone, which only `allow_anonymous=True` permits (a bare broker for agent tests).
+
+    With `state_dir`, the broker keeps its address in `state_dir/broker.json` (a later start asking for the
+    same host and port listens where the first one did, or refuses to start: `cloud.broker_address`) and its
+    sessions, queued and retained messages in `state_dir/broker.sqlite3` (`cloud.broker_durable`).
     """
 
     def __init__(
@@ -161,6 +181,7 @@ class EmbeddedBroker:
         topic_base: str = DEFAULT_BASE,
         allow_anonymous: bool = False,
         fallback_to_free_port: bool = True,
+        state_dir: Path | None = None,
     ) -> None:
         if tls is None and not allow_anonymous:
             raise BrokerStartError("the embedded broker needs TLS files (fleet certificates) or allow_anonymous=True")
@@ -169,6 +190,8 @@ class EmbeddedBroker:
         self.topic_base = topic_base
         self._requested_port = port
         self._fallback = fallback_to_free_port
+        self._state_dir = state_dir
+        self._store: BrokerStore | None = None
         self._port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._broker: _FleetBroker | None = None
@@ -206,6 +229,8 @@ class EmbeddedBroker:
         if self._error is not None:
             self._thread.join(_STOP_TIMEOUT_S)
             self._thread = None
+            if isinstance(self._error, BrokerStartError):
+                raise self._error
             raise BrokerStartError(
                 f"embedded MQTT broker could not start on {self.host}:{self._requested_port}: {self._error}"
             ) from self._error
@@ -238,6 +263,8 @@ class EmbeddedBroker:
             loop.run_until_complete(self._start_in_loop())
         except BaseException as exc:  # reported to the thread blocked in start()
             self._error = exc
+            if self._store is not None:
+                self._store.close()
             self._ready.set()
             loop.close()
             return
@@ -252,19 +279,42 @@ class EmbeddedBroker:
             loop.close()
 
     async def _start_in_loop(self) -> None:
-        port = self._requested_port
+        plan = ListenPlan(self._requested_port, self._fallback)
+        if self._state_dir is not None:
+            plan = plan_listen(
+                self.host, self._requested_port, load_kept_address(self._address_file), fallback=self._fallback
+            )
+            self._state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._store = BrokerStore(self._state_dir / STORE_FILE)  # opened here: only this thread uses it
+        port = plan.port
         # Probe first so that a busy port is a one-line warning rather than amqtt's logged traceback;
         # the except below still covers the race where the port is taken between probe and bind.
-        if self._fallback and port != 0 and _port_is_busy(self.host, port):
+        if port != 0 and (plan.fallback or plan.kept is not None) and port_is_busy(self.host, port):
+            self._refuse_kept(plan)
             self._warn_busy()
             port = 0
         try:
             self._broker = await self._start_listening(port)
         except Exception as exc:
-            if not (self._fallback and port != 0 and _is_address_in_use(exc)):
+            if not (port != 0 and _is_address_in_use(exc)):
+                raise
+            self._refuse_kept(plan)
+            if not plan.fallback:
                 raise
             self._warn_busy()
             self._broker = await self._start_listening(0)
+        if self._state_dir is not None:
+            save_kept_address(self._address_file, KeptAddress(self.host, self._requested_port, self.port))
+
+    @property
+    def _address_file(self) -> Path:
+        assert self._state_dir is not None
+        return self._state_dir / ADDRESS_FILE
+
+    def _refuse_kept(self, plan: ListenPlan) -> None:
+        """A kept port that is taken is an error, never a reason to move (devices know only that port)."""
+        if plan.kept is not None:
+            raise BrokerStartError(kept_port_taken(self._address_file, plan.kept))
 
     def _warn_busy(self) -> None:
         log.warning(
@@ -275,7 +325,9 @@ class EmbeddedBroker:
 
     async def _start_listening(self, port: int) -> _FleetBroker:
         broker = _FleetBroker(
-            _broker_config(self.host, port, self.tls, self.topic_base), loop=asyncio.get_running_loop()
+            _broker_config(self.host, port, self.tls, self.topic_base),
+            loop=asyncio.get_running_loop(),
+            store=self._store,
         )
         await broker.start()
         server = broker._servers["default"].instance  # amqtt exposes no public way to learn a bound port
@@ -283,8 +335,12 @@ class EmbeddedBroker:
         return broker
 
     async def _shutdown(self) -> None:
-        if self._broker is not None:
-            await self._broker.shutdown()
+        try:
+            if self._broker is not None:
+                await self._broker.shutdown()
+        finally:
+            if self._store is not None:
+                self._store.close()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -292,7 +348,8 @@ def main(argv: list[str] | None = None) -> None:
 
     For tests and benchmarks that want amqtt as an *external* broker in a process of its own: with the
     fleet's PKI directory (`edgefleet broker pki`) it is the same fleet broker `edgefleet up` runs;
-    `--allow-anonymous` instead runs a bare broker that admits anyone (agent tests only).
+    `--allow-anonymous` instead runs a bare broker that admits anyone (agent tests only). `--state-dir` keeps
+    its port, sessions, queued and retained messages there across restarts (as `edgefleet up` does).
     """
     import argparse
     import signal
@@ -303,15 +360,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pki-dir", type=Path, help="the fleet PKI directory (ca.crt, broker.crt/key, crl.pem)")
     parser.add_argument("--topic-base", default=DEFAULT_BASE, help=f"topic base of the rights (default {DEFAULT_BASE})")
     parser.add_argument("--allow-anonymous", action="store_true", help="no TLS, no authentication (tests only)")
+    parser.add_argument("--state-dir", type=Path, help="keep the port, sessions and messages here across restarts")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if args.pki_dir is None and not args.allow_anonymous:
         parser.error("give --pki-dir (a fleet broker) or --allow-anonymous (a bare broker for tests)")
     tls = None if args.pki_dir is None else tls_files(args.pki_dir)
     broker = EmbeddedBroker(
-        args.host, args.port, tls=tls, topic_base=args.topic_base, allow_anonymous=args.allow_anonymous
+        args.host,
+        args.port,
+        tls=tls,
+        topic_base=args.topic_base,
+        allow_anonymous=args.allow_anonymous,
+        state_dir=args.state_dir,
     )
-    broker.start()
+    try:
+        broker.start()
+    except BrokerStartError as exc:
+        parser.exit(1, f"error: {exc}\n")
     print(broker.url, flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

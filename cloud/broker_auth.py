@@ -28,7 +28,14 @@ from cryptography.x509.oid import NameOID
 from cloud.broker_rights import Action, Identity, identity_of, topic_allowed
 from protocol.topics import DEFAULT_BASE, Topics
 
-__all__ = ["FleetAuthPlugin", "FleetTopicPlugin", "OpenSessionAuthPlugin", "RevocationList", "session_identity"]
+__all__ = [
+    "FleetAuthPlugin",
+    "FleetTopicPlugin",
+    "OpenSessionAuthPlugin",
+    "RevocationList",
+    "bind_identity",
+    "session_identity",
+]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +73,15 @@ class RevocationList:
 def session_identity(session: Session | None) -> Identity | None:
     """The identity `FleetAuthPlugin` attached to an authenticated session."""
     return getattr(session, _IDENTITY_ATTR, None) if session is not None else None
+
+
+def bind_identity(session: Session, identity: Identity) -> None:
+    """Give a session restored from the broker's store the identity it authenticated as when it was stored.
+
+    A restored session has no connection (no certificate) until its client comes back and authenticates
+    again; until then the topic rights of deliveries queued for it are those of this identity.
+    """
+    setattr(session, _IDENTITY_ATTR, identity)
 
 
 def _peer_certificate(session: Session) -> x509.Certificate | None:

@@ -91,6 +91,13 @@ class Settings(BaseSettings):
     rollout_tick_s: float = Field(
         default=1.0, ge=0, le=3600, description="How often the rollout runner steps rollouts; 0 = no runner thread."
     )
+    telemetry_gap_grace_s: float = Field(
+        default=120.0,
+        gt=0,
+        le=7 * 86400,
+        description="How long a hole in a device's telemetry chain waits for its windows (the agent resends them) "
+        "before it is reported as a gap.",
+    )
     governance_tick_s: float = Field(
         default=300.0,
         ge=0,

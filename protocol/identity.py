@@ -27,6 +27,7 @@ __all__ = [
     "COORDINATOR_IDENTITY",
     "DEVICE_OU",
     "DEVICE_URI_PREFIX",
+    "BrokerLocation",
     "EnrolmentRequest",
     "EnrolmentResponse",
     "IdentityError",
@@ -63,6 +64,14 @@ class RenewalRequest(_Body):
 
     device_id: DeviceId
     csr_pem: str = Field(min_length=1, max_length=_PEM_MAX)
+
+
+class BrokerLocation(_Body):
+    """Where the fleet's broker is now (`GET /api/v1/enrolment/broker`): an agent whose broker stopped answering
+    asks again. Not secret — the broker admits fleet certificates only, and the agent checks the broker's."""
+
+    broker_url: str = Field(max_length=2048)
+    topic_base: str = Field(max_length=256)
 
 
 class EnrolmentResponse(_Body):

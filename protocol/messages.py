@@ -219,6 +219,7 @@ class EventKind(StrEnum):
     UPDATE_REFUSED = "update.refused"  # signed metadata did not verify: nothing changed, the current model serves
     MESSAGE_REJECTED = "message.rejected"
     AGENT_STARTED = "agent.started"
+    BROKER_MOVED = "broker.moved"  # the enrolled broker address stopped answering; the coordinator named another
 
 
 class DeviceEvent(Message):
@@ -244,10 +245,18 @@ class LatencySummary(_Part):
 
 
 class TelemetryWindow(Message):
-    """Counts of one reporting window. `seq` is per device and never reused, so duplicates can be dropped."""
+    """Counts of one reporting window. `seq` is per device and never reused, so duplicates can be dropped.
+
+    `prev_seq` links the windows of a device into a chain: the seq of the window this agent produced just before
+    this one, None when it knows of none (its first window, a counter lost with its outbox, an older agent). The
+    coordinator reports a hole in the chain as a gap; seqs skipped at a window without `prev_seq` are a declared
+    jump, not a loss. `dropped_windows` counts the windows this agent has dropped for good (its outbox was full).
+    """
 
     device_id: DeviceId
     seq: int = Field(ge=0)
+    prev_seq: int | None = Field(default=None, ge=0)
+    dropped_windows: int = Field(default=0, ge=0)
     window_start: datetime
     window_end: datetime
     model: ModelRef | None = None
@@ -259,24 +268,60 @@ class TelemetryWindow(Message):
     latency_histogram: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)
     class_counts: dict[str, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _linked_backwards(self) -> TelemetryWindow:
+        if self.prev_seq is not None and self.prev_seq >= self.seq:
+            raise ValueError(f"prev_seq {self.prev_seq} is not below seq {self.seq}")
+        return self
+
+
+# Most `missing` ranges one acknowledgement carries (the newest): bounds its size.
+MAX_ACK_MISSING = 32
+
+
+class SeqRange(_Part):
+    """The seqs `first` to `last`, both included."""
+
+    first: int = Field(ge=0)
+    last: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SeqRange:
+        if self.first > self.last:
+            raise ValueError(f"first {self.first} is above last {self.last}")
+        return self
+
+    def __contains__(self, seq: object) -> bool:
+        return isinstance(seq, int) and self.first <= seq <= self.last
+
 
 class TelemetryAck(Message):
     """What the coordinator has stored of one device's telemetry (retained on the device's `ack` topic).
 
-    `max_seq` is the highest stored seq and `stored_seq` the end of the contiguous run of stored seqs that
-    starts at the device's lowest stored seq (every seq from there up to it is stored); both None while nothing
-    of the device is stored. An agent that lost its seq counter continues above `max_seq`.
+    `max_seq` is the highest stored seq. `stored_seq` is where the device's chain of windows is settled: from
+    its lowest stored seq, following `TelemetryWindow.prev_seq`, every window up to it is stored, except the
+    seqs in `missing` (holes reported as lost: their window never arrived within the coordinator's grace
+    period) and the seqs a window without `prev_seq` skipped (a declared jump). Both None while nothing of the
+    device is settled. An agent deletes a window from its outbox once `confirms(seq)`; one that lost its seq
+    counter continues above `max_seq`.
     """
 
     device_id: DeviceId
     stored_seq: int | None = Field(default=None, ge=0)
     max_seq: int | None = Field(default=None, ge=0)
+    missing: list[SeqRange] = Field(default_factory=list, max_length=MAX_ACK_MISSING)
     at: datetime = Field(default_factory=utcnow)
 
     @model_validator(mode="after")
     def _ordered(self) -> TelemetryAck:
-        if (self.stored_seq is None) != (self.max_seq is None):
-            raise ValueError("stored_seq and max_seq are both set or both null")
+        if self.stored_seq is not None and self.max_seq is None:
+            raise ValueError("stored_seq is set but max_seq is null")
         if self.stored_seq is not None and self.max_seq is not None and self.stored_seq > self.max_seq:
             raise ValueError(f"stored_seq {self.stored_seq} is above max_seq {self.max_seq}")
         return self
+
+    def confirms(self, seq: int) -> bool:
+        """True if the window `seq` is stored (so an agent may forget it): settled, and not in a missing range."""
+        if self.stored_seq is None or seq > self.stored_seq:
+            return False
+        return not any(seq in gap for gap in self.missing)

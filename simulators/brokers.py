@@ -11,6 +11,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +21,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["BrokerStartError", "FleetBroker", "ensure_pki", "fleet_broker", "free_port", "mosquitto_binary"]
+__all__ = [
+    "BrokerStartError",
+    "FleetBroker",
+    "MosquittoProcess",
+    "ensure_pki",
+    "fleet_broker",
+    "free_port",
+    "mosquitto_binary",
+    "plain_mosquitto",
+]
 
 
 class BrokerStartError(RuntimeError):
@@ -124,3 +134,74 @@ def fleet_broker(kind: str, workdir: Path, data_dir: Path, topic_base: str) -> I
     runner = _mosquitto if kind == "mosquitto" else _amqtt
     with runner(workdir, data_dir, topic_base) as broker:
         yield broker
+
+
+class MosquittoProcess:
+    """The fleet's Mosquitto on a port of its own, which its caller starts, SIGKILLs and starts again.
+
+    Configured once by `edgefleet broker mosquitto-config` for the coordinator in `data_dir` (the fleet PKI is
+    made if missing); `persistence=False` is a broker that forgets everything it held when it dies.
+    """
+
+    def __init__(self, workdir: Path, data_dir: Path, topic_base: str, *, persistence: bool = False) -> None:
+        binary = mosquitto_binary()
+        if binary is None:
+            raise BrokerStartError("Mosquitto is not installed (apt-get install mosquitto)")
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        user = "root" if os.geteuid() == 0 else ""  # as root, Mosquitto would switch to a user that cannot read here
+        options = f"--port {self.port} --bind 127.0.0.1 --topic-base {topic_base} --user {user!r} --json"
+        if not persistence:
+            options += " --no-persistence"
+        command = [_edgefleet(), "broker", "mosquitto-config", "--out", str(workdir), "--data-dir", str(data_dir)]
+        info = _run_json(command + shlex.split(options))
+        self.command = [binary, "-c", info["config"]]
+        crl, reload = info["broker_crl_file"], info["broker_reload_command"]
+        self.coordinator_args = ("--broker-crl-file", crl, "--broker-reload-command", reload)
+        self.url = f"mqtts://127.0.0.1:{self.port}"
+        self.log = workdir / "mosquitto.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start it and wait until it listens; `BrokerStartError` if it does not."""
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while True:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise BrokerStartError(f"mosquitto did not start on port {self.port}; see {self.log}")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no will, no persistence written on the way out."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@contextmanager
+def plain_mosquitto(workdir: Path) -> Iterator[str]:
+    """Mosquitto on plain TCP, anonymous, no ACL, no persistence, on a free port: a benchmark's baseline broker."""
+    binary = mosquitto_binary()
+    if binary is None:
+        raise BrokerStartError("Mosquitto is not installed (apt-get install mosquitto)")
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        "max_queued_messages 100000\nmax_inflight_messages 100\nset_tcp_nodelay true\n"
+    )
+    with _process([binary, "-c", str(conf)], port, workdir / "mosquitto.log"):
+        yield f"mqtt://127.0.0.1:{port}"

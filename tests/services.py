@@ -6,6 +6,7 @@ where the same situation fails: CI must run everything.
 
 from __future__ import annotations
 
+import importlib
 import os
 import pwd
 import shutil
@@ -38,6 +39,28 @@ def unavailable(reason: str) -> None:
     if in_ci():
         pytest.fail(f"CI=true and a required service is unavailable: {reason}")
     pytest.skip(reason)
+
+
+def require_module(name: str, why: str, *, module_level: bool = False) -> Any:
+    """Import `name`; when it is not installed skip with `why` — or fail under CI, where everything is installed."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        reason = f"{name} is not installed ({exc}): {why}"
+        if in_ci():
+            pytest.fail(f"CI=true and a required package is missing: {reason}", pytrace=False)
+        pytest.skip(reason, allow_module_level=module_level)
+
+
+CONVERT_EXTRA = "the convert extra (torch, litert-torch): `pip install -e .[convert]`"
+
+
+def require_convert_extra(*, module_level: bool = False) -> tuple[Any, Any]:
+    """`(torch, litert_torch)`, or a skip (a failure under CI) when the convert extra is not installed."""
+    return (
+        require_module("torch", CONVERT_EXTRA, module_level=module_level),
+        require_module("litert_torch", CONVERT_EXTRA, module_level=module_level),
+    )
 
 
 def wait_for_port(host: str, port: int, timeout: float = 10.0) -> bool:

@@ -19,7 +19,7 @@ from cloud.errors import ConfigurationError
 from cloud.models import DevicePublic
 from cloud.pki import IssuedCertificate
 from cloud.services import devices, enrolment
-from protocol.identity import EnrolmentRequest, EnrolmentResponse, RenewalRequest
+from protocol.identity import BrokerLocation, EnrolmentRequest, EnrolmentResponse, RenewalRequest
 from protocol.messages import DeviceId, Name
 
 __all__ = ["public_router", "router"]
@@ -156,6 +156,12 @@ def renew(request: RenewalRequest, session: SessionDep, coordinator: Coordinator
         days=coordinator.settings.device_certificate_days,
     )
     return _response(coordinator, device.id, dict(device.tags), issued)
+
+
+@public_router.get("/enrolment/broker", summary="Where the fleet's broker is (agents ask again when it moved)")
+def broker_location(coordinator: CoordinatorDep) -> BrokerLocation:
+    """The broker URL and topic base devices use now (the same answer enrolment gives)."""
+    return BrokerLocation(broker_url=_broker_url(coordinator), topic_base=coordinator.settings.topic_base)
 
 
 @public_router.get("/pki/ca.pem", response_class=PlainTextResponse, summary="The fleet CA certificate")

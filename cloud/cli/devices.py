@@ -21,6 +21,7 @@ _COLUMNS = (
     "generation",
     "tags",
     "inferences",
+    "telemetry lost",
     "last error",
     "anomaly",
     "last seen",
@@ -50,10 +51,24 @@ def _device_row(d: dict[str, Any]) -> list[Any]:
         generation,
         tags,
         d.get("inference_count"),
+        _telemetry_lost(d),
         error,
         d.get("anomaly"),
         d.get("last_seen"),
     ]
+
+
+def _telemetry_lost(d: dict[str, Any]) -> str | None:
+    """`gaps 5, 9-12; 3 dropped`: the seqs of windows that never arrived, and windows the device dropped."""
+    gaps = d.get("telemetry_gaps") or {}
+    ranges = [f"{a}" if a == b else f"{a}-{b}" for a, b in gaps.get("ranges") or []]
+    parts = []
+    if ranges:
+        more = gaps.get("count", len(ranges)) - len(ranges)
+        parts.append("gaps " + ", ".join(ranges) + (f" (+{more} more)" if more > 0 else ""))
+    if d.get("telemetry_dropped"):
+        parts.append(f"{d['telemetry_dropped']} dropped")
+    return "; ".join(parts) or None
 
 
 def parse_tags(items: list[str] | None) -> dict[str, str]:

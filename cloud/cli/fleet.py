@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 
 from cloud.cli._common import JsonOpt, TokenOpt, UrlOpt, api_errors, connect, emit, table
@@ -26,20 +28,39 @@ def fleet_summary(url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt =
             d["error_count"],
             d.get("latency_p50_ms"),
             d.get("latency_p95_ms"),
+            _telemetry_health(d),
         )
         for d in body["devices"]
     ]
     rows.append(
         (
             "total",
-            f"{body['online_count']}/{body['device_count']} online",
+            _connectivity(body),
             None,
             None,
             body["inference_count"],
             body["error_count"],
             body.get("latency_p50_ms"),
             body.get("latency_p95_ms"),
+            None,
         )
     )
-    columns = ["device", "status", "model", "variant", "inferences", "errors", "p50 ms", "p95 ms"]
+    columns = ["device", "status", "model", "variant", "inferences", "errors", "p50 ms", "p95 ms", "telemetry lost"]
     emit(body, as_json, lambda _: table("fleet", columns, rows))
+
+
+def _connectivity(body: dict[str, Any]) -> str:
+    """`7/10 online`, plus how many are `unknown` (not heard from since the coordinator started)."""
+    line = f"{body['online_count']}/{body['device_count']} online"
+    unknown = body.get("unknown_count") or 0
+    return f"{line}, {unknown} unknown" if unknown else line
+
+
+def _telemetry_health(line: dict[str, Any]) -> str | None:
+    """`2 gaps, 5 dropped` when telemetry of the device was lost; nothing when all of it arrived."""
+    parts = []
+    if line.get("telemetry_gaps"):
+        parts.append(f"{line['telemetry_gaps']} gap{'s' if line['telemetry_gaps'] > 1 else ''}")
+    if line.get("telemetry_dropped"):
+        parts.append(f"{line['telemetry_dropped']} dropped")
+    return ", ".join(parts) or None

@@ -131,6 +131,7 @@ def _serve(settings: Settings, sock: socket.socket) -> None:
     info_path = settings.data_dir / INFO_FILE
     try:
         _upgrade_database(settings)  # here, so that a refusal is one clear line rather than a lifespan traceback
+        _check_broker_address(settings)  # likewise: the embedded broker's kept port must be free
         app = create_app(settings, on_started=_announce(settings, info_path))
     except CloudError as exc:
         fail(str(exc))
@@ -159,6 +160,15 @@ def _upgrade_database(settings: Settings) -> None:
         upgrade_db(engine)
     finally:
         engine.dispose()
+
+
+def _check_broker_address(settings: Settings) -> None:
+    """`BrokerStartError` if the embedded broker would find the port it keeps (`broker.json`) taken."""
+    if settings.mqtt_url is not None:
+        return
+    from cloud.broker_address import check_kept_address
+
+    check_kept_address(settings.data_dir, settings.embedded_broker_host, settings.embedded_broker_port)
 
 
 def _stop_requested(signum: int, _frame: object) -> None:

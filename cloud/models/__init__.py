@@ -1,6 +1,7 @@
 """Registry tables and their API shapes, as SQLModel families (`XBase → X(table=True) → XPublic`), one module
-per entity group: `registry` (models, versions), `devices` (devices, events, telemetry windows), `deployments`,
-`rollouts`, `identity` (enrolment, certificates, API tokens), `governance` (cards, TUF metadata, approvals, audit).
+per entity group: `registry` (models, versions), `devices` (devices, events, telemetry windows), `telemetry` (each
+device's chain of windows and its gaps), `deployments`, `rollouts`, `identity` (enrolment, certificates, API
+tokens), `governance` (cards, TUF metadata, approvals, audit).
 
 The same definitions run on SQLite and PostgreSQL: JSON columns use the portable `JSON` type and
 timestamps are stored timezone-aware (SQLite hands them back naive; `as_utc` restores the zone).
@@ -67,6 +68,7 @@ from cloud.models.rollouts import (
     RolloutsPublic,
     RolloutWavePublic,
 )
+from cloud.models.telemetry import TelemetryChain, TelemetryGap, TelemetryGapsPublic
 
 __all__ = [
     "ApiToken",
@@ -113,6 +115,9 @@ __all__ = [
     "RolloutWavePublic",
     "RolloutsPublic",
     "TargetStatus",
+    "TelemetryChain",
+    "TelemetryGap",
+    "TelemetryGapsPublic",
     "TelemetryRecord",
     "TelemetryWindowPublic",
     "TelemetryWindowsPublic",

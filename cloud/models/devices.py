@@ -10,6 +10,7 @@ from sqlalchemy import JSON, BigInteger, Column, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from cloud.models._common import UtcOut, json_column, when
+from cloud.models.telemetry import TelemetryGapsPublic
 
 __all__ = [
     "Device",
@@ -82,6 +83,9 @@ class DevicePublic(DeviceBase, UtcOut):
     inference_count: int = 0
     error_count: int = 0
     telemetry_windows: int = 0
+    # Windows the device dropped for good (its outbox was full), and holes in its chain of windows.
+    telemetry_dropped: int = 0
+    telemetry_gaps: TelemetryGapsPublic = Field(default_factory=TelemetryGapsPublic)
 
 
 class TelemetryWindowPublic(UtcOut):
@@ -159,6 +163,8 @@ class TelemetryRecord(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     device_id: str = Field(foreign_key="device.id", index=True, max_length=128)
     seq: int = Field(sa_type=BigInteger)
+    # The window the device produced before this one (`TelemetryWindow.prev_seq`); null: none known.
+    prev_seq: int | None = Field(default=None, sa_type=BigInteger)
     window_start: datetime = when()
     window_end: datetime = when()
     model_name: str | None = Field(default=None, max_length=128)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
+from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from cloud.models import (
@@ -17,9 +18,11 @@ from cloud.models import (
     DeviceEventRecord,
     DevicePublic,
     TargetStatus,
+    TelemetryGapsPublic,
     as_utc,
 )
 from cloud.services.enrolment import enrolled_device, require_device
+from cloud.telemetry.gaps import telemetry_health
 from cloud.telemetry.windows import telemetry_totals
 from protocol.errors import ErrorCode
 from protocol.messages import (
@@ -35,18 +38,24 @@ from protocol.messages import (
 __all__ = [
     "CLOCK_SKEW",
     "GENERATION_AHEAD",
+    "UNCONFIRMED",
+    "confirm_heard",
     "device_public",
     "devices_public",
     "generation_anomaly",
     "get_device",
     "ingest_event",
     "ingest_reported",
+    "mark_unconfirmed",
     "report_time",
     "target_status_for_phase",
 ]
 
 log = logging.getLogger(__name__)
 
+# Connectivity of a device not heard from since the coordinator started (its last status was `online`). A
+# coordinator-side value: the wire's `DeviceStatus` (what a device says of itself) stays online/offline.
+UNCONFIRMED = "unknown"
 # How far ahead of the coordinator's clock a device's `reported_at` may be and still count as its own time.
 CLOCK_SKEW = timedelta(seconds=60)
 # Event kind recorded when a device reports a generation this coordinator never issued.
@@ -64,8 +73,13 @@ def target_status_for_phase(phase: UpdatePhase) -> TargetStatus:
     return TargetStatus.IN_PROGRESS
 
 
-def ingest_reported(*, session: Session, state: ReportedState) -> Device:
-    """Apply a reported state. A last will (`status=offline`) only flips connectivity."""
+def ingest_reported(*, session: Session, state: ReportedState, live: bool = True) -> Device:
+    """Apply a reported state. A last will (`status=offline`) only flips connectivity.
+
+    `live=False` is a report the broker replays from its store (a retained message, or one queued before the
+    broker restarted) rather than one the device just sent: its content is applied, but it is no sign of
+    life, so it never makes the device `online` nor moves `last_seen`.
+    """
     device = enrolled_device(session=session, device_id=state.device_id)
     now = utcnow()
     if state.status is DeviceStatus.OFFLINE:
@@ -77,13 +91,15 @@ def ingest_reported(*, session: Session, state: ReportedState) -> Device:
     last = as_utc(device.last_reported_at)
     if last is not None and reported_at < last:
         # An older report delivered late (e.g. a retained one replayed after ours); connectivity only.
-        device.status = DeviceStatus.ONLINE.value
-        device.last_seen = now
+        if live:
+            device.status = DeviceStatus.ONLINE.value
+            device.last_seen = now
         session.add(device)
         session.commit()
         return device
-    device.status = DeviceStatus.ONLINE.value
-    device.last_seen = now
+    if live:
+        device.status = DeviceStatus.ONLINE.value
+        device.last_seen = now
     device.last_reported_at = reported_at
     device.agent_version = state.agent_version
     device.inference_url = state.inference_url
@@ -108,6 +124,30 @@ def ingest_reported(*, session: Session, state: ReportedState) -> Device:
     session.add(device)
     session.commit()
     return device
+
+
+def mark_unconfirmed(*, session: Session) -> int:
+    """At the start of a coordinator on its embedded broker: `online` devices become `unknown` until heard from.
+
+    A device's last will is the broker's to publish; an embedded broker killed with the coordinator publishes
+    none, so an `online` from before the start proves nothing. Returns how many devices were marked.
+    """
+    marked = session.exec(
+        update(Device).where(col(Device.status) == DeviceStatus.ONLINE.value).values(status=UNCONFIRMED)
+    )
+    session.commit()
+    return int(getattr(marked, "rowcount", 0) or 0)
+
+
+def confirm_heard(*, session: Session, device_id: str) -> bool:
+    """A device sent something on a live session: `unknown` becomes `online` (nothing else changes); True if so."""
+    confirmed = session.exec(
+        update(Device)
+        .where(col(Device.id) == device_id, col(Device.status) == UNCONFIRMED)
+        .values(status=DeviceStatus.ONLINE.value, last_seen=utcnow())
+    )
+    session.commit()
+    return bool(getattr(confirmed, "rowcount", 0))
 
 
 def report_time(reported_at: datetime, now: datetime, skew: timedelta = CLOCK_SKEW) -> datetime:
@@ -143,10 +183,14 @@ def _check_generation(session: Session, device: Device, reported: int) -> None:
     device.anomaly = anomaly
 
 
-def ingest_event(*, session: Session, event: DeviceEvent) -> DeviceEventRecord:
-    """Record an event; a failure stores its error on the device and on the deployment target."""
+def ingest_event(*, session: Session, event: DeviceEvent, live: bool = True) -> DeviceEventRecord:
+    """Record an event; a failure stores its error on the device and on the deployment target.
+
+    `live=False`: the broker replays it from its store (sent before a restart), so it does not move `last_seen`.
+    """
     device = enrolled_device(session=session, device_id=event.device_id)
-    device.last_seen = utcnow()
+    if live:
+        device.last_seen = utcnow()
     error = event.error
     record = DeviceEventRecord(
         device_id=event.device_id,
@@ -211,13 +255,18 @@ def _advance_targets(
         session.add(target)
 
 
-def device_public(device: Device, totals: tuple[int, int, int] = (0, 0, 0)) -> DevicePublic:
-    """The API shape of a device with its telemetry totals."""
+def device_public(
+    device: Device, totals: tuple[int, int, int] = (0, 0, 0), health: tuple[int, TelemetryGapsPublic] | None = None
+) -> DevicePublic:
+    """The API shape of a device with its telemetry totals, dropped windows and gaps."""
     inferences, errors, windows = totals
+    dropped, gaps = health or (0, TelemetryGapsPublic())
     update = {
         "inference_count": inferences,
         "error_count": errors,
         "telemetry_windows": windows,
+        "telemetry_dropped": dropped,
+        "telemetry_gaps": gaps,
         "model_name": device.active_model_name,
         "model_version": device.active_model_version,
     }
@@ -226,14 +275,18 @@ def device_public(device: Device, totals: tuple[int, int, int] = (0, 0, 0)) -> D
 
 def devices_public(*, session: Session) -> list[DevicePublic]:
     """Every device, by id, with telemetry totals."""
-    totals = telemetry_totals(session)
-    return [device_public(d, totals.get(d.id, (0, 0, 0))) for d in session.exec(select(Device).order_by(Device.id))]
+    totals, health = telemetry_totals(session), telemetry_health(session)
+    return [
+        device_public(d, totals.get(d.id, (0, 0, 0)), health.get(d.id))
+        for d in session.exec(select(Device).order_by(Device.id))
+    ]
 
 
 def get_device(*, session: Session, device_id: str) -> DevicePublic:
     """One device with telemetry totals; `NotFoundError` if it is not enrolled."""
     device = require_device(session=session, device_id=device_id)
-    return device_public(device, telemetry_totals(session, [device_id]).get(device_id, (0, 0, 0)))
+    totals = telemetry_totals(session, [device_id]).get(device_id, (0, 0, 0))
+    return device_public(device, totals, telemetry_health(session, [device_id]).get(device_id))
 
 
 def device_events(*, session: Session, device_id: str, limit: int = 200) -> list[DeviceEventPublic]:

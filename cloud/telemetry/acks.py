@@ -1,56 +1,59 @@
 """Telemetry acknowledgements: what the coordinator has stored of a device's telemetry, and when to say so.
 
-`telemetry_ack` reads it from the database: the highest stored seq (one index lookup) and the end of the
-contiguous run of stored seqs, continued from the previous acknowledgement's (an index range scan over the
-seqs stored since, at most `ACK_SCAN_ROWS`). `AckThrottle` decides when the bridge publishes it: at once,
+`acknowledge_telemetry` settles the device's chain of windows (`cloud.telemetry.gaps`: at most `ACK_SCAN_ROWS`
+windows per call, holes reported after their grace period) and reads the highest stored seq (one index lookup)
+and the reported gaps: a `TelemetryAck` an agent's outbox can trust (`TelemetryAck.confirms`), and when to walk
+the chain again (a hole's grace period ends). `AckThrottle` decides when the bridge publishes it: at once,
 unless it acknowledged the device less than `interval_s` ago; then once that interval is over, so the last
 window of a burst is always acknowledged.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import and_, exists, func
-from sqlalchemy.orm import aliased
+from datetime import datetime
+from typing import NamedTuple
+
+from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from cloud.models import TelemetryRecord
-from protocol.messages import TelemetryAck
+from cloud.telemetry.gaps import GAP_GRACE_S, reported_missing, settle_chain
+from protocol.messages import TelemetryAck, utcnow
 
-__all__ = ["ACK_SCAN_ROWS", "AckThrottle", "telemetry_ack"]
+__all__ = ["ACK_SCAN_ROWS", "AckThrottle", "Acknowledgement", "acknowledge_telemetry", "telemetry_ack"]
 
-ACK_SCAN_ROWS = 10_000  # most seqs one acknowledgement moves `stored_seq` forward (bounds its cost)
-_MAX_SEQ = 2**63 - 1
+ACK_SCAN_ROWS = 10_000  # most windows one acknowledgement settles (bounds its cost)
 
 
-def telemetry_ack(session: Session, device_id: str, floor: int | None = None) -> TelemetryAck:
-    """What is stored of `device_id`'s telemetry; `floor`: a stored seq up to which every seq is known stored."""
+class Acknowledgement(NamedTuple):
+    """The acknowledgement to publish, and in how many seconds to compute it again (None: when windows arrive)."""
+
+    ack: TelemetryAck
+    recheck_s: float | None
+
+
+def acknowledge_telemetry(
+    session: Session, device_id: str, *, now: datetime | None = None, grace_s: float = GAP_GRACE_S
+) -> Acknowledgement:
+    """Settle `device_id`'s chain and say what is stored of its telemetry."""
+    now = now or utcnow()
+    settled = settle_chain(session, device_id, now=now, grace_s=grace_s, scan_rows=ACK_SCAN_ROWS)
     max_seq = session.exec(
         select(func.max(col(TelemetryRecord.seq))).where(col(TelemetryRecord.device_id) == device_id)
     ).one()
     if max_seq is None:
-        return TelemetryAck(device_id=device_id)
-    if floor is None or floor > max_seq:
-        floor = session.exec(
-            select(func.min(col(TelemetryRecord.seq))).where(col(TelemetryRecord.device_id) == device_id)
-        ).one()
-    return TelemetryAck(device_id=device_id, stored_seq=_run_end(session, device_id, floor), max_seq=max_seq)
+        return Acknowledgement(TelemetryAck(device_id=device_id), settled.recheck_s)
+    stored_seq = None if settled.seq is None else min(settled.seq, max_seq)
+    missing = reported_missing(session, device_id) if stored_seq is not None else []
+    ack = TelemetryAck(device_id=device_id, stored_seq=stored_seq, max_seq=max_seq, missing=missing, at=now)
+    return Acknowledgement(ack, settled.recheck_s)
 
 
-def _run_end(session: Session, device_id: str, floor: int) -> int:
-    """The highest seq S such that every seq from `floor` (stored) to S is stored, looking `ACK_SCAN_ROWS` ahead."""
-    ceiling = min(floor + ACK_SCAN_ROWS, _MAX_SEQ)
-    seq = col(TelemetryRecord.seq)
-    following = aliased(TelemetryRecord)
-    has_next = exists().where(and_(col(following.device_id) == device_id, col(following.seq) == seq + 1))
-    statement = (
-        select(seq)
-        .where(col(TelemetryRecord.device_id) == device_id, seq >= floor, seq < ceiling, ~has_next)
-        .order_by(seq)
-        .limit(1)
-    )
-    end = session.exec(statement).first()
-    # None: every seq in [floor, ceiling) has its successor stored, so the run reaches at least `ceiling`.
-    return ceiling if end is None else int(end)
+def telemetry_ack(
+    session: Session, device_id: str, *, now: datetime | None = None, grace_s: float = GAP_GRACE_S
+) -> TelemetryAck:
+    """What is stored of `device_id`'s telemetry (`acknowledge_telemetry` without the recheck time)."""
+    return acknowledge_telemetry(session, device_id, now=now, grace_s=grace_s).ack
 
 
 class AckThrottle:
@@ -74,6 +77,12 @@ class AckThrottle:
             return True
         self._due.setdefault(device_id, last + self._interval)
         return False
+
+    def recheck(self, device_id: str, at: float) -> None:
+        """Acknowledge `device_id` again at `at` (a hole's grace period ends), within the throttle's limit."""
+        last = self._sent.get(device_id)
+        at = at if last is None else max(at, last + self._interval)
+        self._due[device_id] = min(at, self._due.get(device_id, at))
 
     def next_due(self) -> float | None:
         """When the earliest deferred acknowledgement is due; None when none is."""

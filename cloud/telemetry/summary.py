@@ -5,7 +5,8 @@ from __future__ import annotations
 from pydantic import BaseModel
 from sqlmodel import Session, col, select
 
-from cloud.models import Device, ModelVersion, TelemetryRecord
+from cloud.models import Device, ModelVersion, TelemetryGapsPublic, TelemetryRecord
+from cloud.telemetry.gaps import telemetry_health
 from cloud.variant_policy import version_variants
 from protocol.telemetry import histogram_quantile, merge_histograms
 
@@ -25,6 +26,9 @@ class DeviceSummary(BaseModel):
     error_count: int
     latency_p50_ms: float | None
     latency_p95_ms: float | None
+    # Reported holes in the device's chain of telemetry windows, and windows the device dropped (outbox full).
+    telemetry_gaps: int = 0
+    telemetry_dropped: int = 0
 
 
 class FleetSummary(BaseModel):
@@ -33,6 +37,8 @@ class FleetSummary(BaseModel):
     devices: list[DeviceSummary]
     device_count: int
     online_count: int
+    # Devices not heard from since the coordinator started (status `unknown`): neither online nor offline.
+    unknown_count: int = 0
     inference_count: int
     error_count: int
     latency_p50_ms: float | None
@@ -45,10 +51,15 @@ def _finite(value: float | None) -> float | None:
 
 
 def summarise(
-    devices: list[Device], windows: list[TelemetryRecord], variants: dict[str, str] | None = None
+    devices: list[Device],
+    windows: list[TelemetryRecord],
+    variants: dict[str, str] | None = None,
+    *,
+    health: dict[str, tuple[int, TelemetryGapsPublic]] | None = None,
 ) -> FleetSummary:
-    """Build the summary from device rows, their telemetry windows and variant names by artifact digest. Pure."""
-    variants = variants or {}
+    """Build the summary from device rows, their telemetry windows, variant names by artifact digest and their
+    telemetry health (windows dropped, gaps: `cloud.telemetry.gaps.telemetry_health`). Pure."""
+    variants, health = variants or {}, health or {}
     by_device: dict[str, list[TelemetryRecord]] = {}
     for window in windows:
         by_device.setdefault(window.device_id, []).append(window)
@@ -67,6 +78,8 @@ def summarise(
                 error_count=sum(w.error_count for w in own),
                 latency_p50_ms=_finite(histogram_quantile(histogram, 0.50)),
                 latency_p95_ms=_finite(histogram_quantile(histogram, 0.95)),
+                telemetry_gaps=health[device.id][1].count if device.id in health else 0,
+                telemetry_dropped=health[device.id][0] if device.id in health else 0,
             )
         )
     fleet_histogram = merge_histograms(w.latency_histogram for w in windows)
@@ -74,6 +87,7 @@ def summarise(
         devices=lines,
         device_count=len(devices),
         online_count=sum(1 for d in devices if d.status == "online"),
+        unknown_count=sum(1 for d in devices if d.status == "unknown"),
         inference_count=sum(line.inference_count for line in lines),
         error_count=sum(line.error_count for line in lines),
         latency_p50_ms=_finite(histogram_quantile(fleet_histogram, 0.50)),
@@ -90,4 +104,4 @@ def fleet_summary(*, session: Session) -> FleetSummary:
     if names:
         for record in session.exec(select(ModelVersion).where(col(ModelVersion.name).in_(names))):
             variants.update({v.sha256: v.name for v in version_variants(record)})
-    return summarise(devices, windows, variants)
+    return summarise(devices, windows, variants, health=telemetry_health(session))

@@ -8,17 +8,22 @@ from sqlmodel import Session, col, select
 
 from cloud.models import TelemetryRecord, TelemetryWindowPublic
 from cloud.services.enrolment import enrolled_device, require_device
+from cloud.telemetry.gaps import window_stored
 from protocol.messages import TelemetryWindow, utcnow
 
 __all__ = ["device_telemetry", "ingest_telemetry", "telemetry_totals"]
 
 
-def ingest_telemetry(*, session: Session, window: TelemetryWindow) -> bool:
-    """Store a window once per `(device_id, seq)`; False if it was a duplicate (QoS 1 redelivery)."""
+def ingest_telemetry(*, session: Session, window: TelemetryWindow, live: bool = True) -> bool:
+    """Store a window once per `(device_id, seq)`; False if it was a duplicate (QoS 1 redelivery, an outbox resend).
+
+    `live=False`: the broker replays it from its store (sent before a restart), so it does not move `last_seen`.
+    """
     device = enrolled_device(session=session, device_id=window.device_id)
-    device.last_seen = utcnow()
-    session.add(device)
-    session.commit()
+    if live:
+        device.last_seen = utcnow()
+        session.add(device)
+        session.commit()
     duplicate = select(TelemetryRecord.id).where(
         TelemetryRecord.device_id == window.device_id, TelemetryRecord.seq == window.seq
     )
@@ -29,6 +34,7 @@ def ingest_telemetry(*, session: Session, window: TelemetryWindow) -> bool:
         TelemetryRecord(
             device_id=window.device_id,
             seq=window.seq,
+            prev_seq=window.prev_seq,
             window_start=window.window_start,
             window_end=window.window_end,
             model_name=model.name if model else None,
@@ -45,6 +51,7 @@ def ingest_telemetry(*, session: Session, window: TelemetryWindow) -> bool:
     except IntegrityError:  # the unique constraint is the real guard; the select above only saves work
         session.rollback()
         return False
+    window_stored(session, window)
     return True
 
 

@@ -208,3 +208,39 @@ def test_crash_loop_after_the_switch_rolls_back_to_the_previous_model(
     finally:
         agent.stop()
     assert device.active_slot() == "a" and device.state_on_disk()["phase"] == "rolled_back"
+
+
+def test_active_model_tampered_on_disk_is_never_served_and_the_device_still_converges(device: Device) -> None:
+    model = device.data_dir / "slots" / "a" / "model.onnx"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one byte changed: bit rot, or someone editing the file
+    model.write_bytes(bytes(data))
+
+    recorder = BootRecorder()
+    agent = device.start_agent(recorder)
+    try:
+        assert recorder.served is None, "the agent served a model file that no longer matches its sha256"
+        assert agent.wait_for_model("2.0", 30), f"did not converge: {agent.update_status}"
+        np.testing.assert_array_equal(agent.infer({"input": SAMPLE})["probabilities"], outputs_of(device.v2_bytes))
+    finally:
+        agent.stop()
+
+
+def test_power_cut_while_writing_a_slot_leaves_a_torn_slot_that_is_rewritten(device: Device) -> None:
+    assert device.run_faulty(P.STAGING) == -9
+    assert device.state_on_disk()["phase"] == "staging"
+    # The power went while slot b was written: its spec.json reached the disk, half of the model file did not.
+    slot = device.data_dir / "slots" / "b"
+    slot.mkdir(parents=True, exist_ok=True)
+    (slot / "spec.json").write_text(device.v2.model_dump_json())
+    (slot / "model.onnx").write_bytes(device.v2_bytes[: len(device.v2_bytes) // 2])
+
+    recorder = BootRecorder()
+    agent = device.start_agent(recorder)
+    try:
+        assert recorder.served == device.v1.ref, "v1 serves while the torn slot is rewritten"
+        assert agent.wait_for_model("2.0", 30), f"did not converge: {agent.update_status}"
+        np.testing.assert_array_equal(agent.infer({"input": SAMPLE})["probabilities"], outputs_of(device.v2_bytes))
+    finally:
+        agent.stop()
+    assert (slot / "model.onnx").read_bytes() == device.v2_bytes

@@ -12,6 +12,7 @@ import pytest
 from agent import InferenceInputError, InvalidModelError
 from agent.runtime import LiteRtRuntime, ModelRuntime, OnnxRuntime, default_catalog, warmup_inputs
 from protocol import Datatype, ModelFormat
+from tests.services import require_convert_extra
 
 
 @dataclass
@@ -25,8 +26,7 @@ class Case:
 @pytest.fixture(scope="session")
 def tflite_classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small [1,64] -> [1,10] softmax classifier converted with litert-torch (a few seconds, once)."""
-    torch = pytest.importorskip("torch")
-    litert_torch = pytest.importorskip("litert_torch")
+    torch, litert_torch = require_convert_extra()
     litert_torch.config.show_progress = False
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 10), torch.nn.Softmax(dim=1)).eval()

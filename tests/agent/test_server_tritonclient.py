@@ -11,9 +11,10 @@ import onnxruntime
 import pytest
 
 from tests.agent.test_server import ROWS, digits_serving, endpoint
+from tests.services import require_module
 
-triton = pytest.importorskip("tritonclient.http")
-from tritonclient.utils import InferenceServerException  # noqa: E402  (after the importorskip)
+triton = require_module("tritonclient.http", "the dev extra (tritonclient[http])", module_level=True)
+from tritonclient.utils import InferenceServerException  # noqa: E402  (after the check that it is installed)
 
 TOKEN = "t0ken-for-the-conformance-test"
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from agent import Agent, InferenceInputError
+from agent.seq import SEQ_FILE, start_counter
 from agent.telemetry import (
     ACKS_TO_SETTLE,
     MAX_HELD_WINDOWS,
@@ -69,8 +70,12 @@ def test_telemetry_counts_inferences_and_seq_survives_restart(
         observer.topics.telemetry("dev-1"), TelemetryWindow, lambda w: w.seq not in (first.seq, second.seq)
     )
     assert third.seq > second.seq and third.inference_count == 1
-    seqs = [w.seq for w in observer.telemetry("dev-1")]
-    assert seqs == sorted(set(seqs)), f"seq reused or out of order: {seqs}"
+    # No coordinator confirms them: the restarted agent sends its outbox again. A resend is the same window.
+    by_seq: dict[int, TelemetryWindow] = {}
+    for window in observer.telemetry("dev-1"):
+        assert by_seq.setdefault(window.seq, window) == window, f"seq {window.seq} reused for another window"
+    assert sorted(by_seq) == [first.seq, second.seq, third.seq]
+    assert (second.prev_seq, third.prev_seq) == (first.seq, second.seq), "the chain of windows is broken"
 
 
 @pytest.mark.e2e
@@ -176,6 +181,13 @@ def test_lost_or_unreadable_seq_file_hands_out_nothing_until_resumed(tmp_path: P
     assert not counter.resume([]) and not counter.acknowledged(ack(41))
 
 
+def test_enrolment_on_a_fresh_data_dir_starts_the_counter_at_zero_and_never_resets_one(tmp_path: Path) -> None:
+    assert start_counter(tmp_path)
+    assert SeqCounter(tmp_path / SEQ_FILE).next() == 0, "a new device waits for no acknowledgement"
+    assert not start_counter(tmp_path), "re-enrolling the same data dir must not reuse seqs"
+    assert SeqCounter(tmp_path / SEQ_FILE).next() == 1
+
+
 def recording_publisher(path: Path, **kwargs: float) -> tuple[TelemetryPublisher, TelemetryRecorder, list[int]]:
     recorder, sent = TelemetryRecorder(), []
     publisher = TelemetryPublisher(
@@ -265,6 +277,7 @@ def test_agent_that_lost_its_seq_file_continues_above_every_seq_it_used(
         first.start()
         send_windows(first, 3)
         wait_until(lambda: len(stored()) == 3, what="the first run's windows stored")
+        wait_until(lambda: not first.telemetry_unconfirmed, what="the first run's windows confirmed")
         first.stop()
         (data_dir / "telemetry-seq").unlink()  # lost: a wiped data partition, a failed write, an operator
 

@@ -22,6 +22,7 @@ from agent.runtime import LiteRtRuntime, OnnxRuntime
 from protocol import ArtifactRef, Datatype, ModelFormat, ModelSpec
 from simulators.faults import FaultyArtifactServer
 from tests.agent.conftest import AgentFactory, Observer
+from tests.services import require_convert_extra
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -43,8 +44,7 @@ def cnn_files(tmp_path_factory: pytest.TempPathFactory) -> CnnFiles:
     if prebuilt:
         root = Path(prebuilt)
         return CnnFiles(root / "digits-cnn.onnx", root / "digits-cnn-int8.tflite", np.load(root / "x.npy"))
-    pytest.importorskip("torch")
-    pytest.importorskip("litert_torch")
+    require_convert_extra()
     from tests.agent.build_tflite_fixture import build
 
     out = tmp_path_factory.mktemp("cnn")

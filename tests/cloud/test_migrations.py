@@ -23,6 +23,7 @@ from cloud.errors import ConfigurationError
 from cloud.migrations import BASELINE, BASELINE_TABLES, alembic_config, head_revision
 from cloud.settings import Settings
 from tests.cloud.db_helpers import RELEASE_TOKEN, load_release_0_1_0, schema_of, scratch_migrations
+from tests.services import require_module
 
 
 def revision_in(database_url: str) -> str | None:
@@ -75,7 +76,7 @@ def test_baseline_revision_builds_the_schema_of_release_0_1_0(database_url: str,
         with migrated.begin() as connection:
             command.upgrade(alembic_config(connection), BASELINE)
         if released_url is None:  # PostgreSQL: the release's dump, loaded beside the migrated schema's database
-            pytest.importorskip("psycopg")
+            require_module("psycopg", "PostgreSQL tests need the psycopg driver (a base dependency)")
             from tests.services import fresh_postgres_database
 
             with fresh_postgres_database() as other:

@@ -13,7 +13,7 @@ from sqlmodel import Session
 import cloud.telemetry.acks as acks
 from cloud.db import create_db_engine, init_db
 from cloud.models import Device, TelemetryRecord
-from cloud.telemetry.acks import AckThrottle, telemetry_ack
+from cloud.telemetry.acks import AckThrottle, acknowledge_telemetry, telemetry_ack
 from protocol.codec import decode, encode
 from protocol.messages import ReportedState, TelemetryAck
 from protocol.topics import Topics
@@ -43,12 +43,21 @@ def test_steady_stream_is_acknowledged_at_most_once_per_interval() -> None:
     assert 9 <= sent <= 11
 
 
+def test_recheck_comes_back_to_a_device_no_sooner_than_the_throttle_allows() -> None:
+    throttle = AckThrottle(interval_s=1.0)
+    assert throttle.stored("edge-1", now=10.0)
+    throttle.recheck("edge-1", at=10.2)  # a hole's grace period ends before the interval does
+    assert throttle.next_due() == 11.0 and throttle.due(now=11.0) == ["edge-1"]
+    throttle.recheck("edge-2", at=15.0)  # a device not acknowledged lately: exactly then
+    assert throttle.due(now=14.9) == [] and throttle.due(now=15.0) == ["edge-2"]
+
+
 # -- what to acknowledge (the database) --------------------------------------------------------------
 
 
 @contextmanager
 def stored(database_url: str, seqs: list[int]) -> Iterator[Session]:
-    """A session on a database holding the telemetry windows `seqs` of device `edge-1`."""
+    """A session on a database holding the telemetry windows `seqs` of device `edge-1` (`add_windows`)."""
     engine = create_db_engine(database_url)
     init_db(engine)
     try:
@@ -60,30 +69,44 @@ def stored(database_url: str, seqs: list[int]) -> Iterator[Session]:
         engine.dispose()
 
 
-def add_windows(session: Session, seqs: list[int]) -> None:
+def add_windows(session: Session, seqs: list[int], *, starts: tuple[int, ...] = (0,)) -> None:
+    """Windows of `edge-1` linked to the seq below them, except `starts` (no `prev_seq`: a new chain)."""
     for seq in seqs:
-        session.add(TelemetryRecord(device_id="edge-1", seq=seq, inference_count=1, error_count=0))
+        prev = None if seq in starts else seq - 1
+        session.add(TelemetryRecord(device_id="edge-1", seq=seq, prev_seq=prev, inference_count=1, error_count=0))
     session.commit()
 
 
-def test_ack_says_the_highest_and_the_end_of_the_contiguous_run(database_url: str) -> None:
-    with stored(database_url, [3, 4, 5, 6, 8, 9]) as session:
+def test_ack_says_the_highest_and_where_the_chain_of_windows_is_settled(database_url: str) -> None:
+    with stored(database_url, []) as session:
+        add_windows(session, [3, 4, 5, 6, 8, 9], starts=(3,))
         nothing = telemetry_ack(session, "nobody")
         assert (nothing.stored_seq, nothing.max_seq) == (None, None)
         first = telemetry_ack(session, "edge-1")
-        assert (first.stored_seq, first.max_seq) == (6, 9)  # the run starts at the lowest stored seq
+        assert (first.stored_seq, first.max_seq) == (6, 9)  # 8 links back to 7, which is not stored (yet)
+        assert [first.confirms(seq) for seq in (3, 6, 7, 8)] == [True, True, False, False]
         add_windows(session, [7])
-        again = telemetry_ack(session, "edge-1", floor=first.stored_seq)
-        assert (again.stored_seq, again.max_seq) == (9, 9)
+        again = telemetry_ack(session, "edge-1")
+        assert (again.stored_seq, again.max_seq, again.missing) == (9, 9, [])
 
 
-def test_one_ack_moves_the_run_at_most_a_bounded_scan_ahead(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_declared_jump_and_windows_of_older_agents_settle_without_a_gap(database_url: str) -> None:
+    with stored(database_url, [0, 1, 2]) as session:
+        add_windows(session, [1003, 1004], starts=(1003,))  # a lost counter: a new chain 1000 above the last
+        for seq in (2000, 2005):  # an older agent says nothing of its chain: each window stands alone
+            session.add(TelemetryRecord(device_id="edge-1", seq=seq, inference_count=1, error_count=0))
+        session.commit()
+        ack = telemetry_ack(session, "edge-1")
+        assert (ack.stored_seq, ack.max_seq, ack.missing) == (2005, 2005, [])
+
+
+def test_one_ack_settles_at_most_a_bounded_scan_ahead(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(acks, "ACK_SCAN_ROWS", 4)
     with stored(database_url, list(range(10))) as session:
-        floors = [0]
-        for _ in range(3):
-            floors.append(telemetry_ack(session, "edge-1", floor=floors[-1]).stored_seq or 0)
-        assert floors == [0, 4, 8, 9]
+        settled = [telemetry_ack(session, "edge-1").stored_seq for _ in range(3)]
+        assert settled == [3, 7, 9]
+        answer = acknowledge_telemetry(session, "edge-1")
+        assert answer.recheck_s is None  # everything settled: nothing to come back to
 
 
 # -- on the wire ---------------------------------------------------------------------------------

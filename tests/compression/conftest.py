@@ -6,11 +6,13 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("torch", reason="the convert extra (torch, litert-torch) is not installed")
+from tests.services import require_convert_extra
 
-from compression.cnn import ReferenceCNN, build_reference_cnn
-from compression.data import Dataset, load_dataset
-from compression.variants import VARIANT_SPECS, BuiltVariant, build_variant, describe_file
+require_convert_extra(module_level=True)
+
+from compression.cnn import ReferenceCNN, build_reference_cnn  # noqa: E402  (after the check that torch is there)
+from compression.data import Dataset, load_dataset  # noqa: E402
+from compression.variants import VARIANT_SPECS, BuiltVariant, build_variant, describe_file  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,8 @@ from agent import Agent
 from cloud.client import ApiClient
 from compression.reference import load_digits_split, shifted_model
 from simulators import CoordinatorProcess, FleetConfig, SimulatedFleet, slow_model
-from tests.services import run_fleet_mosquitto
+from tests.e2e.test_restarts import occupied_port
+from tests.services import fresh_postgres_database, run_fleet_mosquitto
 
 pytestmark = pytest.mark.e2e
 
@@ -142,13 +143,29 @@ def cli(client: ApiClient, *args: str) -> Any:
 
 
 @pytest.fixture
-def coordinator(topic_base: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FixedPortCoordinator]:
+def coordinator(
+    topic_base: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Iterator[FixedPortCoordinator]:
+    """A coordinator on Mosquitto and SQLite; parametrized indirectly: `embedded-sqlite`, `mosquitto-postgres`."""
     monkeypatch.setenv("EDGEFLEET_ROLLOUT_TICK_S", "0.2")
+    backend = getattr(request, "param", "mosquitto-sqlite")
     data_dir = tmp_path / "coordinator"
-    with run_fleet_mosquitto(tmp_path / "broker", data_dir, topic_base) as broker:
-        process = FixedPortCoordinator(
-            data_dir, mqtt_url=broker.url, topic_base=topic_base, extra_args=broker.coordinator_args
-        )
+    with contextlib.ExitStack() as stack:
+        if backend == "embedded-sqlite":  # its own broker, the default port taken by another program
+            busy = stack.enter_context(occupied_port())
+            settings = tmp_path / "coordinator.toml"
+            settings.write_text(f"embedded_broker_port = {busy}\n")
+            process = FixedPortCoordinator(data_dir, topic_base=topic_base, extra_args=("--config", str(settings)))
+        else:
+            broker = stack.enter_context(run_fleet_mosquitto(tmp_path / "broker", data_dir, topic_base))
+            database = stack.enter_context(fresh_postgres_database()) if backend == "mosquitto-postgres" else None
+            process = FixedPortCoordinator(
+                data_dir,
+                mqtt_url=broker.url,
+                database_url=database,
+                topic_base=topic_base,
+                extra_args=broker.coordinator_args,
+            )
         process.start()
         try:
             yield process
@@ -280,6 +297,7 @@ def test_latency_regression_trips_the_p95_gate_and_pauses(
     assert len(fleet_on_1.running("2.0")) == 2, "the paused rollout went no further than its first wave"
 
 
+@pytest.mark.parametrize("coordinator", ["mosquitto-sqlite", "embedded-sqlite", "mosquitto-postgres"], indirect=True)
 def test_coordinator_killed_mid_rollout_resumes_and_updates_every_device_exactly_once(
     coordinator: FixedPortCoordinator, fleet_on_1: SimulatedFleet, tmp_path: Path, digits_model_bytes: bytes
 ) -> None:

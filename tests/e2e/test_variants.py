@@ -13,6 +13,7 @@ import pytest
 from cloud.client import ApiClient
 from simulators import MIXED_PROFILES, FleetConfig, SimulatedFleet, drive_inference
 from tests.e2e.test_fleet_deploy import deployment_statuses, online_ids, wait_until
+from tests.services import require_convert_extra
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -26,8 +27,7 @@ def broker_url(mosquitto_url: str) -> str:
 @pytest.fixture(scope="module")
 def compressed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The reference CNN compressed to every variant by the real `edgefleet compress` (accuracy-gated)."""
-    pytest.importorskip("torch")
-    pytest.importorskip("litert_torch")
+    require_convert_extra()
     out = tmp_path_factory.mktemp("compressed")
     edgefleet = Path(sys.executable).parent / "edgefleet"
     result = subprocess.run(

@@ -112,7 +112,7 @@ def test_rejects_negative_telemetry_counts() -> None:
     ("fields", "reason"),
     [
         ({"stored_seq": 9, "max_seq": 3}, "stored_seq 9 is above max_seq 3"),
-        ({"stored_seq": 3}, "both set or both null"),
+        ({"stored_seq": 3}, "stored_seq is set but max_seq is null"),
         ({"max_seq": -1}, "max_seq"),
     ],
 )
