@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import ssl
 import threading
 from collections.abc import Callable, Mapping
 from importlib import metadata
@@ -17,8 +16,8 @@ import numpy as np
 
 from agent.capabilities import device_capabilities
 from agent.config import AgentConfig
-from agent.errors import ConfigError, TransportError
-from agent.identity import DeviceIdentity, load_identity, locate_broker, needs_renewal, renew
+from agent.credentials import Credentials
+from agent.errors import TransportError
 from agent.outbox import Outbox
 from agent.runtime import LoadedModel, RuntimeCatalog, default_catalog
 from agent.seq import SEQ_FILE, SeqCounter
@@ -39,7 +38,6 @@ from agent.update import (
     transition_event,
 )
 from protocol import (
-    DEFAULT_BASE,
     Capabilities,
     DesiredState,
     DeviceEvent,
@@ -57,10 +55,9 @@ from protocol import (
     decode,
     encode,
 )
-from protocol.errors import BrokerUrlError
-from protocol.mqtt import BrokerAddress, parse_mqtt_url
+from protocol.mqtt import BrokerAddress
 
-__all__ = ["Agent", "agent_version", "health_policy", "resolve_broker", "tls_context"]
+__all__ = ["Agent", "agent_version", "health_policy"]
 
 log = logging.getLogger(__name__)
 
@@ -73,30 +70,6 @@ def agent_version() -> str:
         return metadata.version("edgefleet")
     except metadata.PackageNotFoundError:
         return "0+unknown"
-
-
-def resolve_broker(config: AgentConfig, identity: DeviceIdentity | None) -> tuple[str, str]:
-    """`(mqtt_url, topic_base)`: configured values, else what the coordinator said at enrolment."""
-    if identity is not None:
-        if identity.device_id != config.device_id:
-            raise ConfigError(
-                f"device_id {config.device_id!r} differs from the enrolled identity {identity.device_id!r} "
-                f"in {identity.directory}"
-            )
-        return config.mqtt_url or identity.broker_url, config.topic_base or identity.topic_base
-    if config.mqtt_url is None:
-        raise ConfigError(
-            f"device {config.device_id!r} is not enrolled: run `edgefleet-agent enroll --coordinator URL "
-            "--device-id ID --token TOKEN` (the token comes from `edgefleet devices enroll ID`)"
-        )
-    return config.mqtt_url, config.topic_base or DEFAULT_BASE
-
-
-def tls_context(identity: DeviceIdentity) -> ssl.SSLContext:
-    """TLS that trusts only the fleet CA and presents this device's certificate."""
-    context = ssl.create_default_context(cafile=str(identity.ca_path))
-    context.load_cert_chain(str(identity.cert_path), str(identity.key_path))
-    return context
 
 
 def health_policy(config: AgentConfig) -> HealthPolicy:
@@ -130,9 +103,7 @@ class Agent:
         self._telemetry: TelemetryPublisher | None = None
         self._server: InferenceServer | None = None
         self._capabilities: Capabilities | None = None
-        self._identity: DeviceIdentity | None = None
-        self._tls: ssl.SSLContext | None = None
-        self._renewal_stop = threading.Event()
+        self._credentials = Credentials(config)
         self._refused: tuple[int, ErrorInfo] | None = None
         self._broker: BrokerAddress | None = None  # where the last connection went (a moved broker changes it)
 
@@ -234,7 +205,7 @@ class Agent:
             self._shutdown(report=False)
             raise
         self._started = True
-        self._start_renewal()
+        self._credentials.start_renewal()
         self._event(EventKind.AGENT_STARTED, message=f"agent {agent_version()} started")
         log.info(
             "agent %s started (model: %s, endpoint: %s)", self.config.device_id, self.active_model, self.inference_url
@@ -259,31 +230,12 @@ class Agent:
 
     def _resolve_broker(self) -> tuple[BrokerAddress, str]:
         """The broker's address and the topic base, from the configuration or the enrolled identity."""
-        self._identity = load_identity(self.config.data_dir)
-        self._renew_if_due()
-        mqtt_url, base = resolve_broker(self.config, self._identity)
-        try:
-            return parse_mqtt_url(mqtt_url), base
-        except BrokerUrlError as exc:
-            raise ConfigError(f"mqtt_url: {exc}") from exc
-
-    def _renew_if_due(self) -> None:
-        """Renew the certificate when its last third has begun; a failure is logged and retried later."""
-        identity = self._identity
-        if identity is None or not needs_renewal(identity.certificate()):
-            return
-        try:
-            self._identity = renew(identity, timeout_s=min(self.config.download_timeout_s, 30.0))
-        except (ConfigError, TransportError) as exc:
-            log.warning("certificate renewal of %s failed (retried later): %s", self.config.device_id, exc)
-            return
-        if self._tls is not None:  # the next (re)connect presents the new certificate
-            self._tls.load_cert_chain(str(self._identity.cert_path), str(self._identity.key_path))
+        return self._credentials.load()
 
     @property
     def certificate_serial(self) -> int | None:
         """Serial number of the certificate this device presents (None when it has no fleet identity)."""
-        return self._identity.certificate().serial_number if self._identity is not None else None
+        return self._credentials.certificate_serial
 
     def _detect_capabilities(self) -> Capabilities:
         """What this device reports it can run: detected, then the configured overrides."""
@@ -293,12 +245,12 @@ class Agent:
 
     def _build_update_path(self) -> UpdateWorker:
         """The fetcher, the executor of update steps and the worker that drives them (not started yet)."""
-        cfg = self.config
+        cfg, identity = self.config, self._credentials.identity
         self._fetcher = ArtifactFetcher(
             timeout_s=cfg.download_timeout_s,
             attempts=cfg.download_attempts,
             min_rate_bps=cfg.download_min_rate_bps,
-            base_url=cfg.coordinator_url or (self._identity.coordinator_url if self._identity else None),
+            base_url=cfg.coordinator_url or (identity.coordinator_url if identity else None),
             sleep=lambda s: self._worker.sleep(s) if self._worker else False,
         )
         executor = UpdateExecutor(
@@ -326,7 +278,7 @@ class Agent:
     def _trust_gate(self) -> Callable[[DesiredState], DesiredState] | None:
         """The governance check of desired states, for a device enrolled with the fleet's TUF root."""
         timeout_s = min(self.config.download_timeout_s, 30.0)
-        return trust_gate_for(self._identity, self.config.data_dir / "tuf", timeout_s)
+        return trust_gate_for(self._credentials.identity, self.config.data_dir / "tuf", timeout_s)
 
     def _on_refused(self, desired: DesiredState, error: ErrorInfo) -> None:
         """A desired state whose signed metadata did not verify: report why; nothing else changes."""
@@ -358,19 +310,18 @@ class Agent:
         cfg, topics = self.config, self._topics
         assert topics is not None, "set by start() before messaging starts"
         offline = ReportedState(device_id=cfg.device_id, status=DeviceStatus.OFFLINE, tags=cfg.tags)
-        identity = self._identity
-        self._tls = tls_context(identity) if identity is not None and address.tls else None
+        identity, credentials = self._credentials.identity, self._credentials
         # An enrolled device connects as itself: the fleet's brokers refuse any other client id for its certificate.
         default_id = cfg.device_id if identity is not None else client_id_for(cfg.device_id, base)
         self._transport = MqttTransport(
             address=address,
-            tls=self._tls,
+            tls=credentials.tls_for(address),
             client_id=cfg.mqtt_client_id or default_id,
             subscriptions=[topics.desired(cfg.device_id), topics.ack(cfg.device_id)],
             will=(topics.reported(cfg.device_id), encode(offline)),
             reconnect_min_s=cfg.reconnect_min_s,
             reconnect_max_s=cfg.reconnect_max_s,
-            rediscover=self._locate_broker if identity is not None and cfg.mqtt_url is None else None,
+            rediscover=credentials.locate_broker if credentials.may_rediscover else None,
             rediscover_after=cfg.broker_rediscover_after,
         )
         self._telemetry = self._telemetry_publisher(self._transport)
@@ -379,33 +330,8 @@ class Agent:
 
     # -- internals --------------------------------------------------------------------------------
 
-    def _locate_broker(self) -> BrokerAddress | None:
-        """Where the coordinator says the broker is now (the enrolled URL stopped answering); stored for restarts."""
-        identity = self._identity
-        if identity is None:
-            return None
-        moved = locate_broker(identity, timeout_s=min(self.config.download_timeout_s, 10.0))
-        if moved.topic_base != identity.topic_base:
-            log.error("the fleet's topic base changed to %s; restart the agent", moved.topic_base)
-            return None
-        self._identity = moved
-        return parse_mqtt_url(moved.broker_url)
-
-    def _start_renewal(self) -> None:
-        """Check the certificate every `certificate_check_s` while running, renewing it when due."""
-        if self._identity is None:
-            return
-        self._renewal_stop.clear()
-
-        def loop() -> None:
-            while not self._renewal_stop.wait(self.config.certificate_check_s):
-                self._renew_if_due()
-
-        thread = threading.Thread(target=loop, name=f"{self.config.device_id}-renewal", daemon=True)
-        thread.start()
-
     def _shutdown(self, *, report: bool) -> None:
-        self._renewal_stop.set()
+        self._credentials.stop()
         if self._worker is not None:
             self._worker.stop()
         if self._telemetry is not None:

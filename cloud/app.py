@@ -1,4 +1,5 @@
-"""`create_app(settings)`: the coordinator's FastAPI application, its broker, bridge and database wiring.
+"""`create_app(settings)`: the coordinator's FastAPI application, its broker, bridge and database wiring, and the
+API docs pages (`/docs`, `/redoc`) served from local files.
 
 Nothing is started at import time. The app's lifespan opens the database, creates the admin token,
 starts the embedded broker when no `mqtt_url` is configured, and connects the MQTT bridge; it shuts all
@@ -8,12 +9,17 @@ of them down in reverse order.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
 from sqlmodel import Session
 
 from cloud import __version__
@@ -32,9 +38,20 @@ from cloud.services.devices import mark_unconfirmed
 from cloud.services.enrolment import refresh_crl
 from cloud.settings import Settings
 
-__all__ = ["create_app"]
+__all__ = ["DOCS_ASSETS_URL", "DOCS_URL", "REDOC_URL", "create_app"]
 
 log = logging.getLogger(__name__)
+
+DOCS_URL = "/docs"
+REDOC_URL = "/redoc"
+DOCS_ASSETS_URL = "/docs/assets"
+_SWAGGER_JS = "swagger-ui-bundle.js"
+_NO_ASSETS = (
+    "<!DOCTYPE html><html><head><title>edgefleet API</title></head><body>"
+    "<p>The interactive API docs need the swagger-ui files of the <code>fastapi-offline</code> package "
+    "(part of the cloud extra: <code>pip install 'edgefleet[cloud]'</code>).</p>"
+    '<p>The OpenAPI description of this API is at <a href="{openapi}">{openapi}</a>.</p></body></html>'
+)
 
 _BRIDGE_CONNECT_WAIT_S = 10.0
 
@@ -107,12 +124,66 @@ def create_app(
         version=__version__,
         description="Model registry, deployments and fleet telemetry for edge devices.",
         lifespan=lifespan,
+        docs_url=None,  # served by `_offline_docs`: FastAPI's own pages load their scripts from a CDN
+        redoc_url=None,
     )
     app.state.coordinator = coordinator
     install_problem_handlers(app)
     app.add_middleware(RequestGuard)
     app.include_router(router)
+    _offline_docs(app)
     return app
+
+
+def _docs_assets() -> Path | None:
+    """The directory of swagger-ui and ReDoc files that `fastapi-offline` ships (cloud extra); None if absent."""
+    spec = importlib.util.find_spec("fastapi_offline")
+    if spec is None or spec.origin is None:
+        return None
+    assets = Path(spec.origin).parent / "static"
+    return assets if (assets / _SWAGGER_JS).is_file() else None
+
+
+def _offline_docs(app: FastAPI) -> None:
+    """`/docs` (Swagger UI) and `/redoc` from files served by the coordinator itself, so they work on a network
+    without internet; without those files, `/docs` says where the OpenAPI description is."""
+    assets = _docs_assets()
+    openapi_url = app.openapi_url or "/openapi.json"
+    if assets is None:
+
+        @app.get(DOCS_URL, include_in_schema=False)
+        def no_assets() -> HTMLResponse:
+            return HTMLResponse(_NO_ASSETS.format(openapi=openapi_url))
+
+        return
+    app.mount(DOCS_ASSETS_URL, StaticFiles(directory=assets), name="docs-assets")
+    redirect_url = app.swagger_ui_oauth2_redirect_url or "/docs/oauth2-redirect"
+
+    @app.get(DOCS_URL, include_in_schema=False)
+    def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=openapi_url,
+            title=f"{app.title} - API",
+            oauth2_redirect_url=redirect_url,
+            swagger_js_url=f"{DOCS_ASSETS_URL}/{_SWAGGER_JS}",
+            swagger_css_url=f"{DOCS_ASSETS_URL}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS_URL}/favicon.png",
+            swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from the public validator
+        )
+
+    @app.get(redirect_url, include_in_schema=False)
+    def swagger_ui_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @app.get(REDOC_URL, include_in_schema=False)
+    def redoc() -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url=openapi_url,
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{DOCS_ASSETS_URL}/redoc.standalone.js",
+            redoc_favicon_url=f"{DOCS_ASSETS_URL}/favicon.png",
+            with_google_fonts=False,
+        )
 
 
 def _prepare_secrets(coordinator: Coordinator) -> None:

@@ -5,8 +5,8 @@ Roles (a token has exactly one; `admin` may do everything):
 | role        | may                                                                  |
 |-------------|----------------------------------------------------------------------|
 | `viewer`    | read everything (every GET)                                          |
-| `publisher` | read, push models and variants (e.g. from CI)                        |
-| `operator`  | read, deploy, run rollouts, enrol and revoke devices                 |
+| `publisher` | read, push and delete models and variants, set aliases (e.g. from CI) |
+| `operator`  | read, deploy, run rollouts, enrol, revoke and decommission devices  |
 | `approver`  | read, approve high-risk models (governance)                          |
 | `admin`     | everything, including API tokens and bootstrap secrets               |
 

@@ -81,6 +81,10 @@ class ApiClient:
         """PUT a JSON body under `/api/v1`."""
         return self.request("PUT", path, json=body)
 
+    def delete(self, path: str) -> Any:
+        """DELETE a resource under `/api/v1`."""
+        return self.request("DELETE", path)
+
     # -- system ------------------------------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
@@ -97,9 +101,34 @@ class ApiClient:
         """Every model with its versions."""
         return list(self.get("/models")["data"])
 
+    def model(self, name: str) -> dict[str, Any]:
+        """One model with its versions (lineage and compression reports included)."""
+        return dict(self.get(f"/models/{name}"))
+
     def model_version(self, name: str, version: str) -> dict[str, Any]:
         """One model version."""
         return dict(self.get(f"/models/{name}/versions/{version}"))
+
+    def delete_model_version(self, name: str, version: str) -> dict[str, Any]:
+        """Delete `name:version` (refused while anything uses it); the artifacts removed with it."""
+        return dict(self.delete(f"/models/{name}/versions/{version}"))
+
+    def aliases(self, name: str) -> list[dict[str, Any]]:
+        """The aliases of model `name` and the versions they point at."""
+        return list(self.get(f"/models/{name}/aliases")["data"])
+
+    def set_alias(self, name: str, alias: str, version: str) -> dict[str, Any]:
+        """Point `name@alias` at `version` (creating or moving the alias)."""
+        return dict(self.put_json(f"/models/{name}/aliases/{alias}", {"version": version}))
+
+    def delete_alias(self, name: str, alias: str) -> dict[str, Any]:
+        """Remove `name@alias`; the change as recorded."""
+        return dict(self.delete(f"/models/{name}/aliases/{alias}"))
+
+    def alias_history(self, name: str, alias: str | None = None) -> list[dict[str, Any]]:
+        """Every set, move and delete of the aliases of `name` (or of one alias), oldest first."""
+        params = {"alias": alias} if alias else {}
+        return list(self.get(f"/models/{name}/alias-history", **params)["data"])
 
     def push_model(
         self, file: Path, *, name: str, version: str, fields: dict[str, str] | None = None, inputs: str | None = None
@@ -148,12 +177,27 @@ class ApiClient:
         """The telemetry windows the coordinator stored for one device."""
         return list(self.get(f"/devices/{device_id}/telemetry")["data"])
 
+    def device_events(self, device_id: str, *, limit: int = 200, after_id: int | None = None) -> list[dict[str, Any]]:
+        """A device's events, oldest first: the newest `limit`, or the first `limit` after event `after_id`."""
+        params: dict[str, Any] = {"limit": limit} | ({"after_id": after_id} if after_id is not None else {})
+        return list(self.get(f"/devices/{device_id}/events", **params)["data"])
+
+    def decommission_device(self, device_id: str) -> dict[str, Any]:
+        """Revoke a device and take it out of the fleet for good (its history stays)."""
+        return dict(self.post_json(f"/devices/{device_id}/decommission", {}))
+
     def deploy(
-        self, *, model: str, version: str, tags: dict[str, str] | None = None, device_ids: list[str] | None = None
+        self,
+        *,
+        model: str,
+        version: str | None = None,
+        tags: dict[str, str] | None = None,
+        device_ids: list[str] | None = None,
     ) -> dict[str, Any]:
-        """Deploy `model:version` to devices chosen by tags or ids."""
+        """Deploy `model:version`, or `model@alias` (no version), to devices chosen by tags or ids."""
         target: dict[str, Any] = {"tags": tags} if tags else {"device_ids": device_ids or []}
-        return dict(self.post_json("/deployments", {"model": model, "version": version, "target": target}))
+        body: dict[str, Any] = {"model": model, "target": target} | ({"version": version} if version else {})
+        return dict(self.post_json("/deployments", body))
 
     def deployments(self) -> list[dict[str, Any]]:
         """Deployments, newest first."""

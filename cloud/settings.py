@@ -14,6 +14,8 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from cloud.errors import ConfigurationError
 from protocol.errors import TopicError
@@ -124,6 +126,20 @@ class Settings(BaseSettings):
             Topics(value)
         except TopicError as exc:  # pydantic reports ValueErrors as validation errors naming the field
             raise ValueError(str(exc)) from exc
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, value: str) -> str:
+        if not value:
+            return value
+        try:
+            make_url(value).get_dialect()
+        except (ArgumentError, NoSuchModuleError, ImportError) as exc:
+            raise ValueError(
+                f"cannot use database URL {value!r} ({exc}); expected sqlite:///PATH or "
+                "postgresql+psycopg://USER@HOST:PORT/DATABASE"
+            ) from exc
         return value
 
     @field_validator("public_url")

@@ -1,6 +1,6 @@
-"""Measure a variant on this CPU (accuracy, agreement with fp32, latency, memory, size) and gate it.
+"""Measure a variant on this CPU (its scores, latency, memory, size); the scores and the gate are `scoring`'s.
 
-Measuring runs the real runtime (IO); `gate` is a pure decision over the numbers.
+Measuring runs the real runtime (IO); `scoring.gate` is a pure decision over the numbers.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import numpy as np
 
 from compression.data import Dataset
 from compression.errors import ConversionError
+from compression.outputs import EvaluatedOutput, OutputKind
 from compression.runtimes import open_classifier
+from compression.scoring import CompressionReport, GateVerdict, Measurement, class_ids, gate, score
 
 __all__ = [
     "CompressionReport",
@@ -30,6 +32,8 @@ __all__ = [
     "predictions",
 ]
 
+_FIRST_OUTPUT_SCORES = EvaluatedOutput("", OutputKind.SCORES)  # the reference CNN's: logits, its only output
+
 
 @dataclass(frozen=True)
 class LatencyBudget:
@@ -40,35 +44,13 @@ class LatencyBudget:
     seconds: float = 2.0
 
 
-@dataclass(frozen=True)
-class Measurement:
-    """What one variant achieved on this CPU."""
-
-    name: str
-    size_bytes: int
-    accuracy: float
-    agreement: float  # fraction of eval samples where the variant predicts the same class as fp32
-    latency_p50_ms: float
-    latency_p99_ms: float
-    latency_samples: int
-    peak_rss_bytes: int | None  # None if not measured; else peak RSS of a fresh process running the model
-    model_rss_bytes: int | None  # that peak minus the same process's RSS before loading (runtime already imported)
-
-
-@dataclass(frozen=True)
-class GateVerdict:
-    """Whether a variant may ship: its accuracy drop against fp32, in percentage points."""
-
-    name: str
-    accepted: bool
-    drop_pp: float
-    reason: str
-
-
-def predictions(path: Path, data: Dataset) -> np.ndarray:
-    """Predicted classes of a model file on a data set, in the model's runtime."""
-    classifier = open_classifier(path)
-    return np.asarray(classifier.predict(data.shaped(classifier.sample_shape)).argmax(axis=1))
+def predictions(path: Path, data: Dataset, target: EvaluatedOutput = _FIRST_OUTPUT_SCORES) -> np.ndarray:
+    """What a model file predicts on a data set, in its runtime: class ids, or a regressor's values."""
+    model = open_classifier(path, output=target.name or None)
+    output = model.predict(data.shaped(model.sample_shape))
+    if target.kind is OutputKind.VALUES:
+        return np.asarray(output, dtype=np.float64).reshape(len(output), -1)
+    return class_ids(output, target.kind)
 
 
 def measure_latency(path: Path, sample: np.ndarray, budget: LatencyBudget) -> np.ndarray:
@@ -113,45 +95,23 @@ def measure(
     *,
     budget: LatencyBudget | None = None,
     memory: bool = True,
+    target: EvaluatedOutput = _FIRST_OUTPUT_SCORES,
 ) -> Measurement:
-    """All the numbers for one variant; `reference` holds the fp32 model's predicted classes on `data`."""
-    predicted = predictions(path, data)
+    """All the numbers for one variant; `reference` holds the fp32 model's `predictions` on `data`."""
+    scores = score(target, predictions(path, data, target), reference, data.y)
     timings = measure_latency(path, data.x[0], budget or LatencyBudget())
     peak, delta = measure_memory(path) if memory else (None, None)
     return Measurement(
         name=name,
         size_bytes=path.stat().st_size,
-        accuracy=float((predicted == data.y).mean()),
-        agreement=float((predicted == reference).mean()),
+        accuracy=scores.accuracy,
+        agreement=scores.agreement,
+        mae=scores.mae,
+        rmse=scores.rmse,
+        deviation_pct=scores.deviation_pct,
         latency_p50_ms=float(np.percentile(timings, 50)),
         latency_p99_ms=float(np.percentile(timings, 99)),
         latency_samples=len(timings),
         peak_rss_bytes=peak,
         model_rss_bytes=delta,
     )
-
-
-@dataclass(frozen=True)
-class CompressionReport:
-    """The fp32 baseline and every variant measured on one CPU, with that CPU's ISA flags."""
-
-    baseline: Measurement
-    variants: tuple[Measurement, ...]
-    cpu_model: str = ""
-    isa_flags: tuple[str, ...] = ()
-
-
-def gate(report: CompressionReport, max_drop_pp: float = 1.0) -> list[GateVerdict]:
-    """Accept each variant whose accuracy is at most `max_drop_pp` percentage points below the fp32 baseline."""
-    verdicts = []
-    for m in report.variants:
-        drop = round((report.baseline.accuracy - m.accuracy) * 100.0, 6)
-        if drop > max_drop_pp:
-            reason = (
-                f"accuracy {m.accuracy:.2%} is {drop:.2f} pp below fp32 ({report.baseline.accuracy:.2%}), "
-                f"more than the allowed {max_drop_pp:g} pp"
-            )
-            verdicts.append(GateVerdict(m.name, False, drop, reason))
-        else:
-            verdicts.append(GateVerdict(m.name, True, drop, f"within {max_drop_pp:g} pp of fp32"))
-    return verdicts

@@ -1,20 +1,22 @@
 """One compression run: resolve the model sources, build each variant, measure all, gate, write the outputs.
 
-The output directory holds `fp32.onnx` and the variant files, `variants.json` (the manifest the registry
-push consumes: accepted variants only), `report.json`, `report.md` and `report.html`.
+The output directory holds `fp32.onnx` (self-contained: external weights folded in) and the variant files,
+`variants.json` (the manifest the registry push consumes: accepted variants only), `report.json`, `report.md`
+and `report.html`. A variant that cannot be built (no source for it, a converter missing or failing) or that
+does not run once built is skipped with its reason; it never stops the others.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from compression.baseline import self_contained_copy
 from compression.data import Dataset
-from compression.errors import InvalidInputError
+from compression.errors import CompressionError, InvalidInputError
 from compression.evaluate import (
     CompressionReport,
     GateVerdict,
@@ -25,9 +27,11 @@ from compression.evaluate import (
     predictions,
 )
 from compression.machine import read_cpu
+from compression.outputs import EvaluatedOutput, choose_output, read_model_tensors
 from compression.report import build_document, render_html, render_markdown
+from compression.scoring import score
 from compression.specs import tensor_specs
-from compression.variants import VARIANT_SPECS, BuiltVariant, build_variant, describe_file
+from compression.variants import VARIANT_SPECS, BuiltVariant, build_variant, describe_file, missing_source
 from protocol.manifest import (
     MANIFEST_FORMAT_VERSION,
     ManifestEvaluation,
@@ -37,13 +41,14 @@ from protocol.manifest import (
     VariantsManifest,
     write_manifest,
 )
-from protocol.messages import ModelFormat
+from protocol.messages import ModelFormat, TensorSpec
 
 __all__ = [
     "BUILTIN_MODEL",
     "CompressionJob",
     "CompressionResult",
     "ModelSources",
+    "SkippedVariant",
     "build_manifest",
     "manifest_entry",
     "resolve_model",
@@ -73,6 +78,16 @@ class CompressionJob:
     max_drop_pp: float = 1.0
     latency: LatencyBudget = field(default_factory=LatencyBudget)
     measure_memory: bool = True
+    output: str | None = None  # the output to evaluate; None: found from the model (`compression.outputs`)
+    task: str = "auto"  # "auto", "classification" or "regression"
+
+
+@dataclass(frozen=True)
+class SkippedVariant:
+    """A requested variant that was not produced, and why."""
+
+    name: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -84,6 +99,9 @@ class CompressionResult:
     verdicts: list[GateVerdict]
     document: dict[str, Any]
     manifest_path: Path
+    skipped: list[SkippedVariant] = field(default_factory=list)
+    target: EvaluatedOutput | None = None
+    notes: list[str] = field(default_factory=list)  # what the user should know (e.g. a fixed batch)
 
     @property
     def refused(self) -> list[GateVerdict]:
@@ -111,44 +129,97 @@ def resolve_model(model: str, *, torch_program: Path | None, work_dir: Path) -> 
 
 
 def run_compression(job: CompressionJob, progress: Callable[[str], None] = lambda _: None) -> CompressionResult:
-    """Build, measure and gate every requested variant; write the manifest and reports."""
+    """Build, measure and gate every requested variant (skipping those that cannot be); write manifest and reports."""
     job.out_dir.mkdir(parents=True, exist_ok=True)
-    baseline_path = job.out_dir / "fp32.onnx"
-    if job.sources.onnx.resolve() != baseline_path.resolve():
-        shutil.copyfile(job.sources.onnx, baseline_path)
+    baseline_path = self_contained_copy(job.sources.onnx, job.out_dir / "fp32.onnx")
+    inputs, outputs = read_model_tensors(baseline_path)
+    target = choose_output(outputs, requested=job.output, task=job.task)
+    notes = _batch_notes(inputs[0])
+    progress(f"evaluating fp32 ({target.task}, output {target.name!r})")
+    reference = predictions(baseline_path, job.evaluation, target)
+    score(target, reference, reference, job.evaluation.y)  # refuses labels that do not fit now, not after building
     built = [describe_file(VARIANT_SPECS["fp32"], baseline_path)]
+    skipped: list[SkippedVariant] = []
     for name in job.variants:
-        progress(f"building {name}")
-        built.append(
-            build_variant(
-                name,
-                onnx_model=job.sources.onnx,
-                torch_program=job.sources.torch_program,
-                calibration=job.calibration,
-                out_dir=job.out_dir,
-            )
-        )
-    reference = predictions(baseline_path, job.evaluation)
+        variant = _build(job, name, baseline_path, skipped, progress)
+        if variant is not None:
+            built.append(variant)
     measured: list[Measurement] = []
     for variant in built:
         progress(f"measuring {variant.name}")
-        measured.append(
-            measure(
-                variant.name,
-                variant.path,
-                job.evaluation,
-                reference,
-                budget=job.latency,
-                memory=job.measure_memory,
+        try:
+            measured.append(
+                measure(
+                    variant.name,
+                    variant.path,
+                    job.evaluation,
+                    reference,
+                    budget=job.latency,
+                    memory=job.measure_memory,
+                    target=target,
+                )
             )
-        )
+        except CompressionError as exc:
+            if variant.name == "fp32":
+                raise
+            skipped.append(SkippedVariant(variant.name, f"built, but it does not run: {exc}"))
+            variant.path.unlink(missing_ok=True)
+    built = [v for v in built if v.name in {m.name for m in measured}]
+    skipped.sort(key=lambda s: job.variants.index(s.name))
     cpu_model, flags = read_cpu()
     report = CompressionReport(measured[0], tuple(measured[1:]), cpu_model=cpu_model, isa_flags=flags)
     verdicts = gate(report, job.max_drop_pp)
     files = {v.name: v.path.name for v in built}
-    document = build_document(report, verdicts, max_drop_pp=job.max_drop_pp, files=files)
+    document = build_document(
+        report,
+        verdicts,
+        max_drop_pp=job.max_drop_pp,
+        files=files,
+        skipped={s.name: s.reason for s in skipped},
+        evaluated={"output": target.name, "task": target.task, "read_as": target.kind.value},
+        notes=notes,
+    )
     manifest_path = _write_outputs(job, build_manifest(job, built, report, verdicts), document)
-    return CompressionResult(built, report, verdicts, document, manifest_path)
+    return CompressionResult(built, report, verdicts, document, manifest_path, skipped, target, notes)
+
+
+def _batch_notes(model_input: TensorSpec) -> list[str]:
+    """What a user should know about the model's batch: a fixed one limits what its ONNX variants serve."""
+    batch = model_input.shape[0] if model_input.shape else -1
+    if batch < 0:
+        return []
+    return [
+        f"the fp32 model takes a fixed batch of {batch} (input {model_input.name!r} {model_input.shape}), so its "
+        "ONNX variants serve that batch only; export it with a dynamic batch axis (torch.onnx.export(..., "
+        "dynamic_shapes=...)) to serve any"
+    ]
+
+
+def _build(
+    job: CompressionJob,
+    name: str,
+    baseline: Path,
+    skipped: list[SkippedVariant],
+    progress: Callable[[str], None],
+) -> BuiltVariant | None:
+    """Variant `name`, or None after noting in `skipped` why it could not be built."""
+    reason = missing_source(name, onnx_model=baseline, torch_program=job.sources.torch_program)
+    if reason is not None:
+        skipped.append(SkippedVariant(name, reason))
+        return None
+    progress(f"building {name}")
+    try:
+        return build_variant(
+            name,
+            onnx_model=baseline,
+            torch_program=job.sources.torch_program,
+            calibration=job.calibration,
+            out_dir=job.out_dir,
+        )
+    except CompressionError as exc:
+        skipped.append(SkippedVariant(name, str(exc)))
+        (job.out_dir / f"{name}{VARIANT_SPECS[name].suffix}").unlink(missing_ok=True)  # a half-written file
+        return None
 
 
 def manifest_entry(variant: BuiltVariant, measurement: Measurement) -> ManifestVariant:

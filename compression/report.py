@@ -21,8 +21,12 @@ def build_document(
     *,
     max_drop_pp: float,
     files: dict[str, str] | None = None,
+    skipped: dict[str, str] | None = None,
+    evaluated: dict[str, str] | None = None,
+    notes: list[str] | None = None,
 ) -> dict[str, Any]:
-    """The report as JSON-ready data: one row per model (fp32 first) with ratios to fp32 and the gate verdict."""
+    """The report as JSON-ready data: one row per model (fp32 first) with ratios to fp32 and the gate verdict;
+    `skipped` maps the variants not produced to why, `evaluated` says which output was judged as what task."""
     base = report.baseline
     by_name = {v.name: v for v in verdicts}
     rows = []
@@ -34,7 +38,8 @@ def build_document(
                 "file": (files or {}).get(m.name),
                 "size_ratio": m.size_bytes / base.size_bytes,
                 "latency_p50_ratio": m.latency_p50_ms / base.latency_p50_ms if base.latency_p50_ms else None,
-                "accuracy_drop_pp": verdict.drop_pp if verdict else 0.0,
+                "accuracy_drop_pp": verdict.drop_pp if verdict else 0.0,  # the gated quantity (see "metric")
+                "metric": verdict.metric if verdict else None,
                 "accepted": verdict.accepted if verdict else True,
                 "gate": verdict.reason if verdict else "baseline",
             }
@@ -43,17 +48,27 @@ def build_document(
         "format_version": 1,
         "cpu": {"model": report.cpu_model, "machine": platform.machine(), "isa_flags": list(report.isa_flags)},
         "max_drop_pp": max_drop_pp,
+        "evaluated": evaluated or {"output": None, "task": "classification", "read_as": "scores"},
         "models": rows,
         "refused": [v.name for v in verdicts if not v.accepted],
+        "skipped": [{"name": name, "reason": reason} for name, reason in (skipped or {}).items()],
+        "notes": list(notes or []),
     }
 
 
+_QUALITY = {
+    "classification": (("accuracy", "accuracy", "{:.2%}"), ("agreement", "agrees with fp32", "{:.2%}")),
+    "regression": (
+        ("mae", "MAE", "{:.4g}"),
+        ("rmse", "RMSE", "{:.4g}"),
+        ("deviation_pct", "deviation from fp32 (% of spread)", "{:.3f}"),
+    ),
+}
 _COLUMNS = (
     ("name", "model", "{}"),
     ("size_bytes", "size (B)", "{:,}"),
     ("size_ratio", "size x fp32", "{:.2f}"),
-    ("accuracy", "accuracy", "{:.2%}"),
-    ("agreement", "agrees with fp32", "{:.2%}"),
+    ("quality", "", ""),  # the task's columns (`_QUALITY`)
     ("latency_p50_ms", "p50 (ms)", "{:.4f}"),
     ("latency_p99_ms", "p99 (ms)", "{:.4f}"),
     ("latency_p50_ratio", "p50 x fp32", "{:.2f}"),
@@ -61,6 +76,31 @@ _COLUMNS = (
     ("model_rss_bytes", "model RSS (MiB)", "mib"),
     ("gate", "gate", "{}"),
 )
+
+
+def _columns(doc: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The table's columns, with the quality columns of the run's task."""
+    quality = _QUALITY[doc["evaluated"]["task"]]
+    return [c for column in _COLUMNS for c in (quality if column[0] == "quality" else (column,))]
+
+
+def _gate_sentence(doc: dict[str, Any]) -> str:
+    metrics = {row["metric"] for row in doc["models"] if row.get("metric")}
+    limit = f"{doc['max_drop_pp']:g}"
+    if "rmse" in metrics:
+        return f"Gate: RMSE at most {limit} % above fp32's."
+    if doc["evaluated"]["task"] == "regression":
+        return f"Gate: outputs at most {limit} % of their spread (RMSE / standard deviation) away from fp32's."
+    if "agreement" in metrics:
+        return f"Gate: at most {limit} % of the samples classed unlike fp32 (the data has no labels)."
+    return f"Gate: at most {limit} percentage points of accuracy below fp32."
+
+
+def _evaluated_sentence(doc: dict[str, Any]) -> str:
+    evaluated = doc["evaluated"]
+    if not evaluated.get("output"):
+        return "Evaluated: the first output, as class scores."
+    return f"Evaluated: output `{evaluated['output']}` as {evaluated['task']} ({evaluated['read_as']})."
 
 
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
@@ -75,19 +115,20 @@ def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
 
 
 def render_markdown(doc: dict[str, Any]) -> str:
-    """A readable Markdown page: the CPU, then one table row per model."""
+    """A readable Markdown page: the CPU, then one table row per model, then what was refused or skipped."""
+    columns = _columns(doc)
     lines = [
         "# Compression report",
         "",
         f"CPU: {doc['cpu']['model']} ({doc['cpu']['machine']}); ISA flags: {', '.join(doc['cpu']['isa_flags']) or '-'}",
         "",
-        f"Gate: at most {doc['max_drop_pp']:g} percentage points of accuracy below fp32.",
+        _evaluated_sentence(doc) + " " + _gate_sentence(doc),
         "",
-        "| " + " | ".join(title for _, title, _ in _COLUMNS) + " |",
-        "|" + "---|" * len(_COLUMNS),
+        "| " + " | ".join(title for _, title, _ in columns) + " |",
+        "|" + "---|" * len(columns),
     ]
     for row in doc["models"]:
-        lines.append("| " + " | ".join(_cell(row, key, fmt) for key, _, fmt in _COLUMNS) + " |")
+        lines.append("| " + " | ".join(_cell(row, key, fmt) for key, _, fmt in columns) + " |")
     lines += [
         "",
         "Latency: one sample per call, single-threaded, after warm-up. Peak RSS: a fresh process that loads "
@@ -95,6 +136,10 @@ def render_markdown(doc: dict[str, Any]) -> str:
     ]
     if doc["refused"]:
         lines += ["", f"**Refused:** {', '.join(doc['refused'])}"]
+    if doc["skipped"]:
+        lines += ["", "**Skipped** (not produced):", ""]
+        lines += [f"- {entry['name']}: {entry['reason']}" for entry in doc["skipped"]]
+    lines += [line for note in doc["notes"] for line in ("", f"Note: {note}.")]
     return "\n".join(lines) + "\n"
 
 
@@ -122,22 +167,35 @@ def _bar_chart(rows: list[dict[str, Any]], key: str, title: str, unit: str) -> s
 
 
 def render_html(doc: dict[str, Any]) -> str:
-    """A self-contained HTML page: the table and bar charts of size, accuracy and p50 latency."""
+    """A self-contained HTML page: the table and bar charts of size, quality and p50 latency."""
     rows = doc["models"]
-    head = "".join(f"<th>{html.escape(title)}</th>" for _, title, _ in _COLUMNS)
+    columns = _columns(doc)
+    head = "".join(f"<th>{html.escape(title)}</th>" for _, title, _ in columns)
     body = "".join(
         f'<tr class="{"ok" if row["accepted"] else "refused"}">'
-        + "".join(f"<td>{html.escape(_cell(row, key, fmt))}</td>" for key, _, fmt in _COLUMNS)
+        + "".join(f"<td>{html.escape(_cell(row, key, fmt))}</td>" for key, _, fmt in columns)
         + "</tr>"
         for row in rows
+    )
+    regression = doc["evaluated"]["task"] == "regression"
+    labelled = any(row["accuracy"] is not None for row in rows)
+    quality = (
+        ("deviation_pct", "Deviation from fp32 (% of spread)", "%")
+        if regression
+        else ("accuracy", "Accuracy on the eval set", "")
+        if labelled
+        else ("agreement", "Agreement with fp32", "")
     )
     charts = "".join(
         f"<figure>{_bar_chart(rows, key, title, unit)}</figure>"
         for key, title, unit in (
             ("size_ratio", "Size relative to fp32", "x"),
-            ("accuracy", "Accuracy on the eval set", ""),
+            quality,
             ("latency_p50_ratio", "p50 latency relative to fp32", "x"),
         )
+    )
+    skipped = "".join(
+        f"<li>{html.escape(entry['name'])}: {html.escape(entry['reason'])}</li>" for entry in doc["skipped"]
     )
     cpu = doc["cpu"]
     return (
@@ -148,7 +206,10 @@ def render_html(doc: dict[str, Any]) -> str:
         "<h1>Compression report</h1>"
         f"<p>CPU: {html.escape(cpu['model'])} ({html.escape(cpu['machine'])}); ISA flags: "
         f"<code>{html.escape(', '.join(cpu['isa_flags']) or '-')}</code></p>"
-        f"<p>Gate: at most {doc['max_drop_pp']:g} percentage points of accuracy below fp32."
+        f"<p>{html.escape(_evaluated_sentence(doc))} {html.escape(_gate_sentence(doc))}"
         + (f" <strong>Refused: {html.escape(', '.join(doc['refused']))}</strong>" if doc["refused"] else "")
-        + f"</p><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{charts}</body></html>\n"
+        + f"</p><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        + (f"<h2>Skipped (not produced)</h2><ul>{skipped}</ul>" if skipped else "")
+        + "".join(f"<p>Note: {html.escape(note)}.</p>" for note in doc["notes"])
+        + f"{charts}</body></html>\n"
     )

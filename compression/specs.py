@@ -3,7 +3,9 @@
 ONNX: `protocol.tensors.onnx_tensor_specs`, the registry's own reading (an element type devices cannot
 serve is refused, not guessed). TFLite: the first signature's tensors; a per-tensor quantized int8/uint8
 tensor is declared FP32, because the agent quantizes inputs and dequantizes outputs at the boundary, so
-clients call every variant the same way.
+clients call every variant the same way. For the same reason a TFLite model whose inputs and outputs all
+lead with the same batch is declared with a dynamic batch (-1): the agent serves it any batch, resizing the
+interpreter or running chunks of its batch (`agent.runtime.tflite`, which applies the same rule).
 """
 
 from __future__ import annotations
@@ -55,7 +57,14 @@ def _tflite_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     runner = interpreter.get_signature_runner(next(iter(signatures)))
     inputs = [_tflite_spec(n, d) for n, d in runner.get_input_details().items()]
     outputs = [_tflite_spec(n, d) for n, d in runner.get_output_details().items()]
+    leading = {spec.shape[0] if len(spec.shape) >= 2 else None for spec in (*inputs, *outputs)}
+    if None not in leading and len(leading - {-1}) <= 1:  # one shared batch (or dynamic): served any batch
+        inputs, outputs = _any_batch(inputs), _any_batch(outputs)
     return inputs, outputs
+
+
+def _any_batch(specs: list[TensorSpec]) -> list[TensorSpec]:
+    return [spec.model_copy(update={"shape": [-1, *spec.shape[1:]]}) for spec in specs]
 
 
 def _tflite_spec(name: str, detail: dict[str, Any]) -> TensorSpec:

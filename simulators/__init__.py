@@ -1,6 +1,7 @@
 """Fleets of real agents for tests, demos, load and fault injection."""
 
 from simulators.coordinator import CoordinatorError, CoordinatorProcess
+from simulators.drift import Drift, parse_drift
 from simulators.faults import (
     ArtifactFaults,
     FaultyArtifactServer,
@@ -11,7 +12,8 @@ from simulators.faults import (
     slow_model,
 )
 from simulators.fleet import MIXED_PROFILES, DeviceProfile, FleetConfig, SimulatedFleet, device_id, device_tags
-from simulators.traffic import DeviceTraffic, drive_inference
+from simulators.pacing import PacedDevice, PacedTraffic
+from simulators.traffic import DeviceTraffic, SampleSource, drive_inference
 
 __all__ = [
     "MIXED_PROFILES",
@@ -20,8 +22,12 @@ __all__ = [
     "CoordinatorProcess",
     "DeviceProfile",
     "DeviceTraffic",
+    "Drift",
     "FaultyArtifactServer",
     "FleetConfig",
+    "PacedDevice",
+    "PacedTraffic",
+    "SampleSource",
     "ServedRequest",
     "SimulatedFleet",
     "device_id",
@@ -29,6 +35,7 @@ __all__ = [
     "drive_inference",
     "nan_model",
     "nan_on_live_input_model",
+    "parse_drift",
     "shifted_model",
     "slow_model",
 ]

@@ -66,3 +66,16 @@ def digits_model_path(tmp_path: Path, digits_model_bytes: bytes) -> Path:
     path = tmp_path / "digits.onnx"
     path.write_bytes(digits_model_bytes)
     return path
+
+
+@pytest.fixture(scope="module")
+def cli_coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """`(url, admin token)` of a real coordinator process (`edgefleet up`, embedded broker) for one test module."""
+    from simulators import CoordinatorProcess
+
+    process = CoordinatorProcess(tmp_path_factory.mktemp("coordinator"), topic_base=f"cli/{uuid.uuid4().hex[:8]}")
+    client = process.start()
+    try:
+        yield client.url, client.token or ""
+    finally:
+        process.stop()

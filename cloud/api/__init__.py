@@ -1,6 +1,7 @@
 """The REST API under `/api/v1`, plus `/healthz`: one module per resource; handlers call services and nothing else.
 
-`system` (health, info, ingest counters), `models` (registry), `artifacts` (model bytes), `devices`,
+`system` (health, info, ingest counters), `models` (registry), `aliases` (movable names of model versions),
+`artifacts` (model bytes), `devices`,
 `enrolment` (device identity), `deployments`, `rollouts`, `fleet` (the summary), `tokens` (API tokens), `cards`
 (model cards), `approvals` (what high-risk versions lack before they may be deployed) and `audit` (the log).
 Every route needs a valid token (`requires()`), stricter roles where it writes, except what a device calls
@@ -11,6 +12,7 @@ device's download token). `deps` holds the shared dependencies, `problems` maps 
 from fastapi import APIRouter
 
 from cloud.api import (
+    aliases,
     approvals,
     artifacts,
     audit,
@@ -38,7 +40,8 @@ _v1.include_router(artifacts.router)
 _v1.include_router(governance.public_router)
 _protected = APIRouter(dependencies=[requires()])
 for _resource in (
-    system, models, cards, approvals, governance, devices, enrolment, deployments, fleet, rollouts, tokens, audit
+    system, models, aliases, cards, approvals, governance, devices, enrolment, deployments, fleet, rollouts, tokens,
+    audit,
 ):  # fmt: skip
     _protected.include_router(_resource.router)
 _v1.include_router(_protected)

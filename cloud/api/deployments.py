@@ -11,7 +11,8 @@ from cloud.api.deps import CoordinatorDep, PrincipalDep, SessionDep, requires
 from cloud.auth import Role
 from cloud.models import DeploymentPublic, DeploymentsPublic
 from cloud.services import deployments
-from protocol.messages import DeviceId, Name, Version
+from cloud.services.aliases import MODEL_REF_PATTERN, resolve_version
+from protocol.messages import DeviceId, Version
 
 __all__ = ["DeploymentCreate", "DeploymentTargetSpec", "router"]
 
@@ -34,10 +35,13 @@ class DeploymentTargetSpec(BaseModel):
 
 
 class DeploymentCreate(BaseModel):
-    """A deployment request: `model:version` to a target."""
+    """A deployment request: `model` and `version`, or `model@alias` without a version, to a target."""
 
-    model: Name
-    version: Version
+    model: Annotated[
+        str,
+        Field(pattern=MODEL_REF_PATTERN, description="Model name, or `name@alias` (resolved now; omit `version`)."),
+    ]
+    version: Version | None = None
     target: DeploymentTargetSpec
 
 
@@ -45,17 +49,22 @@ class DeploymentCreate(BaseModel):
 def create_deployment(
     body: DeploymentCreate, session: SessionDep, coordinator: CoordinatorDep, principal: PrincipalDep
 ) -> DeploymentPublic:
-    """Raise the generation of every selected device and publish its desired state (signed versions only)."""
-    coordinator.ensure_deployable(session, body.model, body.version)
+    """Raise the generation of every selected device and publish its desired state (signed versions only).
+
+    An alias is resolved once, here: the deployment records the version it pointed at (and the alias).
+    """
+    name, version, alias = resolve_version(session=session, model=body.model, version=body.version)
+    coordinator.ensure_deployable(session, name, version)
     created = deployments.create_deployment(
         session=session,
         publisher=coordinator,
         links=coordinator.links,
-        model=body.model,
-        version=body.version,
+        model=name,
+        version=version,
         device_ids=body.target.device_ids,
         tags=body.target.tags,
         actor=principal.name,
+        alias=alias,
     )
     assert created.id is not None
     return deployments.get_deployment(session=session, deployment_id=created.id)

@@ -1,21 +1,23 @@
-"""Routes of models: push versions and variants, list and show them, and serve artifact bytes."""
+"""Routes of models: push versions and variants, list and show them, delete a version nothing uses any more."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from typing import Annotated, Any, Literal, cast
 
 from fastapi import APIRouter, File, Form, Path, UploadFile
-from pydantic import StrictStr, TypeAdapter, ValidationError
+from pydantic import BaseModel, StrictStr, TypeAdapter, ValidationError
 
 from cloud.api.deps import CoordinatorDep, PrincipalDep, SessionDep, requires
 from cloud.auth import Role
 from cloud.errors import InvalidInputError
 from cloud.models import ModelPublic, ModelsPublic, ModelVersionPublic
-from cloud.services import registry, variants
+from cloud.services import registry, removal, variants
+from protocol.governance import high_role
 from protocol.messages import ModelFormat, Name, TensorSpec, Version
 
-__all__ = ["router"]
+__all__ = ["NamePath", "VersionDeleted", "router"]
 
 _WRITE = requires(Role.PUBLISHER)
 
@@ -24,6 +26,7 @@ router = APIRouter(tags=["registry"])
 NamePath = Annotated[Name, Path(description="Model name: letters, digits, '.', '_' and '-'.")]
 _SPECS = TypeAdapter(list[TensorSpec])
 _STRINGS = TypeAdapter(list[StrictStr])
+_OBJECT = TypeAdapter(dict[str, Any])
 
 
 def _json_form(raw: str | None, field: str, adapter: TypeAdapter[Any]) -> Any:
@@ -71,6 +74,9 @@ def push_model_version(
         Literal["low", "high"],
         Form(description="`high`: deployable only after its model card is set and enough approvers signed it."),
     ] = "low",
+    report: Annotated[
+        str | None, Form(description="JSON object: the `edgefleet compress` report (report.json) of its variants.")
+    ] = None,
 ) -> ModelVersionPublic:
     """Store the file and register it; the ONNX graph supplies inputs/outputs unless they are given."""
     record = registry.push_model_version(
@@ -85,6 +91,7 @@ def push_model_version(
         primary_variant=variant,
         risk_class=risk_class,
         actor=principal.name,
+        compression_report=cast("dict[str, Any] | None", _json_form(report, "report", _OBJECT)),
     )
     _sign(coordinator)
     session.refresh(record)
@@ -156,21 +163,61 @@ def _sign(coordinator: CoordinatorDep) -> None:
 def list_models(session: SessionDep, coordinator: CoordinatorDep) -> ModelsPublic:
     """Every model with its versions."""
     rows = registry.list_models(session=session)
-    data = [registry.model_public(m, v, public_url=coordinator.public_url) for m, v in rows]
+    cards = registry.version_cards(session=session, versions=[v for _, versions in rows for v in versions])
+    data = [registry.model_public(m, v, public_url=coordinator.public_url, cards=cards) for m, v in rows]
     return ModelsPublic(data=data, count=len(data))
 
 
 @router.get("/models/{name}", summary="One model and its versions")
 def get_model(name: NamePath, session: SessionDep, coordinator: CoordinatorDep) -> ModelPublic:
-    """A model with its versions, oldest first."""
+    """A model with its versions, oldest first, each with its lineage and compression report."""
     model, versions = registry.get_model(session=session, name=name)
-    return registry.model_public(model, versions, public_url=coordinator.public_url)
+    cards = registry.version_cards(session=session, versions=versions)
+    return registry.model_public(model, versions, public_url=coordinator.public_url, cards=cards)
 
 
 @router.get("/models/{name}/versions/{version}", summary="One model version")
 def get_model_version(
     name: NamePath, version: Annotated[Version, Path()], session: SessionDep, coordinator: CoordinatorDep
 ) -> ModelVersionPublic:
-    """A model version with its digest, size, tensors and artifact URL."""
+    """A model version with its digest, size, tensors, artifact URL, variants, lineage and compression report."""
     record = registry.get_model_version(session=session, name=name, version=version)
-    return registry.version_public(record, public_url=coordinator.public_url)
+    card = registry.version_cards(session=session, versions=[record]).get(record.id or 0)
+    return registry.version_public(record, public_url=coordinator.public_url, card=card)
+
+
+class VersionDeleted(BaseModel):
+    """A deleted version and the artifacts removed with it (those no other version shares)."""
+
+    name: str
+    version: str
+    removed_artifacts: list[str]
+    kept_artifacts: list[str]
+
+
+@router.delete(
+    "/models/{name}/versions/{version}",
+    dependencies=[_WRITE],
+    responses={409: {"description": "A device runs it, a deployment or rollout uses it, or an alias points to it"}},
+    summary="Delete a model version",
+)
+def delete_model_version(
+    name: NamePath,
+    version: Annotated[Version, Path()],
+    session: SessionDep,
+    coordinator: CoordinatorDep,
+    principal: PrincipalDep,
+) -> VersionDeleted:
+    """Delete a version nothing uses any more (409 says what holds it), and its unshared artifacts.
+
+    Its signed targets stay in the TUF repository (signed metadata only grows; no device is sent a deleted
+    version); a high-risk version still awaiting approval has its pending role discarded.
+    """
+    record = registry.get_model_version(session=session, name=name, version=version)
+    awaiting = record.risk_class == "high" and record.signing_state == "awaiting_approval"
+    deleted = removal.delete_model_version(
+        session=session, store=coordinator.store, name=name, version=version, actor=principal.name
+    )
+    if awaiting and coordinator.governance is not None:
+        coordinator.governance.repository.discard_pending(high_role(name, version))
+    return VersionDeleted(**asdict(deleted))

@@ -11,15 +11,18 @@ from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from cloud.api.deps import CoordinatorDep, PrincipalDep, SessionDep, requires
 from cloud.auth import Role
+from cloud.errors import InvalidInputError
 from cloud.models import RolloutDetailPublic, RolloutsPublic
 from cloud.rollouts import Abort, Command, Pause, Promote, Resume, RolloutPlan
 from cloud.rollouts import service as rollouts
+from cloud.services.aliases import MODEL_REF_PATTERN, resolve_version
+from protocol.messages import Version
 
-__all__ = ["AbortBody", "CommandAccepted", "PauseBody", "router"]
+__all__ = ["AbortBody", "CommandAccepted", "PauseBody", "PromoteBody", "RolloutCreate", "router"]
 
 _WRITE = requires(Role.OPERATOR)
 
@@ -43,6 +46,17 @@ class AbortBody(BaseModel):
     reason: str = Field(default="aborted by operator", max_length=1000)
 
 
+class PromoteBody(BaseModel):
+    """Where to promote to: the next wave (no field), a later wave, or as far as a share of the devices allows.
+
+    `wave_number` counts from 1, as the CLI shows waves; `to_percent` picks the furthest wave that keeps at
+    most that share of the selected devices on the new version.
+    """
+
+    wave_number: int | None = Field(default=None, ge=1, description="Start this wave now (1 = the first wave).")
+    to_percent: float | None = Field(default=None, gt=0, le=100, description="Promote up to this share of devices.")
+
+
 class CommandAccepted(BaseModel):
     """A command stored for the engine, and the rollout as it stands."""
 
@@ -52,11 +66,28 @@ class CommandAccepted(BaseModel):
     rollout: RolloutDetailPublic
 
 
+class RolloutCreate(RolloutPlan):
+    """A rollout plan whose `model` may name an alias, `digits@production`, instead of a `version`."""
+
+    model: Annotated[str, Field(pattern=MODEL_REF_PATTERN, description="Model name, or `name@alias` (no version).")]
+    version: Version | None = None  # type: ignore[assignment]  # resolved before the plan is stored
+
+
+def _resolved(body: RolloutCreate, session: SessionDep) -> RolloutPlan:
+    """The plan with its alias resolved to the version it points at now (the rollout records that version)."""
+    name, version, _ = resolve_version(session=session, model=body.model, version=body.version)
+    try:
+        return RolloutPlan.model_validate(body.model_dump() | {"model": name, "version": version})
+    except ValidationError as exc:  # e.g. the alias points at the plan's previous_version
+        raise InvalidInputError(f"{body.model}: {exc.errors()[0]['msg']}", field="version") from exc
+
+
 @router.post("/rollouts", status_code=201, dependencies=[_WRITE], summary="Create a rollout from a plan")
 def create_rollout(
-    plan: RolloutPlan, session: SessionDep, coordinator: CoordinatorDep, principal: PrincipalDep
+    body: RolloutCreate, session: SessionDep, coordinator: CoordinatorDep, principal: PrincipalDep
 ) -> RolloutDetailPublic:
     """Store the plan (of a signed version); the runner starts the first wave at its next step."""
+    plan = _resolved(body, session)
     coordinator.ensure_deployable(session, plan.model, plan.version)
     row = rollouts.create_rollout(session=session, plan=plan, actor=principal.name)
     if coordinator.rollouts is not None:
@@ -166,9 +197,30 @@ _bodyless(
     "Resume a paused rollout",
     "Continue where it stopped; a bake in progress starts over.",
 )
-_bodyless(
-    "promote",
-    lambda command_id, by: Promote(command_id=command_id, by=by),
-    "Start the next wave now",
-    "Skip the rest of the current wave's bake and gates.",
+
+
+@router.post(
+    "/rollouts/{rollout_id}/promote",
+    dependencies=[_WRITE],
+    responses=_COMMAND_RESPONSES,
+    summary="Start the next wave, or a later one, now",
 )
+def promote(
+    rollout_id: RolloutId,
+    session: SessionDep,
+    coordinator: CoordinatorDep,
+    principal: PrincipalDep,
+    response: Response,
+    body: PromoteBody | None = None,
+) -> CommandAccepted:
+    """Skip the rest of the current wave's bake and gates (and those of the waves up to the target)."""
+    given = body or PromoteBody()
+    if given.wave_number is not None and given.to_percent is not None:
+        raise InvalidInputError("promote to a wave_number or to_percent, not both", field="body")
+    command = Promote(
+        command_id=rollouts.new_command_id(),
+        by=principal.name,
+        to_wave=None if given.wave_number is None else given.wave_number - 1,
+        to_percent=given.to_percent,
+    )
+    return _submit(rollout_id, command, session, coordinator, response)

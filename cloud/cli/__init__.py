@@ -6,11 +6,15 @@ Subcommands from other packages (`sim`, `demo`, `compress`) are entry points of 
 
 from __future__ import annotations
 
+import os
 import sys
 from importlib.metadata import entry_points
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
+from cloud import __version__
 from cloud.cli.approvals import approvals_app
 from cloud.cli.audit import audit_app
 from cloud.cli.broker import broker_app
@@ -23,10 +27,41 @@ from cloud.cli.models import models_app
 from cloud.cli.rollouts import rollouts_app
 from cloud.cli.tokens import tokens_app
 from cloud.cli.up import up
+from cloud.client import ApiError
 
-__all__ = ["PLUGIN_GROUP", "build_app", "main"]
+__all__ = ["DEBUG_ENV", "PLUGIN_GROUP", "build_app", "main"]
 
 PLUGIN_GROUP = "edgefleet.commands"
+DEBUG_ENV = "EDGEFLEET_DEBUG"  # set to 1: an unexpected error shows its traceback
+
+
+class _Commands(TyperGroup):
+    """The root group: an error no command turned into a message is one line on stderr and exit 1.
+
+    Commands report what they expect (an unreachable coordinator, a refused request, bad options) themselves;
+    this is the net under them: a path that cannot be read or written, or a bug, never prints a traceback
+    unless `EDGEFLEET_DEBUG=1`.
+    """
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.TyperException, typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except ApiError as exc:  # the coordinator unreachable or refusing, from a command that did not expect it
+            _fail(str(exc))
+        except OSError as exc:
+            where = f": {exc.filename}" if exc.filename else ""
+            _fail(f"{exc.strerror or exc}{where}")
+        except Exception as exc:
+            if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+                raise
+            _fail(f"unexpected {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 to see where)")
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
 
 
 def build_app(*, load_plugins: bool = True) -> typer.Typer:
@@ -36,7 +71,9 @@ def build_app(*, load_plugins: bool = True) -> typer.Typer:
         help="edgefleet: run the coordinator (`edgefleet up`) and manage models, devices and deployments.",
         no_args_is_help=True,
         pretty_exceptions_enable=False,
+        cls=_Commands,
     )
+    app.callback()(_root)
     app.command("up")(up)
     app.add_typer(models_app, name="models")
     app.add_typer(devices_app, name="devices")
@@ -56,6 +93,21 @@ def build_app(*, load_plugins: bool = True) -> typer.Typer:
     if load_plugins:
         _add_plugins(app)
     return app
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"edgefleet {__version__}")
+        raise typer.Exit()
+
+
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the edgefleet version and exit."),
+    ] = False,
+) -> None:
+    """edgefleet: run the coordinator (`edgefleet up`) and manage models, devices and deployments."""
 
 
 def _add_plugins(app: typer.Typer) -> None:

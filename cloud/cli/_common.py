@@ -6,7 +6,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, NamedTuple, NoReturn
 
 import typer
 from rich.console import Console, RenderableType
@@ -14,7 +14,20 @@ from rich.table import Table
 
 from cloud.client import ApiClient, ApiError, config_path, read_config
 
-__all__ = ["JsonOpt", "TokenOpt", "UrlOpt", "api_errors", "connect", "counts", "emit", "fail", "table"]
+__all__ = [
+    "JsonOpt",
+    "ModelRef",
+    "TokenOpt",
+    "UrlOpt",
+    "YesOpt",
+    "api_errors",
+    "connect",
+    "counts",
+    "emit",
+    "fail",
+    "parse_model_ref",
+    "table",
+]
 
 UrlOpt = Annotated[
     str | None,
@@ -25,6 +38,34 @@ TokenOpt = Annotated[
     typer.Option("--token", envvar="EDGEFLEET_TOKEN", help="API token (default: from the CLI config file)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+
+
+class ModelRef(NamedTuple):
+    """A model named on the command line: `NAME`, `NAME:VERSION` or `NAME@ALIAS`."""
+
+    name: str
+    version: str | None = None
+    alias: str | None = None
+
+    def __str__(self) -> str:
+        return self.name + (f":{self.version}" if self.version else "") + (f"@{self.alias}" if self.alias else "")
+
+
+def parse_model_ref(ref: str, *, bare: bool = False) -> ModelRef:
+    """`digits:1.0` or `digits@production` (`digits` too when `bare`) → a `ModelRef`; `ValueError` says why not."""
+    if "@" in ref:
+        name, _, alias = ref.partition("@")
+        if name and alias and ":" not in ref:
+            return ModelRef(name, alias=alias)
+    elif ":" in ref:
+        name, _, version = ref.partition(":")
+        if name and version:
+            return ModelRef(name, version=version)
+    elif ref and bare:
+        return ModelRef(ref)
+    forms = "NAME, NAME:VERSION or NAME@ALIAS" if bare else "NAME:VERSION or NAME@ALIAS"
+    raise ValueError(f"model must be {forms} (e.g. digits:1.0, digits@production), got {ref!r}")
 
 
 def fail(message: str) -> NoReturn:
@@ -62,13 +103,19 @@ def emit(data: Any, as_json: bool, render: Callable[[Any], RenderableType]) -> N
     Console(highlight=False).print(render(data))
 
 
-def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
-    """A rich table; `None` cells print as '-'."""
+def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], *, whole: Sequence[str] = ()) -> Table:
+    """A rich table; `None` cells print as '-'. Cells of the `whole` columns (ids) are never wrapped nor cut:
+    a narrow terminal squeezes the other columns instead."""
+    cells = [["-" if cell is None else str(cell) for cell in row] for row in rows]
     out = Table(title=title, title_justify="left")
-    for column in columns:
-        out.add_column(column)
-    for row in rows:
-        out.add_row(*("-" if cell is None else str(cell) for cell in row))
+    for index, column in enumerate(columns):
+        if column in whole:
+            widest = max([len(column), *(len(row[index]) for row in cells)])
+            out.add_column(column, no_wrap=True, min_width=widest)
+        else:
+            out.add_column(column)
+    for row in cells:
+        out.add_row(*row)
     return out
 
 

@@ -1,16 +1,25 @@
-"""`edgefleet devices ...`: list the fleet, enrol a device (one-time token), revoke one, bootstrap secrets."""
+"""`edgefleet devices ...`: list the fleet, show one device and its events, enrol a device (one-time token), revoke
+or decommission one, bootstrap secrets."""
 
 from __future__ import annotations
 
+import json
+import sys
+import time
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console, Group, RenderableType
+from rich.text import Text
 
-from cloud.cli._common import JsonOpt, TokenOpt, UrlOpt, api_errors, connect, emit, fail, table
+from cloud.cli._common import JsonOpt, TokenOpt, UrlOpt, YesOpt, api_errors, connect, emit, fail, table
+from cloud.client import ApiClient
 
-__all__ = ["devices_app"]
+__all__ = ["devices_app", "render_device"]
 
-devices_app = typer.Typer(help="Devices of the fleet: list, enroll, revoke.", no_args_is_help=True)
+devices_app = typer.Typer(
+    help="Devices of the fleet: list, show, events, enroll, revoke, decommission.", no_args_is_help=True
+)
 
 _COLUMNS = (
     "id",
@@ -34,13 +43,13 @@ def devices_list(url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = 
     with api_errors():
         body = connect(url, token).get("/devices")
     rows = [_device_row(d) for d in body["data"]]
-    emit(body, as_json, lambda _: table("devices", _COLUMNS, rows))
+    emit(body, as_json, lambda _: table("devices", _COLUMNS, rows, whole=["id"]))
 
 
 def _device_row(d: dict[str, Any]) -> list[Any]:
     model = f"{d['active_model_name']}:{d['active_model_version']}" if d.get("active_model_name") else None
     generation = f"{d.get('reported_generation')}/{d.get('desired_generation')}"
-    tags = ",".join(f"{k}={v}" for k, v in sorted((d.get("tags") or {}).items())) or None
+    tags = _tags(d)
     error = f"{d['last_error_code']}: {d.get('last_error_message') or ''}" if d.get("last_error_code") else None
     return [
         d["id"],
@@ -69,6 +78,132 @@ def _telemetry_lost(d: dict[str, Any]) -> str | None:
     if d.get("telemetry_dropped"):
         parts.append(f"{d['telemetry_dropped']} dropped")
     return "; ".join(parts) or None
+
+
+@devices_app.command("show")
+def devices_show(
+    device_id: Annotated[str, typer.Argument(metavar="ID", help="The device.")],
+    events: Annotated[int, typer.Option("--events", min=0, help="How many recent events to show.")] = 10,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show device ID: status, last seen, model and variant, agent, certificate, telemetry, recent events."""
+    client = connect(url, token)
+    with api_errors():
+        body = client.device(device_id)
+        body["events"] = client.device_events(device_id, limit=events) if events else []
+    emit(body, as_json, render_device)
+
+
+def _event_row(e: dict[str, Any]) -> tuple[Any, ...]:
+    error = f"{e['error_code']}: {e.get('error_message') or ''}" if e.get("error_code") else None
+    return (e["id"], e["at"], e["kind"], e.get("generation"), e.get("phase"), e.get("message") or None, error)
+
+
+_EVENT_COLUMNS = ("#", "at", "kind", "generation", "phase", "message", "error")
+
+
+@devices_app.command("events")
+def devices_events(
+    device_id: Annotated[str, typer.Argument(metavar="ID", help="The device.")],
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=10_000, help="How many events (newest).")] = 50,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new events as they arrive, until Ctrl-C.")
+    ] = False,
+    interval: Annotated[float, typer.Option("--interval", min=0.05, help="Seconds between polls with --follow.")] = 1.0,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show the events of device ID, newest last; with --follow, then every new one (--json: one line each)."""
+    client = connect(url, token)
+    with api_errors():
+        events = client.device_events(device_id, limit=limit)
+    if not follow:
+        body = {"data": events, "count": len(events)}
+        emit(body, as_json, lambda _: table(f"events of {device_id}", _EVENT_COLUMNS, [_event_row(e) for e in events]))
+        return
+    _follow(client, device_id, events, interval, as_json)
+
+
+def _follow(client: ApiClient, device_id: str, events: list[dict[str, Any]], interval: float, as_json: bool) -> None:
+    """Print `events`, then every newer event as it is stored, one line each, until Ctrl-C (exit 0)."""
+    console = Console(highlight=False, soft_wrap=True)
+    after = 0  # event ids start at 1
+    try:
+        while True:
+            for event in events:
+                _print_event(console, event, as_json)
+                after = max(after, int(event["id"]))
+            sys.stdout.flush()
+            time.sleep(interval)
+            with api_errors():
+                events = client.device_events(device_id, limit=1000, after_id=after)
+    except KeyboardInterrupt:
+        return
+
+
+def _print_event(console: Console, event: dict[str, Any], as_json: bool) -> None:
+    """One event as one line: JSON, or `at  kind  gen  phase  message  error`."""
+    if as_json:
+        typer.echo(json.dumps(event, sort_keys=True))
+        return
+    cells = [str(c) for c in _event_row(event)[1:] if c is not None]
+    console.print(Text("  ".join(cells)))
+
+
+@devices_app.command("decommission")
+def devices_decommission(
+    device_id: Annotated[str, typer.Argument(metavar="ID", help="The device to retire.")],
+    yes: YesOpt = False,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Retire device ID for good: revoke its certificates, clear its retained state, leave it out of deployments,
+    rollouts and fleet counts. Its events, telemetry and deployment history stay."""
+    client = connect(url, token)
+    if not yes:
+        typer.confirm(f"decommission {device_id}? it will be revoked and leave the fleet", abort=True)
+    with api_errors():
+        body = client.decommission_device(device_id)
+    emit(body, as_json, lambda b: f"device {b['id']} decommissioned at {b['decommissioned_at']}")
+
+
+def render_device(d: dict[str, Any]) -> RenderableType:
+    """The whole of one device: identity, connectivity, model, update, certificate, telemetry, recent events."""
+    model = f"{d['active_model_name']}:{d['active_model_version']}" if d.get("active_model_name") else "-"
+    lines = [
+        f"device {d['id']}  ({d.get('enrolment')})  status {d['status']}  last seen {d.get('last_seen') or 'never'}",
+        f"tags: {_tags(d) or '-'}",
+        f"model: {model}  variant: {d.get('active_variant') or '-'}  sha256: {d.get('active_model_sha256') or '-'}",
+        f"agent: {d.get('agent_version') or '-'}  inference url: {d.get('inference_url') or '-'}",
+        f"update: generation {d.get('reported_generation')}/{d.get('desired_generation')}  "
+        f"phase {d.get('update_phase') or '-'}",
+        f"certificate: {_certificate(d.get('certificate'))}",
+        f"telemetry: {d.get('telemetry_windows', 0)} windows, {d.get('inference_count', 0)} inferences, "
+        f"{d.get('error_count', 0)} errors; lost: {_telemetry_lost(d) or 'none'}",
+    ]
+    if d.get("last_error_code"):
+        lines.append(f"last error: {d['last_error_code']}: {d.get('last_error_message') or ''}")
+    lines += [f"{label}: {d[key]}" for key, label in (("anomaly", "anomaly"), ("decommissioned_at", "decommissioned"))
+              if d.get(key)]  # fmt: skip
+    parts: list[RenderableType] = [Text(line) for line in lines]
+    if d.get("events"):
+        parts.append(table("recent events", _EVENT_COLUMNS, [_event_row(e) for e in d["events"]]))
+    return Group(*parts)
+
+
+def _certificate(cert: dict[str, Any] | None) -> str:
+    if cert is None:
+        return "none"
+    revoked = f", revoked {cert['revoked_at']}" if cert.get("revoked_at") else ""
+    return f"serial {cert['serial']}, issued {cert['issued_at']}, expires {cert['not_after']}{revoked}"
+
+
+def _tags(d: dict[str, Any]) -> str | None:
+    return ",".join(f"{k}={v}" for k, v in sorted((d.get("tags") or {}).items())) or None
 
 
 def parse_tags(items: list[str] | None) -> dict[str, str]:
@@ -157,7 +292,8 @@ def secret_list(url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = F
     with api_errors():
         body = connect(url, token).get("/bootstrap-secrets")
     rows = [(s["name"], s["uses"], s["expires_at"], s["revoked_at"], s["created_by"]) for s in body]
-    emit(body, as_json, lambda _: table("bootstrap secrets", ["name", "uses", "expires", "revoked", "by"], rows))
+    listing = {"data": body, "count": len(body)}  # every listing's --json has this shape
+    emit(listing, as_json, lambda _: table("bootstrap secrets", ["name", "uses", "expires", "revoked", "by"], rows))
 
 
 @secrets_app.command("revoke")

@@ -1,5 +1,5 @@
-"""`edgefleet models ...`: push model versions (one file, or the variants `edgefleet compress` wrote), list and show
-them, and set their model cards (which carry the risk class)."""
+"""`edgefleet models ...`: push model versions (one file, or the variants `edgefleet compress` wrote), list, show and
+delete them, set their model cards (which carry the risk class) and aliases (`models alias`)."""
 
 from __future__ import annotations
 
@@ -13,18 +13,35 @@ from rich.console import Group, RenderableType
 from rich.text import Text
 
 from cloud.cli._cards import apply_sets, parse_ref, read_card_file
-from cloud.cli._common import JsonOpt, TokenOpt, UrlOpt, api_errors, connect, emit, fail, table
+from cloud.cli._common import (
+    JsonOpt,
+    TokenOpt,
+    UrlOpt,
+    YesOpt,
+    api_errors,
+    connect,
+    emit,
+    fail,
+    parse_model_ref,
+    table,
+)
+from cloud.cli._model_views import card_lines, render_model, render_version
+from cloud.cli.aliases import alias_app
 from cloud.client import ApiClient, ApiError
 from cloud.errors import InvalidInputError
 from protocol.errors import ManifestError
 from protocol.manifest import ManifestVariant, VariantsManifest, read_manifest
 
-__all__ = ["Risk", "models_app"]
+__all__ = ["REPORT_FILE", "Risk", "models_app"]
 
-models_app = typer.Typer(help="Push, list and show model versions; set their model cards.", no_args_is_help=True)
+models_app = typer.Typer(
+    help="Push, list, show and delete model versions; set their model cards and aliases.", no_args_is_help=True
+)
+models_app.add_typer(alias_app, name="alias")
 
 # `risk_class` is sent with the upload too, for a registry that takes it at push (older ones ignore the field).
-_PRIMARY_FIELDS = frozenset({"format", "inputs", "outputs", "variant", "risk_class"})
+_PRIMARY_FIELDS = frozenset({"format", "inputs", "outputs", "variant", "risk_class", "report"})
+REPORT_FILE = "report.json"  # what `edgefleet compress` writes beside variants.json
 
 
 class Risk(StrEnum):
@@ -54,7 +71,7 @@ def models_push(
             exists=True,
             file_okay=False,
             help="Directory written by `edgefleet compress` (variants.json): register every variant under this "
-            "version; its fp32 model is the primary unless FILE is given.",
+            "version, with its compression report (report.json); its fp32 model is the primary unless FILE is given.",
         ),
     ] = None,
     risk: Annotated[
@@ -88,6 +105,8 @@ def models_push(
     card_body = _card_for_push(card, risk)  # checked before a byte is uploaded
     manifest = _manifest(variants) if variants is not None else None
     file, fields = _primary(file, format, variants, manifest)
+    if variants is not None:
+        fields |= _report_field(variants)
     fields.update({k: v for k, v in (("inputs", inputs), ("outputs", outputs)) if v is not None})
     if risk is not None:
         fields["risk_class"] = risk.value
@@ -173,6 +192,20 @@ def _primary(
         return file, {"format": format}
     assert variants is not None and manifest is not None
     return variants / manifest.primary.file, variant_fields(manifest.primary)
+
+
+def _report_field(directory: Path) -> dict[str, str]:
+    """The compression report in `directory` as the push's `report` field (none when the directory has none)."""
+    path = directory / REPORT_FILE
+    if not path.is_file():
+        return {}
+    try:
+        text = path.read_text(encoding="utf-8")
+        if not isinstance(json.loads(text), dict):
+            fail(f"{path}: a compression report is a JSON object")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        fail(f"{path}: not a compression report from `edgefleet compress` ({exc})")
+    return {"report": text}
 
 
 def _push_other_variants(
@@ -280,75 +313,84 @@ def _render_card(body: dict[str, Any]) -> RenderableType:
         f"card of {body['name']}:{body['version']} ({body['risk_class']} risk, {body['signing_state']}) "
         f"sha256={body['sha256']}, by {body['updated_by']} at {body['updated_at']}"
     )
-    return Group(Text(head), *_card_lines(body["card"]))
-
-
-def _card_lines(card: dict[str, Any]) -> list[Text]:
-    """One plain line per card field (user text is never read as console markup)."""
-    lines = []
-    for key, value in sorted(card.items()):
-        if key == "extra" and not value:
-            continue
-        shown = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-        lines.append(Text(f"  {key}: {shown}"))
-    return lines
+    return Group(Text(head), *card_lines(body["card"]))
 
 
 @models_app.command("show")
 def models_show(
-    ref: Annotated[str, typer.Argument(metavar="NAME:VERSION", help="Model version, e.g. digits:2.0.")],
+    ref: Annotated[
+        str,
+        typer.Argument(
+            metavar="NAME[:VERSION]",
+            help="A model (its versions and aliases), or one version: digits:2.0, or the one digits@production names.",
+        ),
+    ],
     url: UrlOpt = None,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Show NAME:VERSION: variants, risk class, signing state, model card and approvals."""
+    """Show a model's versions and aliases, or one version: variants with their compression report, lineage
+    (parent version, run, who pushed it), aliases, risk class, signing state, model card and approvals."""
+    try:
+        model = parse_model_ref(ref, bare=True)
+    except ValueError as exc:
+        fail(str(exc))
+    client = connect(url, token)
+    with api_errors():
+        if model.version is None and model.alias is None:
+            emit(client.model(model.name) | {"aliases": client.aliases(model.name)}, as_json, render_model)
+            return
+        version = model.version or _alias_target(client, model.name, str(model.alias))
+        emit(_version_detail(client, model.name, version), as_json, render_version)
+
+
+def _alias_target(client: ApiClient, name: str, alias: str) -> str:
+    """The version `name@alias` points at; exits with the reason when there is no such alias."""
+    found = next((a for a in client.aliases(name) if a["alias"] == alias), None)
+    if found is None:
+        fail(f"model {name!r} has no alias {alias!r} (`edgefleet models alias list {name}`)")
+    return str(found["version"])
+
+
+def _version_detail(client: ApiClient, name: str, version: str) -> dict[str, Any]:
+    """A version with its card (None without one), approval status and the aliases that point at it."""
+    body = client.model_version(name, version)
+    try:
+        card: dict[str, Any] | None = client.model_card(name, version)
+    except ApiError as exc:
+        if exc.status != 404:
+            raise
+        card = None
+    aliases = sorted(a["alias"] for a in client.aliases(name) if a["version"] == version)
+    return body | {"card": card, "approvals": client.version_approvals(name, version), "aliases": aliases}
+
+
+@models_app.command("delete")
+def models_delete(
+    ref: Annotated[str, typer.Argument(metavar="NAME:VERSION", help="The version to delete, e.g. digits:1.0.")],
+    yes: YesOpt = False,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete a version nothing uses any more, and its artifacts no other version shares.
+
+    Refused (with what holds it) while a device runs it, a device's desired state or an unfinished rollout
+    names it, or an alias points to it.
+    """
     try:
         name, version = parse_ref(ref)
     except ValueError as exc:
         fail(str(exc))
     client = connect(url, token)
+    if not yes:
+        typer.confirm(f"delete {name}:{version} and its artifacts no other version shares?", abort=True)
     with api_errors():
-        body = client.model_version(name, version)
-        try:
-            card: dict[str, Any] | None = client.model_card(name, version)
-        except ApiError as exc:
-            if exc.status != 404:
-                raise
-            card = None
-        body |= {"card": card, "approvals": client.version_approvals(name, version)}
-    emit(body, as_json, _render_version)
+        body = client.delete_model_version(name, version)
+    emit(body, as_json, _deleted_line)
 
 
-def _render_version(body: dict[str, Any]) -> RenderableType:
-    head = (
-        f"{body['name']}:{body['version']}  {body['format']}  {body['size']} B  sha256={body['sha256']}  "
-        f"created {body['created_at']}"
-    )
-    variants = [(body.get("primary_variant", "default") + " (primary)", body["format"], "fp32", None, body["size"])] + [
-        (v["name"], v["format"], v.get("precision"), v.get("runtime"), v["size"]) for v in body.get("variants", [])
-    ]
-    card = body.get("card")
-    parts: list[RenderableType] = [
-        Text(head),
-        Text(f"risk: {body.get('risk_class', 'low')}  signing: {body.get('signing_state', '-')}"),
-        table("variants", ["variant", "format", "precision", "runtime", "size"], variants),
-    ]
-    if card is None:
-        parts.append(Text("card: none"))
-    else:
-        parts += [Text(f"card: sha256={card['sha256']}, by {card['updated_by']} at {card['updated_at']}")]
-        parts += _card_lines(card["card"])
-    parts.append(Text(approval_line(body["approvals"])))
-    return Group(*parts)
-
-
-def approval_line(status: dict[str, Any]) -> str:
-    """'approvals: 1 of 2 (alice); missing: bob, carol' and whether the version may be deployed."""
-    line = ""
-    if status.get("required"):
-        signed = status.get("signed_by") or []
-        line = f"approvals: {len(signed)} of {status['required']}" + (f" ({', '.join(signed)})" if signed else "")
-        if status.get("missing"):
-            line += f"; not yet: {', '.join(status['missing'])}"
-        line += "\n"
-    return line + ("deployable: yes" if status.get("deployable") else f"not deployable: {status.get('reason')}")
+def _deleted_line(body: dict[str, Any]) -> str:
+    removed, kept = len(body["removed_artifacts"]), len(body["kept_artifacts"])
+    line = f"deleted {body['name']}:{body['version']}; {removed} artifact(s) removed"
+    return line + (f", {kept} kept (other versions share them)" if kept else "")

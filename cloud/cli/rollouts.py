@@ -4,12 +4,16 @@ Plan syntax on the command line (the same plan as the REST body, see docs/rollou
 
     edgefleet rollouts create digits:2.0 --from 1.0 --to site=lab \\
         --waves 1%,10%,50%,100% --bake 30m --on-failure rollback \\
-        --gate psi<0.2 --gate p95<1.3 --gate errors<0.01 --min-samples 500 --max-concurrent 20
+        --gate 'psi<0.2' --gate 'p95<1.3' --gate 'errors<0.01' --min-samples 500 --max-concurrent 20
 
 - `--to`: tag=value (ANDed) and/or device ids; omitted: the whole fleet. `--percent P` keeps P % of them.
 - `--waves`: cumulative sizes, `N%` of the selected devices or a plain device count (`2,50%,100%`).
-- `--bake`: per wave, `90`, `30s`, `5m`, `1h`.
+- `--bake`, `--max-data-wait`, `--device-timeout`: `90`, `30s`, `5m`, `1h`.
 - `--gate NAME<VALUE` or `NAME=off`, NAME one of installs, errors, p95, psi, js.
+- `--baseline control|absolute` (default: control with `--from`, absolute without), `--max-error-rate R`,
+  `--max-p95-ms MS`: absolute limits, e.g. for the first rollout of a new model.
+
+Waves are numbered from 1 wherever a person reads them (tables, messages, `promote --wave N`).
 """
 
 from __future__ import annotations
@@ -25,10 +29,31 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from cloud.cli._common import JsonOpt, TokenOpt, UrlOpt, api_errors, connect, counts, emit, fail, table
+from cloud.cli._common import (
+    JsonOpt,
+    TokenOpt,
+    UrlOpt,
+    api_errors,
+    connect,
+    counts,
+    emit,
+    fail,
+    parse_model_ref,
+    table,
+)
 from cloud.client import ApiClient
 
-__all__ = ["GATE_NAMES", "build_plan", "parse_bake", "parse_gate", "parse_waves", "render_status", "rollouts_app"]
+__all__ = [
+    "GATE_NAMES",
+    "build_plan",
+    "parse_bake",
+    "parse_gate",
+    "parse_limit",
+    "parse_waves",
+    "promote_body",
+    "render_status",
+    "rollouts_app",
+]
 
 rollouts_app = typer.Typer(help="Quality-gated rollouts in waves (see docs/rollouts.md).", no_args_is_help=True)
 
@@ -44,12 +69,25 @@ _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h)?$")
 _UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
-def parse_bake(text: str) -> float:
-    """`90`, `30s`, `5m`, `1h` → seconds."""
+def parse_bake(text: str, option: str = "--bake") -> float:
+    """`90`, `30s`, `5m`, `1h` → seconds (`option` names the option in the error)."""
     match = _DURATION.match(text.strip())
     if not match:
-        raise ValueError(f"--bake {text!r}: use seconds or a number with s, m or h (e.g. 30s, 5m)")
+        raise ValueError(f"{option} {text!r}: use seconds or a number with s, m or h (e.g. 30s, 5m)")
     return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def parse_limit(text: str, option: str) -> float | None:
+    """An absolute limit: a number, or `off` (None: the gate disabled)."""
+    if text.strip().lower() == "off":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{option} {text!r}: use a number, or off") from None
+    if value < 0:
+        raise ValueError(f"{option} {text!r}: must not be negative")
+    return value
 
 
 def parse_waves(text: str, bake_seconds: float | None = None) -> list[dict[str, Any]]:
@@ -100,14 +138,22 @@ def build_plan(
     max_concurrent: int | None,
     timeout: str | None,
     retries: int | None,
+    baseline: str | None = None,
+    max_error_rate: str | None = None,
+    max_p95_ms: str | None = None,
+    max_data_wait: str | None = None,
 ) -> dict[str, Any]:
     """The REST plan body from the command's options; `ValueError` names the bad option."""
-    name, sep, version = model.partition(":")
-    if not sep or not name or not version:
-        raise ValueError(f"model must be NAME:VERSION, got {model!r}")
-    plan: dict[str, Any] = {"model": name, "version": version, "on_gate_failure": on_failure}
+    ref = parse_model_ref(model)  # NAME@ALIAS: the coordinator resolves it when it creates the rollout
+    plan: dict[str, Any] = {"model": str(ref) if ref.alias else ref.name, "on_gate_failure": on_failure}
+    if ref.version:
+        plan["version"] = ref.version
     if previous:
         plan["previous_version"] = previous
+    if baseline is not None:
+        if baseline not in {"control", "absolute"}:
+            raise ValueError(f"--baseline {baseline!r}: use control or absolute")
+        plan["baseline"] = baseline
     tags = dict(t.split("=", 1) for t in to if "=" in t)
     plan["selector"] = {"tags": tags, "device_ids": [t for t in to if "=" not in t], "percent": percent}
     bake_seconds = parse_bake(bake) if bake is not None else None
@@ -118,12 +164,18 @@ def build_plan(
     thresholds: dict[str, Any] = dict(parse_gate(g) for g in gates)
     if min_samples is not None:
         thresholds |= {"min_inferences": min_samples, "min_class_samples": min_samples}
+    if max_error_rate is not None:
+        thresholds["max_error_rate"] = parse_limit(max_error_rate, "--max-error-rate")
+    if max_p95_ms is not None:
+        thresholds["max_p95_ms"] = parse_limit(max_p95_ms, "--max-p95-ms")
     if thresholds:
         plan["gates"] = thresholds
     if max_concurrent is not None:
         plan["max_concurrent_downloads"] = max_concurrent
     if timeout is not None:
-        plan["device_timeout_seconds"] = parse_bake(timeout)
+        plan["device_timeout_seconds"] = parse_bake(timeout, "--device-timeout")
+    if max_data_wait is not None:
+        plan["max_data_wait_seconds"] = parse_bake(max_data_wait, "--max-data-wait")
     if retries is not None:
         plan["max_retries"] = retries
     return plan
@@ -131,9 +183,20 @@ def build_plan(
 
 @rollouts_app.command("create")
 def create(
-    model: Annotated[str, typer.Argument(metavar="NAME:VERSION", help="The version to roll out, e.g. digits:2.0.")],
+    model: Annotated[
+        str,
+        typer.Argument(
+            metavar="NAME:VERSION|NAME@ALIAS",
+            help="The version to roll out, e.g. digits:2.0, or the one an alias names now: digits@production.",
+        ),
+    ],
     previous: Annotated[
-        str | None, typer.Option("--from", help="The version devices run now; a rollback returns to it.")
+        str | None,
+        typer.Option(
+            "--from",
+            help="The version devices run now; a rollback returns to it. Omit it for a new model: its gates are "
+            "then absolute limits (see --baseline).",
+        ),
     ] = None,
     to: Annotated[
         list[str] | None, typer.Option("--to", help="tag=value (ANDed) or a device id; repeat. Default: all devices.")
@@ -148,7 +211,11 @@ def create(
     ] = "pause",
     gate: Annotated[
         list[str] | None,
-        typer.Option("--gate", help="NAME<VALUE or NAME=off; NAME: installs, errors, p95, psi, js. Repeat."),
+        typer.Option(
+            "--gate",
+            help="'NAME<VALUE' (quoted: < is a shell redirect) or NAME=off; NAME: installs, errors, p95, psi, js. "
+            "Repeat.",
+        ),
     ] = None,
     min_samples: Annotated[
         int | None, typer.Option("--min-samples", help="Inferences/predictions per cohort before a gate decides.")
@@ -160,6 +227,29 @@ def create(
         str | None, typer.Option("--device-timeout", help="An attempt without result after this fails (e.g. 15m).")
     ] = None,
     retries: Annotated[int | None, typer.Option("--retries", help="Attempts after the first, with backoff.")] = None,
+    baseline: Annotated[
+        str | None,
+        typer.Option(
+            "--baseline",
+            help="What gates judge against: control (the devices still on --from; the default with --from) or "
+            "absolute (the limits below; the default without --from, e.g. a new model).",
+        ),
+    ] = None,
+    max_error_rate: Annotated[
+        str | None,
+        typer.Option("--max-error-rate", help="Absolute limit on the updated devices' error rate (0.01 = 1%), or off."),
+    ] = None,
+    max_p95_ms: Annotated[
+        str | None, typer.Option("--max-p95-ms", help="Absolute limit on the updated devices' p95 latency, or off.")
+    ] = None,
+    max_data_wait: Annotated[
+        str | None,
+        typer.Option(
+            "--max-data-wait",
+            help="How long gates may wait for enough samples after a wave's bake before the rollout pauses "
+            "(e.g. 10m; default 1h).",
+        ),
+    ] = None,
     plan_file: Annotated[
         Path | None,
         typer.Option("--plan", exists=True, dir_okay=False, help="A JSON plan; the options above are ignored."),
@@ -168,14 +258,18 @@ def create(
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Start a rollout of NAME:VERSION in waves, each baked and judged against a control cohort.
+    """Start a rollout of NAME:VERSION in waves, each baked and judged against a control cohort or absolute limits.
 
     Example: edgefleet rollouts create digits:2.0 --from 1.0 --to site=lab --waves 2,50%,100% --bake 5m
-    --on-failure rollback --gate psi<0.2 --gate p95<1.3 --min-samples 500 --max-concurrent 20
+    --on-failure rollback --gate 'psi<0.2' --gate 'p95<1.3' --min-samples 500 --max-concurrent 20
+
+    A new model (no --from): edgefleet rollouts create ocr:1.0 --to site=lab --waves 1,100% --bake 5m
+    --max-error-rate 0.01 --max-p95-ms 50
 
     Waves are cumulative: N% of the selected devices, or a plain device count. A gate is NAME<VALUE or
     NAME=off, NAME one of installs (failure rate), errors (error rate increase), p95 (latency ratio),
-    psi or js (class shift). See docs/rollouts.md.
+    psi or js (class shift); the last four compare with the control cohort and do not apply under
+    --baseline absolute. See docs/rollouts.md.
     """
     try:
         if plan_file is not None:
@@ -194,6 +288,10 @@ def create(
                 max_concurrent=max_concurrent,
                 timeout=device_timeout,
                 retries=retries,
+                baseline=baseline,
+                max_error_rate=max_error_rate,
+                max_p95_ms=max_p95_ms,
+                max_data_wait=max_data_wait,
             )
     except (ValueError, OSError) as exc:
         fail(str(exc))
@@ -242,12 +340,16 @@ def render_status(body: dict[str, Any], decisions: int = 8) -> Group:
 
 
 def _header(body: dict[str, Any]) -> str:
-    return (
+    baseline = body.get("baseline") or "control"
+    text = (
         f"[bold]rollout {body['id']}[/] {body['model_name']}:{body['model_version']}"
-        f" (from {body.get('previous_version') or '-'}) — [bold]{body['status']}[/],"
+        f" (from {body.get('previous_version') or '-'}, gates on {baseline} baseline) — [bold]{body['status']}[/],"
         f" wave {body['current_wave'] + 1}/{body['wave_count']}, {body['device_count']} devices"
         + (f" — {body['reason']}" if body.get("reason") else "")
     )
+    if body.get("waiting"):
+        text += f"\n[yellow]waiting:[/] {body['waiting']}"
+    return text
 
 
 def _waves_table(waves: list[dict[str, Any]]) -> Table:
@@ -325,7 +427,7 @@ def _watch_json(client: ApiClient, rollout_id: int, body: dict[str, Any], interv
     while True:
         key = (body["status"], body["current_wave"], json.dumps(body["counts"], sort_keys=True))
         if key != last:
-            line = {k: body[k] for k in ("id", "status", "current_wave", "counts", "reason")}
+            line = {k: body.get(k) for k in ("id", "status", "current_wave", "current_wave_number", "counts", "reason")}
             typer.echo(json.dumps(line, sort_keys=True))
             last = key
         if body["status"] in ENDED or time.monotonic() >= deadline:
@@ -383,12 +485,43 @@ def abort(
     _command(rollout_id, "abort", {"rollback": rollback, "reason": reason}, url, token, as_json)
 
 
+def promote_body(wave: int | None, to_percent: float | None) -> dict[str, Any]:
+    """The body of `POST /rollouts/{id}/promote` from `--wave N` (from 1) or `--to-percent P`."""
+    if wave is not None and to_percent is not None:
+        raise ValueError("use --wave or --to-percent, not both")
+    if wave is not None:
+        return {"wave_number": wave}
+    return {"to_percent": to_percent} if to_percent is not None else {}
+
+
 @rollouts_app.command("promote")
 def promote(
     rollout_id: Annotated[int, typer.Argument(metavar="ID")],
+    wave: Annotated[
+        int | None,
+        typer.Option("--wave", min=1, help="Start this wave now (numbered from 1, as `status` shows them)."),
+    ] = None,
+    to_percent: Annotated[
+        float | None,
+        typer.Option(
+            "--to-percent",
+            min=0,
+            max=100,
+            help="Start the furthest wave that keeps at most this share of the selected devices on the new version.",
+        ),
+    ] = None,
     url: UrlOpt = None,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Skip the rest of the current wave's bake and gates; start the next wave now."""
-    _command(rollout_id, "promote", {}, url, token, as_json)
+    """Skip the rest of the current wave's bake and gates and start the next wave now, or a later one.
+
+    With --wave N or --to-percent P the waves in between are promoted too: their devices install along with
+    the target wave. A promotion never goes past what was asked (e.g. --to-percent 30 with waves at 10% and
+    50% stops at the 10% wave, and is refused if that wave is already under way).
+    """
+    try:
+        body = promote_body(wave, to_percent)
+    except ValueError as exc:
+        fail(str(exc))
+    _command(rollout_id, "promote", body, url, token, as_json)

@@ -38,7 +38,8 @@ def tokens_list(url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = F
     with api_errors():
         body = connect(url, token).get("/tokens")
     rows = [(t["name"], t["role"], t["created_by"], t["last_used_at"], t["revoked_at"]) for t in body]
-    emit(body, as_json, lambda _: table("tokens", ["name", "role", "created by", "last used", "revoked"], rows))
+    listing = {"data": body, "count": len(body)}  # every listing's --json has this shape
+    emit(listing, as_json, lambda _: table("tokens", ["name", "role", "created by", "last used", "revoked"], rows))
 
 
 @tokens_app.command("revoke")

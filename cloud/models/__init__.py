@@ -1,13 +1,21 @@
 """Registry tables and their API shapes, as SQLModel families (`XBase → X(table=True) → XPublic`), one module
-per entity group: `registry` (models, versions), `devices` (devices, events, telemetry windows), `telemetry` (each
-device's chain of windows and its gaps), `deployments`, `rollouts`, `identity` (enrolment, certificates, API
-tokens), `governance` (cards, TUF metadata, approvals, audit).
+per entity group: `registry` (models, versions), `aliases` (movable names of versions, their history), `devices`
+(devices, events, telemetry windows), `telemetry` (each device's chain of windows and its gaps), `deployments`,
+`rollouts`, `identity` (enrolment, certificates, API tokens), `governance` (cards, TUF metadata, approvals, audit).
 
 The same definitions run on SQLite and PostgreSQL: JSON columns use the portable `JSON` type and
 timestamps are stored timezone-aware (SQLite hands them back naive; `as_utc` restores the zone).
 """
 
 from cloud.models._common import as_utc
+from cloud.models.aliases import (
+    AliasChange,
+    AliasChangePublic,
+    AliasChangesPublic,
+    ModelAlias,
+    ModelAliasesPublic,
+    ModelAliasPublic,
+)
 from cloud.models.deployments import (
     Deployment,
     DeploymentBase,
@@ -21,6 +29,7 @@ from cloud.models.deployments import (
 from cloud.models.devices import (
     Device,
     DeviceBase,
+    DeviceDetailPublic,
     DeviceEventPublic,
     DeviceEventRecord,
     DeviceEventsPublic,
@@ -30,6 +39,7 @@ from cloud.models.devices import (
     TelemetryRecord,
     TelemetryWindowPublic,
     TelemetryWindowsPublic,
+    in_fleet,
 )
 from cloud.models.governance import (
     ApprovalSignature,
@@ -45,6 +55,7 @@ from cloud.models.identity import (
     ApiTokenPublic,
     BootstrapSecret,
     DeviceCertificate,
+    DeviceCertificatePublic,
     EnrolmentToken,
 )
 from cloud.models.registry import (
@@ -54,6 +65,7 @@ from cloud.models.registry import (
     ModelVersion,
     ModelVersionBase,
     ModelVersionPublic,
+    VersionLineage,
 )
 from cloud.models.rollouts import (
     Rollout,
@@ -71,6 +83,9 @@ from cloud.models.rollouts import (
 from cloud.models.telemetry import TelemetryChain, TelemetryGap, TelemetryGapsPublic
 
 __all__ = [
+    "AliasChange",
+    "AliasChangePublic",
+    "AliasChangesPublic",
     "ApiToken",
     "ApiTokenPublic",
     "ApprovalSignature",
@@ -89,6 +104,8 @@ __all__ = [
     "Device",
     "DeviceBase",
     "DeviceCertificate",
+    "DeviceCertificatePublic",
+    "DeviceDetailPublic",
     "DeviceEventPublic",
     "DeviceEventRecord",
     "DeviceEventsPublic",
@@ -97,6 +114,9 @@ __all__ = [
     "EnrolmentState",
     "EnrolmentToken",
     "Model",
+    "ModelAlias",
+    "ModelAliasPublic",
+    "ModelAliasesPublic",
     "ModelCard",
     "ModelPublic",
     "ModelVersion",
@@ -122,5 +142,7 @@ __all__ = [
     "TelemetryWindowPublic",
     "TelemetryWindowsPublic",
     "TufMetadata",
+    "VersionLineage",
     "as_utc",
+    "in_fleet",
 ]

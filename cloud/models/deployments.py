@@ -39,6 +39,8 @@ class DeploymentBase(SQLModel):
 
     model_name: str = Field(max_length=128)
     model_version: str = Field(max_length=64)
+    # The alias the request named (`digits@production`), resolved to `model_version` at creation; null: none.
+    model_alias: str | None = Field(default=None, max_length=128)
     sha256: str = Field(max_length=64)
     target: dict[str, Any] = json_column(dict)
 

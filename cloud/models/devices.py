@@ -7,14 +7,16 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Column, UniqueConstraint
-from sqlmodel import Field, SQLModel
+from sqlmodel import Field, SQLModel, col
 
 from cloud.models._common import UtcOut, json_column, when
+from cloud.models.identity import DeviceCertificatePublic
 from cloud.models.telemetry import TelemetryGapsPublic
 
 __all__ = [
     "Device",
     "DeviceBase",
+    "DeviceDetailPublic",
     "DeviceEventPublic",
     "DeviceEventRecord",
     "DeviceEventsPublic",
@@ -24,6 +26,7 @@ __all__ = [
     "TelemetryRecord",
     "TelemetryWindowPublic",
     "TelemetryWindowsPublic",
+    "in_fleet",
 ]
 
 
@@ -53,6 +56,8 @@ class EnrolmentState(StrEnum):
     PENDING = "pending"  # an operator created an enrolment token; the device has no certificate yet
     ENROLLED = "enrolled"
     REVOKED = "revoked"
+    # Retired for good: certificates revoked, out of deployments, rollouts and fleet counts; its history is kept.
+    DECOMMISSIONED = "decommissioned"
 
 
 class Device(DeviceBase, table=True):
@@ -62,6 +67,7 @@ class Device(DeviceBase, table=True):
     enrolment: str = Field(default=EnrolmentState.PENDING.value, max_length=16, index=True)
     enrolled_at: datetime | None = when(nullable=True)
     revoked_at: datetime | None = when(nullable=True)
+    decommissioned_at: datetime | None = when(nullable=True)
     desired_state: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     first_seen: datetime = when()
     last_seen: datetime | None = when(nullable=True)
@@ -75,6 +81,7 @@ class DevicePublic(DeviceBase, UtcOut):
     enrolment: str = EnrolmentState.PENDING.value
     enrolled_at: datetime | None = None
     revoked_at: datetime | None = None
+    decommissioned_at: datetime | None = None
     first_seen: datetime
     last_seen: datetime | None
     # The active model again, under the names the fleet summary uses.
@@ -86,6 +93,18 @@ class DevicePublic(DeviceBase, UtcOut):
     # Windows the device dropped for good (its outbox was full), and holes in its chain of windows.
     telemetry_dropped: int = 0
     telemetry_gaps: TelemetryGapsPublic = Field(default_factory=TelemetryGapsPublic)
+
+
+def in_fleet() -> Any:
+    """The SQL condition of a device that counts in the fleet: every device but a decommissioned one."""
+    return col(Device.enrolment) != EnrolmentState.DECOMMISSIONED.value
+
+
+class DeviceDetailPublic(DevicePublic):
+    """One device in full: what a listing shows, the variant of its active model, and its current certificate."""
+
+    active_variant: str | None = None
+    certificate: DeviceCertificatePublic | None = None
 
 
 class TelemetryWindowPublic(UtcOut):
@@ -135,8 +154,9 @@ class DeviceEventRecord(SQLModel, table=True):
 
 
 class DeviceEventPublic(UtcOut):
-    """A device event as the API shows it."""
+    """A device event as the API shows it; `id` orders events and pages through them (`after_id`)."""
 
+    id: int
     kind: str
     generation: int | None
     phase: str | None

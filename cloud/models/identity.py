@@ -13,6 +13,7 @@ __all__ = [
     "ApiTokenPublic",
     "BootstrapSecret",
     "DeviceCertificate",
+    "DeviceCertificatePublic",
     "EnrolmentToken",
 ]
 
@@ -59,6 +60,15 @@ class DeviceCertificate(SQLModel, table=True):
     not_after: datetime = when()
     issued_at: datetime = when()
     revoked_at: datetime | None = when(nullable=True)
+
+
+class DeviceCertificatePublic(UtcOut):
+    """A device's certificate as `devices show` tells it (never the key)."""
+
+    serial: str
+    issued_at: datetime
+    not_after: datetime
+    revoked_at: datetime | None
 
 
 class ApiToken(SQLModel, table=True):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import UniqueConstraint
+from sqlalchemy import JSON, Column, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from cloud.models._common import UtcOut, json_column, when
@@ -17,6 +17,7 @@ __all__ = [
     "ModelVersionBase",
     "ModelVersionPublic",
     "ModelsPublic",
+    "VersionLineage",
 ]
 
 
@@ -40,6 +41,8 @@ class ModelVersionBase(SQLModel):
     # `high` ones need a model card and k approvers. signing_state: unsigned | awaiting_approval | signed.
     risk_class: str = Field(default="low", max_length=8, sa_column_kwargs={"server_default": "low"})
     signing_state: str = Field(default="unsigned", max_length=24, sa_column_kwargs={"server_default": "unsigned"})
+    # The token that pushed it (null for versions pushed before 0005 whose push the audit log does not name).
+    created_by: str | None = Field(default=None, max_length=128)
 
 
 class ModelVersion(ModelVersionBase, table=True):
@@ -56,7 +59,16 @@ class ModelVersion(ModelVersionBase, table=True):
     # dumps. The version's own artifact above is its primary variant, named by `primary_variant`.
     variants: list[dict[str, Any]] = json_column(list)
     primary_variant: str = Field(default="default", max_length=64)
+    # The `edgefleet compress` report (report.json) the variants were measured and gated in; null: none attached.
+    compression_report: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     created_at: datetime = when()
+
+
+class VersionLineage(SQLModel):
+    """Where a version comes from: its model card's `parent_version` and `run` (training or compression run)."""
+
+    parent_version: str | None = None
+    run: str | None = None
 
 
 class ModelVersionPublic(ModelVersionBase, UtcOut):
@@ -68,6 +80,8 @@ class ModelVersionPublic(ModelVersionBase, UtcOut):
     artifact_url: str = ""
     primary_variant: str = "default"
     variants: list[dict[str, Any]] = []
+    compression_report: dict[str, Any] | None = None
+    lineage: VersionLineage = Field(default_factory=VersionLineage)
 
 
 class ModelPublic(UtcOut):

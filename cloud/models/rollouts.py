@@ -93,7 +93,10 @@ class RolloutDispatchRecord(SQLModel, table=True):
 
 
 class RolloutDecisionPublic(UtcOut):
-    """A decision as the API shows it; `figures` holds its data (e.g. a gate report)."""
+    """A decision as the API shows it; `figures` holds its data (e.g. a gate report).
+
+    A decision about a wave carries `wave` (0-based index) and `wave_number` (from 1, as its message says).
+    """
 
     seq: int
     kind: str
@@ -105,7 +108,8 @@ class RolloutDecisionPublic(UtcOut):
 class RolloutWavePublic(SQLModel):
     """Progress of one wave: its devices by phase (cumulative targets live in the plan)."""
 
-    index: int
+    index: int  # 0-based, into the plan's waves
+    number: int  # index + 1: the wave as the CLI and messages number it
     size: str
     bake_seconds: float
     devices: int
@@ -117,7 +121,8 @@ class RolloutDevicePublic(UtcOut):
     """One device's part in a rollout."""
 
     device_id: str
-    wave: int
+    wave: int  # 0-based index
+    wave_number: int  # from 1
     phase: str
     attempts: int
     rollback_attempts: int
@@ -131,11 +136,14 @@ class RolloutPublic(RolloutBase, UtcOut):
 
     id: int
     previous_version: str | None
-    current_wave: int
+    baseline: str  # control | absolute: what the gates judge the updated cohort against
+    current_wave: int  # 0-based index
+    current_wave_number: int  # from 1, as the CLI shows it ("wave 2/4")
     wave_count: int
     device_count: int
     counts: dict[str, int]
-    reason: str | None
+    reason: str | None  # why it is paused, aborted or rolling back
+    waiting: str | None  # what the current wave's gates wait for (data, a usable control cohort), if anything
     created_at: datetime
     updated_at: datetime
 

@@ -12,11 +12,12 @@ Rollout states::
                              └──── a gate failed ──────┤                              (still serves late joiners)
                                                        ├─ on_gate_failure=pause, or no data
                                                        │  after max_data_wait ────────────────► paused
+                                                       │  (gates_waiting recorded when the bake ends short of data)
                                                        └─ on_gate_failure=rollback ───────────► rolling_back
 
     pending | running | baking ── pause ──► paused
     paused ── resume ──► the state it left (a bake starts over)
-    running | baking | paused ── promote ──► running (next wave), or completed after the last
+    running | baking | paused ── promote ──► running (next wave, or the wave it names), or completed after the last
     rolling_back ── every touched device back, or given up ──► rolled_back
     any state but rolling_back | rolled_back ── abort(rollback=True) ──► rolling_back
     any state but aborted | rolled_back ── abort ──► aborted
@@ -34,9 +35,19 @@ twice and none is skipped. Commands carry an id and are applied once even if rep
 from cloud.rollouts.actions import Action, Dispatch, Rollback, Wait
 from cloud.rollouts.decisions import Decision
 from cloud.rollouts.engine import command_error, gate_report, inflight_actions, step
-from cloud.rollouts.gates import CohortStats, GateReport, GateResult, GateVerdict, evaluate_gates
+from cloud.rollouts.gates import CohortStats, GateReport, GateResult, GateVerdict, control_mismatch, evaluate_gates
 from cloud.rollouts.inputs import Abort, Command, DeviceReport, Observations, Pause, Promote, Resume
-from cloud.rollouts.plan import GateThresholds, RolloutPlan, Selector, Wave, assign_waves, default_waves, wave_targets
+from cloud.rollouts.plan import (
+    Baseline,
+    GateThresholds,
+    RolloutPlan,
+    Selector,
+    Wave,
+    assign_waves,
+    default_waves,
+    promotion_target,
+    wave_targets,
+)
 from cloud.rollouts.state import DevicePhase, DeviceRecord, RolloutState, RolloutStatus
 from cloud.rollouts.stats import (
     EmptyDataError,
@@ -51,6 +62,7 @@ from cloud.rollouts.stats import (
 __all__ = [
     "Abort",
     "Action",
+    "Baseline",
     "CohortStats",
     "Command",
     "Decision",
@@ -76,6 +88,7 @@ __all__ = [
     "Wave",
     "assign_waves",
     "command_error",
+    "control_mismatch",
     "default_waves",
     "error_rate",
     "evaluate_gates",
@@ -85,6 +98,7 @@ __all__ = [
     "p95_latency_ms",
     "p95_ratio",
     "population_stability_index",
+    "promotion_target",
     "psi_band",
     "step",
     "wave_targets",

@@ -1,5 +1,7 @@
 """The engine's decisions: the audit trail of a rollout (why a wave started, which gate failed with which figures,
 who paused it). Each has a `kind` tag, a time and a message; the service stores them numbered per rollout.
+
+Fields named `wave` are 0-based indexes into the plan's waves; messages number waves from 1, as people read them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ __all__ = [
     "BakeStarted",
     "CommandRejected",
     "Completed",
+    "ControlMismatch",
     "Decision",
     "DeviceFailed",
     "DeviceJoined",
@@ -25,6 +28,7 @@ __all__ = [
     "GateFailed",
     "GateInconclusive",
     "GatePassed",
+    "GatesWaiting",
     "RetryScheduled",
     "RollbackFinished",
     "RollbackStarted",
@@ -103,11 +107,28 @@ class GateInconclusive(_GateDecision):
     kind: Literal["gate_inconclusive"] = "gate_inconclusive"
 
 
+class GatesWaiting(_GateDecision):
+    """The bake is over but some gates lack data: they are re-checked until `until`, then the rollout pauses."""
+
+    kind: Literal["gates_waiting"] = "gates_waiting"
+    until: datetime
+
+
+class ControlMismatch(_Decision):
+    """The control cohort serves another model (or none, or nothing is left of it): comparisons cannot decide."""
+
+    kind: Literal["control_mismatch"] = "control_mismatch"
+    wave: int
+    runs: dict[str, int]
+    expected: str
+
+
 class WavePromoted(_Decision):
-    """An operator skipped the rest of the wave's bake and gates."""
+    """An operator skipped the rest of the wave's bake and gates (and those of waves up to `to_wave`)."""
 
     kind: Literal["wave_promoted"] = "wave_promoted"
     wave: int
+    to_wave: int
     by: str
 
 
@@ -226,6 +247,8 @@ Decision = Annotated[
     | GatePassed
     | GateFailed
     | GateInconclusive
+    | GatesWaiting
+    | ControlMismatch
     | WavePromoted
     | RolloutPaused
     | RolloutResumed

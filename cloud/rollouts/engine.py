@@ -4,6 +4,8 @@ One step applies operator commands, takes in the fleet (starting the rollout, or
 joiners), device reports and timeouts, moves the rollout along (wave done → bake → gates → next
 wave), and dispatches devices within the download limit. It is deterministic: the same inputs give
 the same outputs, which is what makes a restart safe (see `cloud.rollouts`).
+
+Waves are 0-based indexes in the state and in decisions' fields, numbered from 1 in every message.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from cloud.rollouts.decisions import (
     BakeStarted,
     CommandRejected,
     Completed,
+    ControlMismatch,
     Decision,
     DeviceJoined,
     GateFailed,
     GateInconclusive,
     GatePassed,
+    GatesWaiting,
     RollbackFinished,
     RollbackStarted,
     RolloutAborted,
@@ -33,15 +37,16 @@ from cloud.rollouts.decisions import (
     WaveSkipped,
     WaveStarted,
 )
-from cloud.rollouts.gates import CohortStats, GateReport, evaluate_gates
+from cloud.rollouts.gates import COMPARATIVE_GATES, CohortStats, GateReport, control_mismatch, evaluate_gates
 from cloud.rollouts.inputs import Abort, Command, Observations, Pause, Promote, Resume
-from cloud.rollouts.plan import RolloutPlan, assign_waves
+from cloud.rollouts.plan import RolloutPlan, assign_waves, promotion_target
 from cloud.rollouts.state import TERMINAL, DevicePhase, DeviceRecord, RolloutState, RolloutStatus
 
 __all__ = ["command_error", "gate_report", "inflight_actions", "step"]
 
 _FINISHED = frozenset({DevicePhase.SUCCEEDED, DevicePhase.FAILED})
 _DISPATCHING = frozenset({RolloutStatus.RUNNING, RolloutStatus.BAKING, RolloutStatus.COMPLETED})
+_JUDGING = frozenset({RolloutStatus.RUNNING, RolloutStatus.BAKING})
 
 
 def step(
@@ -67,6 +72,8 @@ def step(
     if ctx.state.status not in TERMINAL:
         check_timeouts(ctx)
     _advance(ctx, observations)
+    if ctx.state.status not in _JUDGING:
+        ctx.state.waiting = ctx.state.waiting_since = None  # nothing is judged, so nothing is waited for
     track = _dispatching_track(ctx.state)
     if track is UPDATE:
         current = ctx.state.current_wave
@@ -85,7 +92,10 @@ def inflight_actions(state: RolloutState, plan: RolloutPlan) -> list[Action]:
 def gate_report(state: RolloutState, plan: RolloutPlan, observations: Observations) -> GateReport:
     """The gates of the current wave as they stand, without changing anything (for status pages)."""
     return evaluate_gates(
-        plan.gates_for(state.current_wave), _wave_stats(state, observations), _control_stats(state, observations)
+        plan.gates_for(state.current_wave),
+        _wave_stats(state, observations),
+        _control_stats(state, observations),
+        baseline=plan.baseline,
     )
 
 
@@ -104,6 +114,12 @@ def command_error(state: RolloutState, plan: RolloutPlan, command: Command) -> s
         waves = {RolloutStatus.RUNNING, RolloutStatus.BAKING}
         if status not in waves and not (status is RolloutStatus.PAUSED and state.paused_from in waves):
             return f"cannot promote a {status.value} rollout: no wave is under way"
+        try:
+            promotion_target(
+                plan, len(state.devices), state.current_wave, to_wave=command.to_wave, to_percent=command.to_percent
+            )
+        except ValueError as exc:
+            return f"cannot promote: {exc}"
     if isinstance(command, Abort):
         if command.rollback:
             if plan.previous_version is None:
@@ -138,18 +154,29 @@ def _apply_command(ctx: StepContext, command: Command) -> None:
             state.bake_started_at = ctx.now  # the bake starts over: gates judge fresh data
         ctx.decide(RolloutResumed, f"resumed by {command.by}: {state.status.value}", by=command.by)
     elif isinstance(command, Promote):
-        wave = state.current_wave
-        ctx.decide(
-            WavePromoted, f"wave {wave} promoted by {command.by}: bake and gates skipped", wave=wave, by=command.by
-        )
-        state.paused_from = state.reason = None
-        _enter_wave(ctx, wave + 1)
+        _promote(ctx, command)
     else:
         ctx.decide(RolloutAborted, f"aborted by {command.by}: {command.reason}", reason=command.reason, by=command.by)
         if command.rollback:
             _start_rollback(ctx, f"{command.reason} (by {command.by})")
         else:
             state.status, state.reason = RolloutStatus.ABORTED, command.reason
+
+
+def _promote(ctx: StepContext, command: Promote) -> None:
+    """Start the promotion's target wave now; the current wave and any in between skip their bakes and gates."""
+    state, plan, wave = ctx.state, ctx.plan, ctx.state.current_wave
+    target = promotion_target(plan, len(state.devices), wave, to_wave=command.to_wave, to_percent=command.to_percent)
+    if target == wave + 1:
+        message = f"wave {wave + 1} promoted by {command.by}: bake and gates skipped"
+    else:
+        message = (
+            f"waves {wave + 1}-{target} promoted by {command.by} to wave {target + 1}: "
+            f"bakes and gates skipped, their devices install along with wave {target + 1}"
+        )
+    ctx.decide(WavePromoted, message, wave=wave, to_wave=target, by=command.by)
+    state.paused_from = state.reason = None
+    _enter_wave(ctx, target)
 
 
 def _pause(ctx: StepContext, reason: str, by: str) -> None:
@@ -190,7 +217,8 @@ def _take_fleet(ctx: StepContext, fleet: dict[str, dict[str, str]]) -> None:
         sizes = [sum(1 for w in assignment.values() if w == i) for i in range(len(plan.waves))]
         ctx.decide(
             RolloutStarted,
-            f"rolling {plan.model}:{plan.version} out to {len(assignment)} of {len(fleet)} devices, waves {sizes}",
+            f"rolling {plan.model}:{plan.version} out to {len(assignment)} of {len(fleet)} devices, waves {sizes}; "
+            + plan.judged_on(),
             devices=len(assignment),
             wave_sizes=sizes,
         )
@@ -202,15 +230,19 @@ def _take_fleet(ctx: StepContext, fleet: dict[str, dict[str, str]]) -> None:
     for device_id in sorted(selected - state.devices.keys()):
         state.devices[device_id] = DeviceRecord(wave=state.current_wave, late_joiner=True)
         ctx.decide(
-            DeviceJoined, f"{device_id} joined: wave {state.current_wave}", device_id=device_id, wave=state.current_wave
+            DeviceJoined,
+            f"{device_id} joined: wave {state.current_wave + 1}",
+            device_id=device_id,
+            wave=state.current_wave,
         )
 
 
 def _enter_wave(ctx: StepContext, index: int) -> None:
     """Start wave `index` (skipping waves with no devices of their own), or complete the rollout."""
     state, plan = ctx.state, ctx.plan
+    state.waiting = state.waiting_since = None
     while index < len(plan.waves) and not any(r.wave == index for r in state.devices.values()):
-        ctx.decide(WaveSkipped, f"wave {index} ({plan.waves[index].describe()}) adds no devices", wave=index)
+        ctx.decide(WaveSkipped, f"wave {index + 1} ({plan.waves[index].describe()}) adds no devices", wave=index)
         index += 1
     if index >= len(plan.waves):
         state.current_wave, state.status, state.bake_started_at = len(plan.waves) - 1, RolloutStatus.COMPLETED, None
@@ -224,7 +256,10 @@ def _enter_wave(ctx: StepContext, index: int) -> None:
     state.wave_started_at, state.bake_started_at = ctx.now, None
     size = sum(1 for r in state.devices.values() if r.wave == index)
     ctx.decide(
-        WaveStarted, f"wave {index} ({plan.waves[index].describe()}) started: {size} devices", wave=index, devices=size
+        WaveStarted,
+        f"wave {index + 1} ({plan.waves[index].describe()}) started: {size} devices",
+        wave=index,
+        devices=size,
     )
 
 
@@ -241,7 +276,7 @@ def _advance(ctx: StepContext, observations: Observations) -> None:
             ok = sum(1 for r in wave if r.phase is DevicePhase.SUCCEEDED)
             ctx.decide(
                 BakeStarted,
-                f"wave {state.current_wave} installed ({ok} updated, {len(wave) - ok} failed); "
+                f"wave {state.current_wave + 1} installed ({ok} updated, {len(wave) - ok} failed); "
                 f"baking until {until.isoformat()}",
                 wave=state.current_wave,
                 until=until,
@@ -265,28 +300,85 @@ def _bake_end(state: RolloutState, plan: RolloutPlan) -> datetime:
 
 
 def _judge(ctx: StepContext, observations: Observations) -> None:
-    """Gates of the current wave: a failure acts at once, even mid-wave; a pass only once the bake is over."""
+    """Gates of the current wave: a failure acts at once, even mid-wave; a pass only once the bake is over.
+
+    Gates lacking data after the bake are re-checked until `max_data_wait_seconds` after it, then the rollout
+    pauses; both moments are recorded, and so is a control cohort that cannot serve as a baseline.
+    """
     state, plan, wave = ctx.state, ctx.plan, ctx.state.current_wave
     report = gate_report(state, plan, observations)
     if report.failed:
-        ctx.decide(GateFailed, f"wave {wave} gates failed: {report.summary()}", wave=wave, report=report)
+        ctx.decide(GateFailed, f"wave {wave + 1} gates failed: {report.summary()}", wave=wave, report=report)
         reason = "gate failed: " + ", ".join(r.name for r in report.failed)
         if plan.on_gate_failure == "rollback":
             _start_rollback(ctx, reason)
         else:
             _pause(ctx, reason, "gates")
         return
+    mismatch = _check_control(ctx, observations, report)
+    state.waiting = mismatch
     if state.status is not RolloutStatus.BAKING:
         return
     end = _bake_end(state, plan)
     if ctx.now < end:
         return
     if report.passed:
-        ctx.decide(GatePassed, f"wave {wave} gates passed: {report.summary() or 'no gates'}", wave=wave, report=report)
+        summary = report.summary() or "no gates"
+        ctx.decide(GatePassed, f"wave {wave + 1} gates passed: {summary}", wave=wave, report=report)
         _enter_wave(ctx, wave + 1)
-    elif ctx.now >= end + timedelta(seconds=plan.max_data_wait_seconds):
-        ctx.decide(GateInconclusive, f"wave {wave} gates undecided: {report.summary()}", wave=wave, report=report)
-        _pause(ctx, "insufficient data: " + ", ".join(r.name for r in report.undecided), "gates")
+        return
+    wait = plan.max_data_wait_seconds
+    until = end + timedelta(seconds=wait)
+    missing = "; ".join(f"{r.name} ({r.reason})" for r in report.undecided)
+    if ctx.now >= until:
+        ctx.decide(
+            GateInconclusive,
+            f"wave {wave + 1} gates still lack data {wait:g} s after the bake (max_data_wait_seconds): {missing}",
+            wave=wave,
+            report=report,
+        )
+        _pause(ctx, f"insufficient data after waiting {wait:g} s: {missing}", "gates")
+        return
+    if state.waiting_since is None:  # the first step past the bake: say once what is missing and until when
+        state.waiting_since = end
+        ctx.decide(
+            GatesWaiting,
+            f"wave {wave + 1} baked, but gates lack data: {missing}; re-checked until {until.isoformat()} "
+            f"(max_data_wait_seconds {wait:g}), then the rollout pauses",
+            wave=wave,
+            report=report,
+            until=until,
+        )
+    names = ", ".join(r.name for r in report.undecided)
+    state.waiting = f"gates {names} lack data; the rollout pauses at {until.isoformat()} unless it comes" + (
+        f"; {mismatch}" if mismatch else ""
+    )
+
+
+def _check_control(ctx: StepContext, observations: Observations, report: GateReport) -> str | None:
+    """Why the control cohort cannot decide the comparative gates still waiting for it (recorded once a wave)."""
+    state, plan, wave = ctx.state, ctx.plan, ctx.state.current_wave
+    if plan.baseline != "control" or not any(r.name in COMPARATIVE_GATES for r in report.undecided):
+        return None
+    if observations.control is None and state.last_control is None:
+        return None  # nothing observed of the control cohort (not judging yet): nothing to say about it
+    control = _control_stats(state, observations)
+    why = control_mismatch(control, model=plan.model, version=plan.previous_version, target=plan.version)
+    if why is None:
+        return None
+    if state.control_mismatch_wave != wave:
+        state.control_mismatch_wave = wave
+        expected = f"{plan.model}:{plan.previous_version}" if plan.previous_version else plan.model
+        ctx.decide(
+            ControlMismatch,
+            f"wave {wave + 1}: the comparative gates cannot decide: {why}. They wait until "
+            f"max_data_wait_seconds ({plan.max_data_wait_seconds:g}) after the bake, then the rollout pauses; "
+            "a first rollout of a model is judged on absolute limits (baseline: absolute, CLI --baseline absolute)",
+            wave=wave,
+            runs=control.runs,
+            expected=expected,
+        )
+    return why
 
 
 def _wave_stats(state: RolloutState, observations: Observations) -> CohortStats:

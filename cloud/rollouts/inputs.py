@@ -7,9 +7,9 @@ them after a restart (a command's id makes a replay harmless).
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from cloud.rollouts._base import Record
 from cloud.rollouts.gates import CohortStats
@@ -77,9 +77,22 @@ class Abort(_Command):
 
 
 class Promote(_Command):
-    """Skip the rest of the current wave's bake and its gates, and start the next wave now."""
+    """Skip the rest of the current wave's bake and its gates, and start the next wave now.
+
+    With `to_wave` (a 0-based wave index) start that wave instead, and with `to_percent` the furthest wave
+    that keeps at most that share of the selected devices on the new version (`plan.promotion_target`): the
+    waves in between are promoted too, their devices install along with it.
+    """
 
     kind: Literal["promote"] = "promote"
+    to_wave: int | None = Field(default=None, ge=0)
+    to_percent: float | None = Field(default=None, gt=0, le=100)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> Self:
+        if self.to_wave is not None and self.to_percent is not None:
+            raise ValueError("promote to a wave or to a percentage, not both")
+        return self
 
 
 Command = Annotated[Pause | Resume | Abort | Promote, Field(discriminator="kind")]

@@ -7,12 +7,16 @@ The engine (`cloud.rollouts.step`) is pure; this module turns database rows into
   counts only when the device reported the *generation this rollout's attempt gave it*
   (`RolloutDispatchRecord`): a failure of another deployment, or of an earlier attempt, is not ours;
 - **wave / control**: `CohortStats` of the updated cohort (windows of the target version) and of the
-  control cohort (windows of any other version of the model) received since the current wave started,
-  or since its bake began once it bakes, so the gates judge the new version on fresh data only.
+  control cohort (windows of the plan's previous version, or of any other version of the model when it
+  names none) received since the current wave started, or since its bake began once it bakes, so the
+  gates judge the new version on fresh data only. The control cohort also says what its devices serve
+  (`runs`), so a control cohort on another model is named rather than silently waited for. Under an
+  absolute baseline there is no control cohort to read.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -20,20 +24,29 @@ from typing import Any
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
-from cloud.models import Device, RolloutDispatchRecord, TelemetryRecord, as_utc
+from cloud.models import Device, RolloutDispatchRecord, TelemetryRecord, as_utc, in_fleet
 from cloud.rollouts import CohortStats, Command, DeviceReport, Observations, RolloutPlan, RolloutState, RolloutStatus
+from cloud.rollouts.gates import NO_MODEL
 from cloud.rollouts.state import DevicePhase, DeviceRecord
 from protocol.messages import UpdatePhase
 from protocol.telemetry import merge_histograms
 
-__all__ = ["attempt_generations", "cohort_stats", "device_reports", "fleet_tags", "observe", "telemetry_since"]
+__all__ = [
+    "attempt_generations",
+    "cohort_stats",
+    "device_reports",
+    "fleet_tags",
+    "observe",
+    "serving",
+    "telemetry_since",
+]
 
 _JUDGED = frozenset({RolloutStatus.RUNNING, RolloutStatus.BAKING})
 
 
 def fleet_tags(*, session: Session) -> dict[str, dict[str, str]]:
     """Every enrolled device id → its tags."""
-    rows = session.exec(select(Device.id, Device.tags))
+    rows = session.exec(select(Device.id, Device.tags).where(in_fleet()))  # never a decommissioned device
     return {device_id: dict(tags or {}) for device_id, tags in rows}
 
 
@@ -127,8 +140,21 @@ def telemetry_since(
     return list(session.exec(statement))
 
 
-def cohort_stats(windows: Sequence[TelemetryRecord], *, devices: int) -> CohortStats:
-    """Sum stored telemetry windows into the figures of a cohort of `devices` devices. Pure."""
+def serving(*, session: Session, device_ids: Sequence[str]) -> dict[str, int]:
+    """What the devices serve: `model:version` (or `none`) → how many of them."""
+    if not device_ids:
+        return {}
+    statement = select(Device.active_model_name, Device.active_model_version).where(
+        col(Device.id).in_(list(device_ids))
+    )
+    runs = Counter(f"{name}:{version}" if name else NO_MODEL for name, version in session.exec(statement))
+    return dict(sorted(runs.items()))
+
+
+def cohort_stats(
+    windows: Sequence[TelemetryRecord], *, devices: int, runs: dict[str, int] | None = None
+) -> CohortStats:
+    """Sum stored telemetry windows into the figures of a cohort of `devices` devices (serving `runs`). Pure."""
     classes: dict[str, int] = {}
     for window in windows:
         for name, n in window.class_counts.items():
@@ -139,6 +165,7 @@ def cohort_stats(windows: Sequence[TelemetryRecord], *, devices: int) -> CohortS
         error_count=sum(w.error_count for w in windows),
         latency_histogram=merge_histograms(w.latency_histogram for w in windows),
         class_counts=classes,
+        runs=runs or {},
     )
 
 
@@ -165,11 +192,18 @@ def observe(
         wave_windows = telemetry_since(
             session=session, device_ids=updated, model=plan.model, since=since, version=plan.version
         )
-        control_windows = telemetry_since(
-            session=session, device_ids=untouched, model=plan.model, since=since, other_than=plan.version
-        )
         wave = cohort_stats(wave_windows, devices=len(updated))
-        control = cohort_stats(control_windows, devices=len(untouched))
+        if plan.baseline == "control":
+            control_windows = telemetry_since(
+                session=session,
+                device_ids=untouched,
+                model=plan.model,
+                since=since,
+                version=plan.previous_version,
+                other_than=None if plan.previous_version else plan.version,
+            )
+            runs = serving(session=session, device_ids=untouched)
+            control = cohort_stats(control_windows, devices=len(untouched), runs=runs)
     return Observations(
         reports=device_reports(session=session, rollout_id=rollout_id, state=state, plan=plan),
         fleet=fleet_tags(session=session) if with_fleet else None,

@@ -11,23 +11,27 @@ import hashlib
 import itertools
 import math
 from collections.abc import Iterable, Mapping
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 __all__ = [
+    "Baseline",
     "GateThresholds",
     "RolloutPlan",
     "Selector",
     "Wave",
     "assign_waves",
     "default_waves",
+    "promotion_target",
     "stable_fraction",
     "wave_targets",
 ]
 
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
 Version = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}$")]
+# What the gates judge the updated cohort against: the control cohort, or the plan's absolute limits.
+Baseline = Literal["control", "absolute"]
 
 
 class _Spec(BaseModel):
@@ -73,19 +77,25 @@ class GateThresholds(_Spec):
     """Limits a wave must stay within before the next wave starts; `None` disables a gate.
 
     - `max_install_failure_rate`: devices of the wave that gave up installing / devices of the wave (0..1).
+    - `max_error_rate`: inference error rate of the updated cohort (0..1), an absolute limit (off by default).
     - `max_error_rate_increase`: inference error rate of the updated cohort minus the control cohort's,
       an absolute difference (0.01 = one percentage point).
+    - `max_p95_ms`: p95 latency of the updated cohort in milliseconds, an absolute limit (off by default).
     - `max_p95_latency_ratio`: p95 latency of the updated cohort / p95 of the control cohort (≥ 1).
     - `max_psi`: population stability index of the predicted classes, control → updated
       (< 0.1 no shift, 0.1-0.25 moderate, > 0.25 major).
     - `max_js_divergence`: Jensen-Shannon divergence (base 2, 0..1) of the predicted classes.
 
-    Below `min_installs` devices in the wave, `min_inferences` inferences or `min_class_samples`
-    predictions in either cohort a gate reports *insufficient data* instead of deciding.
+    The absolute limits apply under either baseline; the comparisons with the control cohort only under
+    `baseline: control` (under `absolute` they are reported as not applicable). Below `min_installs` devices
+    in the wave, `min_inferences` inferences or `min_class_samples` predictions in a cohort a gate needs, a
+    gate reports *insufficient data* instead of deciding.
     """
 
     max_install_failure_rate: float | None = Field(default=0.05, ge=0, le=1)
+    max_error_rate: float | None = Field(default=None, ge=0, le=1)
     max_error_rate_increase: float | None = Field(default=0.01, ge=0, le=1)
+    max_p95_ms: float | None = Field(default=None, gt=0)
     max_p95_latency_ratio: float | None = Field(default=1.25, ge=1)
     max_psi: float | None = Field(default=0.25, gt=0)
     max_js_divergence: float | None = Field(default=None, gt=0, le=1)
@@ -123,11 +133,16 @@ def default_waves() -> list[Wave]:
 
 
 class RolloutPlan(_Spec):
-    """What to roll out, to whom, in which waves, and how to react to failures."""
+    """What to roll out, to whom, in which waves, and how to react to failures.
+
+    `baseline` left out (or null) is `control` when the plan names a `previous_version`, and `absolute` for
+    a new model: its devices run another model or none, so there is no control cohort to compare with.
+    """
 
     model: Name
     version: Version
     previous_version: Version | None = None
+    baseline: Baseline = "control"
     selector: Selector = Field(default_factory=Selector)
     waves: list[Wave] = Field(default_factory=default_waves, min_length=1, max_length=100)
     gates: GateThresholds = Field(default_factory=GateThresholds)
@@ -140,6 +155,14 @@ class RolloutPlan(_Spec):
     retry_backoff_factor: float = Field(default=2.0, ge=1)
     retry_backoff_max_seconds: float = Field(default=900.0, ge=0)
     max_data_wait_seconds: float = Field(default=3600.0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_baseline(cls, data: Any) -> Any:
+        # Resolved here, not at evaluation, so the stored plan says which baseline its gates use.
+        if isinstance(data, dict) and data.get("baseline") is None:
+            return {**data, "baseline": "control" if data.get("previous_version") is not None else "absolute"}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -159,6 +182,23 @@ class RolloutPlan(_Spec):
         if self.retry_backoff_max_seconds < self.retry_backoff_seconds:
             raise ValueError("retry_backoff_max_seconds is below retry_backoff_seconds")
         return self
+
+    def judged_on(self) -> str:
+        """What the gates judge the updated cohort against, in a sentence (the rollout's first decision says it)."""
+        if self.baseline == "control":
+            on = f"{self.model}:{self.previous_version}" if self.previous_version else f"other {self.model} versions"
+            return f"gates compare with the control cohort ({on})"
+        gates = self.gates
+        limits = [
+            f"{label} ≤ {value:g}"
+            for label, value in (
+                ("install failure rate", gates.max_install_failure_rate),
+                ("error rate", gates.max_error_rate),
+                ("p95 ms", gates.max_p95_ms),
+            )
+            if value is not None
+        ]
+        return f"gates on absolute limits, no control cohort ({', '.join(limits) or 'none set'})"
 
     def gates_for(self, wave: int) -> GateThresholds:
         """The gates of wave `wave` (its own, or the plan's)."""
@@ -181,6 +221,42 @@ def wave_targets(plan: RolloutPlan, total: int) -> list[int]:
         size = math.ceil(round(wave.percent * total / 100, 9)) if wave.percent is not None else wave.count or 0
         targets.append(min(total, max(size, targets[-1] if targets else 0)))
     return targets
+
+
+def promotion_target(
+    plan: RolloutPlan, total: int, current: int, *, to_wave: int | None = None, to_percent: float | None = None
+) -> int:
+    """The wave index an operator's promotion starts, from wave index `current` of `total` selected devices.
+
+    Without a target: the next wave (`len(plan.waves)` after the last: the rollout completes). `to_wave`: that
+    wave (an index). `to_percent`: the furthest wave that keeps at most that share of the selected devices on
+    the new version, so a promotion never updates more devices than asked. `ValueError` says why a target
+    is not beyond the current wave. Messages number waves from 1, as people read them.
+    """
+    count = len(plan.waves)
+    if to_wave is None and to_percent is None:
+        return current + 1
+    if to_wave is not None:
+        if to_wave >= count:
+            raise ValueError(f"wave {to_wave + 1} does not exist: the plan has {count} waves")
+        if to_wave <= current:
+            raise ValueError(f"wave {to_wave + 1} is already under way (the current wave is {current + 1})")
+        return to_wave
+    assert to_percent is not None
+    targets = wave_targets(plan, total)
+    allowed = to_percent * total / 100 + 1e-9
+    within = [index for index, size in enumerate(targets) if size <= allowed]
+    furthest = max(within, default=-1)
+    if furthest <= current:
+        beyond = current + 1
+        if beyond >= count:
+            raise ValueError(f"the current wave {current + 1} is the last; promote without a target to complete")
+        share = 100 * targets[beyond] / total if total else 100.0
+        raise ValueError(
+            f"no wave beyond the current one ({current + 1}) stays within {to_percent:g}%: "
+            f"wave {beyond + 1} reaches {share:.3g}% ({targets[beyond]} of {total} devices)"
+        )
+    return furthest
 
 
 def assign_waves(plan: RolloutPlan, rollout_id: str, device_ids: Iterable[str]) -> dict[str, int]:

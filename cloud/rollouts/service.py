@@ -181,11 +181,14 @@ def rollout_public(row: Rollout) -> RolloutPublic:
         row,
         update={
             "previous_version": plan.previous_version,
+            "baseline": plan.baseline,
             "current_wave": state.current_wave,
+            "current_wave_number": state.current_wave + 1,
             "wave_count": len(plan.waves),
             "device_count": len(state.devices),
             "counts": dict(sorted(counts.items())),
             "reason": state.reason,
+            "waiting": state.waiting,
         },
     )
 
@@ -207,6 +210,7 @@ def _waves(plan: RolloutPlan, state: RolloutState) -> list[RolloutWavePublic]:
         waves.append(
             RolloutWavePublic(
                 index=index,
+                number=index + 1,
                 size=wave.describe(),
                 bake_seconds=wave.bake_seconds,
                 devices=len(members),
@@ -223,7 +227,8 @@ def _live_gates(session: Session, row: Rollout, plan: RolloutPlan, state: Rollou
     if state.status in {RolloutStatus.RUNNING, RolloutStatus.BAKING}:
         observations = observe(session=session, rollout_id=row.id, state=state, plan=plan, with_fleet=False)
         report = gate_report(state, plan, observations)
-        return {"wave": state.current_wave, "live": True, **report.model_dump(mode="json")}
+        wave = state.current_wave
+        return {"wave": wave, "wave_number": wave + 1, "live": True, **report.model_dump(mode="json")}
     statement = (
         select(RolloutDecisionRecord)
         .where(
@@ -235,7 +240,13 @@ def _live_gates(session: Session, row: Rollout, plan: RolloutPlan, state: Rollou
     last = session.exec(statement).first()
     if last is None:
         return None
-    return {"wave": last.figures.get("wave"), "live": False, **dict(last.figures.get("report") or {})}
+    return {"live": False, **_numbered({"wave": last.figures.get("wave")}), **dict(last.figures.get("report") or {})}
+
+
+def _numbered(figures: dict[str, Any]) -> dict[str, Any]:
+    """A decision's figures with the 1-based `wave_number` (and `to_wave_number`) beside each 0-based index."""
+    extra = {f"{key}_number": figures[key] + 1 for key in ("wave", "to_wave") if isinstance(figures.get(key), int)}
+    return figures | extra
 
 
 def get_rollout(*, session: Session, rollout_id: int, decisions: int = 200) -> RolloutDetailPublic:
@@ -248,11 +259,15 @@ def get_rollout(*, session: Session, rollout_id: int, decisions: int = 200) -> R
         .order_by(col(RolloutDecisionRecord.seq).desc())
         .limit(decisions)
     )
-    log = [RolloutDecisionPublic.model_validate(d) for d in reversed(list(session.exec(statement)))]
+    log = [
+        RolloutDecisionPublic.model_validate(d, update={"figures": _numbered(d.figures)})
+        for d in reversed(list(session.exec(statement)))
+    ]
     devices = [
         RolloutDevicePublic(
             device_id=device_id,
             wave=record.wave,
+            wave_number=record.wave + 1,
             phase=record.phase.value,
             attempts=record.attempts,
             rollback_attempts=record.rollback_attempts,

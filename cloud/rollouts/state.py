@@ -51,7 +51,7 @@ TERMINAL = frozenset({RolloutStatus.ABORTED, RolloutStatus.ROLLED_BACK})
 
 
 class DeviceRecord(BaseModel):
-    """One device's progress in the rollout."""
+    """One device's progress in the rollout (`wave`: a 0-based index into the plan's waves)."""
 
     wave: int = Field(ge=0)
     phase: DevicePhase = DevicePhase.PENDING
@@ -71,13 +71,18 @@ class RolloutState(BaseModel):
     format_version: int = FORMAT_VERSION
     rollout_id: str = Field(min_length=1)
     status: RolloutStatus = RolloutStatus.PENDING
-    current_wave: int = Field(default=0, ge=0)
+    current_wave: int = Field(default=0, ge=0)  # 0-based index into the plan's waves
     wave_started_at: datetime | None = None
     bake_started_at: datetime | None = None
     paused_from: RolloutStatus | None = None
     reason: str | None = None  # why it is paused, aborted or rolling back
     devices: dict[str, DeviceRecord] = Field(default_factory=dict)
     last_control: CohortStats | None = None  # the control cohort last seen with devices in it
+    # What the current wave's gates wait for (the control cohort unusable, data missing after the bake),
+    # for status pages; None when nothing is amiss or the rollout is not judging a wave.
+    waiting: str | None = None
+    waiting_since: datetime | None = None  # the end of the bake, once gates were found lacking data after it
+    control_mismatch_wave: int | None = None  # the wave whose unusable control cohort was recorded (once a wave)
     applied_commands: list[str] = Field(default_factory=list)  # command ids, so a replay is a no-op
 
     @classmethod

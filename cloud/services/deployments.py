@@ -21,6 +21,7 @@ from cloud.models import (
     Device,
     ModelVersion,
     TargetStatus,
+    in_fleet,
 )
 from cloud.services.registry import ArtifactLinks, get_model_version
 from cloud.variant_policy import NoCompatibleVariantError, choose_variant, version_variants
@@ -81,18 +82,22 @@ def create_deployment(
     device_ids: list[str] | None = None,
     tags: dict[str, str] | None = None,
     actor: str = "system",
+    alias: str | None = None,
 ) -> Deployment:
     """Deploy `model:version` to the devices the target selects, and publish their desired states.
 
-    Exactly one of `device_ids` and `tags` is given. Unknown model or version → `NotFoundError`; unknown
-    device ids or a tag selector matching nothing → `InvalidInputError`/`EmptyTargetError`.
+    Exactly one of `device_ids` and `tags` is given; `alias` records the alias the request named (already
+    resolved to `version`). Decommissioned devices are never selected. Unknown model or version →
+    `NotFoundError`; unknown or decommissioned device ids, or a tag selector matching nothing →
+    `InvalidInputError`/`EmptyTargetError`.
     """
     if (device_ids is None) == (tags is None):
         raise InvalidInputError("give exactly one of target.device_ids and target.tags", field="target")
     record = get_model_version(session=session, name=model, version=version)
-    known = list(session.exec(select(Device).order_by(Device.id)))
+    known = list(session.exec(select(Device).where(in_fleet()).order_by(Device.id)))
     chosen = select_devices(known, device_ids=device_ids, tags=tags)
     if device_ids is not None:
+        _refuse_decommissioned(session, device_ids)
         missing = sorted(set(device_ids) - {d.id for d in chosen})
         if missing:
             raise InvalidInputError(
@@ -105,7 +110,9 @@ def create_deployment(
         selector = ", ".join(f"{k}={v}" for k, v in sorted((tags or {}).items()))
         raise EmptyTargetError(f"no device matches tags {selector or '{}'}", field="target.tags")
     target = {"device_ids": sorted(device_ids)} if device_ids is not None else {"tags": dict(tags or {})}
-    deployment = Deployment(model_name=model, model_version=version, sha256=record.sha256, target=target)
+    deployment = Deployment(
+        model_name=model, model_version=version, model_alias=alias, sha256=record.sha256, target=target
+    )
     session.add(deployment)
     session.flush()
     assert deployment.id is not None
@@ -124,6 +131,16 @@ def create_deployment(
         publisher.publish_desired(state)
     log.info("deployment created id=%s model=%s:%s devices=%d", deployment.id, model, version, len(states))
     return deployment
+
+
+def _refuse_decommissioned(session: Session, device_ids: list[str]) -> None:
+    """`InvalidInputError` naming listed devices that were decommissioned (they are out of the fleet)."""
+    statement = select(Device.id).where(col(Device.id).in_(device_ids), ~in_fleet())
+    retired = sorted(session.exec(statement))
+    if retired:
+        raise InvalidInputError(
+            f"decommissioned devices cannot be deployed to: {', '.join(retired)}", field="target.device_ids"
+        )
 
 
 def desired_state_for(

@@ -14,9 +14,13 @@ from sqlmodel import Session, col, select
 from cloud.models import (
     DeploymentTarget,
     Device,
+    DeviceCertificate,
+    DeviceCertificatePublic,
+    DeviceDetailPublic,
     DeviceEventPublic,
     DeviceEventRecord,
     DevicePublic,
+    ModelVersion,
     TargetStatus,
     TelemetryGapsPublic,
     as_utc,
@@ -40,6 +44,8 @@ __all__ = [
     "GENERATION_AHEAD",
     "UNCONFIRMED",
     "confirm_heard",
+    "device_detail",
+    "device_events",
     "device_public",
     "devices_public",
     "generation_anomaly",
@@ -289,13 +295,44 @@ def get_device(*, session: Session, device_id: str) -> DevicePublic:
     return device_public(device, totals, telemetry_health(session, [device_id]).get(device_id))
 
 
-def device_events(*, session: Session, device_id: str, limit: int = 200) -> list[DeviceEventPublic]:
-    """The newest `limit` events of a device, oldest first; `NotFoundError` if the fleet does not know it."""
+def device_events(
+    *, session: Session, device_id: str, limit: int = 200, after_id: int | None = None
+) -> list[DeviceEventPublic]:
+    """Events of a device, oldest first: the newest `limit`, or with `after_id` the first `limit` after that id
+    (how `devices events --follow` and scripts page forward). `NotFoundError` if the fleet does not know it."""
     require_device(session=session, device_id=device_id)
-    statement = (
-        select(DeviceEventRecord)
-        .where(DeviceEventRecord.device_id == device_id)
-        .order_by(col(DeviceEventRecord.id).desc())
-        .limit(limit)
+    statement = select(DeviceEventRecord).where(DeviceEventRecord.device_id == device_id)
+    if after_id is not None:
+        page = statement.where(col(DeviceEventRecord.id) > after_id).order_by(col(DeviceEventRecord.id)).limit(limit)
+        return [DeviceEventPublic.model_validate(e, from_attributes=True) for e in session.exec(page)]
+    newest = statement.order_by(col(DeviceEventRecord.id).desc()).limit(limit)
+    return [DeviceEventPublic.model_validate(e, from_attributes=True) for e in reversed(list(session.exec(newest)))]
+
+
+def device_detail(*, session: Session, device_id: str) -> DeviceDetailPublic:
+    """One device with telemetry totals and its current certificate (the newest unrevoked one, else the newest)."""
+    public = get_device(session=session, device_id=device_id)
+    statement = select(DeviceCertificate).where(DeviceCertificate.device_id == device_id)
+    certificates = sorted(session.exec(statement), key=lambda c: (c.revoked_at is None, c.id or 0))
+    current = certificates[-1] if certificates else None
+    certificate = DeviceCertificatePublic.model_validate(current, from_attributes=True) if current else None
+    variant = _active_variant(
+        session, public.active_model_name, public.active_model_version, public.active_model_sha256
     )
-    return [DeviceEventPublic.model_validate(e, from_attributes=True) for e in reversed(list(session.exec(statement)))]
+    return DeviceDetailPublic.model_validate(
+        public.model_dump() | {"certificate": certificate, "active_variant": variant}
+    )
+
+
+def _active_variant(session: Session, name: str | None, version: str | None, sha256: str | None) -> str | None:
+    """Which variant of its active version a device runs, by the digest it reports (None if unknown)."""
+    if not (name and version and sha256):
+        return None
+    record = session.exec(
+        select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version)
+    ).first()
+    if record is None:
+        return None
+    if record.sha256 == sha256:
+        return record.primary_variant
+    return next((str(v["name"]) for v in record.variants if v.get("sha256") == sha256), None)

@@ -94,7 +94,7 @@ def create_enrolment_token(
         device = Device(id=device_id)
     device.enrolment = EnrolmentState.PENDING.value
     device.tags = dict(tags)
-    device.revoked_at = None
+    device.revoked_at = device.decommissioned_at = None  # a retired id comes back as a new device
     session.add(device)
     token = new_token("eft_")
     now = utcnow()
@@ -286,7 +286,8 @@ def revoke_device(*, session: Session, pki: FleetPki, device_id: str, by: str) -
     """Revoke a device and all its certificates, forget its desired state, rewrite the CRL."""
     device = require_device(session=session, device_id=device_id)
     now = utcnow()
-    device.enrolment = EnrolmentState.REVOKED.value
+    if device.enrolment != EnrolmentState.DECOMMISSIONED:  # a retired device stays out of the fleet
+        device.enrolment = EnrolmentState.REVOKED.value
     device.revoked_at = now
     device.desired_state = None
     device.status = "offline"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 from urllib.parse import urlencode
 
 from sqlalchemy.exc import IntegrityError
@@ -14,7 +14,7 @@ from cloud import audit
 from cloud.artifacts import ArtifactStore
 from cloud.auth import artifact_token
 from cloud.errors import ConflictError, InvalidInputError, InvalidModelError, NotFoundError
-from cloud.models import Model, ModelPublic, ModelVersion, ModelVersionPublic
+from cloud.models import Model, ModelCard, ModelPublic, ModelVersion, ModelVersionPublic, VersionLineage
 from cloud.variant_policy import Variant
 from protocol.errors import TensorSpecError
 from protocol.messages import ModelFormat, TensorSpec, utcnow
@@ -27,9 +27,11 @@ __all__ = [
     "discard_unreferenced",
     "get_model",
     "get_model_version",
+    "lineage",
     "list_models",
     "model_public",
     "push_model_version",
+    "version_cards",
     "version_public",
 ]
 
@@ -67,8 +69,10 @@ def push_model_version(
     primary_variant: str = "default",
     risk_class: str = "low",
     actor: str = "system",
+    compression_report: dict[str, Any] | None = None,
 ) -> ModelVersion:
-    """Store an artifact and register it as `name:version` (`risk_class` decides how it gets signed).
+    """Store an artifact and register it as `name:version` (`risk_class` decides how it gets signed), pushed by
+    `actor`, with the `edgefleet compress` report its variants come from when given.
 
     Without explicit `inputs`, an ONNX file's tensors are read from its graph, and a file that does not
     parse is refused (`InvalidModelError`). With explicit `inputs` the bytes are stored as they are, so a
@@ -97,6 +101,8 @@ def push_model_version(
         outputs=[spec.model_dump(mode="json") for spec in outputs],
         primary_variant=primary_variant,
         risk_class=risk_class,
+        created_by=actor,
+        compression_report=compression_report,
     )
     session.add(record)
     details = {"sha256": sha256, "size": size, "format": format.value, "risk_class": risk_class}
@@ -187,15 +193,36 @@ def list_models(*, session: Session) -> list[tuple[Model, list[ModelVersion]]]:
     return [(model, by_model.get(model.id, [])) for model in models]
 
 
-def version_public(record: ModelVersion, *, public_url: str) -> ModelVersionPublic:
-    """The API shape of a version."""
-    return ModelVersionPublic.model_validate(record, update={"artifact_url": artifact_url(public_url, record.sha256)})
+def version_cards(*, session: Session, versions: list[ModelVersion]) -> dict[int, ModelCard]:
+    """The model cards of `versions`, by version id (versions without a card are absent)."""
+    ids = [v.id for v in versions if v.id is not None]
+    if not ids:
+        return {}
+    return {
+        c.model_version_id: c for c in session.exec(select(ModelCard).where(col(ModelCard.model_version_id).in_(ids)))
+    }
 
 
-def model_public(model: Model, versions: list[ModelVersion], *, public_url: str) -> ModelPublic:
-    """The API shape of a model with its versions."""
+def lineage(card: ModelCard | None) -> VersionLineage:
+    """Where a version comes from, as its card says (`parent_version`, `run`); what the signed targets carry. Pure."""
+    extra = dict((card.card or {}).get("extra") or {}) if card is not None else {}
+    parent, run = extra.get("parent_version"), extra.get("run")
+    return VersionLineage(parent_version=None if parent is None else str(parent), run=None if run is None else str(run))
+
+
+def version_public(record: ModelVersion, *, public_url: str, card: ModelCard | None = None) -> ModelVersionPublic:
+    """The API shape of a version (with its lineage when its card is given)."""
+    update = {"artifact_url": artifact_url(public_url, record.sha256), "lineage": lineage(card)}
+    return ModelVersionPublic.model_validate(record, update=update)
+
+
+def model_public(
+    model: Model, versions: list[ModelVersion], *, public_url: str, cards: dict[int, ModelCard] | None = None
+) -> ModelPublic:
+    """The API shape of a model with its versions (their lineage from `cards`, by version id)."""
+    cards = cards or {}
     return ModelPublic(
         name=model.name,
         created_at=model.created_at,
-        versions=[version_public(v, public_url=public_url) for v in versions],
+        versions=[version_public(v, public_url=public_url, card=cards.get(v.id or 0)) for v in versions],
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel
 from sqlmodel import Session, col, select
 
-from cloud.models import Device, ModelVersion, TelemetryGapsPublic, TelemetryRecord
+from cloud.models import Device, ModelVersion, TelemetryGapsPublic, TelemetryRecord, in_fleet
 from cloud.telemetry.gaps import telemetry_health
 from cloud.variant_policy import version_variants
 from protocol.telemetry import histogram_quantile, merge_histograms
@@ -96,8 +96,8 @@ def summarise(
 
 
 def fleet_summary(*, session: Session) -> FleetSummary:
-    """The summary over every enrolled device and every stored telemetry window."""
-    devices = list(session.exec(select(Device).order_by(Device.id)))
+    """The summary over every device of the fleet (decommissioned ones are out) and their telemetry windows."""
+    devices = list(session.exec(select(Device).where(in_fleet()).order_by(Device.id)))  # not decommissioned
     windows = list(session.exec(select(TelemetryRecord)))
     names = {d.active_model_name for d in devices if d.active_model_name}
     variants: dict[str, str] = {}

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from agent import AgentConfig, ConfigError, load_config
-from agent.daemon import resolve_broker
+from agent.credentials import resolve_broker
 from agent.identity import DeviceIdentity
 from protocol import DEFAULT_BASE
 

@@ -78,8 +78,9 @@ class RolloutBench:
             ingest_reported(session=session, state=ReportedState.model_validate(body))
 
     def enrol(
-        self, count: int, *, prefix: str = "dev", version: str = "1.0", tags: dict[str, str] | None = None
+        self, count: int, *, prefix: str = "dev", version: str | None = "1.0", tags: dict[str, str] | None = None
     ) -> list[str]:
+        """`count` devices reporting digits `version` (None: serving no model)."""
         ids = [f"{prefix}-{i:02d}" for i in range(count)]
         for device_id in ids:
             enrol_for_test(self.coordinator.engine, device_id, tags or {"site": "lab"})

@@ -283,4 +283,4 @@ def test_db_commands_read_settings_like_up(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert (tmp_path / "from-file" / "edgefleet.db").exists()
     bad = cli_run("db", "current", "--database-url", "not a url")
-    assert bad.exit_code == 1 and "not a valid SQLAlchemy URL" in bad.output
+    assert bad.exit_code == 1 and "cannot use database URL 'not a url'" in bad.output

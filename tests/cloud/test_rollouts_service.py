@@ -236,3 +236,106 @@ def test_invalid_plans_conflicts_and_unknown_rollouts_are_refused_clearly(rb: Ro
     assert rb.client.post("/api/v1/rollouts/999/pause", headers=rb.auth).status_code == 404
     listing = rb.client.get("/api/v1/rollouts").json()
     assert listing["count"] == 1 and listing["data"][0]["status"] == "pending"
+
+
+ABSOLUTE = {"max_error_rate": 0.01, "max_p95_ms": 50, "min_inferences": 50, "min_class_samples": 50}
+
+
+def test_first_rollout_of_a_new_model_completes_on_absolute_gates_and_numbers_waves_from_one(
+    rb: RolloutBench,
+) -> None:
+    rb.enrol(4, version=None)  # devices serving no model yet: there is no control cohort
+    rollout = rb.create(
+        previous_version=None,
+        waves=[{"count": 1, "bake_seconds": 30}, {"percent": 100, "bake_seconds": 30}],
+        gates=ABSOLUTE,
+        max_data_wait_seconds=60,
+    )
+    assert rollout["baseline"] == "absolute" and rollout["plan"]["baseline"] == "absolute"
+    rid = rollout["id"]
+    for _ in range(20):
+        rb.tick(10)
+        shown = rb.rollout(rid)
+        if shown["status"] != "running" and shown["status"] != "baking":
+            break
+        for device_id in updated_ids(rb, rid):
+            rb.telemetry(device_id, "2.0", latency_ms=8.0)
+    assert shown["status"] == "completed", [d["message"] for d in shown["decisions"]]
+    assert set(rb.versions().values()) == {"2.0"}
+    assert (shown["current_wave"], shown["current_wave_number"], shown["wave_count"]) == (1, 2, 2)
+    assert [(w["index"], w["number"]) for w in shown["waves"]] == [(0, 1), (1, 2)]
+    assert {(d["wave"] + 1) == d["wave_number"] for d in shown["devices"]} == {True}
+    passed = [d for d in shown["decisions"] if d["kind"] == "gate_passed"]
+    assert [(d["figures"]["wave"], d["figures"]["wave_number"]) for d in passed] == [(0, 1), (1, 2)]
+    assert passed[0]["message"].startswith("wave 1 gates passed: install_failure_rate: passed")
+    results = {r["name"]: r["verdict"] for r in passed[0]["figures"]["report"]["results"]}
+    assert results["error_rate"] == results["p95_latency_ms"] == "passed"
+    assert results["class_shift_psi"] == "not_applicable"
+    assert shown["gates"]["wave_number"] == 2 and shown["gates"]["live"] is False
+    kinds = [d["kind"] for d in shown["decisions"]]
+    assert "control_mismatch" not in kinds and "gates_waiting" not in kinds
+
+
+def test_comparison_with_a_control_cohort_serving_no_model_is_named_then_max_data_wait_pauses(
+    rb: RolloutBench,
+) -> None:
+    rb.enrol(4, version=None)
+    rollout = rb.create(  # previous_version 1.0: compared with a control cohort, which runs nothing of it
+        waves=[{"count": 1, "bake_seconds": 30}, {"percent": 100, "bake_seconds": 30}],
+        gates=GATES,
+        max_data_wait_seconds=60,
+    )
+    rid = rollout["id"]
+    assert rollout["baseline"] == "control"
+    rb.tick(1)
+    rb.tick(1)
+    shown = rb.rollout(rid)
+    assert shown["status"] == "baking"
+    mismatch = next(d for d in shown["decisions"] if d["kind"] == "control_mismatch")
+    assert mismatch["figures"]["wave_number"] == 1
+    assert "the control cohort serves no model on 3 devices, not digits:1.0" in mismatch["message"]
+    assert "no model on 3 devices" in shown["waiting"]
+    (listed,) = rb.client.get("/api/v1/rollouts").json()["data"]
+    assert listed["waiting"] == shown["waiting"]
+    for _ in range(3):  # the bake ends: what is missing is said once
+        rb.tick(10)
+        for device_id in updated_ids(rb, rid):
+            rb.telemetry(device_id, "2.0")
+    kinds = [d["kind"] for d in rb.rollout(rid)["decisions"]]
+    assert kinds.count("gates_waiting") == 1 and kinds.count("control_mismatch") == 1
+    for _ in range(7):
+        rb.tick(10)
+    shown = rb.rollout(rid)
+    assert shown["status"] == "paused"
+    inconclusive = next(d for d in shown["decisions"] if d["kind"] == "gate_inconclusive")
+    assert inconclusive["message"].startswith("wave 1 gates still lack data 60 s after the bake")
+    assert (
+        "control cohort has 0 inferences, needs 50 (its devices serve no model on 3 devices)"
+        in (inconclusive["message"])
+    )
+    assert shown["reason"].startswith("insufficient data after waiting 60 s: error_rate_increase")
+    assert shown["waiting"] is None
+
+
+def test_promote_to_a_wave_number_through_the_api_starts_that_wave(rb: RolloutBench) -> None:
+    rb.enrol(8)
+    waves = [{"count": 1, "bake_seconds": 600}, {"count": 3, "bake_seconds": 600}, {"percent": 100}]
+    rid = rb.create(waves=waves, gates=NO_GATES)["id"]
+    rb.tick(1)
+
+    def promote(body: dict[str, object]) -> tuple[int, dict[str, object]]:
+        response = rb.client.post(f"/api/v1/rollouts/{rid}/promote", json=body, headers=rb.auth)
+        return response.status_code, response.json()
+
+    status, body = promote({"wave_number": 2, "to_percent": 50})
+    assert status == 422 and body["detail"] == "promote to a wave_number or to_percent, not both"
+    assert promote({"wave_number": 3})[0] == 202
+    rb.tick(1)
+    shown = rb.rollout(rid)
+    assert shown["current_wave_number"] == 3 and shown["status"] == "running"
+    promoted = next(d for d in shown["decisions"] if d["kind"] == "wave_promoted")
+    assert (promoted["figures"]["wave_number"], promoted["figures"]["to_wave_number"]) == (1, 3)
+    assert len(rb.dispatches(rid)) == 8, "the devices of waves 2 and 3 were all dispatched"
+    status, body = promote({"wave_number": 3})
+    assert status == 409
+    assert body["detail"] == f"rollout {rid}: cannot promote: wave 3 is already under way (the current wave is 3)"

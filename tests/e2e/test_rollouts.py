@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -374,3 +375,98 @@ def test_pause_resume_promote_and_abort_with_rollback_from_the_cli(
     assert fleet_on_1.wait_for_version("1.0", 30)
     listed = cli(client, "list")
     assert [(r["id"], r["status"]) for r in listed["data"]] == [(rollout["id"], "rolled_back")]
+
+
+def cli_text(client: ApiClient, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `edgefleet rollouts ...` as a person would (tables, not JSON), on a wide terminal."""
+    exe = Path(sys.executable).parent / "edgefleet"
+    env = {"EDGEFLEET_TOKEN": client.token or "", "PATH": "/usr/bin:/bin", "COLUMNS": "250"}
+    command = [str(exe), "rollouts", *args, "--url", client.url]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_first_rollout_of_a_new_model_completes_with_live_traffic_on_absolute_gates(
+    coordinator: FixedPortCoordinator, topic_base: str, tmp_path: Path, digits_model_path: Path
+) -> None:
+    """Devices run another model or none, so there is no control cohort: absolute limits judge the new model."""
+    client = coordinator.client()
+    client.push_model(digits_model_path, name="legacy", version="3.1")
+    client.push_model(digits_model_path, name="ocr", version="1.0")
+    fleet = start_fleet(client, topic_base, tmp_path / "fleet", 4, prefix="nm")
+    try:
+        wait_until(lambda: {d["id"] for d in client.devices()} >= set(fleet.device_ids), 30, "devices to enrol")
+        client.deploy(model="legacy", version="3.1", device_ids=fleet.device_ids[:2])
+        assert all(a.wait_for_model("3.1", 60) for a in fleet.agents[:2]), "two devices on another model"
+        with Traffic(lambda: fleet.agents):
+            created = cli(
+                client,
+                "create",
+                "ocr:1.0",
+                "--to",
+                "group=ro",
+                "--waves",
+                "1,100%",
+                "--bake",
+                "2s",
+                "--max-error-rate",
+                "0.01",
+                "--max-p95-ms",
+                "100",  # generous: the machine is shared; the agents answer in about a millisecond
+                "--min-samples",
+                "20",
+                "--max-data-wait",
+                "60",
+            )
+            assert created["baseline"] == "absolute", "no --from: a new model is judged on absolute limits"
+            changes = cli(client, "status", str(created["id"]), "--watch", "--interval", "0.5", "--timeout", "90")
+        assert changes[-1]["status"] == "completed", changes
+        assert fleet.wait_for_version("1.0", 30) and {a.active_model.name for a in fleet.agents} == {"ocr"}  # type: ignore[union-attr]
+        decisions = Api(client).rollout(created["id"])["decisions"]
+        passed = [d for d in decisions if d["kind"] == "gate_passed"]
+        assert [d["figures"]["wave_number"] for d in passed] == [1, 2]
+        for decision in passed:
+            verdicts = {r["name"]: r["verdict"] for r in decision["figures"]["report"]["results"]}
+            assert verdicts["error_rate"] == verdicts["p95_latency_ms"] == "passed", decision["message"]
+            assert verdicts["class_shift_psi"] == verdicts["error_rate_increase"] == "not_applicable"
+        assert not [d for d in decisions if d["kind"] in {"control_mismatch", "gates_waiting", "gate_inconclusive"}]
+    finally:
+        fleet.stop()
+
+
+def test_partial_promotion_from_the_cli_starts_the_named_wave_and_shows_waves_from_one(
+    coordinator: FixedPortCoordinator, fleet_on_1: SimulatedFleet, tmp_path: Path, digits_model_bytes: bytes
+) -> None:
+    client = coordinator.client()
+    push_2(client, tmp_path, digits_model_bytes)
+    api = Api(client)
+    waves = [{"count": 1, "bake_seconds": 600}, {"count": 3, "bake_seconds": 600}, {"percent": 100, "bake_seconds": 0}]
+    rollout = api.create(waves=waves, gates=NO_GATES)
+    rid = str(rollout["id"])
+    wait_until(lambda: api.status(rollout["id"]) == "baking", 60, "the first wave to bake")
+
+    refused = cli_text(client, "promote", rid, "--to-percent", "10")
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert refused.stderr.strip() == (
+        f"error: rollout {rid}: cannot promote: no wave beyond the current one (1) stays within 10%: "
+        "wave 2 reaches 37.5% (3 of 8 devices) (HTTP 409)"
+    ), refused.stderr
+    promoted = cli(client, "promote", rid, "--wave", "3")["rollout"]
+    assert (promoted["current_wave"], promoted["current_wave_number"]) == (2, 3)
+    wait_until(lambda: api.status(rollout["id"]) == "completed", 60, "waves 2 and 3 to install together")
+    assert fleet_on_1.wait_for_version("2.0", 30)
+
+    shown = cli_text(client, "status", rid)
+    assert shown.returncode == 0, shown.stderr
+    assert "wave 3/3, 8 devices" in shown.stdout
+    waves_table, decisions_table = shown.stdout.split("last decisions")
+    assert [line.split()[1] for line in waves_table.splitlines() if line.startswith("│ ")] == ["1", "2", "3"]
+    assert "wave 3 installed (8 updated, 0 failed)" in decisions_table
+    assert "wave 3 gates passed" in decisions_table
+    assert not re.search(r"\bwave 0\b", shown.stdout)
+    promoted_decision = next(d for d in api.rollout(rollout["id"])["decisions"] if d["kind"] == "wave_promoted")
+    assert promoted_decision["message"].startswith("waves 1-2 promoted by ")
+    assert promoted_decision["message"].endswith(
+        "to wave 3: bakes and gates skipped, their devices install along with wave 3"
+    )
+    listed = cli_text(client, "list")
+    assert re.search(rf"│ {rid} +│ digits:2.0 +│ completed +│ 3/3 ", listed.stdout), listed.stdout

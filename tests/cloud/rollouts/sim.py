@@ -117,7 +117,7 @@ class Sim:
 
     def succeed(self, device_ids: Iterable[str]) -> tuple[list[Action], list[Decision]]:
         """The devices report running the target version."""
-        return self.step(reports=[active(d, self.plan.version, self.now) for d in device_ids])
+        return self.step(reports=[active(d, self.plan.version, self.now, self.plan.model) for d in device_ids])
 
     def kinds(self, decisions: Iterable[Decision] | None = None) -> list[str]:
         """The kinds of the given decisions (or of all so far)."""

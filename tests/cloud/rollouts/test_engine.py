@@ -259,9 +259,11 @@ def test_insufficient_data_waits_then_pauses_after_max_data_wait() -> None:
     sim.step()
     sim.succeed(sim.in_wave(0))
     actions, decisions = sim.step(after=60)
-    assert sim.status is RolloutStatus.BAKING and decisions == []
+    assert sim.status is RolloutStatus.BAKING
+    assert [d.kind for d in decisions] == ["gates_waiting"]  # said once, not silently
     assert Wait(until=sim.now + timedelta(seconds=600)) in actions
-    _, decisions = sim.step(after=600)
+    assert sim.step(after=300)[1] == []
+    _, decisions = sim.step(after=300)
     assert sim.status is RolloutStatus.PAUSED
     assert [d.kind for d in decisions] == ["gate_inconclusive", "rollout_paused"]
     assert "insufficient data" in (sim.state.reason or "")
