@@ -11,6 +11,21 @@ import pytest
 from tests.services import fresh_postgres_database, run_amqtt, run_mosquitto
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests on the session's bare amqtt broker get one rerun.
+
+    amqtt 0.12 now and then leaves a fresh client's connection unanswered (no SUBACK, no PINGRESP: the agent logs
+    "Keep alive timeout") late in a long suite; it did not reproduce in 5 runs of the failing file alone, and
+    Mosquitto never does it. A genuine failure fails twice. The same tests on Mosquitto get no rerun.
+    """
+    if not config.pluginmanager.hasplugin("rerunfailures"):
+        return
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("broker_url") == "amqtt":
+            item.add_marker(pytest.mark.flaky(reruns=1, reruns_delay=2))
+
+
 @pytest.fixture(scope="session")
 def mosquitto_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """URL of a private Mosquitto broker for this test session."""
