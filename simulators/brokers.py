@@ -99,17 +99,12 @@ def _process(command: list[str], port: int, log_path: Path) -> Iterator[None]:
 
 @contextmanager
 def _mosquitto(workdir: Path, data_dir: Path, topic_base: str) -> Iterator[FleetBroker]:
-    binary = mosquitto_binary()
-    if binary is None:
-        raise BrokerStartError("Mosquitto is not installed (apt-get install mosquitto)")
-    port = free_port()
-    user = "root" if os.geteuid() == 0 else ""  # as root, Mosquitto would switch to a user that cannot read here
-    options = f"--port {port} --bind 127.0.0.1 --topic-base {topic_base} --user {user!r} --no-persistence --json"
-    command = [_edgefleet(), "broker", "mosquitto-config", "--out", str(workdir), "--data-dir", str(data_dir)]
-    info = _run_json(command + shlex.split(options))
-    args = ("--broker-crl-file", info["broker_crl_file"], "--broker-reload-command", info["broker_reload_command"])
-    with _process([binary, "-c", info["config"]], port, workdir / "mosquitto.log"):
-        yield FleetBroker("mosquitto", f"mqtts://127.0.0.1:{port}", args)
+    broker = MosquittoProcess(workdir, data_dir, topic_base)  # no persistence
+    broker.start()
+    try:
+        yield FleetBroker("mosquitto", broker.url, broker.coordinator_args)
+    finally:
+        broker.stop()
 
 
 @contextmanager
