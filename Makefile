@@ -1,11 +1,12 @@
 # The two commands: `make demo` runs the main job, `make test` runs the whole suite.
-# Both create .venv and install into it on first use (pinned through constraints.txt).
+# Both create .venv and install into it on first use (pinned through constraints.txt), and .venv-flower,
+# the Flower venv federated learning runs its processes from (pinned through constraints-flower.txt).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -c constraints.txt
 
-.PHONY: demo test test-tflite-legacy install lint typecheck bench clean lock
+.PHONY: demo demo-federated test test-tflite-legacy install flower lint typecheck bench clean lock lock-flower
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,10 +17,28 @@ $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 
 install: $(VENV)/.installed
 
-demo: install
+# Flower (flwr 1.42) pins typer, fastapi and uvicorn below what edgefleet needs, so it cannot share .venv: the
+# coordinator and the agent run flower-superlink, flower-supernode and flwr from this venv as processes.
+FLOWER_VENV := .venv-flower
+FLOWER_PKGS := 'flwr[dp]==1.42.0' torch==2.13.0 numpy
+
+$(FLOWER_VENV)/.installed: constraints-flower.txt
+	test -x $(FLOWER_VENV)/bin/python || $(PYTHON) -m venv $(FLOWER_VENV)
+	$(FLOWER_VENV)/bin/pip install -q -c constraints-flower.txt $(FLOWER_PKGS)
+	touch $@
+
+flower: $(FLOWER_VENV)/.installed
+
+demo: install flower
 	$(BIN)/edgefleet demo
 
-test: install
+# The second demo: federated retraining on a small cohort, its candidate canaried (about 5 minutes on 2 cores).
+demo-federated: install flower
+	$(BIN)/edgefleet demo --federated
+
+test: install flower
+	$(BIN)/pip check
+	$(FLOWER_VENV)/bin/pip check
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(MAKE) test-tflite-legacy
@@ -47,7 +66,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_agent.py
 
 clean:
-	rm -rf $(VENV) $(LEGACY) build .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LEGACY) $(FLOWER_VENV) build .pytest_cache .mypy_cache .ruff_cache
 
 # Re-resolve constraints.txt from pyproject.toml in a scratch venv (torch pinned first: see constraints.txt).
 lock:
@@ -57,4 +76,14 @@ lock:
 	.lock-venv/bin/pip install -q -e '.[all,dev]'
 	{ sed -n '/^#/p' constraints.txt; .lock-venv/bin/pip freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
+	rm -rf .lock-venv
+
+# Re-resolve constraints-flower.txt from FLOWER_PKGS in a scratch venv (torch pinned: see constraints-flower.txt).
+lock-flower:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	echo torch==2.13.0 > .lock-venv/torch.txt
+	.lock-venv/bin/pip install -q -c .lock-venv/torch.txt $(FLOWER_PKGS)
+	{ sed -n '/^#/p' constraints-flower.txt; .lock-venv/bin/pip freeze | sed 's/+cpu$$//'; } > constraints-flower.txt.new
+	mv constraints-flower.txt.new constraints-flower.txt
 	rm -rf .lock-venv

@@ -7,9 +7,12 @@ Example (`edgefleet-agent init` prints a commented one)::
     coordinator_url = "http://coordinator:8000"   # the MQTT URL and topic base come from /api/v1/info
     [tags]
     site = "lab"
+    [sample_rates]        # federated retraining (docs/federated.md): keep a fifth of the digits requests' inputs
+    digits = 0.2
 
 Every key can be overridden by `EDGEFLEET_AGENT_<KEY>` (e.g. `EDGEFLEET_AGENT_HTTP_PORT=disabled`,
-`EDGEFLEET_AGENT_TAGS=site=lab,ring=canary`). A relative `data_dir` in a file is relative to that file.
+`EDGEFLEET_AGENT_TAGS=site=lab,ring=canary`, `EDGEFLEET_AGENT_SAMPLE_RATES=digits=0.2`). Relative paths in a
+file (`data_dir`, `superlink_root_certificates`, `flower_bin_dir`) are relative to that file.
 """
 
 from __future__ import annotations
@@ -19,14 +22,14 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agent.errors import ConfigError
 from protocol import TopicError, Topics, validate_device_id
 
-__all__ = ["ENV_PREFIX", "AgentConfig", "load_config"]
+__all__ = ["ENV_PREFIX", "AgentConfig", "load_config", "split_host_port"]
 
 ENV_PREFIX = "EDGEFLEET_AGENT_"
 _DISABLED = {"", "none", "off", "disabled", "false", "no"}
@@ -125,6 +128,25 @@ class AgentConfig(BaseModel):
         le=86400,
         description="how often a running agent checks whether to renew its certificate",
     )
+    # Federated retraining (docs/federated.md): the local sample store and the Flower SuperNode.
+    sample_rates: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=dict,
+        description="model name -> share (0..1) of its served requests whose inputs are kept for retraining",
+    )
+    sample_store_max: int = Field(
+        default=5000, ge=1, le=10_000_000, description="sample rows kept per model; the oldest are dropped beyond"
+    )
+    federated: bool = Field(default=False, description="run a Flower SuperNode that joins the fleet's SuperLink")
+    superlink: str | None = Field(
+        default=None, description="the SuperLink's host:port; default: asked from the coordinator"
+    )
+    superlink_root_certificates: Path | None = Field(
+        default=None, description="PEM of the CA that signed the SuperLink's certificate (with superlink)"
+    )
+    flower_bin_dir: Path | None = Field(
+        default=None,
+        description="directory of flower-supernode; default: EDGEFLEET_FLOWER_BIN_DIR, ../.venv-flower/bin, PATH",
+    )
 
     @field_validator("device_id")
     @classmethod
@@ -151,6 +173,20 @@ class AgentConfig(BaseModel):
             raise ValueError(f"{value!r} is not a URL (expected scheme://host:port)")
         return value.rstrip("/") if value else value
 
+    @field_validator("superlink")
+    @classmethod
+    def _valid_superlink(cls, value: str | None) -> str | None:
+        if value is not None:
+            split_host_port(value)
+        return value
+
+    @field_validator("sample_rates")
+    @classmethod
+    def _named_models(cls, value: dict[str, float]) -> dict[str, float]:
+        if any(not name.strip() for name in value):
+            raise ValueError("model names in sample_rates must not be empty")
+        return value
+
     @field_validator("http_port", mode="before")
     @classmethod
     def _port_or_disabled(cls, value: Any) -> Any:
@@ -164,7 +200,21 @@ class AgentConfig(BaseModel):
             raise ValueError("set coordinator_url (the device enrols with it and learns its broker), or mqtt_url")
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError(f"reconnect_max_s ({self.reconnect_max_s}) is below reconnect_min_s")
+        if (self.superlink is None) != (self.superlink_root_certificates is None):
+            raise ValueError(
+                "set superlink and superlink_root_certificates together (the SuperLink's host:port and the PEM of "
+                "the CA that signed its certificate), or neither to ask the coordinator"
+            )
         return self
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """`(host, port)` of `host:port` or `[v6]:port`; `ValueError` naming the expected form."""
+    host, sep, port = address.strip().rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or "/" in address or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{address!r} is not host:port (e.g. superlink.example:9092, without a scheme)")
+    return host, int(port)
 
 
 def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> AgentConfig:
@@ -175,8 +225,9 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Agen
     if path is not None:
         source = str(path)
         values = _read_toml(path)
-        if isinstance(values.get("data_dir"), str) and not Path(values["data_dir"]).is_absolute():
-            values["data_dir"] = str((path.parent / values["data_dir"]).resolve())
+        for key in _PATH_KEYS:  # relative paths in a file are relative to that file
+            if isinstance(values.get(key), str) and not Path(values[key]).is_absolute():
+                values[key] = str((path.parent / values[key]).resolve())
     from_env = _env_overrides(env)
     values.update(from_env)
     try:
@@ -197,6 +248,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 
 _LIST_KEYS = frozenset({"runtimes", "cpu_features"})
+_MAPPING_KEYS = frozenset({"tags", "sample_rates"})
+_PATH_KEYS = ("data_dir", "superlink_root_certificates", "flower_bin_dir")
 
 
 def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
@@ -208,7 +261,7 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
         key = name[len(ENV_PREFIX) :].lower()
         if key not in known:
             raise ConfigError(f"environment {name}: unknown setting {key!r} (known: {', '.join(sorted(known))})")
-        if key == "tags":
+        if key in _MAPPING_KEYS:  # e.g. EDGEFLEET_AGENT_SAMPLE_RATES=digits=0.5,cam=1
             found[key] = _parse_tags(name, raw)
         elif key in _LIST_KEYS:  # comma-separated, e.g. EDGEFLEET_AGENT_RUNTIMES=litert
             found[key] = [item.strip() for item in raw.split(",") if item.strip()]
@@ -218,7 +271,7 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _parse_tags(name: str, raw: str) -> dict[str, str]:
-    """Tags from the environment: a JSON object or `k=v,k2=v2`."""
+    """Tags (or sample rates) from the environment: a JSON object or `k=v,k2=v2`."""
     raw = raw.strip()
     if raw.startswith("{"):
         try:

@@ -1,25 +1,37 @@
 """`Agent`: one device's daemon, wiring config, runtime, update worker, endpoint, telemetry and MQTT.
 
 Many agents can run in one process (simulated fleets): nothing here is process-global, and each agent
-has its own data directory, MQTT client, update worker and telemetry timer (plus an optional endpoint).
+has its own data directory, MQTT client, update worker and telemetry timer (plus an optional endpoint,
+sample store and Flower SuperNode for federated retraining).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 from collections.abc import Callable, Mapping
 from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 
 from agent.capabilities import device_capabilities
 from agent.config import AgentConfig
 from agent.credentials import Credentials
-from agent.errors import TransportError
+from agent.errors import ConfigError, TransportError
+from agent.federation import (
+    FederationInfo,
+    FederationStatus,
+    SupernodeSupervisor,
+    configured_federation,
+    fetch_federation,
+    locate_supernode,
+)
 from agent.outbox import Outbox
 from agent.runtime import LoadedModel, RuntimeCatalog, default_catalog
+from agent.samples import SampleStats, SampleStore, sample_store_path
 from agent.seq import SEQ_FILE, SeqCounter
 from agent.server import InferenceServer, create_app
 from agent.serving import Serving
@@ -104,6 +116,12 @@ class Agent:
         self._server: InferenceServer | None = None
         self._capabilities: Capabilities | None = None
         self._credentials = Credentials(config)
+        self._samples = (
+            SampleStore(sample_store_path(config.data_dir), rates=config.sample_rates, max_rows=config.sample_store_max)
+            if config.sample_rates
+            else None
+        )
+        self._federation: SupernodeSupervisor | None = None
         self._refused: tuple[int, ErrorInfo] | None = None
         self._broker: BrokerAddress | None = None  # where the last connection went (a moved broker changes it)
 
@@ -163,6 +181,17 @@ class Agent:
         telemetry = self._telemetry
         return telemetry.dropped if telemetry is not None else 0
 
+    @property
+    def sample_stats(self) -> SampleStats | None:
+        """Counters of the local sample store (None when no model is in `sample_rates`)."""
+        return self._samples.stats() if self._samples is not None else None
+
+    @property
+    def federation_status(self) -> FederationStatus:
+        """What the device's Flower SuperNode is doing (state `disabled` unless `federated`)."""
+        federation = self._federation
+        return federation.status if federation is not None else FederationStatus(state="disabled")
+
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one inference on the served model, counted in telemetry; `NoModelError` before a model is loaded."""
         return self._serving.infer(inputs)
@@ -195,12 +224,15 @@ class Agent:
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         self._topics = Topics(base)
         self._capabilities = self._detect_capabilities()  # once: /proc/cpuinfo does not change
+        self._federation = self._build_federation()  # before anything runs: a missing Flower is a ConfigError
         worker = self._build_update_path()
         worker.boot()
         try:
             self._start_endpoint()
             self._start_messaging(address, base)
             worker.start()
+            if self._federation is not None:
+                self._federation.start()
         except BaseException:
             self._shutdown(report=False)
             raise
@@ -287,6 +319,45 @@ class Agent:
         self._event(EventKind.UPDATE_REFUSED, generation=desired.generation, message=error.message, error=error)
         self._report()
 
+    def _build_federation(self) -> SupernodeSupervisor | None:
+        """The SuperNode's supervisor when `federated` (not started); `ConfigError` when it cannot work here."""
+        cfg, identity = self.config, self._credentials.identity
+        if not cfg.federated:
+            return None
+        supernode = locate_supernode(cfg.flower_bin_dir)
+        if identity is None:
+            raise ConfigError(
+                "federated = true needs an enrolled device (its enrolment key authenticates the SuperNode): "
+                "run `edgefleet-agent enroll`"
+            )
+        locate: Callable[[], FederationInfo]
+        if cfg.superlink is not None and cfg.superlink_root_certificates is not None:
+            if not cfg.superlink_root_certificates.is_file():
+                raise ConfigError(f"superlink_root_certificates: {cfg.superlink_root_certificates} is not a file")
+            locate = configured_federation(cfg.superlink, cfg.superlink_root_certificates)
+        else:
+            coordinator = cfg.coordinator_url or identity.coordinator_url
+            locate = functools.partial(fetch_federation, coordinator, min(cfg.download_timeout_s, 10.0))
+
+        def key_path() -> Path:  # renewal may replace the identity (and, with a new key, its key file)
+            current = self._credentials.identity
+            assert current is not None, "an enrolled agent keeps its identity"
+            return current.key_path
+
+        return SupernodeSupervisor(
+            device_id=cfg.device_id,
+            data_dir=cfg.data_dir,
+            supernode=supernode,
+            key_path=key_path,
+            store_path=sample_store_path(cfg.data_dir),
+            locate=locate,
+            on_refused=self._on_federated_refused,
+        )
+
+    def _on_federated_refused(self, reason: str) -> None:
+        """The SuperLink refused this device's SuperNode: a `federated.refused` event."""
+        self._event(EventKind.FEDERATED_REFUSED, message=reason[:4096])
+
     def _start_endpoint(self) -> None:
         """Serve the local inference endpoint, unless `http_port` disables it."""
         cfg = self.config
@@ -298,6 +369,7 @@ class Agent:
                 version=agent_version(),
                 max_request_bytes=cfg.http_max_request_bytes,
                 token=cfg.http_token,
+                samples=self._samples,
             ),
             host=cfg.http_host,
             port=cfg.http_port,
@@ -332,6 +404,8 @@ class Agent:
 
     def _shutdown(self, *, report: bool) -> None:
         self._credentials.stop()
+        if self._federation is not None:
+            self._federation.stop()  # first: it takes a few seconds, and a SuperNode must not outlive the agent
         if self._worker is not None:
             self._worker.stop()
         if self._telemetry is not None:
@@ -347,6 +421,8 @@ class Agent:
             self._transport.close(timeout=5.0)
         if self._server is not None:
             self._server.stop()
+        if self._samples is not None:
+            self._samples.close()
         if self._fetcher is not None:
             self._fetcher.close()
         self._transport = self._telemetry = self._server = self._fetcher = None

@@ -4,14 +4,21 @@ Applications written for Triton or KServe talk to it unchanged, with JSON or bin
 binary tensor data extension, `agent._oip_codec`). Errors are `{"error": "..."}` with 400 (the request
 does not fit the model), 401 (a token is configured and the request lacks it), 404 (unknown model or
 version), 413 (the body is over `max_request_bytes`), 503 (no model loaded yet).
+
+With a sample store (`agent.samples`, federated retraining), a model in `sample_rates` answers every
+request with an `id` (the request's own, or a new one) and takes labels for kept requests at
+`POST /v2/models/{name}/labels` (`{"labels": [{"id": ..., "label": 3}]}` -> `{"stored": n, "unknown": [...]}`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import json
 import logging
 import socket
 import threading
+import uuid
 from typing import Any
 
 import numpy as np
@@ -24,9 +31,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from agent._http_guards import BodyLimit, TokenAuth
-from agent._oip_codec import decode_tensor, encode_response, encode_tensor, read_request
+from agent._oip_codec import DecodedRequest, decode_tensor, encode_response, encode_tensor, read_request
 from agent.config import AgentConfig
 from agent.errors import ConfigError, InferenceFailedError, InferenceInputError, NoModelError
+from agent.samples import LabelEntry, LabelsError, SampleStore, SampleStoreError, parse_labels
 from agent.serving import ActiveModel, Serving
 from protocol import ModelFormat
 from protocol.inference import (
@@ -65,10 +73,12 @@ def create_app(
     version: str = "0",
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     token: str | None = None,
+    samples: SampleStore | None = None,
 ) -> Starlette:
     """The Starlette app of the endpoint for one agent's `serving` (handlers find it in `app.state`).
 
     Bodies over `max_request_bytes` get 413 unread; with a `token`, every route but health needs it.
+    With `samples`, served requests of opted-in models are offered to the store, and labels are taken.
     """
     if max_request_bytes < 1:
         raise ConfigError(f"max_request_bytes (http_max_request_bytes) must be positive, got {max_request_bytes}")
@@ -78,6 +88,7 @@ def create_app(
     middleware.append(Middleware(BodyLimit, max_bytes=max_request_bytes))  # inside auth: strangers are refused first
     app = Starlette(routes=_routes(), middleware=middleware, exception_handlers=_EXCEPTION_HANDLERS)
     app.state.serving = serving
+    app.state.samples = samples
     app.state.version = version
     app.state.token_required = token is not None
     return app
@@ -95,6 +106,7 @@ def _routes() -> list[Route]:
             Route(f"{prefix}/ready", _model_ready),
             Route(f"{prefix}/infer", _infer, methods=["POST"]),
         ]
+    routes.append(Route("/v2/models/{name}/labels", _labels, methods=["POST"]))
     return routes
 
 
@@ -157,7 +169,10 @@ async def _infer(request: Request) -> Response:
     raw = await request.body()  # at most max_request_bytes: BodyLimit refuses more
     # Parsing and encoding run in threads: a large body must not hold up the health probes.
     decoded = await run_in_threadpool(read_request, raw, request.headers.get(INFERENCE_HEADER_CONTENT_LENGTH))
-    outputs = await run_in_threadpool(_serving(request).infer, decoded.inputs, active)
+    samples = _samples(request)
+    if samples is not None and samples.opted_in(active.spec.name):
+        decoded = _with_id(decoded)  # the id a client labels this request by
+    outputs = await run_in_threadpool(_infer_and_sample, _serving(request), samples, decoded, active)
     wanted = _wanted_outputs(decoded.body, outputs)
     encoded = await run_in_threadpool(
         encode_response,
@@ -167,6 +182,54 @@ async def _infer(request: Request) -> Response:
         model_version=active.spec.version,
     )
     return Response(encoded.content, media_type=encoded.media_type, headers=encoded.headers)
+
+
+def _samples(request: Request) -> SampleStore | None:
+    samples: SampleStore | None = request.app.state.samples
+    return samples
+
+
+def _with_id(decoded: DecodedRequest) -> DecodedRequest:
+    """The request with an id: its own (echoed, as the protocol says), else a new one (returned in the response)."""
+    if decoded.body.id:
+        return decoded
+    body = decoded.body.model_copy(update={"id": uuid.uuid4().hex})
+    return dataclasses.replace(decoded, body=body)
+
+
+def _infer_and_sample(
+    serving: Serving, samples: SampleStore | None, decoded: DecodedRequest, active: ActiveModel
+) -> dict[str, np.ndarray]:
+    """Run the inference; then offer a served request of an opted-in model to the store (which never raises)."""
+    outputs = serving.infer(decoded.inputs, active)
+    if samples is not None and decoded.body.id and samples.opted_in(active.spec.name):
+        samples.offer(decoded.body.id, active.spec.name, active.spec.version, decoded.inputs)
+    return outputs
+
+
+async def _labels(request: Request) -> Response:
+    name = request.path_params["name"]
+    samples = _samples(request)
+    if samples is None or not samples.opted_in(name):
+        raise _HttpError(404, f"sampling is not enabled for model {name!r} on this device: set sample_rates")
+    raw = await request.body()  # at most max_request_bytes: BodyLimit refuses more
+    entries = await run_in_threadpool(_read_labels, raw)
+    try:
+        result = await run_in_threadpool(samples.label, name, entries)
+    except SampleStoreError as exc:
+        raise _HttpError(503, f"the sample store cannot take labels now: {exc}") from exc
+    return JSONResponse({"stored": result.stored, "unknown": result.unknown})
+
+
+def _read_labels(raw: bytes) -> list[LabelEntry]:
+    """The entries of a labels body; `LabelsError` (400) saying what is wrong with it."""
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise LabelsError("the body is not usable JSON: it is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise LabelsError(f"the body is not JSON: {exc}") from exc
+    return parse_labels(body)
 
 
 def _wanted_outputs(body: InferenceRequest, outputs: dict[str, np.ndarray]) -> list[str]:
@@ -205,6 +268,7 @@ async def _not_found(_request: Request, _exc: Exception) -> Response:
 _EXCEPTION_HANDLERS: dict[Any, Any] = {
     _HttpError: _http_error,
     InferenceInputError: _input_error,
+    LabelsError: _input_error,
     NoModelError: _no_model,
     InferenceFailedError: _failed,
     404: _not_found,

@@ -2,8 +2,8 @@
 API docs pages (`/docs`, `/redoc`) served from local files.
 
 Nothing is started at import time. The app's lifespan opens the database, creates the admin token,
-starts the embedded broker when no `mqtt_url` is configured, and connects the MQTT bridge; it shuts all
-of them down in reverse order.
+starts the embedded broker when no `mqtt_url` is configured, connects the MQTT bridge, and with `federated` starts
+the Flower SuperLink and the devices' node registration; it shuts all of them down in reverse order.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from fastapi.staticfiles import StaticFiles
 from sqlmodel import Session
 
 from cloud import __version__
-from cloud.api import install_problem_handlers, router
+from cloud.api import federated, install_problem_handlers, router
+from cloud.api.deps import requires
 from cloud.api.guard import RequestGuard
 from cloud.artifacts import FileArtifactStore
 from cloud.auth import ensure_admin_token, ensure_secret
@@ -31,6 +32,8 @@ from cloud.bridge import BridgeTls, MqttBridge
 from cloud.broker import EmbeddedBroker, tls_files
 from cloud.coordinator import Coordinator
 from cloud.db import create_db_engine, init_db
+from cloud.federation.runner import FederatedRunner
+from cloud.federation.superlink import start_federation
 from cloud.governance.maintainer import GovernanceMaintainer
 from cloud.governance.service import Governance
 from cloud.rollouts.runner import RolloutRunner
@@ -85,6 +88,14 @@ def create_app(
         links=lambda: coordinator.links,
         tick_s=settings.rollout_tick_s,
     )
+    coordinator.federated_runs = FederatedRunner(
+        engine=coordinator.engine,
+        store=coordinator.store,
+        data_dir=settings.data_dir,
+        flower=lambda: coordinator.flower,
+        api_url=lambda: _own_api_url(coordinator.settings),
+        template=getattr(settings, "federated_app_dir", None),  # the Flower App template; default federated/flowerapp
+    )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -98,6 +109,11 @@ def create_app(
                 _start_mqtt(coordinator)
             if coordinator.rollouts is not None and settings.rollout_tick_s > 0:
                 coordinator.rollouts.start()  # after the bridge: its recovery publishes in-flight desired states
+            if settings.federated:  # the Flower SuperLink (or an external one) and the devices' node registration
+                coordinator.federation = start_federation(settings, coordinator.fleet_pki(), coordinator.engine)
+                coordinator.flower = coordinator.federation.control
+            if coordinator.flower is not None and coordinator.federated_runs is not None:
+                coordinator.federated_runs.start()  # picks up the runs a previous start left unfinished
             if coordinator.governance is not None and settings.governance_tick_s > 0:
                 maintainer = GovernanceMaintainer(coordinator.governance, coordinator, settings.governance_tick_s)
                 coordinator.maintainer = maintainer
@@ -106,6 +122,10 @@ def create_app(
                 on_started(coordinator)
             yield
         finally:
+            if coordinator.federated_runs is not None:
+                coordinator.federated_runs.stop()
+            if coordinator.federation is not None:
+                coordinator.federation.stop()
             if coordinator.maintainer is not None:
                 coordinator.maintainer.stop()
             if coordinator.rollouts is not None:
@@ -131,8 +151,14 @@ def create_app(
     install_problem_handlers(app)
     app.add_middleware(RequestGuard)
     app.include_router(router)
+    app.include_router(federated.router, prefix="/api/v1", dependencies=[requires()])
     _offline_docs(app)
     return app
+
+
+def _own_api_url(settings: Settings) -> str:
+    """The coordinator's own API as a process on its host reaches it (the bound host and port, not public_url)."""
+    return settings.model_copy(update={"public_url": None}).resolved_public_url()
 
 
 def _docs_assets() -> Path | None:

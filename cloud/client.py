@@ -8,6 +8,7 @@ coordinator is one `ApiError` whose `str()` is the line to show a person; `statu
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from collections.abc import Callable
@@ -17,13 +18,19 @@ from typing import Any
 
 import httpx
 
+from protocol.manifest import ManifestVariant, read_manifest
+
 __all__ = [
     "API_PREFIX",
+    "REPORT_FILE",
+    "TRAINABLE_FILE",
     "ApiClient",
     "ApiError",
     "CliConfig",
+    "compression_report_field",
     "config_path",
     "read_config",
+    "variant_fields",
     "write_config_if_absent",
 ]
 
@@ -56,18 +63,23 @@ class ApiClient:
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         """Send `method` to `/api/v1{path}`; the decoded JSON body (None when empty), else `ApiError`."""
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        response = self.raw(method, path, **kwargs)
+        return response.json() if response.content else None
+
+    def raw(self, method: str, path: str, *, headers: dict[str, str] | None = None, **kwargs: Any) -> httpx.Response:
+        """Send `method` to `/api/v1{path}`; the response (its status below 400), else `ApiError`."""
+        sent = ({"Authorization": f"Bearer {self.token}"} if self.token else {}) | (headers or {})
         url = f"{self.url}{API_PREFIX}{path}"
         try:
             if self.send is not None:
-                response = self.send(method, url, headers=headers, **kwargs)
+                response = self.send(method, url, headers=sent, **kwargs)
             else:
-                response = httpx.request(method, url, headers=headers, timeout=self.timeout, **kwargs)
+                response = httpx.request(method, url, headers=sent, timeout=self.timeout, **kwargs)
         except httpx.HTTPError as exc:
             raise ApiError(f"cannot reach the coordinator at {self.url}: {exc}") from exc
         if response.status_code >= 400:
             raise ApiError(f"{_detail(response)} (HTTP {response.status_code})", status=response.status_code)
-        return response.json() if response.content else None
+        return response
 
     def get(self, path: str, **params: Any) -> Any:
         """GET a resource under `/api/v1`."""
@@ -144,6 +156,44 @@ class ApiClient:
         with file.open("rb") as fh:
             files = {"file": (file.name, fh, "application/octet-stream")}
             return dict(self.request("POST", f"/models/{name}/versions/{version}/variants", data=fields, files=files))
+
+    def push_variants(
+        self,
+        directory: Path,
+        *,
+        name: str,
+        version: str,
+        risk_class: str | None = None,
+        on_variant: Callable[[ManifestVariant], None] | None = None,
+    ) -> dict[str, Any]:
+        """Push a directory written by `edgefleet compress` as `name:version`: its primary variant as the version
+        (with the compression report), then every other variant; the version as it then stands.
+
+        Raises `ManifestError` for an unusable variants.json and `ValueError` for an unusable report.json. The
+        trainable form (`trainable.pt2`) is not pushed here: `push_trainable` does that once the version exists.
+        """
+        manifest = read_manifest(directory)
+        fields = variant_fields(manifest.primary) | compression_report_field(directory)
+        if risk_class is not None:
+            fields["risk_class"] = risk_class
+        body = self.push_model(directory / manifest.primary.file, name=name, version=version, fields=fields)
+        for entry in manifest.variants:
+            if entry.sha256 == body["sha256"]:
+                continue  # the primary itself
+            body = self.add_variant(directory / entry.file, name=name, version=version, fields=variant_fields(entry))
+            if on_variant is not None:
+                on_variant(entry)
+        return body
+
+    def push_trainable(self, name: str, version: str, path: Path) -> dict[str, Any]:
+        """Upload the trainable form (a torch.export `.pt2` program) of `name:version`; the version as it then is."""
+        body = path.read_bytes()
+        headers = {"Content-Type": "application/octet-stream"}
+        return dict(self.request("PUT", f"/models/{name}/versions/{version}/trainable", content=body, headers=headers))
+
+    def trainable(self, name: str, version: str) -> bytes:
+        """The trainable form (`.pt2` bytes) of `name:version`."""
+        return bytes(self.raw("GET", f"/models/{name}/versions/{version}/trainable").content)
 
     # -- model cards and approvals -----------------------------------------------------------------
 
@@ -229,6 +279,29 @@ class ApiClient:
         """Send `pause`, `resume`, `abort` or `promote` to a rollout."""
         return dict(self.post_json(f"/rollouts/{rollout_id}/{command}", body or {}))
 
+    # -- federated runs ----------------------------------------------------------------------------
+
+    def create_federated_run(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Start a federated run (the body `POST /federated/runs` takes: model, selector, rounds, strategy, ...)."""
+        return dict(self.post_json("/federated/runs", body))
+
+    def federated_runs(self, **filters: Any) -> list[dict[str, Any]]:
+        """Federated runs, newest first (`model=`, `status=`, `limit=` filter them)."""
+        params = {k: v for k, v in filters.items() if v is not None}
+        return list(self.get("/federated/runs", **params)["data"])
+
+    def federated_run(self, run_id: int) -> dict[str, Any]:
+        """One federated run: its cohort, parameters, rounds so far, candidate and error."""
+        return dict(self.get(f"/federated/runs/{run_id}"))
+
+    def stop_federated_run(self, run_id: int) -> dict[str, Any]:
+        """Stop a federated run that has not finished."""
+        return dict(self.post_json(f"/federated/runs/{run_id}/stop", {}))
+
+    def report_federated_candidate(self, run_id: int, body: dict[str, Any]) -> dict[str, Any]:
+        """Report what the candidate builder made of a run: `{candidate_version, rollout_id, error}`."""
+        return dict(self.post_json(f"/federated/runs/{run_id}/candidate", body))
+
 
 def _detail(response: httpx.Response) -> str:
     try:
@@ -290,3 +363,47 @@ def write_config_if_absent(*, url: str, token: str, path: Path | None = None) ->
     with os.fdopen(fd, "w") as fh:
         fh.write(body)
     return path
+
+
+REPORT_FILE = "report.json"  # what `edgefleet compress` writes beside variants.json
+TRAINABLE_FILE = "trainable.pt2"  # the trainable form `edgefleet compress` writes beside them (torch models)
+
+
+def compression_report_field(directory: Path) -> dict[str, str]:
+    """The compression report in `directory` as a push's `report` field (none when the directory has none).
+
+    `ValueError` naming the file when it is not a JSON object.
+    """
+    path = directory / REPORT_FILE
+    if not path.is_file():
+        return {}
+    try:
+        text = path.read_text(encoding="utf-8")
+        if not isinstance(json.loads(text), dict):
+            raise ValueError(f"{path}: a compression report is a JSON object")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a compression report from `edgefleet compress` ({exc})") from exc
+    return {"report": text}
+
+
+def variant_fields(entry: ManifestVariant) -> dict[str, str]:
+    """Form fields of one manifest entry for the registry's variant upload."""
+    fields = {
+        "variant": entry.name,
+        "format": entry.format.value,
+        "precision": entry.precision or "fp32",
+        "cpu_features": json.dumps(entry.cpu_features),
+    }
+    if entry.runtime:
+        fields["runtime"] = entry.runtime
+    for key, value in (
+        ("accuracy", entry.accuracy),
+        ("agreement", entry.agreement),
+        ("latency_p50_ms", entry.latency.p50_ms),
+    ):
+        if value is not None:
+            fields[key] = str(value)
+    for key, specs in (("inputs", entry.inputs), ("outputs", entry.outputs)):
+        if specs:
+            fields[key] = json.dumps([spec.model_dump(mode="json") for spec in specs])
+    return fields

@@ -18,6 +18,9 @@ from cloud.artifacts import ArtifactStore
 from cloud.audit import HEAD_FILE, AuditCheckpointer, load_audit_key
 from cloud.bridge import MqttBridge
 from cloud.broker import EmbeddedBroker
+from cloud.federation.flower import FlowerControl
+from cloud.federation.runner import FederatedRunner
+from cloud.federation.superlink import Federation
 from cloud.governance.maintainer import GovernanceMaintainer
 from cloud.governance.service import Governance
 from cloud.models import ModelVersion
@@ -53,6 +56,9 @@ class Coordinator:
     pki: FleetPki | None = None
     artifact_secret: bytes = b""
     audit: AuditCheckpointer | None = None
+    federation: Federation | None = None  # with Settings.federated: the SuperLink, node registration
+    flower: FlowerControl | None = None  # the `flwr` control of that SuperLink (None: federated learning off)
+    federated_runs: FederatedRunner | None = None  # steps federated runs (started when `flower` is set)
 
     @property
     def public_url(self) -> str:
@@ -119,6 +125,8 @@ class Coordinator:
             _run_reload(settings.broker_reload_command)
         if self.bridge is not None:
             self.bridge.clear_retained(device_id)
+        if self.federation is not None:
+            self.federation.nudge()  # its SuperNode is unregistered (kicked) now rather than at the next tick
 
     def publish_desired(self, state: DesiredState) -> None:
         """Hand a desired state to the bridge (dropped with a warning when MQTT is disabled)."""

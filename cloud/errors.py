@@ -16,7 +16,10 @@ Exception tree::
     ├── BackupError                   a backup cannot be made or restored: missing tool, bad archive, busy target
     └── TransientError                an external system failed; retrying later may help
         ├── BrokerStartError          the embedded MQTT broker could not listen
-        └── PublishError              a desired state could not be handed to the broker
+        ├── PublishError              a desired state could not be handed to the broker
+        ├── FlowerError               a `flwr` control call failed (cloud/federation/flower.py; Flower's own text)
+        │   └── FlowerUnavailableError    no Flower environment, or the SuperLink does not answer
+        └── SuperLinkStartError       the supervised SuperLink could not start (cloud/federation/superlink.py)
 """
 
 from __future__ import annotations

@@ -1,12 +1,15 @@
-"""The fleet's certificate authority: device certificates from CSRs, the broker's server certificate, the
-coordinator's client certificate, and the certificate revocation list both brokers check.
+"""The fleet's certificate authority: device certificates from CSRs, the broker's and the Flower SuperLink's server
+certificates, the coordinator's client certificate, and the certificate revocation list both brokers check.
 
 Everything lives in one directory (`Settings.pki_dir`, default `data_dir/pki`), created on first use::
 
     ca.key  ca.crt                      the fleet CA (ECDSA P-256); ca.key is 0600 and never leaves here
     broker.key  broker.crt              server certificate of the MQTT broker (SANs: its host names)
     coordinator.key  coordinator.crt    the coordinator's client identity on the broker
+    superlink.key  superlink.crt        server certificate of the Flower SuperLink (federated learning only)
     crl.pem                             revoked device certificates (Mosquitto `crlfile`, the embedded broker)
+    issued/<serial>.crt                 every device certificate issued (the coordinator derives a device's
+                                        SuperNode key from it; certificates are public, the directory is not)
 
 Keys are written 0600 inside a 0700 directory, through a temp file and `os.replace`.
 """
@@ -35,8 +38,10 @@ __all__ = ["FleetPki", "IssuedCertificate", "pem_public_key", "private_write"]
 _ORG = "edgefleet"
 _CA_DAYS = 3650
 _SERVER_DAYS = 825
+_REISSUE_BEFORE = timedelta(days=30)  # a server certificate this close to expiry is issued anew at start
 _BACKDATE = timedelta(minutes=5)  # tolerate devices whose clock is a little behind
 _CRL_DAYS = 7
+_ISSUED = "issued"
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,27 @@ class FleetPki:
         """`(certificate, key)` of the coordinator's client identity on the broker."""
         return self.directory / "coordinator.crt", self.directory / "coordinator.key"
 
+    def superlink_files(self, hostnames: Iterable[str] = ()) -> tuple[Path, Path]:
+        """`(certificate, key)` of the Flower SuperLink's server identity, issued when missing, about to expire, or
+        not covering the broker's host names and `hostnames` (the names devices reach the SuperLink at)."""
+        cert_path, key_path = self.directory / "superlink.crt", self.directory / "superlink.key"
+        names = sorted({*self._hostnames, *hostnames})
+        if not cert_path.exists() or not key_path.exists() or not _current(cert_path, names):
+
+            def build(public_key: object) -> x509.Certificate:
+                return self._server_certificate(public_key, names=names, role="superlink")
+
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._write_leaf(cert_path, key_path, build)
+        return cert_path, key_path
+
+    def issued_certificate(self, serial: str) -> x509.Certificate | None:
+        """The device certificate issued with `serial` (hex), None if this CA kept no copy (issued before it did)."""
+        try:
+            return x509.load_pem_x509_certificate((self.directory / _ISSUED / f"{serial}.crt").read_bytes())
+        except FileNotFoundError:
+            return None
+
     def ca_pem(self) -> str:
         """The CA certificate as PEM text."""
         self._load_ca()
@@ -177,11 +203,7 @@ class FleetPki:
         private_write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
 
     def _covers_hostnames(self, cert_path: Path) -> bool:
-        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        present = {str(v) for v in san.get_values_for_type(x509.DNSName)}
-        present |= {str(v) for v in san.get_values_for_type(x509.IPAddress)}
-        return all(h in present for h in self._hostnames)
+        return _covers(x509.load_pem_x509_certificate(cert_path.read_bytes()), self._hostnames)
 
     # -- issuing -------------------------------------------------------------------------------------
 
@@ -208,15 +230,18 @@ class FleetPki:
         assert self._ca_key is not None
         return builder.sign(self._ca_key, hashes.SHA256())
 
-    def _server_certificate(self, public_key: object) -> x509.Certificate:
-        names = sorted({"localhost", "127.0.0.1", "::1", socket.gethostname(), *self._hostnames})
+    def _server_certificate(
+        self, public_key: object, *, names: Iterable[str] | None = None, role: str = "broker"
+    ) -> x509.Certificate:
+        extra = self._hostnames if names is None else names
+        names = sorted({"localhost", "127.0.0.1", "::1", socket.gethostname(), *extra})
         alt: list[x509.GeneralName] = []
         for name in names:
             try:
                 alt.append(x509.IPAddress(ipaddress.ip_address(name)))
             except ValueError:
                 alt.append(x509.DNSName(name))
-        builder = self._builder(_name("edgefleet broker", "broker"), public_key, _SERVER_DAYS)
+        builder = self._builder(_name(f"edgefleet {role}", role), public_key, _SERVER_DAYS)
         builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
         builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         return self._sign(builder)
@@ -249,9 +274,12 @@ class FleetPki:
         )
         builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         cert = self._sign(builder)
+        serial = format(cert.serial_number, "x")
+        # Kept so that a device's public key can be derived later (its SuperNode identity for federated learning).
+        private_write(self.directory / _ISSUED / f"{serial}.crt", cert.public_bytes(serialization.Encoding.PEM))
         return IssuedCertificate(
             pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
-            serial=format(cert.serial_number, "x"),
+            serial=serial,
             not_after=cert.not_valid_after_utc,
         )
 
@@ -278,6 +306,28 @@ class FleetPki:
         crl = builder.sign(self._ca_key, hashes.SHA256())
         private_write(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))
         os.chmod(self.crl_path, 0o644)
+
+
+def _covers(cert: x509.Certificate, hostnames: Iterable[str]) -> bool:
+    """True if `cert`'s SANs name every one of `hostnames` (IP addresses compared as addresses)."""
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    present = {str(v) for v in san.get_values_for_type(x509.DNSName)}
+    present |= {str(v) for v in san.get_values_for_type(x509.IPAddress)}
+    return all(_canonical(h) in present for h in hostnames)
+
+
+def _canonical(name: str) -> str:
+    """An IP address in its compressed form (as the SAN reads back), a DNS name as it is."""
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        return name
+
+
+def _current(cert_path: Path, hostnames: Iterable[str]) -> bool:
+    """True if the certificate at `cert_path` covers `hostnames` and is not close to expiring."""
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    return cert.not_valid_after_utc - _REISSUE_BEFORE > datetime.now(UTC) and _covers(cert, hostnames)
 
 
 def _authority_key_id(ca_key: ec.EllipticCurvePrivateKey) -> x509.AuthorityKeyIdentifier:

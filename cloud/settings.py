@@ -11,6 +11,7 @@ import tomllib
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,7 +22,7 @@ from cloud.errors import ConfigurationError
 from protocol.errors import TopicError
 from protocol.topics import DEFAULT_BASE, Topics
 
-__all__ = ["Environment", "Settings", "default_data_dir"]
+__all__ = ["Environment", "Settings", "default_data_dir", "split_host_port"]
 
 # Secrets that show up in examples and must never guard a production coordinator.
 _PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "admin", "secret", "token", "password", "test"})
@@ -34,6 +35,15 @@ def default_data_dir() -> Path:
         return Path(explicit).expanduser()
     xdg = os.environ.get("XDG_DATA_HOME")
     return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "edgefleet"
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """`(host, port)` of `host:port` or `[v6]:port`; `ValueError` naming the expected form."""
+    host, sep, port = address.strip().rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or "/" in address or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{address!r} is not HOST:PORT (e.g. superlink.example:9092, without a scheme)")
+    return host, int(port)
 
 
 class Environment(StrEnum):
@@ -113,6 +123,46 @@ class Settings(BaseSettings):
         le=16,
         description="How many approvers (not revoked) must sign a high-risk model version before it may be deployed.",
     )
+    federated: bool = Field(
+        default=False,
+        description="Federated learning: start and supervise a Flower SuperLink (or use superlink_url) and register "
+        "every enrolled device's key with it (docs/federated.md).",
+    )
+    superlink_host: str | None = Field(
+        default=None, description="Address the embedded SuperLink listens on; default the coordinator's `host`."
+    )
+    superlink_port: int = Field(
+        default=9092,
+        ge=0,
+        le=65535,
+        description="Port of the embedded SuperLink; 0 picks a free one on first start and keeps it "
+        "(data_dir/federated/superlink.json) so devices keep finding it.",
+    )
+    superlink_url: str | None = Field(
+        default=None,
+        description="An external SuperLink (HOST:PORT) to use instead of starting one; it must run with "
+        "--enable-supernode-auth and share the run result directories with the coordinator.",
+    )
+    superlink_ca_file: Path | None = Field(
+        default=None, description="CA that signed an external SuperLink's certificate; default the fleet CA."
+    )
+    device_superlink_address: str | None = Field(
+        default=None,
+        description="The SuperLink HOST:PORT devices are told; default the host of the public URL and the "
+        "SuperLink's port (or superlink_url).",
+    )
+    flower_bin_dir: Path | None = Field(
+        default=None,
+        description="Directory of the Flower venv's flower-superlink and flwr; default .venv-flower/bin beside the "
+        "running venv, else the directory of flower-superlink on PATH.",
+    )
+    flower_node_tick_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="How often devices' SuperNode identities are reconciled with the SuperLink (registered, "
+        "unregistered).",
+    )
 
     @field_validator("data_dir")
     @classmethod
@@ -140,6 +190,13 @@ class Settings(BaseSettings):
                 f"cannot use database URL {value!r} ({exc}); expected sqlite:///PATH or "
                 "postgresql+psycopg://USER@HOST:PORT/DATABASE"
             ) from exc
+        return value
+
+    @field_validator("superlink_url", "device_superlink_address")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is not None:
+            split_host_port(value)
         return value
 
     @field_validator("public_url")
@@ -194,6 +251,15 @@ class Settings(BaseSettings):
         if ":" in host:
             host = f"[{host}]"
         return f"http://{host}:{bound_port if bound_port is not None else self.port}"
+
+    @property
+    def resolved_superlink_host(self) -> str:
+        """`superlink_host`, else the coordinator's `host`."""
+        return self.superlink_host or self.host
+
+    def public_host(self) -> str:
+        """The host devices reach the coordinator at (the public URL's, else `host`; loopback for a wildcard)."""
+        return urlsplit(self.resolved_public_url()).hostname or "127.0.0.1"
 
     def check_production_ready(self) -> None:
         """Raise `ConfigurationError` for settings that must not reach production."""

@@ -21,6 +21,7 @@ from compression.evaluate import LatencyBudget
 from compression.outputs import TASKS
 from compression.pipeline import (
     BUILTIN_MODEL,
+    TRAINABLE_FILE,
     CompressionJob,
     CompressionResult,
     ModelSources,
@@ -102,6 +103,15 @@ def compress(
     torch_program: Annotated[
         Path | None, typer.Option("--torch-program", help="torch.export program (.pt2) for TFLite variants.")
     ] = None,
+    trainable: Annotated[
+        Path | None,
+        typer.Option(
+            "--trainable",
+            help="The model's trainable form (a torch.export program with a dynamic batch axis, see "
+            "compression.trainable), copied as OUT/trainable.pt2 for federated retraining (default: MODEL's "
+            "x.trainable.pt2 beside it; digits-cnn writes its own).",
+        ),
+    ] = None,
     latency_iterations: Annotated[int, typer.Option(help="Timed single-sample runs per model (bounded).")] = 300,
     memory: Annotated[bool, typer.Option(help="Measure peak memory in a subprocess per model.")] = True,
 ) -> None:
@@ -123,7 +133,7 @@ def compress(
         with err.status("loading data and model…"):
             eval_set = load_dataset(eval_data)
             calibration_set = load_dataset(calibration or _default_calibration(eval_data))
-            sources = resolve_model(model, torch_program=torch_program, work_dir=out)
+            sources = resolve_model(model, torch_program=torch_program, work_dir=out, trainable=trainable)
         if to is not None:
             _require_sources(names, sources)
         job = CompressionJob(
@@ -148,6 +158,8 @@ def compress(
         raise typer.Exit(EXIT_CONVERTER) from exc
     typer.echo(render_markdown(result.document))
     typer.echo(f"manifest: {result.manifest_path}")
+    if sources.trainable is not None:
+        typer.echo(f"trainable form: {out / TRAINABLE_FILE}")
     for note in result.notes:
         err.print(f"note: {note}", markup=False, highlight=False)
     for skipped in result.skipped:

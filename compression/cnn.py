@@ -1,9 +1,10 @@
 """The reference CNN: a small convolutional classifier on scikit-learn's bundled 8x8 digits.
 
 Trained with PyTorch on the CPU in a few seconds (seeded, single-threaded, so the weights are the same
-run to run), then exported twice: to ONNX (input `input` FP32 `[batch, 1, 8, 8]`, output `logits`
-FP32 `[batch, 10]`) for the ONNX Runtime variants, and as a `torch.export` program (`.pt2`, batch 1)
-for the LiteRT conversion. torch is imported inside functions so `import compression` never needs it.
+run to run), then exported three times: to ONNX (input `input` FP32 `[batch, 1, 8, 8]`, output `logits`
+FP32 `[batch, 10]`) for the ONNX Runtime variants, as a `torch.export` program (`.pt2`, batch 1) for the
+LiteRT conversion, and as its trainable form (`.trainable.pt2`, a dynamic batch axis; `compression.trainable`)
+for federated retraining. torch is imported inside functions so `import compression` never needs it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from compression.errors import ConverterUnavailableError
+from compression.trainable import export_fixed_program, export_onnx_from_trainable, export_trainable
 
 if TYPE_CHECKING:
     import torch
@@ -67,6 +69,7 @@ class ReferenceCNN:
     onnx_path: Path
     program_path: Path
     accuracy: float
+    trainable_path: Path  # the trainable form (dynamic batch axis), for federated retraining
 
 
 def train_digits_cnn(*, seed: int = 0, epochs: int = 30, batch_size: int = 64) -> tuple[torch.nn.Module, float]:
@@ -105,39 +108,23 @@ def train_digits_cnn(*, seed: int = 0, epochs: int = 30, batch_size: int = 64) -
 def export_onnx(model: torch.nn.Module, path: Path) -> Path:
     """Export with torch's dynamo-based exporter (the default in torch 2.13) into one self-contained file."""
     torch = _torch()
-    example = (torch.zeros(1, *INPUT_SHAPE),)
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    program = torch.onnx.export(
-        model,
-        example,
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
-        dynamic_shapes=({0: batch},),
-        dynamo=True,
-        verbose=False,
-    )
-    if program is None:  # only the legacy exporter returns None
-        raise RuntimeError("torch.onnx.export returned no program")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    program.save(str(path), external_data=False)
-    return path
+    return export_onnx_from_trainable(model, INPUT_NAME, OUTPUT_NAME, path, torch.zeros(1, *INPUT_SHAPE))
 
 
 def export_program(model: torch.nn.Module, path: Path) -> Path:
     """Save a `torch.export` program with a fixed batch of 1 (LiteRT models take static shapes)."""
     torch = _torch()
-    program = torch.export.export(model, (torch.zeros(1, *INPUT_SHAPE),))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.export.save(program, str(path))
-    return path
+    return export_fixed_program(model, torch.zeros(1, *INPUT_SHAPE), path)
 
 
 def build_reference_cnn(out_dir: Path, *, seed: int = 0, epochs: int = 30) -> ReferenceCNN:
-    """Train the reference CNN and write `digits-cnn.onnx` and `digits-cnn.pt2` into `out_dir`."""
+    """Train the reference CNN; write `digits-cnn.onnx`, `.pt2` and `.trainable.pt2` into `out_dir`."""
+    torch = _torch()
     model, accuracy = train_digits_cnn(seed=seed, epochs=epochs)
     onnx_path = export_onnx(model, out_dir / "digits-cnn.onnx")
     program_path = export_program(model, out_dir / "digits-cnn.pt2")
-    return ReferenceCNN(onnx_path=onnx_path, program_path=program_path, accuracy=accuracy)
+    trainable = export_trainable(model, torch.zeros(2, *INPUT_SHAPE), out_dir / "digits-cnn.trainable.pt2")
+    return ReferenceCNN(onnx_path=onnx_path, program_path=program_path, accuracy=accuracy, trainable_path=trainable)
 
 
 def predict_logits(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:

@@ -2,13 +2,16 @@
 
 The output directory holds `fp32.onnx` (self-contained: external weights folded in) and the variant files,
 `variants.json` (the manifest the registry push consumes: accepted variants only), `report.json`, `report.md`
-and `report.html`. A variant that cannot be built (no source for it, a converter missing or failing) or that
-does not run once built is skipped with its reason; it never stops the others.
+and `report.html`; and `trainable.pt2`, the model's trainable form (`compression.trainable`) when one was given,
+which `edgefleet models push --variants` stores beside the variants for federated retraining. A variant that
+cannot be built (no source for it, a converter missing or failing) or that does not run once built is skipped
+with its reason; it never stops the others.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +48,7 @@ from protocol.messages import ModelFormat, TensorSpec
 
 __all__ = [
     "BUILTIN_MODEL",
+    "TRAINABLE_FILE",
     "CompressionJob",
     "CompressionResult",
     "ModelSources",
@@ -56,14 +60,18 @@ __all__ = [
 ]
 
 BUILTIN_MODEL = "digits-cnn"
+TRAINABLE_FILE = "trainable.pt2"  # the trainable form in the output directory
+TRAINABLE_SUFFIX = ".trainable.pt2"  # `x.onnx` pairs with `x.trainable.pt2` beside it
 
 
 @dataclass(frozen=True)
 class ModelSources:
-    """The fp32 ONNX model (baseline and source of ONNX variants) and the torch.export program (for TFLite)."""
+    """The fp32 ONNX model (baseline and source of ONNX variants), the torch.export program (for TFLite) and the
+    trainable form (a torch.export program with a dynamic batch axis, copied as `trainable.pt2`)."""
 
     onnx: Path
     torch_program: Path | None
+    trainable: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -109,23 +117,37 @@ class CompressionResult:
         return [v for v in self.verdicts if not v.accepted]
 
 
-def resolve_model(model: str, *, torch_program: Path | None, work_dir: Path) -> ModelSources:
+def resolve_model(
+    model: str, *, torch_program: Path | None, work_dir: Path, trainable: Path | None = None
+) -> ModelSources:
     """Sources from MODEL: `digits-cnn` (trained now), an `.onnx` file, or a `.pt2` file, each with its sibling.
 
-    `x.onnx` pairs with `x.pt2` beside it (and the reverse); `torch_program` overrides the pairing.
+    `x.onnx` pairs with `x.pt2` beside it (and the reverse), and with the trainable form `x.trainable.pt2`;
+    `torch_program` and `trainable` override the pairing.
     """
+    if trainable is not None and not trainable.is_file():
+        raise InvalidInputError(f"--trainable {trainable}: no such file")
     if model == BUILTIN_MODEL:
         from compression.cnn import build_reference_cnn
 
         built = build_reference_cnn(work_dir / "source")
-        return ModelSources(onnx=built.onnx_path, torch_program=torch_program or built.program_path)
+        return ModelSources(
+            onnx=built.onnx_path,
+            torch_program=torch_program or built.program_path,
+            trainable=trainable or built.trainable_path,
+        )
     path = Path(model)
     if path.suffix not in (".onnx", ".pt2"):
         raise InvalidInputError(f"MODEL {model!r}: expected an .onnx file, a .pt2 file or {BUILTIN_MODEL!r}")
     onnx_path, program = path.with_suffix(".onnx"), torch_program or path.with_suffix(".pt2")
     if not onnx_path.is_file():
         raise InvalidInputError(f"MODEL {model!r}: the fp32 baseline {onnx_path} does not exist")
-    return ModelSources(onnx=onnx_path, torch_program=program if program.is_file() else None)
+    paired = path.with_name(path.stem + TRAINABLE_SUFFIX)
+    return ModelSources(
+        onnx=onnx_path,
+        torch_program=program if program.is_file() else None,
+        trainable=trainable or (paired if paired.is_file() else None),
+    )
 
 
 def run_compression(job: CompressionJob, progress: Callable[[str], None] = lambda _: None) -> CompressionResult:
@@ -180,6 +202,12 @@ def run_compression(job: CompressionJob, progress: Callable[[str], None] = lambd
         notes=notes,
     )
     manifest_path = _write_outputs(job, build_manifest(job, built, report, verdicts), document)
+    # Not listed in variants.json (the manifest has no place for it yet): the push looks for it by name, so a
+    # trainable form left by an earlier run into the same directory must not stay behind.
+    if job.sources.trainable is not None:
+        shutil.copyfile(job.sources.trainable, job.out_dir / TRAINABLE_FILE)
+    else:
+        (job.out_dir / TRAINABLE_FILE).unlink(missing_ok=True)
     return CompressionResult(built, report, verdicts, document, manifest_path, skipped, target, notes)
 
 

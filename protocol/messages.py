@@ -220,6 +220,7 @@ class EventKind(StrEnum):
     MESSAGE_REJECTED = "message.rejected"
     AGENT_STARTED = "agent.started"
     BROKER_MOVED = "broker.moved"  # the enrolled broker address stopped answering; the coordinator named another
+    FEDERATED_REFUSED = "federated.refused"  # the SuperLink refused this device's SuperNode (key not registered)
 
 
 class DeviceEvent(Message):

@@ -13,7 +13,14 @@ from simulators.faults import (
 )
 from simulators.fleet import MIXED_PROFILES, DeviceProfile, FleetConfig, SimulatedFleet, device_id, device_tags
 from simulators.pacing import PacedDevice, PacedTraffic
-from simulators.traffic import DeviceTraffic, SampleSource, drive_inference
+from simulators.traffic import (
+    DeviceTraffic,
+    LabelledTraffic,
+    SampleSource,
+    drive_inference,
+    send_labelled,
+    send_labelled_traffic,
+)
 
 __all__ = [
     "MIXED_PROFILES",
@@ -25,6 +32,7 @@ __all__ = [
     "Drift",
     "FaultyArtifactServer",
     "FleetConfig",
+    "LabelledTraffic",
     "PacedDevice",
     "PacedTraffic",
     "SampleSource",
@@ -36,6 +44,8 @@ __all__ = [
     "nan_model",
     "nan_on_live_input_model",
     "parse_drift",
+    "send_labelled",
+    "send_labelled_traffic",
     "shifted_model",
     "slow_model",
 ]

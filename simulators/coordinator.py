@@ -31,13 +31,16 @@ class CoordinatorProcess:
         topic_base: str | None = None,
         extra_args: tuple[str, ...] = (),
         startup_timeout: float = 60.0,
+        federated: bool = False,
     ) -> None:
+        """`federated`: run with `--federated` and a SuperLink on a free port (kept in its data dir)."""
         self.data_dir = data_dir
         self.mqtt_url = mqtt_url
         self.database_url = database_url
         self.topic_base = topic_base
         self.extra_args = extra_args
         self.startup_timeout = startup_timeout
+        self.federated = federated
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
         self.token = ""
@@ -49,6 +52,8 @@ class CoordinatorProcess:
             cmd += ["--mqtt-url", self.mqtt_url]
         if self.database_url:
             cmd += ["--database-url", self.database_url]
+        if self.federated:
+            cmd += ["--federated", "--superlink-port", "0"]
         return [*cmd, *self.extra_args]
 
     def start(self) -> ApiClient:

@@ -66,6 +66,11 @@ class FleetConfig:
     fleet_size: int | None = None
     # An operator (or admin) API token: devices without an identity are enrolled with it before they start.
     api_token: str | None = None
+    # Federated retraining: each device runs a Flower SuperNode (from `flower_bin_dir`, default the Flower venv
+    # beside this one) joined to the coordinator's SuperLink, and keeps the inputs of these models' served requests.
+    federated: bool = False
+    flower_bin_dir: Path | None = None
+    sample_rates: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -115,6 +120,9 @@ def agent_config(config: FleetConfig, index: int) -> AgentConfig:
         tags=device_tags(config, index),
         http_port=0 if config.http else None,
         telemetry_interval_s=config.telemetry_interval_s,
+        federated=config.federated,
+        flower_bin_dir=config.flower_bin_dir,
+        sample_rates=dict(config.sample_rates),
         **extra,
     )
 

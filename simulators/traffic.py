@@ -3,23 +3,38 @@
 Every request carries a row drawn at random from the held-out split (`SampleSource`), so a device's traffic
 has the data's real class mix rather than one sample replayed; a device matching a `--drift` sees its
 rows drifted. `simulators.pacing` sends them at a steady rate; `drive_inference` sends a fixed number.
+`send_labelled_traffic` plants training data on a device that samples its requests (federated retraining):
+inference requests with ids, then their labels through the device's labels endpoint.
 """
 
 from __future__ import annotations
 
 import functools
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import numpy as np
 
 from agent import Agent
+from agent.runtime import datatype_of
 from compression.reference import DigitsSplit, load_digits_split
 from simulators.drift import Drift
 
-__all__ = ["DeviceTraffic", "SampleSource", "digits_samples", "drive_inference", "oip_request", "predict"]
+__all__ = [
+    "DeviceTraffic",
+    "LabelledTraffic",
+    "SampleSource",
+    "digits_samples",
+    "drive_inference",
+    "oip_request",
+    "predict",
+    "send_labelled",
+    "send_labelled_traffic",
+]
 
 
 @dataclass
@@ -133,3 +148,95 @@ def drive_inference(
             if progress:
                 progress(done, len(futures))
     return results
+
+
+# -- labelled traffic (federated retraining) ----------------------------------------------------------------
+
+
+@dataclass
+class LabelledTraffic:
+    """What `send_labelled` sent to one device and what its sample store took."""
+
+    url: str
+    requests: int = 0
+    rows: int = 0
+    stored: int = 0  # rows the device labelled (only kept requests are: its sample rate decides)
+    unknown: list[str] = field(default_factory=list)  # request ids the device did not keep
+    ids: list[str] = field(default_factory=list)
+
+
+def send_labelled(
+    url: str,
+    model: str,
+    input_name: str,
+    inputs: np.ndarray,
+    labels: Sequence[int | float] | np.ndarray,
+    *,
+    batch: int = 16,
+    token: str | None = None,
+    id_prefix: str | None = None,
+    timeout_s: float = 30.0,
+) -> LabelledTraffic:
+    """Infer `inputs` (first axis = rows) at `url` in batches with ids, then send each row's label back.
+
+    `RuntimeError` with the device's answer when a request is refused (the model, the token, the body).
+    """
+    if len(inputs) != len(labels):
+        raise ValueError(f"{len(inputs)} input rows but {len(labels)} labels")
+    if batch < 1:
+        raise ValueError(f"batch must be positive, got {batch}")
+    prefix = id_prefix or uuid.uuid4().hex[:12]
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    datatype = datatype_of(inputs.dtype).value
+    traffic = LabelledTraffic(url=url)
+    entries: list[dict[str, object]] = []
+    with httpx.Client(base_url=url, timeout=timeout_s, headers=headers) as client:
+        for start in range(0, len(inputs), batch):
+            rows, row_labels = inputs[start : start + batch], labels[start : start + batch]
+            request_id = f"{prefix}-{start // batch}"
+            body = {
+                "id": request_id,
+                "inputs": [
+                    {"name": input_name, "shape": list(rows.shape), "datatype": datatype, "data": rows.ravel().tolist()}
+                ],
+            }
+            answer = _checked(client.post(f"/v2/models/{model}/infer", json=body))
+            traffic.ids.append(str(answer.get("id", request_id)))
+            traffic.requests += 1
+            traffic.rows += len(rows)
+            values = [_plain(v) for v in row_labels]
+            entries.append({"id": traffic.ids[-1], "label": values if len(values) > 1 else values[0]})
+        for start in range(0, len(entries), 500):  # a few hundred labels per body keeps it well under the limit
+            result = _checked(client.post(f"/v2/models/{model}/labels", json={"labels": entries[start : start + 500]}))
+            traffic.stored += int(result["stored"])
+            traffic.unknown += [str(i) for i in result["unknown"]]
+    return traffic
+
+
+def send_labelled_traffic(
+    agent: Agent, inputs: np.ndarray, labels: Sequence[int | float] | np.ndarray, *, batch: int = 16
+) -> int:
+    """Plant labelled samples on a running agent through its endpoint (served model, its token); rows stored."""
+    active, model, url = agent.active_model, agent.loaded_model, agent.inference_url
+    if active is None or model is None or url is None:
+        raise RuntimeError(f"agent {agent.config.device_id} serves no model on a local endpoint")
+    traffic = send_labelled(
+        url, active.name, model.inputs[0].name, inputs, labels, batch=batch, token=agent.config.http_token
+    )
+    return traffic.stored
+
+
+def _checked(response: httpx.Response) -> dict[str, Any]:
+    if response.status_code != 200:
+        raise RuntimeError(f"{response.request.url.path}: {response.status_code}: {response.text[:500]}")
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def _plain(value: object) -> int | float:
+    """A label as JSON wants it: numpy integers to int, numpy floats to float."""
+    if isinstance(value, np.integer | int) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, np.floating | float):
+        return float(value)
+    raise ValueError(f"label {value!r} is not an int class index or a float value")

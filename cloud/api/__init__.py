@@ -54,6 +54,7 @@ PUBLIC_ROUTES = frozenset(
         ("POST", "/api/v1/enrolment"),
         ("POST", "/api/v1/enrolment/renew"),
         ("GET", "/api/v1/enrolment/broker"),
+        ("GET", "/api/v1/enrolment/federation"),
         ("GET", "/api/v1/pki/ca.pem"),
         ("GET", "/api/v1/pki/crl.pem"),
         ("GET", "/api/v1/tuf/metadata/{filename}"),  # signed: any TUF client verifies it

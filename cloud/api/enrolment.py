@@ -1,7 +1,8 @@
 """Routes of device identity: enrolment tokens, enrolment and renewal, revocation, bootstrap secrets, the CA and CRL.
 
 `public_router` holds what a device calls before it has anything but an enrolment token or its own key
-(enrol, renew) and what brokers and devices fetch (CA certificate, CRL); everything else needs a role.
+(enrol, renew) and what brokers and devices fetch (CA certificate, CRL, where the broker and the Flower SuperLink
+are); everything else needs a role.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from cloud.api.deps import CoordinatorDep, PrincipalDep, SessionDep, requires
 from cloud.auth import Role
-from cloud.errors import ConfigurationError
+from cloud.errors import ConfigurationError, NotFoundError
 from cloud.models import DevicePublic
 from cloud.pki import IssuedCertificate
 from cloud.services import devices, enrolment
@@ -30,6 +31,13 @@ router = APIRouter(tags=["enrolment"])
 _OPERATOR = requires(Role.OPERATOR)
 _ADMIN = requires(Role.ADMIN)
 DevicePath = Annotated[DeviceId, Path(description="Device id.")]
+
+
+class FederationLocation(BaseModel):
+    """Where a device's Flower SuperNode connects, and the CA that signed the SuperLink's certificate."""
+
+    superlink: str = Field(description="HOST:PORT of the SuperLink (`flower-supernode --superlink`).")
+    root_certificates: str = Field(description="PEM of the CA that signed its certificate (`--root-certificates`).")
 
 
 class EnrolmentTokenCreate(BaseModel):
@@ -143,6 +151,8 @@ def enrol(request: EnrolmentRequest, session: SessionDep, coordinator: Coordinat
         request=request,
         days=coordinator.settings.device_certificate_days,
     )
+    if coordinator.federation is not None:
+        coordinator.federation.nudge()  # its key is registered with the SuperLink now rather than at the next tick
     return _response(coordinator, device.id, dict(device.tags), issued)
 
 
@@ -155,6 +165,8 @@ def renew(request: RenewalRequest, session: SessionDep, coordinator: Coordinator
         request=request,
         days=coordinator.settings.device_certificate_days,
     )
+    if coordinator.federation is not None:
+        coordinator.federation.nudge()  # a renewal with a new key registers the new key
     return _response(coordinator, device.id, dict(device.tags), issued)
 
 
@@ -162,6 +174,17 @@ def renew(request: RenewalRequest, session: SessionDep, coordinator: Coordinator
 def broker_location(coordinator: CoordinatorDep) -> BrokerLocation:
     """The broker URL and topic base devices use now (the same answer enrolment gives)."""
     return BrokerLocation(broker_url=_broker_url(coordinator), topic_base=coordinator.settings.topic_base)
+
+
+@public_router.get(
+    "/enrolment/federation", summary="Where the fleet's Flower SuperLink is (404 when federated learning is off)"
+)
+def federation_location(coordinator: CoordinatorDep) -> FederationLocation:
+    """The SuperLink's address devices use and the PEM of the CA that signed its certificate."""
+    federation = coordinator.federation
+    if federation is None:
+        raise NotFoundError("federated learning is not enabled on this coordinator")
+    return FederationLocation(superlink=federation.device_address, root_certificates=federation.root_certificates())
 
 
 @public_router.get("/pki/ca.pem", response_class=PlainTextResponse, summary="The fleet CA certificate")

@@ -1,17 +1,19 @@
-"""Routes of models: push versions and variants, list and show them, delete a version nothing uses any more."""
+"""Routes of models: push versions, variants and trainable forms, list and show them, delete a version nothing uses."""
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import asdict
 from typing import Annotated, Any, Literal, cast
 
-from fastapi import APIRouter, File, Form, Path, UploadFile
+from fastapi import APIRouter, Body, File, Form, Path, UploadFile
+from fastapi.responses import FileResponse
 from pydantic import BaseModel, StrictStr, TypeAdapter, ValidationError
 
 from cloud.api.deps import CoordinatorDep, PrincipalDep, SessionDep, requires
 from cloud.auth import Role
-from cloud.errors import InvalidInputError
+from cloud.errors import InvalidInputError, PayloadTooLargeError
 from cloud.models import ModelPublic, ModelsPublic, ModelVersionPublic
 from cloud.services import registry, removal, variants
 from protocol.governance import high_role
@@ -184,6 +186,61 @@ def get_model_version(
     record = registry.get_model_version(session=session, name=name, version=version)
     card = registry.version_cards(session=session, versions=[record]).get(record.id or 0)
     return registry.version_public(record, public_url=coordinator.public_url, card=card)
+
+
+@router.put(
+    "/models/{name}/versions/{version}/trainable",
+    dependencies=[_WRITE],
+    summary="Set the trainable form of a version (a torch.export program, raw bytes)",
+    responses={
+        409: {"description": "The version has another trainable form already (versions are immutable)."},
+        413: {"description": f"Larger than {registry.MAX_TRAINABLE_BYTES} bytes."},
+        422: {"description": "Not a torch.export program (.pt2 zip archive)."},
+    },
+)
+def put_trainable(
+    name: NamePath,
+    version: Annotated[Version, Path()],
+    session: SessionDep,
+    coordinator: CoordinatorDep,
+    principal: PrincipalDep,
+    file: Annotated[
+        bytes,
+        Body(
+            media_type="application/octet-stream",
+            description="The .pt2 archive `torch.export.save` writes (exported with a dynamic batch axis).",
+        ),
+    ] = b"",  # an empty body is refused by the registry with its own reason
+) -> ModelVersionPublic:
+    """Store the program federated runs of this version train (docs/federated.md); the same bytes again are fine."""
+    if len(file) > registry.MAX_TRAINABLE_BYTES:
+        raise PayloadTooLargeError(
+            f"the trainable form is {len(file)} bytes; the limit is {registry.MAX_TRAINABLE_BYTES} bytes"
+        )
+    record = registry.set_trainable(
+        session=session,
+        store=coordinator.store,
+        name=name,
+        version=version,
+        stream=io.BytesIO(file),
+        actor=principal.name,
+    )
+    card = registry.version_cards(session=session, versions=[record]).get(record.id or 0)
+    return registry.version_public(record, public_url=coordinator.public_url, card=card)
+
+
+@router.get(
+    "/models/{name}/versions/{version}/trainable",
+    summary="The trainable form of a version (raw bytes)",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}, 404: {"description": "No trainable form."}},
+)
+def get_trainable(
+    name: NamePath, version: Annotated[Version, Path()], session: SessionDep, coordinator: CoordinatorDep
+) -> FileResponse:
+    """The .pt2 archive of `name:version` (its digest is the version's `trainable.sha256`)."""
+    path = registry.trainable_path(session=session, store=coordinator.store, name=name, version=version)
+    return FileResponse(path, media_type="application/octet-stream", filename=f"{name}-{version}.pt2")
 
 
 class VersionDeleted(BaseModel):

@@ -21,6 +21,7 @@ from cloud.cli.broker import broker_app
 from cloud.cli.db import backup, db_app, restore
 from cloud.cli.deployments import deploy, deployments_app
 from cloud.cli.devices import devices_app
+from cloud.cli.federated import federated_app
 from cloud.cli.fleet import fleet_app
 from cloud.cli.keys import approve, keys_app
 from cloud.cli.models import models_app
@@ -81,6 +82,7 @@ def build_app(*, load_plugins: bool = True) -> typer.Typer:
     app.add_typer(deployments_app, name="deployments")
     app.add_typer(fleet_app, name="fleet")
     app.add_typer(rollouts_app, name="rollouts")
+    app.add_typer(federated_app, name="federated")
     app.add_typer(tokens_app, name="tokens")
     app.add_typer(audit_app, name="audit")
     app.add_typer(approvals_app, name="approvals")

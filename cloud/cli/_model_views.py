@@ -1,5 +1,5 @@
 """How `edgefleet models show` prints a model and a version: versions, aliases, variants with their compression
-report, lineage, card and approvals. Pure: JSON bodies in, rich renderables out."""
+report, trainable form, lineage, card and approvals. Pure: JSON bodies in, rich renderables out."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from rich.text import Text
 
 from cloud.cli._common import table
 
-__all__ = ["approval_line", "card_lines", "render_model", "render_version", "variant_rows"]
+__all__ = ["approval_line", "card_lines", "render_model", "render_version", "trainable_line", "variant_rows"]
 
 _VARIANT_COLUMNS = (
     "variant", "format", "precision", "runtime", "size", "accuracy", "agreement", "p50 ms", "drop pp", "gate"
@@ -34,12 +34,16 @@ def render_model(body: dict[str, Any]) -> RenderableType:
             ", ".join(by_version.get(v["version"], [])) or None,
             (v.get("lineage") or {}).get("parent_version"),
             (v.get("lineage") or {}).get("run"),
+            "yes" if v.get("trainable") else None,
             v.get("created_by"),
             v["created_at"],
         )
         for v in body["versions"]
     ]
-    columns = ["version", "format", "size", "variants", "risk", "signing", "aliases", "parent", "run", "by", "created"]
+    columns = [
+        "version", "format", "size", "variants", "risk", "signing", "aliases", "parent", "run", "trainable", "by",
+        "created",
+    ]  # fmt: skip
     parts: list[RenderableType] = [Text(f"{body['name']}  created {body['created_at']}")]
     parts.append(table("versions", columns, rows) if rows else Text("versions: none"))
     aliases = [(a["alias"], a["version"], a["updated_by"], a["updated_at"]) for a in body.get("aliases", [])]
@@ -87,7 +91,7 @@ def _figure(value: Any, style: str) -> str | None:
 
 
 def render_version(body: dict[str, Any]) -> RenderableType:
-    """A version: digest, lineage, aliases, variants with their report, card and approvals."""
+    """A version: digest, lineage, aliases, variants with their report, trainable form, card and approvals."""
     head = (
         f"{body['name']}:{body['version']}  {body['format']}  {body['size']} B  sha256={body['sha256']}  "
         f"created {body['created_at']}" + (f" by {body['created_by']}" if body.get("created_by") else "")
@@ -101,6 +105,7 @@ def render_version(body: dict[str, Any]) -> RenderableType:
         Text("aliases: " + (", ".join(f"{body['name']}@{a}" for a in body.get("aliases", [])) or "none")),
         table("variants", _VARIANT_COLUMNS, variant_rows(body)),
     ]
+    parts.append(Text(trainable_line(body.get("trainable"))))
     report = body.get("compression_report")
     if report:
         refused = ", ".join(report.get("refused") or []) or "none"
@@ -113,6 +118,13 @@ def render_version(body: dict[str, Any]) -> RenderableType:
     if body.get("approvals") is not None:
         parts.append(Text(approval_line(body["approvals"])))
     return Group(*parts)
+
+
+def trainable_line(form: dict[str, Any] | None) -> str:
+    """'trainable: torch.export, 123456 B, sha256=...' or why federated runs cannot start from the version."""
+    if not form:
+        return "trainable: none (federated runs need one: `edgefleet models push --trainable FILE.pt2`)"
+    return f"trainable: {form.get('format')}, {form.get('size')} B, sha256={form.get('sha256')}"
 
 
 def card_lines(card: dict[str, Any]) -> list[Text]:

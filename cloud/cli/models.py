@@ -3,7 +3,7 @@ delete them, set their model cards (which carry the risk class) and aliases (`mo
 
 from __future__ import annotations
 
-import json
+import zipfile
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -27,12 +27,19 @@ from cloud.cli._common import (
 )
 from cloud.cli._model_views import card_lines, render_model, render_version
 from cloud.cli.aliases import alias_app
-from cloud.client import ApiClient, ApiError
+from cloud.client import (
+    REPORT_FILE,
+    TRAINABLE_FILE,
+    ApiClient,
+    ApiError,
+    compression_report_field,
+    variant_fields,
+)
 from cloud.errors import InvalidInputError
 from protocol.errors import ManifestError
-from protocol.manifest import ManifestVariant, VariantsManifest, read_manifest
+from protocol.manifest import VariantsManifest, read_manifest
 
-__all__ = ["REPORT_FILE", "Risk", "models_app"]
+__all__ = ["REPORT_FILE", "TRAINABLE_FILE", "Risk", "models_app"]
 
 models_app = typer.Typer(
     help="Push, list, show and delete model versions; set their model cards and aliases.", no_args_is_help=True
@@ -41,7 +48,6 @@ models_app.add_typer(alias_app, name="alias")
 
 # `risk_class` is sent with the upload too, for a registry that takes it at push (older ones ignore the field).
 _PRIMARY_FIELDS = frozenset({"format", "inputs", "outputs", "variant", "risk_class", "report"})
-REPORT_FILE = "report.json"  # what `edgefleet compress` writes beside variants.json
 
 
 class Risk(StrEnum):
@@ -93,20 +99,47 @@ def models_push(
             "version after the upload; required with --risk high.",
         ),
     ] = None,
+    trainable: Annotated[
+        Path | None,
+        typer.Option(
+            "--trainable",
+            exists=True,
+            dir_okay=False,
+            readable=True,
+            help="The version's trainable form (a torch.export .pt2 program), which federated runs train; default "
+            f"with --variants: DIR/{TRAINABLE_FILE} when `edgefleet compress` wrote one.",
+        ),
+    ] = None,
     url: UrlOpt = None,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Upload FILE as NAME:VERSION, or a compressed model's variants (--variants DIR) under one version."""
+    """Upload FILE as NAME:VERSION, or a compressed model's variants (--variants DIR) under one version (with its
+    trainable form for federated runs: --trainable, or DIR/trainable.pt2)."""
     if not name or not version:
         fail("--name and --version are required")
     if file is None and variants is None:
-        fail("give a model FILE, or --variants DIR from `edgefleet compress`")
+        if trainable is None:
+            fail(
+                "give a model FILE, --variants DIR from `edgefleet compress`, or --trainable FILE.pt2 (alone: for a "
+                "version pushed already)"
+            )
+        if card is not None or risk is not None:
+            fail("--card and --risk go with a new version (FILE or --variants), not with --trainable alone")
+        _check_trainable_file(trainable)
+        with api_errors():
+            body = connect(url, token).push_trainable(name, version, trainable)
+        emit(body, as_json, _trainable_line)
+        return
     card_body = _card_for_push(card, risk)  # checked before a byte is uploaded
     manifest = _manifest(variants) if variants is not None else None
     file, fields = _primary(file, format, variants, manifest)
     if variants is not None:
         fields |= _report_field(variants)
+        if trainable is None and (variants / TRAINABLE_FILE).is_file():
+            trainable = variants / TRAINABLE_FILE
+    if trainable is not None:
+        _check_trainable_file(trainable)  # before a byte is uploaded
     fields.update({k: v for k, v in (("inputs", inputs), ("outputs", outputs)) if v is not None})
     if risk is not None:
         fields["risk_class"] = risk.value
@@ -117,6 +150,8 @@ def models_push(
         )
         if manifest is not None and variants is not None:
             body = _push_other_variants(client, body, variants, manifest, quiet=as_json)
+    if trainable is not None:
+        body = _push_trainable(client, name, version, trainable)
     if card_body is not None and card is not None:
         stored = _store_pushed_card(client, name, version, card_body, card)
         with api_errors():
@@ -124,11 +159,41 @@ def models_push(
     emit(body, as_json, _pushed_line)
 
 
+def _check_trainable_file(path: Path) -> None:
+    """Exit with the reason unless `path` is a zip archive, as `torch.export.save` writes (the registry checks more)."""
+    if not zipfile.is_zipfile(path):
+        fail(f"--trainable {path}: not a torch.export program (.pt2 zip archive); export it with torch.export.save")
+
+
+def _push_trainable(client: ApiClient, name: str, version: str, path: Path) -> dict[str, Any]:
+    """PUT the trainable form of a version just pushed; if that fails, say what state the version is left in."""
+    try:
+        return client.push_trainable(name, version, path)
+    except ApiError as exc:
+        fail(
+            f"pushed {name}:{version}, but its trainable form was not stored: {exc}. Until it is, federated runs "
+            f"cannot start from it; store it with `edgefleet models push --name {name} --version {version} "
+            f"--trainable FILE.pt2`"
+        )
+
+
+def _trainable_line(body: dict[str, Any]) -> str:
+    """'stored the trainable form of digits:2.0: torch.export, sha256=..., size=...'."""
+    form = body["trainable"]
+    return (
+        f"stored the trainable form of {body['name']}:{body['version']}: {form['format']}, sha256={form['sha256']}, "
+        f"size={form['size']}"
+    )
+
+
 def _pushed_line(body: dict[str, Any]) -> str:
-    """'pushed digits:2.0 sha256=... size=...' (+ variants; + risk, signing state and card when a card was set)."""
+    """'pushed digits:2.0 sha256=... size=...' (+ variants; + trainable form; + risk, signing state and card when a
+    card was set)."""
     line = f"pushed {body['name']}:{body['version']} sha256={body['sha256']} size={body['size']}"
     if body.get("variants"):
         line += f" with {len(body['variants'])} more variants"
+    if body.get("trainable"):
+        line += f"; trainable form {body['trainable']['size']} B"
     if body.get("card"):
         line += f"; {body['risk_class']} risk, {body['signing_state']}, card sha256={body['card']['sha256']}"
     return line
@@ -196,16 +261,10 @@ def _primary(
 
 def _report_field(directory: Path) -> dict[str, str]:
     """The compression report in `directory` as the push's `report` field (none when the directory has none)."""
-    path = directory / REPORT_FILE
-    if not path.is_file():
-        return {}
     try:
-        text = path.read_text(encoding="utf-8")
-        if not isinstance(json.loads(text), dict):
-            fail(f"{path}: a compression report is a JSON object")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        fail(f"{path}: not a compression report from `edgefleet compress` ({exc})")
-    return {"report": text}
+        return compression_report_field(directory)
+    except ValueError as exc:
+        fail(str(exc))
 
 
 def _push_other_variants(
@@ -221,29 +280,6 @@ def _push_other_variants(
         if not quiet:
             typer.echo(f"  + variant {entry.name} ({entry.format.value}, {entry.precision}, {entry.size} B)")
     return body
-
-
-def variant_fields(entry: ManifestVariant) -> dict[str, str]:
-    """Form fields of one manifest entry for the registry's variant upload."""
-    fields = {
-        "variant": entry.name,
-        "format": entry.format.value,
-        "precision": entry.precision or "fp32",
-        "cpu_features": json.dumps(entry.cpu_features),
-    }
-    if entry.runtime:
-        fields["runtime"] = entry.runtime
-    for key, value in (
-        ("accuracy", entry.accuracy),
-        ("agreement", entry.agreement),
-        ("latency_p50_ms", entry.latency.p50_ms),
-    ):
-        if value is not None:
-            fields[key] = str(value)
-    for key, specs in (("inputs", entry.inputs), ("outputs", entry.outputs)):
-        if specs:
-            fields[key] = json.dumps([spec.model_dump(mode="json") for spec in specs])
-    return fields
 
 
 @models_app.command("list")

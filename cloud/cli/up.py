@@ -1,4 +1,5 @@
-"""`edgefleet up`: run the coordinator (API, embedded broker or external one, MQTT bridge) in the foreground."""
+"""`edgefleet up`: run the coordinator (API, embedded broker or external one, MQTT bridge, and with `--federated` the
+Flower SuperLink) in the foreground."""
 
 from __future__ import annotations
 
@@ -67,6 +68,22 @@ def up(
     broker_reload_command: Annotated[
         str | None, typer.Option(help="Run after a revocation so the broker re-reads the CRL, e.g. 'kill -HUP PID'.")
     ] = None,
+    federated: Annotated[
+        bool | None,
+        typer.Option(
+            "--federated/--no-federated",
+            help="Federated learning: run a Flower SuperLink and register devices with it [env EDGEFLEET_FEDERATED].",
+        ),
+    ] = None,
+    superlink_port: Annotated[
+        int | None, typer.Option(help="Port of the SuperLink (default 9092; 0 picks a free one and keeps it).")
+    ] = None,
+    superlink_url: Annotated[
+        str | None, typer.Option(help="Use this external SuperLink (HOST:PORT) instead of starting one.")
+    ] = None,
+    flower_bin_dir: Annotated[
+        Path | None, typer.Option(help="bin directory of the Flower venv (default: .venv-flower/bin beside this one).")
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="Settings file (.toml or .env).", exists=True)] = None,
     log_json: Annotated[bool, typer.Option("--log-json", help="Log JSON lines instead of key=value.")] = False,
 ) -> None:
@@ -85,6 +102,10 @@ def up(
         port=port,
         broker_crl_file=broker_crl_file,
         broker_reload_command=broker_reload_command,
+        federated=federated,
+        superlink_port=superlink_port,
+        superlink_url=superlink_url,
+        flower_bin_dir=flower_bin_dir,
     )
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     sock = _bind(settings.host, settings.port)
@@ -114,6 +135,8 @@ def _announce(settings: Settings, info_path: Path) -> Callable[[Coordinator], No
             f"  data dir:    {settings.data_dir}",
             f"  database:    {_redact(settings.database_url)}",
         ]
+        if coordinator.federation is not None:
+            lines.insert(2, f"  SuperLink:   {coordinator.federation.device_address}")
         if coordinator.admin_token_created:
             lines.append(f"  admin token: {coordinator.admin_token}  (shown once; kept in data_dir/admin-token)")
         written = write_config_if_absent(url=url, token=coordinator.admin_token)
@@ -132,6 +155,7 @@ def _serve(settings: Settings, sock: socket.socket) -> None:
     try:
         _upgrade_database(settings)  # here, so that a refusal is one clear line rather than a lifespan traceback
         _check_broker_address(settings)  # likewise: the embedded broker's kept port must be free
+        _check_federation(settings)  # and the Flower venv must be there, the SuperLink's port free
         app = create_app(settings, on_started=_announce(settings, info_path))
     except CloudError as exc:
         fail(str(exc))
@@ -169,6 +193,16 @@ def _check_broker_address(settings: Settings) -> None:
     from cloud.broker_address import check_kept_address
 
     check_kept_address(settings.data_dir, settings.embedded_broker_host, settings.embedded_broker_port)
+
+
+def _check_federation(settings: Settings) -> None:
+    """`CloudError` if federated learning is on but the Flower venv is missing or the SuperLink's port is taken."""
+    if not settings.federated:
+        return
+    from cloud.federation import check_superlink_port, flower_bin_dir
+
+    flower_bin_dir(settings.flower_bin_dir)
+    check_superlink_port(settings)
 
 
 def _stop_requested(signum: int, _frame: object) -> None:

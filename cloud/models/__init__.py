@@ -41,6 +41,13 @@ from cloud.models.devices import (
     TelemetryWindowsPublic,
     in_fleet,
 )
+from cloud.models.federated import (
+    FederatedRun,
+    FederatedRunPublic,
+    FederatedRunsPublic,
+    FlowerNode,
+    RunStatus,
+)
 from cloud.models.governance import (
     ApprovalSignature,
     Approver,
@@ -113,6 +120,10 @@ __all__ = [
     "DevicesPublic",
     "EnrolmentState",
     "EnrolmentToken",
+    "FederatedRun",
+    "FederatedRunPublic",
+    "FederatedRunsPublic",
+    "FlowerNode",
     "Model",
     "ModelAlias",
     "ModelAliasPublic",
@@ -134,6 +145,7 @@ __all__ = [
     "RolloutPublic",
     "RolloutWavePublic",
     "RolloutsPublic",
+    "RunStatus",
     "TargetStatus",
     "TelemetryChain",
     "TelemetryGap",

@@ -61,6 +61,8 @@ class ModelVersion(ModelVersionBase, table=True):
     primary_variant: str = Field(default="default", max_length=64)
     # The `edgefleet compress` report (report.json) the variants were measured and gated in; null: none attached.
     compression_report: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    # The trainable form kept beside the variants (a torch.export program): {"sha256", "size", "format"}.
+    trainable: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     created_at: datetime = when()
 
 
@@ -81,6 +83,7 @@ class ModelVersionPublic(ModelVersionBase, UtcOut):
     primary_variant: str = "default"
     variants: list[dict[str, Any]] = []
     compression_report: dict[str, Any] | None = None
+    trainable: dict[str, Any] | None = None
     lineage: VersionLineage = Field(default_factory=VersionLineage)
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 from urllib.parse import urlencode
 
@@ -21,6 +23,8 @@ from protocol.messages import ModelFormat, TensorSpec, utcnow
 from protocol.tensors import onnx_tensor_specs
 
 __all__ = [
+    "MAX_TRAINABLE_BYTES",
+    "TRAINABLE_FORMAT",
     "ArtifactLinks",
     "artifact_url",
     "declared_tensors",
@@ -31,6 +35,8 @@ __all__ = [
     "list_models",
     "model_public",
     "push_model_version",
+    "set_trainable",
+    "trainable_path",
     "version_cards",
     "version_public",
 ]
@@ -154,12 +160,85 @@ def _find_version(session: Session, name: str, version: str) -> ModelVersion | N
 
 
 def discard_unreferenced(session: Session, store: ArtifactStore, sha256: str) -> None:
-    """Remove a rejected upload unless a registered version or variant shares its bytes."""
+    """Remove a rejected upload unless a registered version, variant or trainable form shares its bytes."""
     if session.exec(select(ModelVersion.id).where(ModelVersion.sha256 == sha256)).first() is not None:
         return
     if any(v.get("sha256") == sha256 for extras in session.exec(select(ModelVersion.variants)) for v in extras):
         return
+    if any((form or {}).get("sha256") == sha256 for form in session.exec(select(ModelVersion.trainable))):
+        return
     store.delete(sha256)
+
+
+# -- the trainable form of a version (federated retraining starts from it) ----------------------------------
+
+TRAINABLE_FORMAT = "torch.export"
+# Larger than a Flower App may carry (10 MB, checked when a run is created), so that a big model can still keep
+# its trainable form with its version; bodies are held in memory, hence a limit of its own.
+MAX_TRAINABLE_BYTES = 256 * 1024 * 1024
+# Members of the archive `torch.export.save` writes: `<name>/archive_format` (torch >= 2.6), and
+# `serialized_exported_program.json` in the layout of older releases.
+_PT2_MARKERS = frozenset({"archive_format", "serialized_exported_program.json"})
+
+
+def _check_program(path: Path) -> None:
+    """`InvalidModelError` unless `path` looks like a `torch.export` program (.pt2: a zip archive of its own)."""
+    hint = "export it with torch.export.save (or let `edgefleet compress` write trainable.pt2)"
+    if not zipfile.is_zipfile(path):
+        raise InvalidModelError(f"the trainable form is not a torch.export program (.pt2 zip archive): {hint}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = {PurePosixPath(member).name for member in archive.namelist()}
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise InvalidModelError(f"the trainable form is a damaged zip archive ({exc}): {hint}") from exc
+    if not names & _PT2_MARKERS:
+        raise InvalidModelError(f"the trainable form is a zip archive but not a torch.export program: {hint}")
+
+
+def set_trainable(
+    *, session: Session, store: ArtifactStore, name: str, version: str, stream: BinaryIO, actor: str
+) -> ModelVersion:
+    """Store the trainable form (a `torch.export` program) of `name:version`, audited as `actor`.
+
+    Like the rest of a version it never changes: the same bytes again are accepted as they are, other bytes are a
+    `ConflictError`. Bytes that are not a .pt2 archive are refused (`InvalidModelError`) and not kept.
+    """
+    record = get_model_version(session=session, name=name, version=version)
+    sha256, size = store.put(stream)
+    current = record.trainable or {}
+    try:
+        if size == 0:
+            raise InvalidInputError("the trainable form is empty", field="file")
+        _check_program(store.path(sha256))
+        if current and current.get("sha256") != sha256:
+            raise ConflictError(
+                f"version {name}:{version} has a trainable form already (sha256 {current.get('sha256')}); versions "
+                "are immutable: push a new version"
+            )
+    except (InvalidInputError, ConflictError):
+        discard_unreferenced(session, store, sha256)
+        raise
+    if current:
+        return record
+    record.trainable = {"sha256": sha256, "size": size, "format": TRAINABLE_FORMAT}
+    session.add(record)
+    details = {"sha256": sha256, "size": size, "format": TRAINABLE_FORMAT}
+    audit.record(
+        session=session, actor=actor, action="model.trainable_set", subject=f"{name}:{version}", details=details
+    )
+    session.commit()
+    session.refresh(record)
+    return record
+
+
+def trainable_path(*, session: Session, store: ArtifactStore, name: str, version: str) -> Path:
+    """Where the trainable form of `name:version` is stored; `NotFoundError` when it has none."""
+    record = get_model_version(session=session, name=name, version=version)
+    if not record.trainable:
+        raise NotFoundError(
+            f"version {name}:{version} has no trainable form (push one with `edgefleet models push --trainable`)"
+        )
+    return store.path(str(record.trainable["sha256"]))
 
 
 def get_model_version(*, session: Session, name: str, version: str) -> ModelVersion:

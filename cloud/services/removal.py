@@ -136,5 +136,8 @@ def _referenced_elsewhere(session: Session, record: ModelVersion) -> set[str]:
 
 
 def _digests(record: ModelVersion) -> set[str]:
-    """The digests of a version's artifacts: its primary and every variant."""
-    return {record.sha256, *(str(v["sha256"]) for v in record.variants if v.get("sha256"))}
+    """The digests of a version's artifacts: its primary, every variant and its trainable form."""
+    found = {record.sha256, *(str(v["sha256"]) for v in record.variants if v.get("sha256"))}
+    if record.trainable and record.trainable.get("sha256"):
+        found.add(str(record.trainable["sha256"]))
+    return found

@@ -208,7 +208,9 @@ def test_torch_default_export_with_external_data_and_a_batch_2_program_yields_se
 ) -> None:
     assert (torch_exports / "model.onnx.data").is_file()  # what torch.onnx.export writes by default
     out = tmp_path / "out"
-    code, _, stderr = _run(str(torch_exports / "model.onnx"), "--out", str(out))
+    # What is tested is the files (external data folded in, a batch-2 program), not the gate: this 8-epoch CNN's
+    # int8-static lands about 1 point below fp32, on either side of the default 1-point gate.
+    code, _, stderr = _run(str(torch_exports / "model.onnx"), "--out", str(out), "--max-drop", "3")
     assert code == 0, stderr
     manifest = read_manifest(out)
     assert [v.name for v in manifest.variants] == ["fp32", "int8-static", "int8-dynamic", "fp16", "tflite-int8"]
