@@ -27,8 +27,10 @@ to stderr. In one run:
    `flwr-clientapp` scripts first on the SuperNode's PATH that import only their own module, not their whole CLI
    package). What the Flower source offers: /tmp/fl/bench-notes.md.
 
-Expected duration with the defaults on 2 shared cores: 35-45 minutes (overhead ~8, in-process previews ~6, the
-20-round run on 10 SuperNodes 15-25, memory options ~4); `--full-stack` adds ~4. Quick check (~5 minutes):
+Expected duration with the defaults on 2 cores: 35-45 minutes (overhead ~8, in-process previews ~3-6, the
+20-round run on 10 SuperNodes 15-25, memory options ~4); `--full-stack` adds ~3. Measured on 2026-11-30 with other
+test runs sharing the cores (load average up to 28): 55 minutes, 36 of them for the 20-round run.
+Quick check (~5 minutes):
 `--nodes 2 --overhead-rounds 1 --repeats 1 --clients 3 --rounds 2 --no-simulate --memory-options none`.
 
     .venv/bin/python benchmarks/bench_federated.py [--nodes 3] [--rounds 20] [--skip-accuracy] [--json out.json]
