@@ -25,8 +25,12 @@ ABOVE_INT32 = 2**31 + 3
 
 @pytest.fixture
 def postgres_api(postgres_url: str, tmp_path: Path) -> Iterator[Api]:
-    """The coordinator's API on a fresh PostgreSQL database, tables built as the app builds them."""
-    app = create_app(Settings(data_dir=tmp_path / "c", database_url=postgres_url, port=8080), enable_mqtt=False)
+    """The coordinator's API on a fresh PostgreSQL database, tables built as the app builds them.
+
+    The rollout runner is off: the test dispatches itself, and a runner tick would race it to attempt 1.
+    """
+    settings = Settings(data_dir=tmp_path / "c", database_url=postgres_url, port=8080, rollout_tick_s=0)
+    app = create_app(settings, enable_mqtt=False)
     with TestClient(app) as client:
         yield api_for(app, client)
 
