@@ -57,6 +57,7 @@ class AgentConfig(BaseModel):
         min_length=16,
         description="bearer token required on every endpoint route but health; set it when http_host is not loopback",
     )
+    metrics: bool = Field(default=True, description="serve Prometheus metrics at GET /metrics on the endpoint")
     telemetry_interval_s: float = Field(default=10.0, gt=0, le=86400)
     telemetry_outbox_windows: int = Field(
         default=10_000,

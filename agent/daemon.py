@@ -29,6 +29,7 @@ from agent.federation import (
     fetch_federation,
     locate_supernode,
 )
+from agent.metrics import AgentMetrics, AgentReading
 from agent.outbox import Outbox
 from agent.runtime import LoadedModel, RuntimeCatalog, default_catalog
 from agent.samples import SampleStats, SampleStore, sample_store_path
@@ -102,6 +103,9 @@ class Agent:
             self._catalog = self._catalog.restricted_to(config.runtimes)
         self._recorder = TelemetryRecorder()
         self._serving = Serving(record=self._recorder.record)
+        self._metrics = AgentMetrics(self._metrics_reading) if config.metrics else None
+        if self._metrics is not None:
+            self._serving.add_tap(self._metrics.tap)
         self._slots = SlotStore(config.data_dir / "slots")
         self._lock = threading.Lock()
         self._changed = threading.Condition()  # notified after every update transition
@@ -370,6 +374,7 @@ class Agent:
                 max_request_bytes=cfg.http_max_request_bytes,
                 token=cfg.http_token,
                 samples=self._samples,
+                metrics=self._metrics,
             ),
             host=cfg.http_host,
             port=cfg.http_port,
@@ -516,6 +521,19 @@ class Agent:
             return
         event = DeviceEvent(device_id=self.config.device_id, kind=kind, **fields)
         transport.publish(topics.events(self.config.device_id), encode(event), qos=1)
+
+    def _metrics_reading(self) -> AgentReading:
+        """What `GET /metrics` reads at scrape time."""
+        worker = self._worker
+        return AgentReading(
+            version=agent_version(),
+            model=self.active_model,
+            update_phase=worker.state.phase.value if worker is not None else None,
+            telemetry_unconfirmed=len(self.telemetry_unconfirmed),
+            telemetry_dropped=self.telemetry_dropped,
+            supernode_state=self.federation_status.state,
+            rejected_messages=self._rejected,
+        )
 
     def _telemetry_publisher(self, transport: MqttTransport) -> TelemetryPublisher:
         """Windows on disk until the coordinator confirms them (`agent.outbox`), unless the outbox is disabled."""

@@ -8,6 +8,8 @@ version), 413 (the body is over `max_request_bytes`), 503 (no model loaded yet).
 With a sample store (`agent.samples`, federated retraining), a model in `sample_rates` answers every
 request with an `id` (the request's own, or a new one) and takes labels for kept requests at
 `POST /v2/models/{name}/labels` (`{"labels": [{"id": ..., "label": 3}]}` -> `{"stored": n, "unknown": [...]}`).
+
+With `metrics` (`agent.metrics`, config `metrics = true`, the default), `GET /metrics` answers Prometheus.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from agent._http_guards import BodyLimit, TokenAuth
 from agent._oip_codec import DecodedRequest, decode_tensor, encode_response, encode_tensor, read_request
 from agent.config import AgentConfig
 from agent.errors import ConfigError, InferenceFailedError, InferenceInputError, NoModelError
+from agent.metrics import AgentMetrics
 from agent.samples import LabelEntry, LabelsError, SampleStore, SampleStoreError, parse_labels
 from agent.serving import ActiveModel, Serving
 from protocol import ModelFormat
@@ -74,11 +77,13 @@ def create_app(
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     token: str | None = None,
     samples: SampleStore | None = None,
+    metrics: AgentMetrics | None = None,
 ) -> Starlette:
     """The Starlette app of the endpoint for one agent's `serving` (handlers find it in `app.state`).
 
     Bodies over `max_request_bytes` get 413 unread; with a `token`, every route but health needs it.
     With `samples`, served requests of opted-in models are offered to the store, and labels are taken.
+    With `metrics`, `GET /metrics` answers a Prometheus scrape (behind the token like every other route).
     """
     if max_request_bytes < 1:
         raise ConfigError(f"max_request_bytes (http_max_request_bytes) must be positive, got {max_request_bytes}")
@@ -86,9 +91,11 @@ def create_app(
         raise ConfigError("the endpoint token (http_token) is empty; set a long random one, or none")
     middleware = [Middleware(TokenAuth, token=token, open_paths=_HEALTH_PATHS)] if token is not None else []
     middleware.append(Middleware(BodyLimit, max_bytes=max_request_bytes))  # inside auth: strangers are refused first
-    app = Starlette(routes=_routes(), middleware=middleware, exception_handlers=_EXCEPTION_HANDLERS)
+    routes = [*_routes(), Route("/metrics", _metrics)] if metrics is not None else _routes()
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers=_EXCEPTION_HANDLERS)
     app.state.serving = serving
     app.state.samples = samples
+    app.state.metrics = metrics
     app.state.version = version
     app.state.token_required = token is not None
     return app
@@ -145,6 +152,12 @@ async def _ready(request: Request) -> Response:
 async def _server_metadata(request: Request) -> Response:
     body = ServerMetadata(name="edgefleet-agent", version=request.app.state.version, extensions=[BINARY_TENSOR_DATA])
     return JSONResponse(body.model_dump(mode="json"))
+
+
+async def _metrics(request: Request) -> Response:
+    metrics: AgentMetrics = request.app.state.metrics
+    body, content_type = await run_in_threadpool(metrics.exposition, request.headers.get("accept"))
+    return Response(body, media_type=content_type)
 
 
 async def _model_metadata(request: Request) -> Response:

@@ -7,19 +7,34 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 from agent.errors import AgentError, InferenceFailedError, InferenceInputError, NoModelError
 from agent.runtime import LoadedModel
-from protocol import ModelRef, ModelSpec
+from protocol import ModelRef, ModelSpec, OutputSemantics, infer_output_semantics
 
 __all__ = ["ActiveModel", "InferenceRecorder", "InferenceTap", "Serving"]
 
 log = logging.getLogger(__name__)
 
-# Called after every inference: (model, latency in ms, ok, first output or None).
-InferenceRecorder = Callable[[ModelRef, float, bool, "np.ndarray | None"], None]
+
+class InferenceRecorder(Protocol):
+    """Called after every inference: the model, latency in ms, ok, and for one that ran its inputs, outputs and
+    how the outputs read; `input_name` names the input telemetry sketches (the model's first)."""
+
+    def __call__(
+        self,
+        model: ModelRef,
+        latency_ms: float,
+        ok: bool,
+        inputs: Mapping[str, np.ndarray] | None = None,
+        outputs: Mapping[str, np.ndarray] | None = None,
+        *,
+        semantics: OutputSemantics | None = None,
+        input_name: str | None = None,
+    ) -> None: ...
 
 
 # Called after every inference that ran (not after a caller's bad input): (model, inputs, outputs or None
@@ -35,9 +50,25 @@ class ActiveModel:
     model: LoadedModel
     # Identity of the served model, built once: it is compared on every inference.
     ref: ModelRef = field(init=False)
+    # How its outputs read (declared in the spec, else inferred once from the loaded model's outputs).
+    semantics: OutputSemantics = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ref", self.spec.ref)
+        object.__setattr__(self, "semantics", self.spec.output_semantics or _inferred_semantics(self))
+
+    @property
+    def input_name(self) -> str:
+        """The model's first input: the one telemetry sketches."""
+        return self.spec.inputs[0].name
+
+
+def _inferred_semantics(active: ActiveModel) -> OutputSemantics:
+    try:
+        outputs = active.model.outputs or active.spec.outputs
+    except Exception:  # a runtime that cannot list its outputs: the declared ones are the best reading
+        outputs = active.spec.outputs
+    return infer_output_semantics(outputs)
 
 
 class Serving:
@@ -86,17 +117,17 @@ class Serving:
         try:
             outputs = active.model.infer(inputs)
         except InferenceInputError:
-            self._note(active.ref, start, ok=False, first=None)
+            self._note(active, start)
             raise
         except AgentError:
-            self._note(active.ref, start, ok=False, first=None)
+            self._note(active, start)
             self._tap(active, inputs, None, start)
             raise
         except Exception as exc:  # a runtime bug must reach the caller as an agent error, and be counted
-            self._note(active.ref, start, ok=False, first=None)
+            self._note(active, start)
             self._tap(active, inputs, None, start)
             raise InferenceFailedError(f"inference failed: {exc}") from exc
-        self._note(active.ref, start, ok=True, first=next(iter(outputs.values()), None))
+        self._note(active, start, inputs, outputs)
         self._tap(active, inputs, outputs, start)
         return outputs
 
@@ -113,6 +144,19 @@ class Serving:
             except Exception:  # an observer must never fail the caller's inference
                 log.exception("inference tap failed")
 
-    def _note(self, ref: ModelRef, start: float, *, ok: bool, first: np.ndarray | None) -> None:
-        if self._record is not None:
-            self._record(ref, (time.perf_counter() - start) * 1000.0, ok, first)
+    def _note(
+        self,
+        active: ActiveModel,
+        start: float,
+        inputs: Mapping[str, np.ndarray] | None = None,
+        outputs: dict[str, np.ndarray] | None = None,
+    ) -> None:
+        if self._record is None:
+            return
+        latency_ms = (time.perf_counter() - start) * 1000.0
+        if outputs is None:
+            self._record(active.ref, latency_ms, False)
+        else:
+            self._record(
+                active.ref, latency_ms, True, inputs, outputs, semantics=active.semantics, input_name=active.input_name
+            )

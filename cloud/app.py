@@ -23,7 +23,9 @@ from fastapi.staticfiles import StaticFiles
 from sqlmodel import Session
 
 from cloud import __version__
-from cloud.api import federated, install_problem_handlers, router
+from cloud.alerts.runner import AlertRunner
+from cloud.api import ct as ct_routes
+from cloud.api import drift, federated, install_problem_handlers, router
 from cloud.api.deps import requires
 from cloud.api.guard import RequestGuard
 from cloud.artifacts import FileArtifactStore
@@ -31,15 +33,21 @@ from cloud.auth import ensure_admin_token, ensure_secret
 from cloud.bridge import BridgeTls, MqttBridge
 from cloud.broker import EmbeddedBroker, tls_files
 from cloud.coordinator import Coordinator
+from cloud.ct import service as ct
+from cloud.ct.service import CtContext
 from cloud.db import create_db_engine, init_db
+from cloud.federation.nodes import eligible_node_ids
 from cloud.federation.runner import FederatedRunner
 from cloud.federation.superlink import start_federation
 from cloud.governance.maintainer import GovernanceMaintainer
 from cloud.governance.service import Governance
+from cloud.metrics import CoordinatorMetrics
+from cloud.periodic import Periodic
 from cloud.rollouts.runner import RolloutRunner
 from cloud.services.devices import mark_unconfirmed
 from cloud.services.enrolment import refresh_crl
 from cloud.settings import Settings
+from cloud.telemetry.retention import prune_telemetry
 
 __all__ = ["DOCS_ASSETS_URL", "DOCS_URL", "REDOC_URL", "create_app"]
 
@@ -68,6 +76,35 @@ def _bridge_client_id(settings: Settings) -> str:
     return f"edgefleet-coordinator-{digest}"
 
 
+def _telemetry_retention(coordinator: Coordinator) -> Periodic:
+    """The periodic job deleting old raw telemetry windows and rollups (`cloud.telemetry.retention`)."""
+    settings = coordinator.settings
+
+    def step() -> None:
+        prune_telemetry(
+            coordinator.engine,
+            window_days=settings.telemetry_retention_days,
+            rollup_days=settings.rollup_retention_days,
+        )
+
+    return Periodic("telemetry-retention", step, settings.retention_tick_s, at_start=True)
+
+
+def _continuous_training(coordinator: Coordinator) -> Periodic:
+    """The periodic job turning drift alerts into federated runs and following them (`cloud.ct.service`)."""
+
+    def step() -> None:
+        context = CtContext(
+            flower_enabled=coordinator.flower is not None,
+            data_dir=coordinator.settings.data_dir,
+            nodes=eligible_node_ids,
+        )
+        with Session(coordinator.engine, expire_on_commit=False) as session:
+            ct.step(session=session, context=context)
+
+    return Periodic("continuous-training", step, coordinator.settings.ct_tick_s)
+
+
 def create_app(
     settings: Settings, *, enable_mqtt: bool = True, on_started: Callable[[Coordinator], None] | None = None
 ) -> FastAPI:
@@ -88,6 +125,7 @@ def create_app(
         links=lambda: coordinator.links,
         tick_s=settings.rollout_tick_s,
     )
+    alerts = AlertRunner(engine=coordinator.engine, settings=settings)  # rules every alert_tick_s, webhooks
     coordinator.federated_runs = FederatedRunner(
         engine=coordinator.engine,
         store=coordinator.store,
@@ -99,6 +137,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        retention: Periodic | None = None
+        continuous: Periodic | None = None
         init_db(coordinator.engine)
         _prepare_secrets(coordinator)
         if enable_mqtt and settings.mqtt_url is None:
@@ -109,6 +149,7 @@ def create_app(
                 _start_mqtt(coordinator)
             if coordinator.rollouts is not None and settings.rollout_tick_s > 0:
                 coordinator.rollouts.start()  # after the bridge: its recovery publishes in-flight desired states
+            alerts.start()  # evaluates with alert_tick_s > 0; delivers with webhook URLs (what a previous run left too)
             if settings.federated:  # the Flower SuperLink (or an external one) and the devices' node registration
                 coordinator.federation = start_federation(settings, coordinator.fleet_pki(), coordinator.engine)
                 coordinator.flower = coordinator.federation.control
@@ -118,16 +159,27 @@ def create_app(
                 maintainer = GovernanceMaintainer(coordinator.governance, coordinator, settings.governance_tick_s)
                 coordinator.maintainer = maintainer
                 maintainer.start()
+            if settings.retention_tick_s > 0:
+                retention = _telemetry_retention(coordinator)
+                retention.start()
+            if settings.ct_tick_s > 0:
+                continuous = _continuous_training(coordinator)
+                continuous.start()
             if on_started is not None:
                 on_started(coordinator)
             yield
         finally:
+            if continuous is not None:
+                continuous.stop()
+            if retention is not None:
+                retention.stop()
             if coordinator.federated_runs is not None:
                 coordinator.federated_runs.stop()
             if coordinator.federation is not None:
                 coordinator.federation.stop()
             if coordinator.maintainer is not None:
                 coordinator.maintainer.stop()
+            alerts.stop()
             if coordinator.rollouts is not None:
                 coordinator.rollouts.stop()
             if coordinator.bridge is not None:
@@ -148,10 +200,14 @@ def create_app(
         redoc_url=None,
     )
     app.state.coordinator = coordinator
+    app.state.alerts = alerts
+    app.state.metrics = CoordinatorMetrics(coordinator)  # `GET /metrics`
     install_problem_handlers(app)
     app.add_middleware(RequestGuard)
     app.include_router(router)
     app.include_router(federated.router, prefix="/api/v1", dependencies=[requires()])
+    app.include_router(drift.router, prefix="/api/v1", dependencies=[requires()])
+    app.include_router(ct_routes.router, prefix="/api/v1", dependencies=[requires()])
     _offline_docs(app)
     return app
 
@@ -267,6 +323,9 @@ def _start_mqtt(coordinator: Coordinator) -> None:
         client_id=_bridge_client_id(settings),
         tls=BridgeTls(ca=settings.mqtt_ca_file or pki.ca_path, cert=cert, key=key),
         gap_grace_s=settings.telemetry_gap_grace_s,
+        batch_max=settings.ingest_batch_max,
+        batch_wait_s=settings.ingest_batch_wait_ms / 1000,
+        bucket_s=settings.rollup_bucket_s,
     )
     coordinator.bridge.start()
     if not coordinator.bridge.wait_connected(_BRIDGE_CONNECT_WAIT_S):

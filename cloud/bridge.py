@@ -10,11 +10,17 @@ takes no other: nothing is acknowledged, so the broker keeps the messages of the
 redelivers them after a reconnect. A message that fails for a reason a retry cannot fix (a bug, data the
 database refuses) is logged, counted as failed and acknowledged.
 
-After storing telemetry the bridge publishes the device's `TelemetryAck` retained, at most once a second per
-device plus once when a burst ends (`cloud.telemetry.acks`), and at once after an online report (an agent
-reports on every connect; one that lost its seq counter waits for this answer). Computing it settles the device's
-chain of windows; a hole in it is reported as a gap once `gap_grace_s` is over (`cloud.telemetry.gaps`), the
-bridge coming back to it then even if the device stays silent.
+Telemetry is stored in batches: the worker drains up to `batch_max` queued telemetry windows (or what arrives
+within `batch_wait_s` of the first) and stores them in one transaction (`cloud.telemetry.ingest.store_windows`);
+each of them is acknowledged to the broker only after that commit. Any other message ends the batch, which is
+stored before it, so the order of a device's messages holds. A batch that fails for a reason a retry cannot fix
+is stored again window by window, so only the window at fault is counted as failed.
+
+After storing telemetry the bridge publishes the device's `TelemetryAck` retained, at most once a second per device
+(every 5 s while a backlog of telemetry waits) plus once when a burst ends (`cloud.telemetry.acks`), and at once
+after an online report (an agent reports on every connect; one that lost its seq counter waits for this answer).
+Computing it settles the device's chain of windows; a hole in it is reported as a gap once `gap_grace_s` is over
+(`cloud.telemetry.gaps`), the bridge coming back to it then even if the device stays silent.
 
 On every (re)connect the bridge subscribes again and republishes every device's stored desired state,
 because an embedded broker forgets its retained messages when it restarts. A desired state is never
@@ -46,9 +52,11 @@ from cloud.outage import DatabaseUnavailableError, PatientDatabase
 from cloud.services.deployments import desired_states
 from cloud.services.devices import confirm_heard, ingest_event, ingest_reported
 from cloud.services.enrolment import UnknownDeviceError
-from cloud.telemetry.acks import AckThrottle, acknowledge_telemetry
+from cloud.telemetry.acks import Acknowledgement, AckThrottle, acknowledge_devices, acknowledge_telemetry
 from cloud.telemetry.counters import IngestCounters
 from cloud.telemetry.gaps import GAP_GRACE_S
+from cloud.telemetry.ingest import Arrival, Outcome, Stored, store_windows
+from cloud.telemetry.rollups import DEFAULT_BUCKET_S
 from cloud.telemetry.windows import ingest_telemetry
 from protocol.codec import decode, encode
 from protocol.errors import BrokerUrlError, MalformedMessageError, TopicError
@@ -67,6 +75,9 @@ _INBOUND: dict[Channel, type[Message]] = {
 }
 _STOP_TIMEOUT_S = 10.0
 _ACK_INTERVAL_S = 1.0
+_BUSY_ACK_INTERVAL_S = 5.0  # with a backlog of telemetry: well inside an agent's 30 s resend interval
+BATCH_MAX = 500
+BATCH_WAIT_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -133,6 +144,14 @@ class _Inbound:
     replayed: bool = False
 
 
+@dataclass(frozen=True)
+class _Window:
+    """An inbound message decoded as a telemetry window: a member of a batch."""
+
+    job: _Inbound
+    window: TelemetryWindow
+
+
 class _Republish:
     """Worker job: publish every stored desired state (after a connect)."""
 
@@ -167,6 +186,9 @@ class MqttBridge:
         tls: BridgeTls | None = None,
         keepalive: int = 30,
         gap_grace_s: float = GAP_GRACE_S,
+        batch_max: int = BATCH_MAX,
+        batch_wait_s: float = BATCH_WAIT_S,
+        bucket_s: int = DEFAULT_BUCKET_S,
     ) -> None:
         self.url = redact_mqtt_url(url)
         self.topics = topics
@@ -194,8 +216,11 @@ class MqttBridge:
         self._worker: threading.Thread | None = None
         self._stopping = False
         self._database = PatientDatabase(engine, on_outage=lambda down: counters.database(down=down))
-        self._acks = AckThrottle(_ACK_INTERVAL_S)
+        self._acks = AckThrottle(_ACK_INTERVAL_S, _BUSY_ACK_INTERVAL_S)
         self._gap_grace_s = gap_grace_s  # how long a hole in a device's telemetry chain waits before it is reported
+        self._batch_max = max(1, batch_max)  # most telemetry windows stored in one transaction
+        self._batch_wait_s = batch_wait_s  # how long a batch waits to fill once its first window is taken
+        self._bucket_s = bucket_s  # rollup bucket length
         self._confirmed: set[str] = set()  # devices heard on a live session since this start (worker thread only)
         self._desired_lock = threading.Lock()
         self._desired_generation: dict[str, int] = {}  # device → highest generation handed to the broker
@@ -301,9 +326,16 @@ class MqttBridge:
 
     def _work(self) -> None:
         try:
-            while (job := self._next_job()) is not None:
-                self._run(job)
+            job = self._next_job()
+            while job is not None:
+                following: _Job | _Idle = _Idle()
+                if isinstance(job, _Inbound) and isinstance(window := self._telemetry(job), _Window):
+                    batch, following = self._fill_batch(window)
+                    self._run_batch(batch)
+                else:
+                    self._run(job)
                 self._acknowledge_due()
+                job = following if not isinstance(following, _Idle) else self._next_job()
         except DatabaseUnavailableError:
             log.info("mqtt bridge stopped while waiting for the database; unacknowledged messages stay with the broker")
 
@@ -328,6 +360,102 @@ class MqttBridge:
             log.exception("mqtt bridge job failed job=%r", job)
         if isinstance(job, _Inbound) and job.qos > 0 and job.epoch == self._epoch:
             self._client.ack(job.mid, job.qos)
+
+    def _telemetry(self, job: _Inbound) -> _Window | None:
+        """The job as a decoded telemetry window, or None for anything else (handled one by one)."""
+        if not job.topic.endswith(f"/{Channel.TELEMETRY.value}"):
+            return None
+        verdict = classify(self.topics, job.topic, job.payload)
+        if isinstance(verdict, Decoded) and isinstance(verdict.message, TelemetryWindow):
+            return _Window(job, verdict.message)
+        return None
+
+    def _fill_batch(self, first: _Window) -> tuple[list[_Window], _Job | _Idle]:
+        """`first` and the telemetry queued behind it (up to `batch_max`, waiting at most `batch_wait_s` for more);
+        the job that ended the batch (anything but a window: to run next), else `_Idle`."""
+        batch = [first]
+        deadline = time.monotonic() + self._batch_wait_s
+        while len(batch) < self._batch_max:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    job = self._jobs.get(timeout=remaining)
+                except queue.Empty:
+                    break
+            window = self._telemetry(job) if isinstance(job, _Inbound) else None
+            if window is None:
+                return batch, job
+            batch.append(window)
+        return batch, _Idle()
+
+    def _run_batch(self, batch: list[_Window]) -> None:
+        """Store a batch of windows in one transaction, then acknowledge every message of it to the broker."""
+        try:
+            self._store_batch(batch)
+        except DatabaseUnavailableError:
+            raise  # stopping during an outage: leave the messages unacknowledged for redelivery
+        except Exception:  # a bug in the bridge itself: the worker must outlive any single bad batch
+            log.exception("mqtt bridge telemetry batch failed windows=%d", len(batch))
+        for item in batch:
+            if item.job.qos > 0 and item.job.epoch == self._epoch:
+                self._client.ack(item.job.mid, item.job.qos)
+
+    def _store_batch(self, batch: list[_Window]) -> None:
+        channel = Channel.TELEMETRY.value
+        self.counters.received(channel, len(batch))
+        arrivals = [Arrival(item.window, live=not item.job.replayed) for item in batch]
+        results: list[Stored | None]
+        try:
+            results = list(self._with_session(lambda s: store_windows(s, arrivals, bucket_s=self._bucket_s)))
+        except DatabaseUnavailableError:
+            raise
+        except Exception as exc:  # not transient: find the window at fault, store the others
+            if len(batch) > 1:
+                log.warning(
+                    "telemetry batch failed (%s: %s), storing its %d windows one by one",
+                    type(exc).__name__,
+                    exc,
+                    len(batch),
+                )
+            results = [self._store_one(item, arrival) for item, arrival in zip(batch, arrivals, strict=True)]
+        spoke: dict[str, bool] = {}
+        for item, result in zip(batch, results, strict=True):
+            window = item.window
+            if result is None:
+                continue  # failed for good, counted and logged
+            if result.outcome is Outcome.REJECTED:  # no auto-enrolment: only enrolled devices speak
+                self.counters.rejected(channel, result.reason)
+                log.warning("mqtt message ignored topic=%s reason=%s", item.job.topic, result.reason)
+                continue
+            if result.outcome is Outcome.DUPLICATE:
+                self.counters.duplicate()
+                log.info("telemetry duplicate dropped device=%s seq=%d", window.device_id, window.seq)
+            else:
+                self.counters.stored(channel)
+            spoke[window.device_id] = spoke.get(window.device_id, False) or not item.job.replayed
+        now, due, busy = time.monotonic(), [], self._jobs.qsize() >= self._batch_max
+        for device_id, live in spoke.items():
+            if live:
+                self._heard(device_id)  # a live report confirmed it already (`ingest_reported`)
+            if self._acks.stored(device_id, now, busy=busy):  # now, or once its throttle interval is over
+                due.append(device_id)
+        self._acknowledge_many(due)
+
+    def _store_one(self, item: _Window, arrival: Arrival) -> Stored | None:
+        """One window of a failed batch in a transaction of its own; None if it fails for good (counted)."""
+        try:
+            [result] = self._with_session(lambda s: store_windows(s, [arrival], bucket_s=self._bucket_s))
+            return result
+        except DatabaseUnavailableError:
+            raise
+        except Exception as exc:  # not transient (a bug, data the database refuses): it would fail forever
+            self.counters.failed(Channel.TELEMETRY.value)
+            log.error("mqtt message failed, dropped topic=%s error=%s: %s", item.job.topic, type(exc).__name__, exc)
+            return None
 
     def _republish(self) -> None:
         states = self._with_session(lambda session: desired_states(session=session))
@@ -378,7 +506,9 @@ class MqttBridge:
         if isinstance(message, DeviceEvent):
             return self._with_session(lambda s: ingest_event(session=s, event=message, live=live))
         assert isinstance(message, TelemetryWindow)
-        return self._with_session(lambda s: ingest_telemetry(session=s, window=message, live=live))
+        return self._with_session(
+            lambda s: ingest_telemetry(session=s, window=message, live=live, bucket_s=self._bucket_s)
+        )
 
     def _heard(self, device_id: str) -> None:
         """A device spoke on a live session: `unknown` (not heard since this start) becomes `online`, once."""
@@ -398,7 +528,22 @@ class MqttBridge:
             self._acknowledge(device_id)
 
     def _acknowledge_due(self) -> None:
-        for device_id in self._acks.due(time.monotonic()):
+        self._acknowledge_many(self._acks.due(time.monotonic()))
+
+    def _acknowledge_many(self, device_ids: list[str]) -> None:
+        """Acknowledge `device_ids` with one transaction; after a failure one by one, so one cannot stop the rest."""
+        if len(device_ids) > 1:
+            try:
+                answers = self._with_session(lambda s: acknowledge_devices(s, device_ids, grace_s=self._gap_grace_s))
+            except DatabaseUnavailableError:
+                raise
+            except Exception:
+                log.exception("telemetry acknowledgements failed devices=%d; one by one", len(device_ids))
+            else:
+                for device_id, answer in answers.items():
+                    self._publish_ack(device_id, answer)
+                return
+        for device_id in device_ids:
             try:
                 self._acknowledge(device_id)
             except DatabaseUnavailableError:
@@ -412,6 +557,9 @@ class MqttBridge:
         Settling the chain may report a gap; a hole still in its grace period is looked at again when it ends.
         """
         answer = self._with_session(lambda s: acknowledge_telemetry(s, device_id, grace_s=self._gap_grace_s))
+        self._publish_ack(device_id, answer)
+
+    def _publish_ack(self, device_id: str, answer: Acknowledgement) -> None:
         if answer.recheck_s is not None:
             self._acks.recheck(device_id, time.monotonic() + answer.recheck_s)
         self._client.publish(self.topics.ack(device_id), encode(answer.ack), qos=1, retain=True)

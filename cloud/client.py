@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 
 from protocol.manifest import ManifestVariant, read_manifest
+from protocol.profiles import PROFILE_FILE
 
 __all__ = [
     "API_PREFIX",
@@ -29,6 +30,7 @@ __all__ = [
     "CliConfig",
     "compression_report_field",
     "config_path",
+    "profile_field",
     "read_config",
     "variant_fields",
     "write_config_if_absent",
@@ -167,13 +169,14 @@ class ApiClient:
         on_variant: Callable[[ManifestVariant], None] | None = None,
     ) -> dict[str, Any]:
         """Push a directory written by `edgefleet compress` as `name:version`: its primary variant as the version
-        (with the compression report), then every other variant; the version as it then stands.
+        (with the compression report and the reference profile), then every other variant; the version as it then
+        stands.
 
         Raises `ManifestError` for an unusable variants.json and `ValueError` for an unusable report.json. The
         trainable form (`trainable.pt2`) is not pushed here: `push_trainable` does that once the version exists.
         """
         manifest = read_manifest(directory)
-        fields = variant_fields(manifest.primary) | compression_report_field(directory)
+        fields = variant_fields(manifest.primary) | compression_report_field(directory) | profile_field(directory)
         if risk_class is not None:
             fields["risk_class"] = risk_class
         body = self.push_model(directory / manifest.primary.file, name=name, version=version, fields=fields)
@@ -194,6 +197,40 @@ class ApiClient:
     def trainable(self, name: str, version: str) -> bytes:
         """The trainable form (`.pt2` bytes) of `name:version`."""
         return bytes(self.raw("GET", f"/models/{name}/versions/{version}/trainable").content)
+
+    # -- drift ----------------------------------------------------------------------------------------
+
+    def drift(self, name: str, version: str, *, by: str | None = None, window_s: int | None = None) -> dict[str, Any]:
+        """Drift of `name:version` per cohort (a tag key, `device`, or the fleet) against its reference profile."""
+        params = {k: v for k, v in (("by", by), ("window_s", window_s)) if v is not None}
+        return dict(self.get(f"/drift/{name}/{version}", **params))
+
+    def drift_report(self, name: str, version: str, *, by: str | None = None, window_s: int | None = None) -> str:
+        """The drift report of `name:version` as a self-contained HTML page."""
+        params = {k: v for k, v in (("by", by), ("window_s", window_s)) if v is not None}
+        return str(self.raw("GET", f"/drift/{name}/{version}/report", params=params or None).text)
+
+    def ct_status(self, model: str | None = None) -> dict[str, Any]:
+        """Continuous-training policies and the newest turns of the loop."""
+        return dict(self.get("/ct", **({"model": model} if model else {})))
+
+    def set_ct_policy(self, name: str, policy: dict[str, Any]) -> dict[str, Any]:
+        """Create or replace the continuous-training policy of model `name`."""
+        return dict(self.request("PUT", f"/ct/policies/{name}", json={"model_name": name, **policy}))
+
+    def delete_ct_policy(self, name: str) -> None:
+        """Remove the continuous-training policy of model `name`."""
+        self.raw("DELETE", f"/ct/policies/{name}")
+
+    def ct_decide(self, action_id: int, *, approve: bool, reason: str = "") -> dict[str, Any]:
+        """Approve (start its federated run) or reject the step a turn of the loop waits for."""
+        if approve:
+            return dict(self.request("POST", f"/ct/actions/{action_id}/approve"))
+        return dict(self.request("POST", f"/ct/actions/{action_id}/reject", json={"reason": reason}))
+
+    def reference_profile(self, name: str, version: str) -> dict[str, Any]:
+        """The reference profile pushed with `name:version`."""
+        return dict(self.get(f"/models/{name}/versions/{version}/profile"))
 
     # -- model cards and approvals -----------------------------------------------------------------
 
@@ -278,6 +315,27 @@ class ApiClient:
     def rollout_command(self, rollout_id: int, command: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         """Send `pause`, `resume`, `abort` or `promote` to a rollout."""
         return dict(self.post_json(f"/rollouts/{rollout_id}/{command}", body or {}))
+
+    # -- alerts ------------------------------------------------------------------------------------
+
+    def alerts(
+        self, *, state: str = "all", rule: str | None = None, model: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """Alerts, newest first: of one state (open, acked, resolved, unresolved, all), rule and model."""
+        params = {"state": state, "rule": rule, "model": model, "limit": limit}
+        return list(self.get("/alerts", **{k: v for k, v in params.items() if v is not None})["data"])
+
+    def alert(self, alert_id: int) -> dict[str, Any]:
+        """One alert with its webhook deliveries."""
+        return dict(self.get(f"/alerts/{alert_id}"))
+
+    def ack_alert(self, alert_id: int, note: str | None = None) -> dict[str, Any]:
+        """Acknowledge an open alert (it stays unresolved until its condition goes); the alert as it then is."""
+        return dict(self.post_json(f"/alerts/{alert_id}/ack", {"note": note}))
+
+    def alert_rules(self) -> dict[str, Any]:
+        """The alert rules the coordinator evaluates (`data`), its tick, resolve_after and webhook count."""
+        return dict(self.get("/alerts/rules"))
 
     # -- federated runs ----------------------------------------------------------------------------
 
@@ -384,6 +442,23 @@ def compression_report_field(directory: Path) -> dict[str, str]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: not a compression report from `edgefleet compress` ({exc})") from exc
     return {"report": text}
+
+
+def profile_field(source: Path) -> dict[str, str]:
+    """A reference profile (a `reference_profile.json`, or a directory holding one) as a push's `profile` field;
+    none when a directory has none. `ValueError` naming the file when it is not a JSON object."""
+    path = source / PROFILE_FILE if source.is_dir() else source
+    if source.is_dir() and not path.is_file():
+        return {}
+    try:
+        text = path.read_text(encoding="utf-8")
+        if not isinstance(json.loads(text), dict):
+            raise ValueError(f"{path}: a reference profile is a JSON object")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(
+            f"{path}: not a reference profile from `edgefleet compress` or `edgefleet profile` ({exc})"
+        ) from exc
+    return {"profile": text}
 
 
 def variant_fields(entry: ManifestVariant) -> dict[str, str]:

@@ -163,6 +163,139 @@ class Settings(BaseSettings):
         description="How often devices' SuperNode identities are reconciled with the SuperLink (registered, "
         "unregistered).",
     )
+    alert_tick_s: float = Field(
+        default=30.0, ge=0, le=86400, description="How often alert rules are evaluated (docs/alerts.md); 0 = never."
+    )
+    alert_window_s: float = Field(
+        default=900.0,
+        gt=0,
+        le=7 * 86400,
+        description="The telemetry windows of the last this many seconds are what error-rate and latency rules judge.",
+    )
+    alert_group_by: str = Field(
+        default="device",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="Cohorts of the telemetry and offline rules: `fleet`, `device`, or a tag key (one per value).",
+    )
+    alert_error_rate: float = Field(
+        default=0.05, gt=0, le=1, description="Alert when a cohort's error rate (errors / inferences) is above this."
+    )
+    alert_min_inferences: int = Field(
+        default=100, ge=1, le=10**9, description="A cohort's error rate and latency are judged on at least this many."
+    )
+    alert_latency_p95_ms: float = Field(
+        default=500.0, gt=0, le=3_600_000, description="Alert when a cohort's p95 latency (ms) is above this."
+    )
+    alert_offline_after_s: float = Field(
+        default=600.0,
+        gt=0,
+        le=30 * 86400,
+        description="An enrolled device not online and not heard from for this long counts as offline.",
+    )
+    alert_rollout_stuck_s: float = Field(
+        default=3600.0,
+        gt=0,
+        le=30 * 86400,
+        description="Alert when a running rollout's state has not advanced for this long (and it waits for nothing "
+        "it planned).",
+    )
+    ct_tick_s: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        description="How often continuous-training policies turn open drift alerts into federated runs and follow "
+        "them; 0 = off.",
+    )
+    drift_window_s: float = Field(
+        default=3600.0,
+        ge=60,
+        le=90 * 86400,
+        description="Drift rules compare the sketches of the windows that ended in the last this many seconds with "
+        "the version's reference profile.",
+    )
+    drift_group_by: str = Field(
+        default="fleet",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Cohorts drift rules judge: `fleet`, `device`, or a device tag key (one cohort per value: "
+        "site=b). Continuous-training policies add their own grouping for their model.",
+    )
+    drift_min_rows: int = Field(
+        default=200, ge=10, le=10**9, description="A cohort's drift is judged on at least this many sketched rows."
+    )
+    drift_accuracy_drop: float = Field(
+        default=0.05,
+        gt=0,
+        le=1,
+        description="Alert when a cohort's estimated accuracy is this far (0.05 = 5 points) under the reference's.",
+    )
+    alert_resolve_after: int = Field(
+        default=3,
+        ge=1,
+        le=1000,
+        description="An alert resolves once its condition has been absent for this many evaluations in a row.",
+    )
+    alert_webhook_urls: list[str] = Field(
+        default_factory=list, description="Webhooks (http/https URLs) every alert event is POSTed to, signed."
+    )
+    alert_webhook_secret: str = Field(
+        default="",
+        description="The HMAC-SHA256 key of X-Edgefleet-Signature; refused empty or a placeholder outside development.",
+    )
+    alert_webhook_timeout_s: float = Field(default=10.0, gt=0, le=300, description="Timeout of one webhook POST.")
+    alert_webhook_max_attempts: int = Field(
+        default=8, ge=1, le=100, description="Attempts of one delivery before it is marked failed."
+    )
+    alert_webhook_backoff_s: float = Field(
+        default=2.0, gt=0, le=3600, description="Wait before the 2nd attempt; doubled per attempt, with jitter."
+    )
+    alert_webhook_backoff_max_s: float = Field(
+        default=600.0, gt=0, le=86400, description="The longest wait between two attempts of a delivery."
+    )
+    alert_delivery_poll_s: float = Field(
+        default=1.0, gt=0, le=60, description="How often the webhook worker looks for deliveries that are due."
+    )
+
+    ingest_batch_max: int = Field(
+        default=500,
+        ge=1,
+        le=10_000,
+        description="Most telemetry windows the MQTT bridge stores in one transaction (1 = one by one).",
+    )
+    ingest_batch_wait_ms: float = Field(
+        default=5.0,
+        ge=0,
+        le=1000,
+        description="How long the bridge waits for more telemetry to fill a batch once one window is queued.",
+    )
+    rollup_bucket_s: int = Field(
+        default=60,
+        ge=1,
+        le=86400,
+        description="Length of the time buckets telemetry rollups sum windows over (by window start; changing it "
+        "leaves existing rollups at their old length).",
+    )
+    telemetry_retention_days: float = Field(
+        default=14,
+        gt=0,
+        le=3650,
+        description="Raw telemetry windows older than this are deleted (their rollups are kept).",
+    )
+    rollup_retention_days: float = Field(
+        default=400,
+        gt=0,
+        le=36500,
+        description="Telemetry rollups whose bucket is older than this are deleted.",
+    )
+    retention_tick_s: float = Field(
+        default=3600.0,
+        ge=0,
+        le=7 * 86400,
+        description="How often old telemetry windows and rollups are deleted (in bounded batches); 0 = never.",
+    )
 
     @field_validator("data_dir")
     @classmethod
@@ -197,6 +330,16 @@ class Settings(BaseSettings):
     def _host_port(cls, value: str | None) -> str | None:
         if value is not None:
             split_host_port(value)
+        return value
+
+    @field_validator("alert_webhook_urls")
+    @classmethod
+    def _webhook_urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            parts = urlsplit(url)
+            if parts.scheme not in {"http", "https"} or not parts.hostname:
+                shown = parts._replace(netloc=parts.hostname or "").geturl() if parts.password else url
+                raise ValueError(f"webhook URL {shown!r} is not an http:// or https:// URL with a host")
         return value
 
     @field_validator("public_url")
@@ -273,4 +416,13 @@ class Settings(BaseSettings):
                 "EDGEFLEET_ADMIN_TOKEN is empty, a placeholder or shorter than "
                 f"{_MIN_PRODUCTION_TOKEN_CHARS} characters; refusing to start in production "
                 "(unset it to use the generated data_dir/admin-token)"
+            )
+        if self.alert_webhook_urls and (
+            self.alert_webhook_secret.strip().lower() in _PLACEHOLDER_SECRETS
+            or len(self.alert_webhook_secret.strip()) < _MIN_PRODUCTION_TOKEN_CHARS
+        ):
+            raise ConfigurationError(
+                "EDGEFLEET_ALERT_WEBHOOK_SECRET is empty, a placeholder or shorter than "
+                f"{_MIN_PRODUCTION_TOKEN_CHARS} characters while alert webhooks are configured; refusing to start "
+                "in production (receivers could not tell the coordinator's alerts from forged ones)"
             )

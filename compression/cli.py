@@ -28,10 +28,13 @@ from compression.pipeline import (
     resolve_model,
     run_compression,
 )
+from compression.profile import build_profile, write_profile
 from compression.report import render_markdown
 from compression.variants import missing_source, parse_variant_names
+from protocol.outputs import OutputSemantics
+from protocol.profiles import PROFILE_FILE
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_CONVERTER", "EXIT_REFUSED", "app", "compress", "exit_code"]
+__all__ = ["EXIT_BAD_INPUT", "EXIT_CONVERTER", "EXIT_REFUSED", "app", "compress", "exit_code", "profile"]
 
 EXIT_REFUSED = 1
 EXIT_BAD_INPUT = 2
@@ -169,6 +172,44 @@ def compress(
     code = exit_code(result, explicit=to is not None)
     if code:
         raise typer.Exit(code)
+
+
+def profile(
+    model: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="The model (.onnx) to profile.")],
+    data: Annotated[
+        str, typer.Option("--data", help=f"Reference data: {_DATA_HELP}; or digits (held-out split).")
+    ] = "digits",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the profile.")] = Path(PROFILE_FILE),
+    semantics: Annotated[
+        str | None,
+        typer.Option(
+            "--output-semantics",
+            help="How the outputs read, as JSON (see `edgefleet models push --help`); default: from the graph.",
+        ),
+    ] = None,
+) -> None:
+    """Build the reference profile drift is measured against: MODEL run over reference data (ideally the data it
+    was validated on), sketched as devices sketch, with accuracy and a confidence calibration when the data has
+    labels. Push it with `edgefleet models push --profile FILE` (`edgefleet compress` writes one by itself)."""
+    err = _stderr()
+    try:
+        declared = None if semantics is None else OutputSemantics.model_validate_json(semantics)
+    except ValueError as exc:
+        err.print(f"error: --output-semantics: {exc}", style="red", markup=False, highlight=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from exc
+    try:
+        dataset = load_dataset(data)
+        with err.status("profiling…"):
+            built = build_profile(model, dataset, semantics=declared, source=dataset.name)
+    except (CompressionError, ValueError) as exc:
+        err.print(f"error: {exc}", style="red", markup=False, highlight=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from exc
+    write_profile(built, out)
+    accuracy = "no labels" if built.accuracy is None else f"accuracy {100 * built.accuracy:.2f} %"
+    typer.echo(
+        f"wrote {out}: {built.rows} rows, {built.semantics.kind}, {len(built.sketches.features)} "
+        f"{built.sketches.feature_mode} features, {accuracy}, {len(built.calibration)} calibration ranges"
+    )
 
 
 def _default_calibration(eval_data: str) -> str:

@@ -3,7 +3,9 @@
 The output directory holds `fp32.onnx` (self-contained: external weights folded in) and the variant files,
 `variants.json` (the manifest the registry push consumes: accepted variants only), `report.json`, `report.md`
 and `report.html`; and `trainable.pt2`, the model's trainable form (`compression.trainable`) when one was given,
-which `edgefleet models push --variants` stores beside the variants for federated retraining. A variant that
+which `edgefleet models push --variants` stores beside the variants for federated retraining; and
+`reference_profile.json`, the fp32 model's reference profile over the evaluation data (`compression.profile`),
+which the push stores and signs with the version (drift is measured against it). A variant that
 cannot be built (no source for it, a converter missing or failing) or that does not run once built is skipped
 with its reason; it never stops the others.
 """
@@ -31,6 +33,7 @@ from compression.evaluate import (
 )
 from compression.machine import read_cpu
 from compression.outputs import EvaluatedOutput, choose_output, read_model_tensors
+from compression.profile import build_profile, write_profile
 from compression.report import build_document, render_html, render_markdown
 from compression.scoring import score
 from compression.specs import tensor_specs
@@ -45,6 +48,7 @@ from protocol.manifest import (
     write_manifest,
 )
 from protocol.messages import ModelFormat, TensorSpec
+from protocol.profiles import PROFILE_FILE
 
 __all__ = [
     "BUILTIN_MODEL",
@@ -208,7 +212,22 @@ def run_compression(job: CompressionJob, progress: Callable[[str], None] = lambd
         shutil.copyfile(job.sources.trainable, job.out_dir / TRAINABLE_FILE)
     else:
         (job.out_dir / TRAINABLE_FILE).unlink(missing_ok=True)
+    _write_reference_profile(job, baseline_path, progress)
     return CompressionResult(built, report, verdicts, document, manifest_path, skipped, target, notes)
+
+
+def _write_reference_profile(job: CompressionJob, baseline_path: Path, progress: Callable[[str], None]) -> None:
+    """`reference_profile.json`: the fp32 model over the evaluation data, sketched as devices sketch (drift's
+    reference). A model the profile cannot read is still compressed: the push then simply has no profile."""
+    target = job.out_dir / PROFILE_FILE
+    target.unlink(missing_ok=True)  # never leave an earlier run's profile beside this run's variants
+    progress("profiling fp32 on the evaluation data (drift reference)")
+    try:
+        profile = build_profile(baseline_path, job.evaluation, source=job.evaluation.name)
+    except (CompressionError, ValueError) as exc:
+        progress(f"no reference profile: {exc}")
+        return
+    write_profile(profile, target)
 
 
 def _batch_notes(model_input: TensorSpec) -> list[str]:

@@ -38,6 +38,8 @@ from protocol.messages import (
     UpdateStatus,
     utcnow,
 )
+from protocol.outputs import OutputSemantics, Predictions, infer_output_semantics, predictions
+from protocol.sketches import SketchError, SketchSet, WindowSketches, decode_sketch, encode_sketch
 from protocol.topics import DEFAULT_BASE, Channel, Topics, validate_device_id
 from protocol.verification import sha256_file, verify_artifact
 
@@ -63,8 +65,12 @@ __all__ = [
     "ModelFormat",
     "ModelRef",
     "ModelSpec",
+    "OutputSemantics",
+    "Predictions",
     "ProtocolError",
     "ReportedState",
+    "SketchError",
+    "SketchSet",
     "TelemetryAck",
     "TelemetryWindow",
     "TensorSpec",
@@ -74,8 +80,13 @@ __all__ = [
     "UpdatePhase",
     "UpdateStatus",
     "VerificationError",
+    "WindowSketches",
     "decode",
+    "decode_sketch",
     "encode",
+    "encode_sketch",
+    "infer_output_semantics",
+    "predictions",
     "sha256_file",
     "utcnow",
     "validate_device_id",

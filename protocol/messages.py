@@ -17,6 +17,8 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from protocol.errors import ErrorCode
+from protocol.outputs import OutputSemantics
+from protocol.sketches import WindowSketches
 from protocol.topics import DEVICE_ID_PATTERN
 
 SCHEMA_VERSION = 1
@@ -115,6 +117,9 @@ class ModelSpec(_Part):
     # Which of the version's artifacts this is (e.g. `int8-static`, `tflite-int8`); the coordinator picks it
     # from the device's reported capabilities. Informational: the artifact digest is what the device checks.
     variant: str | None = Field(default=None, max_length=64)
+    # How the outputs read (classifier, regressor), declared at push time; None: the agent infers it from the
+    # loaded model's outputs (`protocol.outputs.infer_output_semantics`).
+    output_semantics: OutputSemantics | None = None
 
     @property
     def ref(self) -> ModelRef:
@@ -268,6 +273,8 @@ class TelemetryWindow(Message):
     # so the coordinator can merge windows into exact-to-the-bucket percentiles.
     latency_histogram: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)
     class_counts: dict[str, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
+    # KLL sketches of the window's inputs, confidence and values (`protocol.sketches`); None from older agents.
+    sketches: WindowSketches | None = None
 
     @model_validator(mode="after")
     def _linked_backwards(self) -> TelemetryWindow:

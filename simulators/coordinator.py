@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
@@ -32,8 +33,10 @@ class CoordinatorProcess:
         extra_args: tuple[str, ...] = (),
         startup_timeout: float = 60.0,
         federated: bool = False,
+        env: Mapping[str, str] | None = None,
     ) -> None:
-        """`federated`: run with `--federated` and a SuperLink on a free port (kept in its data dir)."""
+        """`federated`: run with `--federated` and a SuperLink on a free port (kept in its data dir); `env`: more
+        environment (settings such as EDGEFLEET_ALERT_TICK_S)."""
         self.data_dir = data_dir
         self.mqtt_url = mqtt_url
         self.database_url = database_url
@@ -41,6 +44,7 @@ class CoordinatorProcess:
         self.extra_args = extra_args
         self.startup_timeout = startup_timeout
         self.federated = federated
+        self.env = dict(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
         self.token = ""
@@ -61,7 +65,7 @@ class CoordinatorProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         info_file = self.data_dir / "coordinator.json"
         info_file.unlink(missing_ok=True)
-        env = dict(os.environ, EDGEFLEET_CONFIG=str(self.data_dir / "cli.toml"))
+        env = dict(os.environ, EDGEFLEET_CONFIG=str(self.data_dir / "cli.toml"), **self.env)
         if self.topic_base:
             env["EDGEFLEET_TOPIC_BASE"] = self.topic_base
         log = (self.data_dir / "coordinator.log").open("ab")

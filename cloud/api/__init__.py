@@ -1,7 +1,7 @@
 """The REST API under `/api/v1`, plus `/healthz`: one module per resource; handlers call services and nothing else.
 
-`system` (health, info, ingest counters), `models` (registry), `aliases` (movable names of model versions),
-`artifacts` (model bytes), `devices`,
+`system` (health, info, ingest counters, Prometheus `/metrics`), `models` (registry), `aliases` (movable names
+of model versions), `artifacts` (model bytes), `devices`,
 `enrolment` (device identity), `deployments`, `rollouts`, `fleet` (the summary), `tokens` (API tokens), `cards`
 (model cards), `approvals` (what high-risk versions lack before they may be deployed) and `audit` (the log).
 Every route needs a valid token (`requires()`), stricter roles where it writes, except what a device calls
@@ -12,6 +12,7 @@ device's download token). `deps` holds the shared dependencies, `problems` maps 
 from fastapi import APIRouter
 
 from cloud.api import (
+    alerts,
     aliases,
     approvals,
     artifacts,
@@ -34,6 +35,7 @@ __all__ = ["PUBLIC_ROUTES", "install_problem_handlers", "router"]
 
 router = APIRouter()
 router.include_router(system.health_router)
+router.include_router(system.metrics_router)
 _v1 = APIRouter(prefix="/api/v1")
 _v1.include_router(enrolment.public_router)
 _v1.include_router(artifacts.router)
@@ -44,6 +46,7 @@ for _resource in (
     audit,
 ):  # fmt: skip
     _protected.include_router(_resource.router)
+_protected.include_router(alerts.router)  # rules, alerts, acknowledgements (docs/alerts.md)
 _v1.include_router(_protected)
 router.include_router(_v1)
 

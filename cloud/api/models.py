@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import asdict
-from typing import Annotated, Any, Literal, cast
+from typing import Annotated, Any, Literal, TypeVar, cast
 
 from fastapi import APIRouter, Body, File, Form, Path, UploadFile
 from fastapi.responses import FileResponse
@@ -18,6 +18,8 @@ from cloud.models import ModelPublic, ModelsPublic, ModelVersionPublic
 from cloud.services import registry, removal, variants
 from protocol.governance import high_role
 from protocol.messages import ModelFormat, Name, TensorSpec, Version
+from protocol.outputs import OutputSemantics
+from protocol.profiles import ReferenceProfile
 
 __all__ = ["NamePath", "VersionDeleted", "router"]
 
@@ -29,6 +31,7 @@ NamePath = Annotated[Name, Path(description="Model name: letters, digits, '.', '
 _SPECS = TypeAdapter(list[TensorSpec])
 _STRINGS = TypeAdapter(list[StrictStr])
 _OBJECT = TypeAdapter(dict[str, Any])
+_Model = TypeVar("_Model", bound=BaseModel)
 
 
 def _json_form(raw: str | None, field: str, adapter: TypeAdapter[Any]) -> Any:
@@ -48,6 +51,11 @@ def _json_form(raw: str | None, field: str, adapter: TypeAdapter[Any]) -> Any:
 def _tensor_specs(raw: str | None, field: str) -> list[TensorSpec] | None:
     """A JSON list of tensor specs from a form field."""
     return cast("list[TensorSpec] | None", _json_form(raw, field, _SPECS))
+
+
+def _parsed(model: type[_Model], raw: str | None, field: str) -> _Model | None:
+    """A JSON object form field read as `model` (e.g. the reference profile); None when absent."""
+    return cast("_Model | None", _json_form(raw, field, TypeAdapter(model)))
 
 
 def _string_list(raw: str | None, field: str) -> list[str] | None:
@@ -79,6 +87,17 @@ def push_model_version(
     report: Annotated[
         str | None, Form(description="JSON object: the `edgefleet compress` report (report.json) of its variants.")
     ] = None,
+    output_semantics: Annotated[
+        str | None,
+        Form(
+            description="JSON object (protocol.outputs.OutputSemantics): which output is the class label, the class "
+            "probabilities or logits, or a regressor's value; inferred from the graph when absent."
+        ),
+    ] = None,
+    profile: Annotated[
+        str | None,
+        Form(description="JSON object: the reference profile (reference_profile.json) drift is measured against."),
+    ] = None,
 ) -> ModelVersionPublic:
     """Store the file and register it; the ONNX graph supplies inputs/outputs unless they are given."""
     record = registry.push_model_version(
@@ -94,6 +113,8 @@ def push_model_version(
         risk_class=risk_class,
         actor=principal.name,
         compression_report=cast("dict[str, Any] | None", _json_form(report, "report", _OBJECT)),
+        output_semantics=_parsed(OutputSemantics, output_semantics, "output_semantics"),
+        profile=_parsed(ReferenceProfile, profile, "profile"),
     )
     _sign(coordinator)
     session.refresh(record)
@@ -241,6 +262,16 @@ def get_trainable(
     """The .pt2 archive of `name:version` (its digest is the version's `trainable.sha256`)."""
     path = registry.trainable_path(session=session, store=coordinator.store, name=name, version=version)
     return FileResponse(path, media_type="application/octet-stream", filename=f"{name}-{version}.pt2")
+
+
+@router.get(
+    "/models/{name}/versions/{version}/profile",
+    summary="The reference profile of a version (what drift is measured against)",
+    responses={404: {"description": "No such version, or it was pushed without a reference profile."}},
+)
+def get_profile(name: NamePath, version: Annotated[Version, Path()], session: SessionDep) -> dict[str, Any]:
+    """The `reference_profile.json` pushed with `name:version` (its digest is the version's `profile_sha256`)."""
+    return registry.reference_profile(session=session, name=name, version=version).model_dump(mode="json")
 
 
 class VersionDeleted(BaseModel):

@@ -1,21 +1,24 @@
-"""Health and coordinator information."""
+"""Health, coordinator information, ingest counters and Prometheus metrics."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from cloud import __version__
-from cloud.api.deps import CoordinatorDep
+from cloud.api.deps import CoordinatorDep, requires
+from cloud.metrics import CoordinatorMetrics
 
-__all__ = ["health_router", "router"]
+__all__ = ["health_router", "metrics_router", "router"]
 
 router = APIRouter(tags=["system"])
 health_router = APIRouter(tags=["system"])
+# `/metrics` where Prometheus looks by default; a read like any other (`authorization:` in the scrape config).
+metrics_router = APIRouter(tags=["system"], dependencies=[requires()])
 
 
 @health_router.get("/healthz", summary="Liveness and readiness")
@@ -55,3 +58,11 @@ def get_stats(coordinator: CoordinatorDep) -> dict[str, Any]:
     """Messages received, stored, rejected as malformed (per channel and `rejected_total`), duplicates dropped."""
     connected = coordinator.bridge is not None and coordinator.bridge.connected
     return {**coordinator.counters.snapshot(), "mqtt_connected": connected}
+
+
+@metrics_router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+def metrics(request: Request) -> Response:
+    """The coordinator's metrics in the Prometheus text format (OpenMetrics when `Accept` asks for it)."""
+    exporter: CoordinatorMetrics = request.app.state.metrics
+    body, content_type = exporter.exposition(request.headers.get("accept"))
+    return Response(body, media_type=content_type)

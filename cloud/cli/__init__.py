@@ -15,12 +15,15 @@ import typer
 from typer.core import TyperGroup
 
 from cloud import __version__
+from cloud.cli.alerts import alerts_app
 from cloud.cli.approvals import approvals_app
 from cloud.cli.audit import audit_app
 from cloud.cli.broker import broker_app
+from cloud.cli.ct import ct_app
 from cloud.cli.db import backup, db_app, restore
 from cloud.cli.deployments import deploy, deployments_app
 from cloud.cli.devices import devices_app
+from cloud.cli.drift import drift_app
 from cloud.cli.federated import federated_app
 from cloud.cli.fleet import fleet_app
 from cloud.cli.keys import approve, keys_app
@@ -83,8 +86,11 @@ def build_app(*, load_plugins: bool = True) -> typer.Typer:
     app.add_typer(fleet_app, name="fleet")
     app.add_typer(rollouts_app, name="rollouts")
     app.add_typer(federated_app, name="federated")
+    app.add_typer(drift_app, name="drift")
+    app.add_typer(ct_app, name="ct")
     app.add_typer(tokens_app, name="tokens")
     app.add_typer(audit_app, name="audit")
+    app.add_typer(alerts_app, name="alerts")
     app.add_typer(approvals_app, name="approvals")
     app.add_typer(broker_app, name="broker")
     app.add_typer(keys_app, name="keys")

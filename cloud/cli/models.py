@@ -33,11 +33,13 @@ from cloud.client import (
     ApiClient,
     ApiError,
     compression_report_field,
+    profile_field,
     variant_fields,
 )
 from cloud.errors import InvalidInputError
 from protocol.errors import ManifestError
 from protocol.manifest import VariantsManifest, read_manifest
+from protocol.profiles import PROFILE_FILE
 
 __all__ = ["REPORT_FILE", "TRAINABLE_FILE", "Risk", "models_app"]
 
@@ -47,7 +49,9 @@ models_app = typer.Typer(
 models_app.add_typer(alias_app, name="alias")
 
 # `risk_class` is sent with the upload too, for a registry that takes it at push (older ones ignore the field).
-_PRIMARY_FIELDS = frozenset({"format", "inputs", "outputs", "variant", "risk_class", "report"})
+_PRIMARY_FIELDS = frozenset(
+    {"format", "inputs", "outputs", "variant", "risk_class", "report", "profile", "output_semantics"}
+)
 
 
 class Risk(StrEnum):
@@ -110,6 +114,26 @@ def models_push(
             f"with --variants: DIR/{TRAINABLE_FILE} when `edgefleet compress` wrote one.",
         ),
     ] = None,
+    profile: Annotated[
+        Path | None,
+        typer.Option(
+            "--profile",
+            exists=True,
+            dir_okay=False,
+            readable=True,
+            help="Reference profile (reference_profile.json from `edgefleet compress` or `edgefleet profile`) that "
+            "drift is measured against; default with --variants: DIR/reference_profile.json when present.",
+        ),
+    ] = None,
+    semantics: Annotated[
+        str | None,
+        typer.Option(
+            "--output-semantics",
+            help='How the outputs read, as JSON, e.g. \'{"kind": "classifier", "label_output": "label", '
+            '"scores_output": "probabilities", "scores": "probabilities"}\' or \'{"kind": "regressor", '
+            '"value_output": "variable"}\'. Default: inferred from the graph.',
+        ),
+    ] = None,
     url: UrlOpt = None,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
@@ -138,6 +162,15 @@ def models_push(
         fields |= _report_field(variants)
         if trainable is None and (variants / TRAINABLE_FILE).is_file():
             trainable = variants / TRAINABLE_FILE
+        if profile is None and (variants / PROFILE_FILE).is_file():
+            profile = variants / PROFILE_FILE
+    if profile is not None:
+        try:
+            fields |= profile_field(profile)
+        except ValueError as exc:
+            fail(str(exc))
+    if semantics is not None:
+        fields["output_semantics"] = semantics
     if trainable is not None:
         _check_trainable_file(trainable)  # before a byte is uploaded
     fields.update({k: v for k, v in (("inputs", inputs), ("outputs", outputs)) if v is not None})

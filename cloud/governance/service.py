@@ -74,6 +74,10 @@ def target_file(record: ModelVersion, variant: Variant, card: ModelCard | None) 
         "format": variant.format.value,
         "risk": record.risk_class,
         "card_sha256": card.sha256 if card else None,
+        # What drift is measured against and how the outputs read: signed with the artifact, so a device (and an
+        # auditor) can tell the profile and semantics the coordinator uses are the publisher's.
+        "profile_sha256": record.profile_sha256,
+        "output_semantics": record.output_semantics,
         "lineage": {
             "parent_version": _text(extra.get("parent_version")),
             "run": _text(extra.get("run")),

@@ -8,6 +8,16 @@ timestamps are stored timezone-aware (SQLite hands them back naive; `as_utc` res
 """
 
 from cloud.models._common import as_utc
+from cloud.models.alerts import (
+    Alert,
+    AlertDelivery,
+    AlertDeliveryPublic,
+    AlertDetailPublic,
+    AlertPublic,
+    AlertsPublic,
+    AlertState,
+    DeliveryState,
+)
 from cloud.models.aliases import (
     AliasChange,
     AliasChangePublic,
@@ -15,6 +25,16 @@ from cloud.models.aliases import (
     ModelAlias,
     ModelAliasesPublic,
     ModelAliasPublic,
+)
+from cloud.models.ct import (
+    CtAction,
+    CtActionPublic,
+    CtActionStatus,
+    CtPolicy,
+    CtPolicyBase,
+    CtPolicyPublic,
+    CtStep,
+    CtTrigger,
 )
 from cloud.models.deployments import (
     Deployment,
@@ -90,6 +110,13 @@ from cloud.models.rollouts import (
 from cloud.models.telemetry import TelemetryChain, TelemetryGap, TelemetryGapsPublic
 
 __all__ = [
+    "Alert",
+    "AlertDelivery",
+    "AlertDeliveryPublic",
+    "AlertDetailPublic",
+    "AlertPublic",
+    "AlertState",
+    "AlertsPublic",
     "AliasChange",
     "AliasChangePublic",
     "AliasChangesPublic",
@@ -101,6 +128,15 @@ __all__ = [
     "AuditEntry",
     "AuditEntryPublic",
     "BootstrapSecret",
+    "CtAction",
+    "CtActionPublic",
+    "CtActionStatus",
+    "CtPolicy",
+    "CtPolicyBase",
+    "CtPolicyPublic",
+    "CtStep",
+    "CtTrigger",
+    "DeliveryState",
     "Deployment",
     "DeploymentBase",
     "DeploymentPublic",

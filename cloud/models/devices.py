@@ -6,7 +6,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, Index, UniqueConstraint
 from sqlmodel import Field, SQLModel, col
 
 from cloud.models._common import UtcOut, json_column, when
@@ -178,7 +178,12 @@ class TelemetryRecord(SQLModel, table=True):
     """One `protocol.TelemetryWindow`, stored once per `(device_id, seq)`."""
 
     __tablename__ = "telemetry_window"
-    __table_args__ = (UniqueConstraint("device_id", "seq", name="uq_telemetry_device_seq"),)
+    __table_args__ = (
+        UniqueConstraint("device_id", "seq", name="uq_telemetry_device_seq"),
+        # Drift and alert queries read a version's windows of a time range; retention deletes by arrival.
+        Index("ix_telemetry_window_model_end", "model_name", "model_version", "window_end"),
+        Index("ix_telemetry_window_received_at", "received_at"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     device_id: str = Field(foreign_key="device.id", index=True, max_length=128)
@@ -194,4 +199,6 @@ class TelemetryRecord(SQLModel, table=True):
     error_count: int
     latency_histogram: list[int] = json_column(list)
     class_counts: dict[str, int] = json_column(dict)
+    # The window's mergeable sketches (`protocol.sketches.WindowSketches`), null when the device sent none.
+    sketches: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     received_at: datetime = when()

@@ -63,6 +63,12 @@ class ModelVersion(ModelVersionBase, table=True):
     compression_report: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     # The trainable form kept beside the variants (a torch.export program): {"sha256", "size", "format"}.
     trainable: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    # How its outputs read (`protocol.outputs.OutputSemantics`): declared at push, else inferred from the graph.
+    output_semantics: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    # The reference profile drift is measured against (`protocol.profiles.ReferenceProfile`) and its digest,
+    # which the version's signed targets name.
+    reference_profile: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    profile_sha256: str | None = Field(default=None, max_length=64)
     created_at: datetime = when()
 
 
@@ -84,6 +90,8 @@ class ModelVersionPublic(ModelVersionBase, UtcOut):
     variants: list[dict[str, Any]] = []
     compression_report: dict[str, Any] | None = None
     trainable: dict[str, Any] | None = None
+    output_semantics: dict[str, Any] | None = None
+    profile_sha256: str | None = None
     lineage: VersionLineage = Field(default_factory=VersionLineage)
 
 

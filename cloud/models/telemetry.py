@@ -3,18 +3,20 @@
 `TelemetryChain` holds, per device, the seq up to which its chain is settled (`TelemetryAck.stored_seq`) and
 the windows the device says it dropped; `TelemetryGap` a hole in the chain: pending while its grace period
 runs (`reported_at` null, at most one per device), reported once it is over, shrunk when late windows fill it.
+`TelemetryRollup` holds per device, model version and time bucket the sums of its stored windows; raw windows
+are deleted after a retention period, rollups kept much longer (`cloud.telemetry.retention`).
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger
+from sqlalchemy import BigInteger, Column, DateTime, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-from cloud.models._common import when
+from cloud.models._common import json_column, when
 
-__all__ = ["TelemetryChain", "TelemetryGap", "TelemetryGapsPublic"]
+__all__ = ["TelemetryChain", "TelemetryGap", "TelemetryGapsPublic", "TelemetryRollup"]
 
 
 class TelemetryChain(SQLModel, table=True):
@@ -27,6 +29,9 @@ class TelemetryChain(SQLModel, table=True):
     settled_seq: int | None = Field(default=None, sa_type=BigInteger)
     # The highest `TelemetryWindow.dropped_windows` the device sent: windows it dropped for good.
     dropped_windows: int = Field(default=0, sa_type=BigInteger)
+    # The highest seq whose window retention deleted (all at or below `settled_seq`): a window at or below it
+    # that is not in a reported gap was stored once already, and the acknowledgement's `max_seq` never drops.
+    pruned_seq: int | None = Field(default=None, sa_type=BigInteger)
 
 
 class TelemetryGap(SQLModel, table=True):
@@ -48,3 +53,27 @@ class TelemetryGapsPublic(SQLModel):
     count: int = 0
     windows: int = 0
     ranges: list[tuple[int, int]] = Field(default_factory=list)
+
+
+class TelemetryRollup(SQLModel, table=True):
+    """Sums of one device's stored windows of one model version whose `window_start` falls in one time bucket.
+
+    Counts are added; each JSON column is merged by its function in `cloud.telemetry.rollups.MERGED` (a new
+    per-window field, e.g. a sketch, is one more JSON column and one more entry there). No model: empty names.
+    """
+
+    __tablename__ = "telemetry_rollup"
+    __table_args__ = (
+        UniqueConstraint("device_id", "model_name", "model_version", "bucket_start", name="uq_telemetry_rollup_bucket"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(foreign_key="device.id", max_length=128)
+    model_name: str = Field(default="", max_length=128)
+    model_version: str = Field(default="", max_length=64)
+    bucket_start: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False, index=True))
+    windows: int = Field(default=0, sa_type=BigInteger)
+    inference_count: int = Field(default=0, sa_type=BigInteger)
+    error_count: int = Field(default=0, sa_type=BigInteger)
+    latency_histogram: list[int] = json_column(list)
+    class_counts: dict[str, int] = json_column(dict)

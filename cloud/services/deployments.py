@@ -25,7 +25,8 @@ from cloud.models import (
 )
 from cloud.services.registry import ArtifactLinks, get_model_version
 from cloud.variant_policy import NoCompatibleVariantError, choose_variant, version_variants
-from protocol.messages import ArtifactRef, DesiredState, ModelSpec, utcnow
+from protocol.messages import ArtifactRef, DesiredState, ModelSpec, TensorSpec, utcnow
+from protocol.outputs import OutputSemantics
 
 __all__ = [
     "DesiredStatePublisher",
@@ -167,11 +168,23 @@ def desired_state_for(
         inputs=variant.inputs,
         outputs=variant.outputs,
         variant=variant.name,
+        output_semantics=_semantics_of(record, variant.outputs),
     )
     director = links.instruct(device.id, generation, record, variant) if links.instruct and generation else None
     return DesiredState(
         device_id=device.id, generation=generation, deployment_id=deployment_id, model=spec, director=director
     )
+
+
+def _semantics_of(record: ModelVersion, outputs: list[TensorSpec]) -> OutputSemantics | None:
+    """The version's output semantics when they name this variant's outputs (a converted variant may rename its
+    tensors: the device then infers them from the variant itself)."""
+    if not record.output_semantics:
+        return None
+    semantics = OutputSemantics.model_validate(record.output_semantics)
+    names = {spec.name for spec in outputs}
+    named = [n for n in (semantics.label_output, semantics.scores_output, semantics.value_output) if n is not None]
+    return semantics if semantics.kind != "unknown" and all(n in names for n in named) else None
 
 
 def _signed(state: DesiredState, record: ModelVersion, links: ArtifactLinks) -> DesiredState:
@@ -254,7 +267,8 @@ def _supersede(session: Session, device: Device) -> None:
 def desired_states(*, session: Session) -> list[DesiredState]:
     """Every device's current desired state, as stored (what the bridge republishes on connect)."""
     statement = select(Device).where(col(Device.desired_state).is_not(None)).order_by(Device.id)
-    return [DesiredState.model_validate(d.desired_state) for d in session.exec(statement)]
+    # A JSON `null` (PostgreSQL keeps an ORM None that way) passes the SQL filter but is no desired state.
+    return [DesiredState.model_validate(d.desired_state) for d in session.exec(statement) if d.desired_state]
 
 
 def deployment_public(deployment: Deployment, targets: Sequence[DeploymentTarget]) -> DeploymentPublic:

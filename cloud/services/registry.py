@@ -20,6 +20,8 @@ from cloud.models import Model, ModelCard, ModelPublic, ModelVersion, ModelVersi
 from cloud.variant_policy import Variant
 from protocol.errors import TensorSpecError
 from protocol.messages import ModelFormat, TensorSpec, utcnow
+from protocol.outputs import OutputSemantics, infer_output_semantics
+from protocol.profiles import ReferenceProfile, profile_digest
 from protocol.tensors import onnx_tensor_specs
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "list_models",
     "model_public",
     "push_model_version",
+    "reference_profile",
     "set_trainable",
     "trainable_path",
     "version_cards",
@@ -76,6 +79,8 @@ def push_model_version(
     risk_class: str = "low",
     actor: str = "system",
     compression_report: dict[str, Any] | None = None,
+    output_semantics: OutputSemantics | None = None,
+    profile: ReferenceProfile | None = None,
 ) -> ModelVersion:
     """Store an artifact and register it as `name:version` (`risk_class` decides how it gets signed), pushed by
     `actor`, with the `edgefleet compress` report its variants come from when given.
@@ -83,6 +88,9 @@ def push_model_version(
     Without explicit `inputs`, an ONNX file's tensors are read from its graph, and a file that does not
     parse is refused (`InvalidModelError`). With explicit `inputs` the bytes are stored as they are, so a
     device's own validation can be exercised. The same name and version twice is a `ConflictError`.
+
+    How the outputs read is `output_semantics` when declared, else the profile's, else inferred from the graph;
+    `profile` is the reference profile drift is measured against (stored with its digest, which gets signed).
     """
     if _find_version(session, name, version) is not None:
         raise ConflictError(f"model {name}:{version} exists already; versions are immutable, push a new version")
@@ -90,6 +98,11 @@ def push_model_version(
     inputs, outputs = declared_tensors(
         session=session, store=store, sha256=sha256, size=size, format=format, inputs=inputs, outputs=outputs
     )
+    try:
+        semantics = _semantics(output_semantics, profile, outputs)
+    except InvalidInputError:
+        discard_unreferenced(session, store, sha256)
+        raise
     model = session.exec(select(Model).where(Model.name == name)).first()
     if model is None:
         model = Model(name=name, created_at=utcnow())
@@ -109,6 +122,9 @@ def push_model_version(
         risk_class=risk_class,
         created_by=actor,
         compression_report=compression_report,
+        output_semantics=semantics,
+        reference_profile=profile.model_dump(mode="json") if profile is not None else None,
+        profile_sha256=profile_digest(profile) if profile is not None else None,
     )
     session.add(record)
     details = {"sha256": sha256, "size": size, "format": format.value, "risk_class": risk_class}
@@ -120,6 +136,26 @@ def push_model_version(
         raise ConflictError(f"model {name}:{version} exists already") from exc
     session.refresh(record)
     return record
+
+
+def _semantics(
+    declared: OutputSemantics | None, profile: ReferenceProfile | None, outputs: list[TensorSpec]
+) -> dict[str, Any]:
+    """How a version's outputs read: declared, else as its reference profile read them, else from the graph."""
+    if declared is not None and profile is not None and declared != profile.semantics:
+        raise InvalidInputError(
+            "the declared output semantics differ from those the reference profile was built with",
+            field="output_semantics",
+        )
+    chosen = declared or (profile.semantics if profile is not None else infer_output_semantics(outputs))
+    names = {spec.name for spec in outputs}
+    for named in (chosen.label_output, chosen.scores_output, chosen.value_output):
+        if named is not None and names and named not in names:
+            raise InvalidInputError(
+                f"output semantics name {named!r}, which is not an output of the model {sorted(names)}",
+                field="output_semantics",
+            )
+    return chosen.model_dump(mode="json")
 
 
 def declared_tensors(
@@ -152,6 +188,19 @@ def declared_tensors(
         discard_unreferenced(session, store, sha256)
         raise
     return inputs, outputs or []
+
+
+def reference_profile(*, session: Session, name: str, version: str) -> ReferenceProfile:
+    """The reference profile of `name:version`; `NotFoundError` when the version or its profile is missing."""
+    record = _find_version(session, name, version)
+    if record is None:
+        raise NotFoundError(f"model {name}:{version} not found")
+    if record.reference_profile is None:
+        raise NotFoundError(
+            f"model {name}:{version} has no reference profile; push one with the version "
+            "(`edgefleet models push --profile reference_profile.json`, or --variants DIR from `edgefleet compress`)"
+        )
+    return ReferenceProfile.model_validate(record.reference_profile)
 
 
 def _find_version(session: Session, name: str, version: str) -> ModelVersion | None:

@@ -1,11 +1,11 @@
 """Telemetry acknowledgements: what the coordinator has stored of a device's telemetry, and when to say so.
 
 `acknowledge_telemetry` settles the device's chain of windows (`cloud.telemetry.gaps`: at most `ACK_SCAN_ROWS`
-windows per call, holes reported after their grace period) and reads the highest stored seq (one index lookup)
-and the reported gaps: a `TelemetryAck` an agent's outbox can trust (`TelemetryAck.confirms`), and when to walk
-the chain again (a hole's grace period ends). `AckThrottle` decides when the bridge publishes it: at once,
-unless it acknowledged the device less than `interval_s` ago; then once that interval is over, so the last
-window of a burst is always acknowledged.
+windows per call, holes reported after their grace period) and reads the highest stored seq (one index lookup;
+never below what retention deleted: `TelemetryChain.pruned_seq`) and the reported gaps: a `TelemetryAck` an
+agent's outbox can trust (`TelemetryAck.confirms`), and when to walk the chain again (a hole's grace period
+ends). `AckThrottle` decides when the bridge publishes it: at once, unless it acknowledged the device less than
+`interval_s` ago; then once that interval is over, so the last window of a burst is always acknowledged.
 """
 
 from __future__ import annotations
@@ -16,11 +16,18 @@ from typing import NamedTuple
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from cloud.models import TelemetryRecord
+from cloud.models import TelemetryChain, TelemetryRecord
 from cloud.telemetry.gaps import GAP_GRACE_S, reported_missing, settle_chain
 from protocol.messages import TelemetryAck, utcnow
 
-__all__ = ["ACK_SCAN_ROWS", "AckThrottle", "Acknowledgement", "acknowledge_telemetry", "telemetry_ack"]
+__all__ = [
+    "ACK_SCAN_ROWS",
+    "AckThrottle",
+    "Acknowledgement",
+    "acknowledge_devices",
+    "acknowledge_telemetry",
+    "telemetry_ack",
+]
 
 ACK_SCAN_ROWS = 10_000  # most windows one acknowledgement settles (bounds its cost)
 
@@ -33,20 +40,38 @@ class Acknowledgement(NamedTuple):
 
 
 def acknowledge_telemetry(
-    session: Session, device_id: str, *, now: datetime | None = None, grace_s: float = GAP_GRACE_S
+    session: Session,
+    device_id: str,
+    *,
+    now: datetime | None = None,
+    grace_s: float = GAP_GRACE_S,
+    commit: bool = True,
 ) -> Acknowledgement:
-    """Settle `device_id`'s chain and say what is stored of its telemetry."""
+    """Settle `device_id`'s chain and say what is stored of its telemetry (`commit=False`: the caller commits)."""
     now = now or utcnow()
-    settled = settle_chain(session, device_id, now=now, grace_s=grace_s, scan_rows=ACK_SCAN_ROWS)
+    settled = settle_chain(session, device_id, now=now, grace_s=grace_s, scan_rows=ACK_SCAN_ROWS, commit=commit)
     max_seq = session.exec(
         select(func.max(col(TelemetryRecord.seq))).where(col(TelemetryRecord.device_id) == device_id)
     ).one()
+    chain = session.get(TelemetryChain, device_id)
+    if chain is not None and chain.pruned_seq is not None and (max_seq is None or chain.pruned_seq > max_seq):
+        max_seq = chain.pruned_seq  # every window of the device was old enough to be deleted
     if max_seq is None:
         return Acknowledgement(TelemetryAck(device_id=device_id), settled.recheck_s)
     stored_seq = None if settled.seq is None else min(settled.seq, max_seq)
     missing = reported_missing(session, device_id) if stored_seq is not None else []
     ack = TelemetryAck(device_id=device_id, stored_seq=stored_seq, max_seq=max_seq, missing=missing, at=now)
     return Acknowledgement(ack, settled.recheck_s)
+
+
+def acknowledge_devices(
+    session: Session, device_ids: list[str], *, grace_s: float = GAP_GRACE_S
+) -> dict[str, Acknowledgement]:
+    """`acknowledge_telemetry` for each of `device_ids` in one transaction (one commit)."""
+    now = utcnow()
+    answers = {d: acknowledge_telemetry(session, d, now=now, grace_s=grace_s, commit=False) for d in device_ids}
+    session.commit()
+    return answers
 
 
 def telemetry_ack(
@@ -59,23 +84,27 @@ def telemetry_ack(
 class AckThrottle:
     """Per device: acknowledge at most once per `interval_s`, and once more when a burst ends. Time is passed in.
 
-    Not thread-safe: the bridge's worker thread owns it.
+    While the caller is `busy` (a backlog of messages waits) the interval stretches to `busy_interval_s`: each
+    acknowledgement costs a chain walk, and an agent resends what is unconfirmed only after 30 s. Not thread-safe:
+    the bridge's worker thread owns it.
     """
 
-    def __init__(self, interval_s: float = 1.0) -> None:
+    def __init__(self, interval_s: float = 1.0, busy_interval_s: float | None = None) -> None:
         self._interval = interval_s
+        self._busy_interval = max(interval_s, busy_interval_s or interval_s)
         self._sent: dict[str, float] = {}  # device → when it was last acknowledged
         self._due: dict[str, float] = {}  # device → when its deferred acknowledgement is due
         self._pruned_at = 0.0
 
-    def stored(self, device_id: str, now: float) -> bool:
+    def stored(self, device_id: str, now: float, *, busy: bool = False) -> bool:
         """Something of `device_id` was stored at `now`: True to acknowledge at once, False if deferred."""
         last = self._sent.get(device_id)
-        if last is None or now - last >= self._interval:
+        interval = self._busy_interval if busy else self._interval
+        if last is None or now - last >= interval:
             self._sent[device_id] = now
             self._due.pop(device_id, None)
             return True
-        self._due.setdefault(device_id, last + self._interval)
+        self._due.setdefault(device_id, last + interval)
         return False
 
     def recheck(self, device_id: str, at: float) -> None:
@@ -95,7 +124,7 @@ class AckThrottle:
             del self._due[device]
             self._sent[device] = now
         if now - self._pruned_at >= self._interval:
-            # Devices acknowledged longer ago than the interval decide like unknown ones: forget them.
-            self._sent = {d: at for d, at in self._sent.items() if now - at < self._interval}
+            # Devices acknowledged longer ago than the (longest) interval decide like unknown ones: forget them.
+            self._sent = {d: at for d, at in self._sent.items() if now - at < self._busy_interval}
             self._pruned_at = now
         return ready

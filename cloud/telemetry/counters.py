@@ -25,15 +25,15 @@ class IngestCounters:
         self._database_down = False
         self._last_rejection: str | None = None
 
-    def received(self, channel: str) -> None:
-        """A message arrived on `channel`."""
+    def received(self, channel: str, count: int = 1) -> None:
+        """`count` messages arrived on `channel`."""
         with self._lock:
-            self._received[channel] += 1
+            self._received[channel] += count
 
-    def stored(self, channel: str) -> None:
-        """A message was applied to the registry."""
+    def stored(self, channel: str, count: int = 1) -> None:
+        """`count` messages were applied to the registry."""
         with self._lock:
-            self._stored[channel] += 1
+            self._stored[channel] += count
 
     def rejected(self, channel: str, reason: str) -> None:
         """A malformed message or bad topic was dropped."""

@@ -33,6 +33,7 @@ __all__ = [
     "settle_chain",
     "telemetry_health",
     "window_stored",
+    "windows_stored",
 ]
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,12 @@ class Settled(NamedTuple):
     recheck_s: float | None
 
 
-def settle_chain(session: Session, device_id: str, *, now: datetime, grace_s: float, scan_rows: int) -> Settled:
-    """Walk `device_id`'s chain forward (at most `scan_rows` windows), reporting holes older than `grace_s`."""
+def settle_chain(
+    session: Session, device_id: str, *, now: datetime, grace_s: float, scan_rows: int, commit: bool = True
+) -> Settled:
+    """Walk `device_id`'s chain forward (at most `scan_rows` windows), reporting holes older than `grace_s`.
+
+    `commit=False` leaves the changes to the caller's transaction (several devices settled with one commit)."""
     chain = session.get(TelemetryChain, device_id)
     start = settled = chain.settled_seq if chain is not None else None
     pending = session.exec(
@@ -88,7 +93,10 @@ def settle_chain(session: Session, device_id: str, *, now: datetime, grace_s: fl
         chain = chain or TelemetryChain(device_id=device_id)
         chain.settled_seq = settled
         session.add(chain)
-    session.commit()
+    if commit:
+        session.commit()
+    else:
+        session.flush()
     return Settled(settled, recheck)
 
 
@@ -130,37 +138,61 @@ def _report(session: Session, pending: TelemetryGap, hole: Hole, now: datetime, 
 
 def window_stored(session: Session, window: TelemetryWindow) -> None:
     """A window was stored: shrink the reported gap it was in, record a higher dropped count. Commits."""
-    changed = False
-    statement = select(TelemetryGap).where(
-        TelemetryGap.device_id == window.device_id,
-        col(TelemetryGap.reported_at).is_not(None),
-        col(TelemetryGap.first_seq) <= window.seq,
-        col(TelemetryGap.last_seq) >= window.seq,
-    )
-    for gap in session.exec(statement):
-        changed = True
-        left = split_range(gap.first_seq, gap.last_seq, [window.seq])
-        if not left:
-            message = f"telemetry window {window.seq} arrived late: gap filled"
-            session.add(DeviceEventRecord(device_id=gap.device_id, kind=TELEMETRY_GAP_FILLED, message=message))
-            session.delete(gap)
-            continue
-        (gap.first_seq, gap.last_seq), rest = left[0], left[1:]
-        session.add(gap)
-        for first, last in rest:
-            session.add(
-                TelemetryGap(
-                    device_id=gap.device_id,
-                    first_seq=first,
-                    last_seq=last,
-                    detected_at=gap.detected_at,
-                    reported_at=gap.reported_at,
-                )
-            )
-    if window.dropped_windows > 0:
-        changed = _dropped(session, window) or changed
-    if changed:
+    if windows_stored(session, [window]):
         session.commit()
+
+
+def windows_stored(session: Session, windows: Sequence[TelemetryWindow]) -> bool:
+    """Windows were stored (each for the first time): shrink the reported gaps they were in, record higher
+    dropped counts; one query per batch when nothing changes. Not committed; True if something changed."""
+    if not windows:
+        return False
+    seqs: dict[str, list[int]] = {}
+    for window in windows:
+        seqs.setdefault(window.device_id, []).append(window.seq)
+    statement = select(TelemetryGap).where(
+        col(TelemetryGap.device_id).in_(list(seqs)),
+        col(TelemetryGap.reported_at).is_not(None),
+        col(TelemetryGap.first_seq) <= max(max(v) for v in seqs.values()),
+        col(TelemetryGap.last_seq) >= min(min(v) for v in seqs.values()),
+    )
+    changed = False
+    for gap in list(session.exec(statement)):
+        inside = [seq for seq in seqs[gap.device_id] if gap.first_seq <= seq <= gap.last_seq]
+        if inside:
+            _shrink(session, gap, inside)
+            changed = True
+    most: dict[str, TelemetryWindow] = {}
+    for window in windows:
+        if window.dropped_windows > 0 and window.dropped_windows > getattr(
+            most.get(window.device_id), "dropped_windows", 0
+        ):
+            most[window.device_id] = window
+    for window in most.values():
+        changed = _dropped(session, window) or changed
+    return changed
+
+
+def _shrink(session: Session, gap: TelemetryGap, arrived: list[int]) -> None:
+    left = split_range(gap.first_seq, gap.last_seq, arrived)
+    if not left:
+        span = f"{arrived[0]}" if len(arrived) == 1 else f"{min(arrived)}..{max(arrived)}"
+        message = f"telemetry window{'s' if len(arrived) > 1 else ''} {span} arrived late: gap filled"
+        session.add(DeviceEventRecord(device_id=gap.device_id, kind=TELEMETRY_GAP_FILLED, message=message))
+        session.delete(gap)
+        return
+    (gap.first_seq, gap.last_seq), rest = left[0], left[1:]
+    session.add(gap)
+    for first, last in rest:
+        session.add(
+            TelemetryGap(
+                device_id=gap.device_id,
+                first_seq=first,
+                last_seq=last,
+                detected_at=gap.detected_at,
+                reported_at=gap.reported_at,
+            )
+        )
 
 
 def _dropped(session: Session, window: TelemetryWindow) -> bool:

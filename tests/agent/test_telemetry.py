@@ -93,7 +93,7 @@ def test_windows_are_published_every_interval(
 def test_empty_window_is_not_closed() -> None:
     recorder = TelemetryRecorder()
     assert recorder.take() is None
-    recorder.record(REF, 1.5, True, np.array([[0.1, 0.9]], dtype=np.float32))
+    recorder.record(REF, 1.5, True, {"input": ROWS[:1]}, {"probabilities": np.array([[0.1, 0.9]], dtype=np.float32)})
     closed = recorder.take()
     assert closed is not None and closed.inferences == 1 and recorder.take() is None
 

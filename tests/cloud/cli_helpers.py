@@ -14,7 +14,10 @@ from cloud.client import ApiClient
 from tests.cloud.conftest import Api
 
 # Every CLI module that talks to a coordinator through `connect`.
-CLI_MODULES = (cli.models, cli.aliases, cli.devices, cli.deployments, cli.rollouts, cli.approvals, cli.fleet)
+CLI_MODULES = (
+    cli.models, cli.aliases, cli.devices, cli.deployments, cli.rollouts, cli.approvals, cli.fleet, cli.alerts,
+    cli.drift, cli.ct,
+)  # fmt: skip
 
 
 def in_process_cli(api: Api, monkeypatch: pytest.MonkeyPatch, token: str | None = None) -> Callable[..., Any]:

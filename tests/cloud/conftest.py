@@ -61,6 +61,9 @@ def api(database_url: str, tmp_path: Path) -> Iterator[Api]:
         database_url=database_url,
         port=8080,
         device_mqtt_url="mqtts://broker.test:8883",  # no broker runs here; enrolment answers still name one
+        # No background alert or continuous-training ticks: tests call them when they mean to (no stray audit entries).
+        alert_tick_s=0,
+        ct_tick_s=0,
     )
     app = create_app(settings, enable_mqtt=False)
     with TestClient(app) as client:

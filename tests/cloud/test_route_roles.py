@@ -42,8 +42,12 @@ def expected_roles(method: str, path: str) -> frozenset[Role] | None:
         return PUBLISHER  # a model card, and with it the version's risk class, is the publisher's word
     if path.startswith("/api/v1/models"):
         return PUBLISHER
-    if path.startswith(("/api/v1/deployments", "/api/v1/rollouts", "/api/v1/devices", "/api/v1/federated")):
+    if path.startswith(
+        ("/api/v1/deployments", "/api/v1/rollouts", "/api/v1/devices", "/api/v1/federated", "/api/v1/ct")
+    ):
         return OPERATOR
+    if path.startswith("/api/v1/alerts"):
+        return OPERATOR  # acknowledging an alert
     raise AssertionError(f"no documented role for {method} {path}: add it to the policy and to this test")
 
 

@@ -1,0 +1,119 @@
+"""`edgefleet drift ...`: is a version still right on every site? Its devices' sketches against its reference profile.
+
+edgefleet drift show digits:1.0 --by site
+edgefleet drift show digits:1.0 --by device --window 15m --json
+edgefleet drift report digits:1.0 --by site -o drift.html
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Group, RenderableType
+from rich.text import Text
+
+from cloud.cli._common import JsonOpt, TokenOpt, UrlOpt, api_errors, connect, emit, fail, table
+
+__all__ = ["drift_app", "parse_window", "render_drift"]
+
+drift_app = typer.Typer(
+    help="Drift of a version on the fleet: per cohort, against the reference profile pushed with it.",
+    no_args_is_help=True,
+)
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_window(text: str) -> int:
+    """`90s`, `15m`, `1h`, `2d` or plain seconds → seconds; `ValueError` says what is accepted."""
+    match = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", text)
+    if match is None or int(match.group(1)) == 0:
+        raise ValueError(f"--window {text!r}: give a duration such as 900, 15m, 1h or 2d")
+    return int(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+
+def _ref(ref: str) -> tuple[str, str]:
+    name, sep, version = ref.partition(":")
+    if not sep or not name or not version:
+        fail(f"{ref!r}: give MODEL:VERSION, e.g. digits:1.0")
+    return name, version
+
+
+def _pct(value: Any) -> str | None:
+    return None if value is None else f"{100 * float(value):.1f}%"
+
+
+def _num(value: Any) -> str | None:
+    return None if value is None else f"{float(value):.3f}"
+
+
+def render_drift(body: dict[str, Any]) -> RenderableType:
+    """One row per cohort: state, devices, rows, max KS, class PSI, confidence and estimated accuracy; reasons."""
+    rows = []
+    for c in body["cohorts"]:
+        state = "DRIFTED" if c["drifted"] else ("too few rows" if c["insufficient"] else "ok")
+        accuracy = f"{_pct(c['estimated_accuracy']) or '-'} / {_pct(c['reference_accuracy']) or '-'}"
+        rows.append([
+            c["cohort"], state, len(c["devices"]), c["rows"], _num(c["max_ks"]), _num(c["class_psi"]),
+            _num(c["confidence_median"]), accuracy,
+        ])  # fmt: skip
+    by = body["by"] or "fleet"
+    title = f"drift of {body['model']}:{body['version']} by {by}, last {body['window_s']} s"
+    columns = ["cohort", "state", "devices", "rows", "max KS", "class PSI", "confidence", "est. accuracy / ref"]
+    parts: list[RenderableType] = [table(title, columns, rows, whole=["cohort"])]
+    for c in body["cohorts"]:
+        for reason in c["reasons"]:
+            parts.append(Text(f"{c['cohort']}: {reason}"))
+    if not body["cohorts"]:
+        parts.append(Text("no telemetry from devices serving this version in the window"))
+    return Group(*parts)
+
+
+_By = Annotated[
+    str | None, typer.Option("--by", help="Cohorts: a device tag key (one cohort per value, e.g. site) or `device`.")
+]
+_WindowOpt = Annotated[str, typer.Option("--window", help="Sliding window: seconds or 15m, 1h, 2d.")]
+
+
+@drift_app.command("show")
+def drift_show(
+    model: Annotated[str, typer.Argument(help="MODEL:VERSION, e.g. digits:1.0.")],
+    by: _By = None,
+    window: _WindowOpt = "1h",
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Per cohort: feature shift (KS), class shift (PSI), confidence and estimated accuracy against the reference."""
+    name, version = _ref(model)
+    try:
+        seconds = parse_window(window)
+    except ValueError as exc:
+        fail(str(exc))
+    with api_errors():
+        body = connect(url, token).drift(name, version, by=by, window_s=seconds)
+    emit(body, as_json, render_drift)
+
+
+@drift_app.command("report")
+def drift_report(
+    model: Annotated[str, typer.Argument(help="MODEL:VERSION, e.g. digits:1.0.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the HTML page.")] = Path("drift.html"),
+    by: _By = None,
+    window: _WindowOpt = "1h",
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Write the drift report as one self-contained HTML page (tables and charts, no scripts, opens offline)."""
+    name, version = _ref(model)
+    try:
+        seconds = parse_window(window)
+    except ValueError as exc:
+        fail(str(exc))
+    with api_errors():
+        page = connect(url, token).drift_report(name, version, by=by, window_s=seconds)
+    out.write_text(page, encoding="utf-8")
+    typer.echo(f"wrote {out} ({len(page)} bytes)")

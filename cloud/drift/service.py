@@ -1,0 +1,197 @@
+"""Drift of a version on the fleet: the windows of a sliding time range, merged per cohort, against its profile.
+
+A cohort is the whole fleet (`by=None`), each value of a device tag (`by="site"`: one cohort per site; devices
+without the tag form the cohort `site=` ), or each device (`by="device"`). Windows are those the devices sent
+while serving exactly `model:version` that ended within the last `window_s` seconds; their sketches merge
+(KLL sketches are mergeable: the merge is the sketch of the union) and their class counts add up.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlmodel import Session, col, select
+
+from cloud.drift.stats import CohortDrift, DriftThresholds, FeatureDrift, compare
+from cloud.errors import InvalidInputError
+from cloud.models import Device, ModelVersion, TelemetryRecord
+from cloud.services.registry import reference_profile
+from protocol.errors import ProtocolError
+from protocol.messages import utcnow
+from protocol.profiles import ReferenceProfile
+from protocol.sketches import SketchSet, WindowSketches
+
+__all__ = [
+    "DEFAULT_WINDOW_S",
+    "Cohort",
+    "DriftReport",
+    "cohort_key",
+    "drift_public",
+    "fleet_drift",
+    "profiled_versions",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WINDOW_S = 3600
+
+
+@dataclass
+class Cohort:
+    """The merged telemetry of one cohort."""
+
+    key: str
+    devices: set[str] = field(default_factory=set)
+    windows: int = 0
+    inferences: int = 0
+    sketches: SketchSet | None = None
+    class_counts: Counter[str] = field(default_factory=Counter)
+    unreadable: int = 0  # windows whose sketches did not decode or did not match the profile's features
+
+
+@dataclass(frozen=True)
+class DriftReport:
+    """Drift of `model:version` per cohort over the last `window_s` seconds."""
+
+    model: str
+    version: str
+    by: str | None
+    window_s: int
+    profile: ReferenceProfile
+    cohorts: list[tuple[Cohort, CohortDrift]]
+
+
+def cohort_key(device: Device | None, device_id: str, by: str | None) -> str:
+    """The cohort a device's windows belong to: `fleet`, `device=<id>` or `<tag>=<value>`."""
+    if by is None:
+        return "fleet"
+    if by == "device":
+        return f"device={device_id}"
+    tags = (device.tags if device is not None else None) or {}
+    return f"{by}={tags.get(by, '')}"
+
+
+def fleet_drift(
+    *,
+    session: Session,
+    model: str,
+    version: str,
+    by: str | None = None,
+    window_s: int = DEFAULT_WINDOW_S,
+    thresholds: DriftThresholds | None = None,
+    now: datetime | None = None,
+) -> DriftReport:
+    """Drift per cohort; `NotFoundError` when the version or its profile is missing."""
+    if window_s <= 0:
+        raise InvalidInputError("window_s must be positive", field="window_s")
+    profile = reference_profile(session=session, name=model, version=version)
+    since = (now or utcnow()) - timedelta(seconds=window_s)
+    rows = session.exec(
+        select(TelemetryRecord.device_id, TelemetryRecord.inference_count, TelemetryRecord.class_counts,
+               TelemetryRecord.sketches)
+        .where(TelemetryRecord.model_name == model, TelemetryRecord.model_version == version,
+               col(TelemetryRecord.window_end) >= since)
+        .order_by(col(TelemetryRecord.window_end))
+    ).all()  # fmt: skip
+    devices = {d.id: d for d in session.exec(select(Device).where(col(Device.id).in_({r[0] for r in rows})))}
+    cohorts: dict[str, Cohort] = {}
+    for device_id, inferences, classes, sketches in rows:
+        key = cohort_key(devices.get(device_id), device_id, by)
+        cohort = cohorts.setdefault(key, Cohort(key=key))
+        cohort.devices.add(device_id)
+        cohort.windows += 1
+        cohort.inferences += int(inferences)
+        cohort.class_counts.update({str(k): int(v) for k, v in (classes or {}).items()})
+        if sketches:
+            _merge(cohort, sketches)
+    compared = [
+        (cohort, compare(profile, cohort.sketches or SketchSet(), cohort.class_counts, thresholds))
+        for cohort in sorted(cohorts.values(), key=lambda c: c.key)
+    ]
+    return DriftReport(model=model, version=version, by=by, window_s=window_s, profile=profile, cohorts=compared)
+
+
+def profiled_versions(session: Session, *, since: datetime) -> list[tuple[str, str]]:
+    """`(model, version)` pairs with a reference profile that devices sent windows of since `since`."""
+    served = session.exec(
+        select(TelemetryRecord.model_name, TelemetryRecord.model_version)
+        .where(col(TelemetryRecord.window_end) >= since, col(TelemetryRecord.model_name).is_not(None))
+        .distinct()
+    ).all()
+    profiled = set(
+        session.exec(
+            select(ModelVersion.name, ModelVersion.version).where(col(ModelVersion.profile_sha256).is_not(None))
+        ).all()
+    )
+    return sorted((str(m), str(v)) for m, v in served if (m, v) in profiled)
+
+
+def _merge(cohort: Cohort, raw: Mapping[str, Any]) -> None:
+    try:
+        window = WindowSketches.model_validate(raw)
+        if cohort.sketches is None:
+            cohort.sketches = SketchSet.from_wire(window)
+        else:
+            cohort.sketches.merge(window)
+    except (ValueError, ProtocolError) as exc:  # a device's sketches that do not decode or do not fit: skip them
+        cohort.unreadable += 1
+        log.warning("drift: window sketches skipped cohort=%s reason=%s", cohort.key, exc)
+
+
+def drift_public(report: DriftReport) -> dict[str, Any]:
+    """The API shape of a drift report."""
+    return {
+        "model": report.model,
+        "version": report.version,
+        "by": report.by,
+        "window_s": report.window_s,
+        "reference": {
+            "rows": report.profile.rows,
+            "accuracy": report.profile.accuracy,
+            "source": report.profile.source,
+            "feature_mode": report.profile.sketches.feature_mode,
+            "features": len(report.profile.sketches.features),
+        },
+        "cohorts": [_cohort_public(c, d) for c, d in report.cohorts],
+    }
+
+
+def _feature_public(f: FeatureDrift) -> dict[str, Any]:
+    return {
+        "index": f.index,
+        "ks": f.ks,
+        "critical": f.critical,
+        "psi": f.psi,
+        "wasserstein_iqr": f.wasserstein_iqr,
+        "drifted": f.drifted,
+    }
+
+
+def _cohort_public(cohort: Cohort, drift: CohortDrift) -> dict[str, Any]:
+    return {
+        "cohort": cohort.key,
+        "devices": sorted(cohort.devices),
+        "windows": cohort.windows,
+        "inferences": cohort.inferences,
+        "rows": drift.rows,
+        "unreadable_windows": cohort.unreadable,
+        "drifted": drift.drifted,
+        "insufficient": drift.insufficient,
+        "reasons": drift.reasons,
+        "max_ks": drift.max_ks,
+        "features": [_feature_public(f) for f in drift.features],
+        "class_counts": drift.class_counts,
+        "class_psi": drift.class_psi,
+        "class_js": drift.class_js,
+        "confidence_ks": drift.confidence_ks,
+        "confidence_median": drift.confidence_median,
+        "reference_confidence_median": drift.reference_confidence_median,
+        "estimated_accuracy": drift.estimated_accuracy,
+        "reference_accuracy": drift.reference_accuracy,
+        "accuracy_drop": drift.accuracy_drop,
+    }
