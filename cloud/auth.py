@@ -6,7 +6,9 @@ Roles (a token has exactly one; `admin` may do everything):
 |-------------|----------------------------------------------------------------------|
 | `viewer`    | read everything (every GET)                                          |
 | `publisher` | read, push and delete models and variants, set aliases (e.g. from CI) |
-| `operator`  | read, deploy, run rollouts, enrol, revoke and decommission devices, federated runs, ack alerts, continuous-training policies and their approvals |
+| `operator`  | read, deploy, run rollouts, enrol, revoke and decommission devices  |
+|             | (also: federated runs, acknowledging alerts, continuous-training      |
+|             | policies and their approvals)                                         |
 | `approver`  | read, approve high-risk models (governance)                          |
 | `admin`     | everything, including API tokens and bootstrap secrets               |
 
