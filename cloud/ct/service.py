@@ -189,13 +189,14 @@ def _start_run(session: Session, policy: CtPolicy, action: CtAction, context: Ct
         rollout_plan=policy.rollout_plan if policy.rollout == "canary" else None,
         **({"max_accuracy_drop": policy.max_accuracy_drop} if policy.max_accuracy_drop is not None else {}),
     )
+    session.commit()  # the turn is stored whatever becomes of the run (create_run commits or raises)
     try:
-        with session.begin_nested():
-            run = runs.create_run(
-                session=session, body=body, flower_enabled=context.flower_enabled, data_dir=context.data_dir,
-                nodes=context.nodes, actor=f"ct:{actor}",  # type: ignore[arg-type]
-            )  # fmt: skip
+        run = runs.create_run(
+            session=session, body=body, flower_enabled=context.flower_enabled, data_dir=context.data_dir,
+            nodes=context.nodes, actor=f"ct:{actor}",  # type: ignore[arg-type]
+        )  # fmt: skip
     except CloudError as exc:  # too few nodes, no trainable form, federated learning off: the turn says why
+        session.rollback()
         _set_status(session, action, CtActionStatus.FAILED, f"the federated run could not start: {exc}", actor)
         return
     action.federated_run_id = run.id

@@ -3,8 +3,9 @@ reference profile `edgefleet compress` made, a drift alert on one site, the cont
 into a federated run on that site (SuperLink, the site's SuperNodes, their sample stores), the candidate built,
 signed and canaried against the parent on the same site, and promoted by the rollout's gates.
 
-Site `b` (3 devices) sees noisy digits (Gaussian noise, sd 0.5) and labels them right through the agents' label
-endpoint; site `a` (2 devices) sees clean ones. Only site b may drift, alert, retrain and move to the candidate.
+Site `b` (3 devices) sees noisy digits (Gaussian noise, sd 0.5) in its traffic, and has labelled data of its own
+(half noisy, labelled right through the agents' label endpoint); site `a` (2 devices) sees clean ones. Only site b
+may drift, alert, retrain and move to the candidate.
 """
 
 from __future__ import annotations
@@ -104,9 +105,13 @@ def world(mosquitto_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
             wait_until(done, 120, "the parent")
         x_noisy = _images(NOISE.apply(split.x_train, np.random.default_rng(1)))
-        for i, agent in enumerate(site_b.agents):  # site b's own labelled (noisy) data: what it retrains on
+        # Site b's own labelled data, what it retrains on: half of what its cameras see is noisy (a model trained
+        # on noise alone would lose the clean digits and fail the accuracy gate against the parent).
+        noisy = np.random.default_rng(5).random(len(split.x_train)) < 0.5
+        x_mixed = np.where(noisy[:, None, None, None], x_noisy, _images(split.x_train))
+        for i, agent in enumerate(site_b.agents):
             part = slice(i, None, len(site_b.agents))
-            assert send_labelled_traffic(agent, x_noisy[part], split.y_train[part]) == len(split.y_train[part])
+            assert send_labelled_traffic(agent, x_mixed[part], split.y_train[part]) == len(split.y_train[part])
         yield World(api, site_a, site_b, _images(split.x_test), x_noisy, work)
 
 
@@ -152,19 +157,23 @@ def test_drift_on_one_site_retrains_it_federatedly_and_a_canary_promotes_the_can
     try:
         wait_until(lambda: bool(_turns(world)), 180, "a drift alert on site b to start a turn of the loop")
         alerts = world.api.alerts(state="unresolved", rule="drift")
-        assert {(a["cohort"], a["model_name"]) for a in alerts} == {("site=b", f"{MODEL}:{PARENT}")}
+        sites = {(a["cohort"], a["model_name"]) for a in alerts if a["cohort"].startswith("site=")}
+        assert sites == {("site=b", f"{MODEL}:{PARENT}")}  # (the fleet as a whole drifts too: 3 of its 5 devices)
         drift = world.api.drift(MODEL, PARENT, by="site")
         flagged = {c["cohort"]: c["drifted"] for c in drift["cohorts"] if not c["insufficient"]}
-        assert flagged == {"site=a": False, "site=b": True}, drift
+        assert flagged["site=b"] and not flagged.get("site=a", False), drift  # site a may have too few rows yet
         wait_until(lambda: _turns(world)[0]["status"] in ("promoted", "rolled_back", "failed"), 1200, "the turn to end")
     finally:
         stop.set()
         traffic.join(10)
+    drift = world.api.drift(MODEL, PARENT, by="site")  # by now site a has served plenty: judged, not drifted
+    flagged = {c["cohort"]: c["drifted"] for c in drift["cohorts"] if not c["insufficient"]}
+    assert flagged.get("site=a") is False, drift
     [turn] = _turns(world)
     assert turn["status"] == "promoted", turn
     assert turn["cohort"] == "site=b" and turn["federated_run_id"] and turn["candidate_version"]
     run = world.api.federated_run(turn["federated_run_id"])
-    assert sorted(run["devices"]) == sorted(world.site_b.device_ids) and run["params"]["selector"] == {"site": "b"}
+    assert sorted(run["devices"]) == sorted(world.site_b.device_ids) and run["selector"] == {"site": "b"}
     candidate = turn["candidate_version"]
     assert world.api.model_version(MODEL, candidate)["signing_state"] == "signed"
     assert {a.active_model.version for a in world.site_b.agents if a.active_model} == {candidate}
