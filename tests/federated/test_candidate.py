@@ -342,11 +342,27 @@ def test_high_risk_candidate_waits_for_approvers_instead_of_a_canary(
     assert dict(client.calls)["variants"][1] == "high" and "rollout" not in dict(client.calls)
 
 
+@pytest.fixture
+def ruined_result_dir(parent: Path, tmp_path: Path) -> Path:
+    """What a run that went wrong leaves: the parent's weights scrambled (seeded noise of twice their size)."""
+    module = load_trainable(parent)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 2 * parameter.abs().mean())
+    directory = tmp_path / "ruined"
+    directory.mkdir()
+    state_dict_npz(module, directory / "final.npz")
+    (directory / "summary.json").write_text(json.dumps(SUMMARY))
+    return directory
+
+
 def test_candidate_that_fails_the_accuracy_gate_is_registered_but_not_rolled_out(
-    parent: Path, result_dir: Path, tmp_path: Path
+    parent: Path, ruined_result_dir: Path, tmp_path: Path
 ) -> None:
-    # These weights lose about 7 points against the parent on the held-out digits: over a 5-point gate.
-    client = RecordingClient(parent.read_bytes(), result_dir, {"rollout": "canary", "max_accuracy_drop": 0.05})
+    # Scrambled weights lose far more than 5 points against the parent on the held-out digits. (Weights merely
+    # fine-tuned on noisy digits lose 0-7 points depending on the machine's torch arithmetic: no test of a gate.)
+    client = RecordingClient(parent.read_bytes(), ruined_result_dir, {"rollout": "canary", "max_accuracy_drop": 0.05})
     assert _main(client, tmp_path) == candidate.EXIT_REPORTED_FAILURE
     (report,) = client.reports
     assert report["candidate_version"] == "1.0-fl.7.2" and report["rollout_id"] is None
