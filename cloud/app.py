@@ -36,7 +36,6 @@ from cloud.coordinator import Coordinator
 from cloud.ct import service as ct
 from cloud.ct.service import CtContext
 from cloud.db import create_db_engine, init_db
-from cloud.federation.nodes import eligible_node_ids
 from cloud.federation.runner import FederatedRunner
 from cloud.federation.superlink import start_federation
 from cloud.governance.maintainer import GovernanceMaintainer
@@ -94,13 +93,8 @@ def _continuous_training(coordinator: Coordinator) -> Periodic:
     """The periodic job turning drift alerts into federated runs and following them (`cloud.ct.service`)."""
 
     def step() -> None:
-        context = CtContext(
-            flower_enabled=coordinator.flower is not None,
-            data_dir=coordinator.settings.data_dir,
-            nodes=eligible_node_ids,
-        )
         with Session(coordinator.engine, expire_on_commit=False) as session:
-            ct.step(session=session, context=context)
+            ct.step(session=session, context=CtContext.of(coordinator))
 
     return Periodic("continuous-training", step, coordinator.settings.ct_tick_s)
 

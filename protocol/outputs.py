@@ -75,6 +75,12 @@ class OutputSemantics(BaseModel):
             raise ValueError("scores describes scores_output, which is not set")
         return self
 
+    def missing_from(self, outputs: Sequence[TensorSpec]) -> list[str]:
+        """The outputs these semantics name that `outputs` lacks (a variant that renamed its tensors lacks them)."""
+        names = {spec.name for spec in outputs}
+        named = (self.label_output, self.scores_output, self.value_output)
+        return [n for n in named if n is not None and n not in names]
+
 
 @dataclass(frozen=True)
 class Predictions:

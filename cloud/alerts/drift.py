@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from sqlmodel import Session, col, select
 
 from cloud.alerts.rules import FLEET, Observation, Rule
-from cloud.drift.service import fleet_drift, profiled_versions
+from cloud.drift.service import fleet_drifts, profiled_versions
 from cloud.drift.stats import DriftThresholds
 from cloud.models import CtPolicy
 from cloud.settings import Settings
@@ -42,11 +42,12 @@ def drift_observations(session: Session, now: datetime, settings: Settings) -> l
     thresholds = DriftThresholds(min_rows=settings.drift_min_rows, accuracy_drop=settings.drift_accuracy_drop)
     observations: list[Observation] = []
     for model, version in profiled_versions(session, since=since):
-        for grouping in sorted({settings.drift_group_by} | extra.get(model, set())):
-            report = fleet_drift(
-                session=session, model=model, version=version, by=_by(grouping),
-                window_s=int(settings.drift_window_s), thresholds=thresholds, now=now,
-            )  # fmt: skip
+        groupings = [_by(g) for g in sorted({settings.drift_group_by} | extra.get(model, set()))]
+        reports = fleet_drifts(
+            session=session, model=model, version=version, groupings=groupings,
+            window_s=int(settings.drift_window_s), thresholds=thresholds, now=now,
+        )  # fmt: skip
+        for report in reports:
             for cohort, drift in report.cohorts:
                 if drift.insufficient:
                     continue  # too few rows to judge: neither opens nor resolves by itself

@@ -12,7 +12,6 @@ from cloud.api.deps import CoordinatorDep, PrincipalDep, SessionDep, requires
 from cloud.auth import Role
 from cloud.ct import service as ct
 from cloud.ct.service import CtContext
-from cloud.federation.nodes import eligible_node_ids
 from cloud.models import CtActionPublic, CtPolicyBase, CtPolicyPublic
 from protocol.messages import Name
 
@@ -34,12 +33,6 @@ class Rejection(BaseModel):
     """Why a person declines a step."""
 
     reason: str = ""
-
-
-def _context(coordinator: CoordinatorDep) -> CtContext:
-    return CtContext(
-        flower_enabled=coordinator.flower is not None, data_dir=coordinator.settings.data_dir, nodes=eligible_node_ids
-    )
 
 
 @router.get("", summary="Continuous-training policies and the newest turns of the loop")
@@ -77,7 +70,8 @@ def approve(
     action_id: Annotated[int, Path(ge=1)], session: SessionDep, coordinator: CoordinatorDep, principal: PrincipalDep
 ) -> CtActionPublic:
     """Start the federated run the turn waits for (409 when it waits for nothing)."""
-    row = ct.approve_action(session=session, action_id=action_id, actor=principal.name, context=_context(coordinator))
+    context = CtContext.of(coordinator)
+    row = ct.approve_action(session=session, action_id=action_id, actor=principal.name, context=context)
     return CtActionPublic.model_validate(row)
 
 

@@ -35,11 +35,15 @@ def parse_window(text: str) -> int:
     return int(match.group(1)) * _UNITS[match.group(2) or "s"]
 
 
-def _ref(ref: str) -> tuple[str, str]:
+def _target(ref: str, window: str) -> tuple[str, str, int]:
+    """(name, version, window in seconds) from the command line; one error line and exit 1 when unusable."""
     name, sep, version = ref.partition(":")
     if not sep or not name or not version:
         fail(f"{ref!r}: give MODEL:VERSION, e.g. digits:1.0")
-    return name, version
+    try:
+        return name, version, parse_window(window)
+    except ValueError as exc:
+        fail(str(exc))
 
 
 def _pct(value: Any) -> str | None:
@@ -88,11 +92,7 @@ def drift_show(
     as_json: JsonOpt = False,
 ) -> None:
     """Per cohort: feature shift (KS), class shift (PSI), confidence and estimated accuracy against the reference."""
-    name, version = _ref(model)
-    try:
-        seconds = parse_window(window)
-    except ValueError as exc:
-        fail(str(exc))
+    name, version, seconds = _target(model, window)
     with api_errors():
         body = connect(url, token).drift(name, version, by=by, window_s=seconds)
     emit(body, as_json, render_drift)
@@ -108,11 +108,7 @@ def drift_report(
     token: TokenOpt = None,
 ) -> None:
     """Write the drift report as one self-contained HTML page (tables and charts, no scripts, opens offline)."""
-    name, version = _ref(model)
-    try:
-        seconds = parse_window(window)
-    except ValueError as exc:
-        fail(str(exc))
+    name, version, seconds = _target(model, window)
     with api_errors():
         page = connect(url, token).drift_report(name, version, by=by, window_s=seconds)
     out.write_text(page, encoding="utf-8")

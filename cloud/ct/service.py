@@ -19,8 +19,10 @@ from pathlib import Path
 from sqlmodel import Session, col, select
 
 from cloud import audit
+from cloud.coordinator import Coordinator
 from cloud.errors import CloudError, ConflictError, InvalidInputError, NotFoundError
 from cloud.federation import runs
+from cloud.federation.nodes import eligible_node_ids
 from cloud.federation.params import FederatedRunCreate
 from cloud.models import (
     Alert,
@@ -65,6 +67,11 @@ class CtContext:
     flower_enabled: bool
     data_dir: Path
     nodes: Callable[..., object]
+
+    @classmethod
+    def of(cls, coordinator: Coordinator) -> CtContext:
+        """The running coordinator's: its Flower control (if federated), data directory and SuperNode lookup."""
+        return cls(coordinator.flower is not None, coordinator.settings.data_dir, eligible_node_ids)
 
 
 # -- policies ------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -33,6 +33,7 @@ __all__ = [
     "cohort_key",
     "drift_public",
     "fleet_drift",
+    "fleet_drifts",
     "profiled_versions",
 ]
 
@@ -87,6 +88,24 @@ def fleet_drift(
     now: datetime | None = None,
 ) -> DriftReport:
     """Drift per cohort; `NotFoundError` when the version or its profile is missing."""
+    [report] = fleet_drifts(
+        session=session, model=model, version=version, groupings=[by], window_s=window_s, thresholds=thresholds,
+        now=now,
+    )  # fmt: skip
+    return report
+
+
+def fleet_drifts(
+    *,
+    session: Session,
+    model: str,
+    version: str,
+    groupings: Sequence[str | None],
+    window_s: int = DEFAULT_WINDOW_S,
+    thresholds: DriftThresholds | None = None,
+    now: datetime | None = None,
+) -> list[DriftReport]:
+    """Drift per cohort for each grouping (`by`), the windows read and their sketches decoded once for all."""
     if window_s <= 0:
         raise InvalidInputError("window_s must be positive", field="window_s")
     profile = reference_profile(session=session, name=model, version=version)
@@ -99,21 +118,53 @@ def fleet_drift(
         .order_by(col(TelemetryRecord.window_end))
     ).all()  # fmt: skip
     devices = {d.id: d for d in session.exec(select(Device).where(col(Device.id).in_({r[0] for r in rows})))}
-    cohorts: dict[str, Cohort] = {}
-    for device_id, inferences, classes, sketches in rows:
-        key = cohort_key(devices.get(device_id), device_id, by)
-        cohort = cohorts.setdefault(key, Cohort(key=key))
-        cohort.devices.add(device_id)
-        cohort.windows += 1
-        cohort.inferences += int(inferences)
-        cohort.class_counts.update({str(k): int(v) for k, v in (classes or {}).items()})
-        if sketches:
-            _merge(cohort, sketches)
-    compared = [
-        (cohort, compare(profile, cohort.sketches or SketchSet(), cohort.class_counts, thresholds))
-        for cohort in sorted(cohorts.values(), key=lambda c: c.key)
-    ]
-    return DriftReport(model=model, version=version, by=by, window_s=window_s, profile=profile, cohorts=compared)
+    by_grouping: list[dict[str, Cohort]] = [{} for _ in groupings]
+    for device_id, inferences, classes, raw in rows:
+        counts = {str(k): int(v) for k, v in (classes or {}).items()}
+        sketches, reason = _decoded(raw)
+        for by, cohorts in zip(groupings, by_grouping, strict=True):
+            key = cohort_key(devices.get(device_id), device_id, by)
+            cohort = cohorts.setdefault(key, Cohort(key=key))
+            cohort.devices.add(device_id)
+            cohort.windows += 1
+            cohort.inferences += int(inferences)
+            cohort.class_counts.update(counts)
+            skipped = _merge(cohort, sketches) if sketches is not None else reason
+            if skipped is not None:
+                cohort.unreadable += 1
+                log.warning("drift: window sketches skipped cohort=%s reason=%s", cohort.key, skipped)
+    reports = []
+    for by, cohorts in zip(groupings, by_grouping, strict=True):
+        compared = [
+            (cohort, compare(profile, cohort.sketches or SketchSet(), cohort.class_counts, thresholds))
+            for cohort in sorted(cohorts.values(), key=lambda c: c.key)
+        ]
+        reports.append(
+            DriftReport(model=model, version=version, by=by, window_s=window_s, profile=profile, cohorts=compared)
+        )
+    return reports
+
+
+def _decoded(raw: Mapping[str, Any] | None) -> tuple[SketchSet | None, str | None]:
+    """A window's sketches decoded (once, whatever the number of cohorts it counts in); the reason when they do not
+    decode (a device's sketches that do not decode are skipped, its counts still count)."""
+    if not raw:
+        return None, None
+    try:
+        return SketchSet.from_wire(WindowSketches.model_validate(raw)), None
+    except (ValueError, ProtocolError) as exc:
+        return None, str(exc)
+
+
+def _merge(cohort: Cohort, sketches: SketchSet) -> str | None:
+    """Add a window's sketches to its cohort's; the reason when they do not fit (another input shape)."""
+    try:
+        if cohort.sketches is None:
+            cohort.sketches = SketchSet()
+        cohort.sketches.merge(sketches)
+    except (ValueError, ProtocolError) as exc:
+        return str(exc)
+    return None
 
 
 def profiled_versions(session: Session, *, since: datetime) -> list[tuple[str, str]]:
@@ -129,18 +180,6 @@ def profiled_versions(session: Session, *, since: datetime) -> list[tuple[str, s
         ).all()
     )
     return sorted((str(m), str(v)) for m, v in served if (m, v) in profiled)
-
-
-def _merge(cohort: Cohort, raw: Mapping[str, Any]) -> None:
-    try:
-        window = WindowSketches.model_validate(raw)
-        if cohort.sketches is None:
-            cohort.sketches = SketchSet.from_wire(window)
-        else:
-            cohort.sketches.merge(window)
-    except (ValueError, ProtocolError) as exc:  # a device's sketches that do not decode or do not fit: skip them
-        cohort.unreadable += 1
-        log.warning("drift: window sketches skipped cohort=%s reason=%s", cohort.key, exc)
 
 
 def drift_public(report: DriftReport) -> dict[str, Any]:

@@ -182,9 +182,7 @@ def _semantics_of(record: ModelVersion, outputs: list[TensorSpec]) -> OutputSema
     if not record.output_semantics:
         return None
     semantics = OutputSemantics.model_validate(record.output_semantics)
-    names = {spec.name for spec in outputs}
-    named = [n for n in (semantics.label_output, semantics.scores_output, semantics.value_output) if n is not None]
-    return semantics if semantics.kind != "unknown" and all(n in names for n in named) else None
+    return semantics if semantics.kind != "unknown" and not semantics.missing_from(outputs) else None
 
 
 def _signed(state: DesiredState, record: ModelVersion, links: ArtifactLinks) -> DesiredState:

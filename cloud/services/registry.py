@@ -148,13 +148,13 @@ def _semantics(
             field="output_semantics",
         )
     chosen = declared or (profile.semantics if profile is not None else infer_output_semantics(outputs))
-    names = {spec.name for spec in outputs}
-    for named in (chosen.label_output, chosen.scores_output, chosen.value_output):
-        if named is not None and names and named not in names:
-            raise InvalidInputError(
-                f"output semantics name {named!r}, which is not an output of the model {sorted(names)}",
-                field="output_semantics",
-            )
+    missing = chosen.missing_from(outputs) if outputs else []
+    if missing:
+        raise InvalidInputError(
+            f"output semantics name {missing[0]!r}, which is not an output of the model "
+            f"{sorted(spec.name for spec in outputs)}",
+            field="output_semantics",
+        )
     return chosen.model_dump(mode="json")
 
 
