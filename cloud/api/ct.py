@@ -54,7 +54,7 @@ def ct_status(
 def put_policy(
     name: Annotated[Name, Path()], body: CtPolicyBase, session: SessionDep, principal: PrincipalDep
 ) -> CtPolicyPublic:
-    """Create or replace the policy of model `name` (the body's model_name is ignored)."""
+    """Create or replace the policy of model `name` (the body carries `model_name` too; the path's name wins)."""
     body = body.model_copy(update={"model_name": name})
     return CtPolicyPublic.model_validate(ct.set_policy(session=session, body=body, actor=principal.name))
 
