@@ -16,11 +16,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from agent.config import ENV_PREFIX, load_config
-from agent.daemon import Agent, agent_version
-from agent.errors import ConfigError, TransportError
-from agent.identity import enrol
-from protocol import TopicError, validate_device_id
+# The agent never runs httpx's own command line, whose module loads rich, pygments and click (~3 MiB resident)
+# whenever they happen to be installed: mark it absent before httpx is first imported (httpx then defines a stub).
+sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+
+from agent.config import ENV_PREFIX, load_config  # noqa: E402
+from agent.daemon import Agent, agent_version  # noqa: E402
+from agent.errors import ConfigError, TransportError  # noqa: E402
+from agent.identity import enrol  # noqa: E402
+from protocol import TopicError, validate_device_id  # noqa: E402
 
 __all__ = ["example_config", "main"]
 
@@ -60,6 +64,8 @@ http_port = 8500
 # are dropped (and counted). telemetry_outbox_windows = 0 keeps nothing on disk.
 telemetry_interval_s = 10
 telemetry_resend_s = 30
+# Share of calls whose inputs and confidence are sketched for drift detection (1 = every call).
+telemetry_sketch_rate = 0.125
 telemetry_outbox_windows = 10000
 telemetry_outbox_bytes = 67108864
 

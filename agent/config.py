@@ -43,7 +43,11 @@ class AgentConfig(BaseModel):
     device_id: str = Field(description="this device's id; it appears in MQTT topics")
     data_dir: Path = Field(description="where slots, downloads, update state and telemetry seq live")
     coordinator_url: str | None = Field(default=None, description="base URL of the coordinator's HTTP API")
-    mqtt_url: str | None = Field(default=None, description="mqtt://[user:pass@]host:port; else from the coordinator")
+    mqtt_url: str | None = Field(
+        default=None,
+        description="mqtt://[user:pass@]host:port, or several separated by commas (a TOML list too): the agent fails "
+        "over between them in turn; else from the coordinator",
+    )
     mqtt_client_id: str | None = Field(default=None, description="MQTT client id; derived from device and base")
     topic_base: str | None = Field(default=None, description="topic base; else from the coordinator, else default")
     tags: dict[str, str] = Field(default_factory=dict, description="labels used for deployment targeting")
@@ -70,6 +74,13 @@ class AgentConfig(BaseModel):
     )
     telemetry_resend_s: float = Field(
         default=30.0, gt=0, le=86400, description="seconds an unconfirmed telemetry window waits before it is resent"
+    )
+    telemetry_sketch_rate: float = Field(
+        default=0.125,
+        gt=0,
+        le=1,
+        description="share of inference calls whose input rows and confidence are sketched for drift (each call drawn "
+        "at random; 1 = every call); counts, latencies and classes always cover every call",
     )
     reconnect_min_s: float = Field(default=1.0, gt=0, le=3600)
     reconnect_max_s: float = Field(default=60.0, gt=0, le=3600)
@@ -129,6 +140,13 @@ class AgentConfig(BaseModel):
         le=86400,
         description="how often a running agent checks whether to renew its certificate",
     )
+    # Labels fed back for earlier predictions (docs/drift.md, "Labels fed back"): how many it remembers, how long.
+    feedback_max_ids: int = Field(
+        default=10_000, ge=1, le=10_000_000, description="predictions of requests with an id remembered for labels"
+    )
+    feedback_max_age_s: float = Field(
+        default=3600.0, gt=0, le=30 * 86400.0, description="seconds a prediction waits for its label at most"
+    )
     # Federated retraining (docs/federated.md): the local sample store and the Flower SuperNode.
     sample_rates: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(
         default_factory=dict,
@@ -167,12 +185,24 @@ class AgentConfig(BaseModel):
                 raise ValueError(str(exc)) from exc
         return value
 
-    @field_validator("coordinator_url", "mqtt_url")
+    @field_validator("coordinator_url")
     @classmethod
     def _valid_url(cls, value: str | None) -> str | None:
         if value is not None and "://" not in value:
             raise ValueError(f"{value!r} is not a URL (expected scheme://host:port)")
         return value.rstrip("/") if value else value
+
+    @field_validator("mqtt_url", mode="before")
+    @classmethod
+    def _valid_mqtt_urls(cls, value: Any) -> Any:
+        """One URL or a list (a TOML array, or commas in a string), kept as one comma-separated string."""
+        if value is None or not isinstance(value, str | list):
+            return value
+        urls = [str(url).strip() for url in (value.split(",") if isinstance(value, str) else value)]
+        for url in urls:
+            if "://" not in url:
+                raise ValueError(f"{url!r} is not a URL (expected scheme://host:port, several separated by commas)")
+        return ",".join(url.rstrip("/") for url in urls)
 
     @field_validator("superlink")
     @classmethod

@@ -17,7 +17,7 @@ from agent.errors import ConfigError, TransportError
 from agent.identity import DeviceIdentity, load_identity, locate_broker, needs_renewal, renew
 from protocol import DEFAULT_BASE
 from protocol.errors import BrokerUrlError
-from protocol.mqtt import BrokerAddress, parse_mqtt_url
+from protocol.mqtt import BrokerAddress, parse_mqtt_urls
 
 __all__ = ["Credentials", "resolve_broker", "tls_context"]
 
@@ -67,13 +67,14 @@ class Credentials:
         """An enrolled agent without a configured `mqtt_url` asks the coordinator where a silent broker went."""
         return self.identity is not None and self.config.mqtt_url is None
 
-    def load(self) -> tuple[BrokerAddress, str]:
-        """Read the identity (renewing a certificate that is due); the broker's address and the topic base."""
+    def load(self) -> tuple[tuple[BrokerAddress, ...], str]:
+        """Read the identity (renewing a certificate that is due); the brokers' addresses (in the order to try them)
+        and the topic base."""
         self.identity = load_identity(self.config.data_dir)
         self.renew_if_due()
         mqtt_url, base = resolve_broker(self.config, self.identity)
         try:
-            return parse_mqtt_url(mqtt_url), base
+            return parse_mqtt_urls(mqtt_url), base
         except BrokerUrlError as exc:
             raise ConfigError(f"mqtt_url: {exc}") from exc
 
@@ -111,7 +112,7 @@ class Credentials:
     def stop(self) -> None:
         self._stop.set()
 
-    def locate_broker(self) -> BrokerAddress | None:
+    def locate_broker(self) -> tuple[BrokerAddress, ...] | None:
         """Where the coordinator says the broker is now (the enrolled URL stopped answering); stored for restarts."""
         identity = self.identity
         if identity is None:
@@ -121,4 +122,4 @@ class Credentials:
             log.error("the fleet's topic base changed to %s; restart the agent", moved.topic_base)
             return None
         self.identity = moved
-        return parse_mqtt_url(moved.broker_url)
+        return parse_mqtt_urls(moved.broker_url)

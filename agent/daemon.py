@@ -14,31 +14,23 @@ import threading
 from collections.abc import Callable, Mapping
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from agent.capabilities import device_capabilities
 from agent.config import AgentConfig
 from agent.credentials import Credentials
-from agent.errors import ConfigError, TransportError
-from agent.federation import (
-    FederationInfo,
-    FederationStatus,
-    SupernodeSupervisor,
-    configured_federation,
-    fetch_federation,
-    locate_supernode,
-)
+from agent.errors import ConfigError, NoModelError, TransportError
+from agent.feedback import Feedback, FeedbackResult, PredictionLog, parse_feedback
 from agent.metrics import AgentMetrics, AgentReading
 from agent.outbox import Outbox
 from agent.runtime import LoadedModel, RuntimeCatalog, default_catalog
-from agent.samples import SampleStats, SampleStore, sample_store_path
 from agent.seq import SEQ_FILE, SeqCounter
 from agent.server import InferenceServer, create_app
 from agent.serving import Serving
 from agent.telemetry import TelemetryPublisher, TelemetryRecorder
 from agent.transport import MqttTransport, Transport, client_id_for
-from agent.trust import trust_gate_for
 from agent.update import (
     ArtifactFetcher,
     HealthPolicy,
@@ -70,6 +62,14 @@ from protocol import (
 )
 from protocol.mqtt import BrokerAddress
 
+if TYPE_CHECKING:
+    from agent.federation import FederationInfo, FederationStatus, SupernodeSupervisor
+    from agent.samples import SampleStats, SampleStore
+
+# Imported where they are first needed, so an idle agent with an ONNX model never loads them: `agent.federation`
+# (federated = true), `agent.trust` (tuf, for a device enrolled with the fleet's TUF root), `agent.samples`
+# (sqlite3, when a model is in sample_rates); `agent.identity` loads cryptography only for an enrolled device.
+
 __all__ = ["Agent", "agent_version", "health_policy"]
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,15 @@ def agent_version() -> str:
         return metadata.version("edgefleet")
     except metadata.PackageNotFoundError:
         return "0+unknown"
+
+
+def _sample_store(config: AgentConfig) -> SampleStore | None:
+    """The local sample store when a model is in `sample_rates` (federated retraining), else None."""
+    if not config.sample_rates:
+        return None
+    from agent.samples import SampleStore, sample_store_path
+
+    return SampleStore(sample_store_path(config.data_dir), rates=config.sample_rates, max_rows=config.sample_store_max)
 
 
 def health_policy(config: AgentConfig) -> HealthPolicy:
@@ -101,11 +110,10 @@ class Agent:
         self._catalog = catalog or default_catalog(config.intra_op_threads)
         if config.runtimes is not None:
             self._catalog = self._catalog.restricted_to(config.runtimes)
-        self._recorder = TelemetryRecorder()
+        self._recorder = TelemetryRecorder(sketch_rate=config.telemetry_sketch_rate)
         self._serving = Serving(record=self._recorder.record)
-        self._metrics = AgentMetrics(self._metrics_reading) if config.metrics else None
-        if self._metrics is not None:
-            self._serving.add_tap(self._metrics.tap)
+        # Inference counts come from the recorder at scrape time: no per-call work for metrics.
+        self._metrics = AgentMetrics(self._metrics_reading, self._recorder.served) if config.metrics else None
         self._slots = SlotStore(config.data_dir / "slots")
         self._lock = threading.Lock()
         self._changed = threading.Condition()  # notified after every update transition
@@ -120,14 +128,17 @@ class Agent:
         self._server: InferenceServer | None = None
         self._capabilities: Capabilities | None = None
         self._credentials = Credentials(config)
-        self._samples = (
-            SampleStore(sample_store_path(config.data_dir), rates=config.sample_rates, max_rows=config.sample_store_max)
-            if config.sample_rates
-            else None
+        self._samples = _sample_store(config)
+        self._feedback = Feedback(
+            PredictionLog(max_ids=config.feedback_max_ids, max_age_s=config.feedback_max_age_s),
+            current=self._serving.current,
+            add_labels=self._recorder.add_labels,
+            observe=self._metrics.labels if self._metrics is not None else None,
+            forward=self._store_labels,
         )
         self._federation: SupernodeSupervisor | None = None
         self._refused: tuple[int, ErrorInfo] | None = None
-        self._broker: BrokerAddress | None = None  # where the last connection went (a moved broker changes it)
+        self._brokers: tuple[BrokerAddress, ...] | None = None  # the brokers at the last connect (moved: others)
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -194,11 +205,37 @@ class Agent:
     def federation_status(self) -> FederationStatus:
         """What the device's Flower SuperNode is doing (state `disabled` unless `federated`)."""
         federation = self._federation
-        return federation.status if federation is not None else FederationStatus(state="disabled")
+        if federation is not None:
+            return federation.status
+        from agent.federation import FederationStatus
 
-    def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one inference on the served model, counted in telemetry; `NoModelError` before a model is loaded."""
-        return self._serving.infer(inputs)
+        return FederationStatus(state="disabled")
+
+    def infer(self, inputs: Mapping[str, np.ndarray], *, request_id: str | None = None) -> dict[str, np.ndarray]:
+        """Run one inference on the served model, counted in telemetry; `NoModelError` before a model is loaded.
+
+        With a `request_id`, its prediction is remembered so that `feedback(request_id, label)` can label it.
+        """
+        if not request_id:
+            return self._serving.infer(inputs)
+        active = self._serving.current()
+        outputs = self._serving.infer(inputs, active)
+        if active is not None:
+            self._feedback.remember(request_id, active, outputs)
+        return outputs
+
+    def feedback(self, request_id: str, label: int | float | str | list[int | float | str]) -> FeedbackResult:
+        """Label an earlier prediction (`infer(..., request_id=...)` or an endpoint request with that `id`): a class
+        index, class name or value, or a list with one per row; counted in the telemetry window it arrives in.
+
+        Raises `UnknownRequestError` (not remembered), `AlreadyLabelledError` (a label counts once),
+        `LabelMismatchError` (wrong kind or count), `FeedbackBodyError`, and `NoModelError` before a model is loaded.
+        """
+        active = self._serving.current()
+        if active is None:
+            raise NoModelError("no model is loaded yet")
+        body = {"id": request_id, "labels": label} if isinstance(label, list) else {"id": request_id, "label": label}
+        return self._feedback.label(active.spec.name, parse_feedback(body))
 
     def wait_for_model(self, version: str, timeout: float) -> bool:
         """Wait until the served model has `version` and its update is reported done; False after `timeout`."""
@@ -224,7 +261,7 @@ class Agent:
         """Load the active slot, resume an interrupted update, start the endpoint and connect (non-blocking)."""
         if self._started:
             raise RuntimeError(f"agent {self.config.device_id} is already started")
-        address, base = self._resolve_broker()
+        addresses, base = self._resolve_broker()
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         self._topics = Topics(base)
         self._capabilities = self._detect_capabilities()  # once: /proc/cpuinfo does not change
@@ -233,7 +270,7 @@ class Agent:
         worker.boot()
         try:
             self._start_endpoint()
-            self._start_messaging(address, base)
+            self._start_messaging(addresses, base)
             worker.start()
             if self._federation is not None:
                 self._federation.start()
@@ -264,8 +301,8 @@ class Agent:
 
     # -- start, one step each ----------------------------------------------------------------------
 
-    def _resolve_broker(self) -> tuple[BrokerAddress, str]:
-        """The broker's address and the topic base, from the configuration or the enrolled identity."""
+    def _resolve_broker(self) -> tuple[tuple[BrokerAddress, ...], str]:
+        """The brokers' addresses and the topic base, from the configuration or the enrolled identity."""
         return self._credentials.load()
 
     @property
@@ -313,6 +350,10 @@ class Agent:
 
     def _trust_gate(self) -> Callable[[DesiredState], DesiredState] | None:
         """The governance check of desired states, for a device enrolled with the fleet's TUF root."""
+        if self._credentials.identity is None:
+            return None  # ungoverned: no fleet identity, so no TUF root (tuf is not loaded)
+        from agent.trust import trust_gate_for
+
         timeout_s = min(self.config.download_timeout_s, 30.0)
         return trust_gate_for(self._credentials.identity, self.config.data_dir / "tuf", timeout_s)
 
@@ -328,6 +369,9 @@ class Agent:
         cfg, identity = self.config, self._credentials.identity
         if not cfg.federated:
             return None
+        from agent.federation import SupernodeSupervisor, configured_federation, fetch_federation, locate_supernode
+        from agent.samples import sample_store_path
+
         supernode = locate_supernode(cfg.flower_bin_dir)
         if identity is None:
             raise ConfigError(
@@ -375,6 +419,7 @@ class Agent:
                 token=cfg.http_token,
                 samples=self._samples,
                 metrics=self._metrics,
+                feedback=self._feedback,
             ),
             host=cfg.http_host,
             port=cfg.http_port,
@@ -382,7 +427,7 @@ class Agent:
         )
         self._server.start()
 
-    def _start_messaging(self, address: BrokerAddress, base: str) -> None:
+    def _start_messaging(self, addresses: tuple[BrokerAddress, ...], base: str) -> None:
         """Build the MQTT transport (with the offline last will) and the telemetry publisher, then start both."""
         cfg, topics = self.config, self._topics
         assert topics is not None, "set by start() before messaging starts"
@@ -391,8 +436,8 @@ class Agent:
         # An enrolled device connects as itself: the fleet's brokers refuse any other client id for its certificate.
         default_id = cfg.device_id if identity is not None else client_id_for(cfg.device_id, base)
         self._transport = MqttTransport(
-            address=address,
-            tls=credentials.tls_for(address),
+            addresses=addresses,
+            tls=credentials.tls_for(addresses[0]),  # one TLS setting for all (`parse_mqtt_urls`)
             client_id=cfg.mqtt_client_id or default_id,
             subscriptions=[topics.desired(cfg.device_id), topics.ack(cfg.device_id)],
             will=(topics.reported(cfg.device_id), encode(offline)),
@@ -437,12 +482,13 @@ class Agent:
             self._telemetry.connected()
         self._report()
         transport = self._transport
-        address = transport.address if isinstance(transport, MqttTransport) else None
-        if self._broker is not None and address is not None and address != self._broker:
-            moved = f"broker moved from {self._broker.host}:{self._broker.port} to {address.host}:{address.port}"
+        brokers = transport.addresses if isinstance(transport, MqttTransport) else None
+        if self._brokers is not None and brokers is not None and brokers != self._brokers:  # not a failover in a list
+            named = [",".join(f"{a.host}:{a.port}" for a in each) for each in (self._brokers, brokers)]
+            moved = f"broker moved from {named[0]} to {named[1]}"
             log.warning("%s (the coordinator named it after failed connects; kept for restarts)", moved)
             self._event(EventKind.BROKER_MOVED, message=moved)
-        self._broker = address
+        self._brokers = brokers
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         assert self._topics is not None
@@ -521,6 +567,19 @@ class Agent:
             return
         event = DeviceEvent(device_id=self.config.device_id, kind=kind, **fields)
         transport.publish(topics.events(self.config.device_id), encode(event), qos=1)
+
+    def _store_labels(self, model: str, labelled: list[tuple[str, list[int | float]]]) -> None:
+        """Hand labels taken by `feedback` on to the sample store (federated retraining) when `model` is sampled."""
+        samples = self._samples
+        if samples is None or not samples.opted_in(model):
+            return
+        from agent.samples import LabelEntry
+
+        entries = [LabelEntry(rid, labels[0] if len(labels) == 1 else list(labels)) for rid, labels in labelled]
+        try:
+            samples.label(model, entries)
+        except Exception:  # the labels are counted already; the store logs and counts its own failures
+            log.warning("labels of %s could not be stored in the sample store", model, exc_info=True)
 
     def _metrics_reading(self) -> AgentReading:
         """What `GET /metrics` reads at scrape time."""

@@ -8,6 +8,11 @@ Exception tree::
     ├── NoModelError                  an inference was asked for while no model is loaded (retry later)
     ├── InferenceInputError           the caller's tensors do not fit the model (caller's fault; fatal)
     ├── InferenceFailedError          the runtime failed on valid input (internal)
+    ├── FeedbackError                 a label fed back cannot be taken (caller's fault; fatal)
+    │   ├── FeedbackBodyError         the body is not the documented shape (HTTP 400)
+    │   ├── UnknownRequestError       no remembered prediction has that id: never seen or forgotten (404)
+    │   ├── AlreadyLabelledError      the prediction already got its label; a label counts once (409)
+    │   └── LabelMismatchError        the label is of the wrong kind or count for the prediction (422)
     └── UpdateError                   a step of the update path failed
         ├── DownloadError             the artifact could not be fetched (retryable: network)
         ├── ArtifactVerificationError size or sha256 differ from the desired state (fatal: bad artifact)
@@ -27,16 +32,21 @@ from protocol import ErrorCode, ErrorInfo
 
 __all__ = [
     "AgentError",
+    "AlreadyLabelledError",
     "ArtifactVerificationError",
     "ConfigError",
     "DownloadError",
+    "FeedbackBodyError",
+    "FeedbackError",
     "HealthCheckError",
     "InferenceFailedError",
     "InferenceInputError",
     "InvalidModelError",
+    "LabelMismatchError",
     "NoModelError",
     "StorageError",
     "TransportError",
+    "UnknownRequestError",
     "UnsupportedFormatError",
     "UpdateError",
     "WarmupError",
@@ -85,6 +95,43 @@ class InferenceInputError(AgentError):
 
 class InferenceFailedError(AgentError):
     """The runtime failed while running a valid request."""
+
+
+class FeedbackError(AgentError):
+    """A label fed back for an earlier prediction that the agent cannot take; nothing of it was counted.
+
+    `refused` lists every refused item of the body as `(index, request id, reason, message)` (a body is taken
+    whole or not at all); `reason` is the metric's label (`unknown_id`, `duplicate`, `wrong_kind`, `malformed`).
+    """
+
+    code = ErrorCode.MALFORMED_MESSAGE
+    reason = "malformed"
+
+    def __init__(self, message: str, *, refused: list[tuple[int, str, str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.refused = refused if refused is not None else []
+
+
+class FeedbackBodyError(FeedbackError):
+    """The feedback body is not JSON or not the documented shape."""
+
+
+class UnknownRequestError(FeedbackError):
+    """No remembered prediction has this id: it never had one, or it was forgotten past the bound."""
+
+    reason = "unknown_id"
+
+
+class AlreadyLabelledError(FeedbackError):
+    """The prediction already got its label: a label counts once."""
+
+    reason = "duplicate"
+
+
+class LabelMismatchError(FeedbackError):
+    """The label is of the wrong kind (class vs value, unknown class) or count (one per row) for the prediction."""
+
+    reason = "wrong_kind"
 
 
 class UpdateError(AgentError):

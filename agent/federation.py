@@ -39,10 +39,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Literal
 
-import httpx
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from agent._fs import atomic_write_bytes
 from agent.config import split_host_port
 from agent.errors import AgentError, ConfigError, TransportError
@@ -147,6 +143,9 @@ def _toml_string(value: str) -> str:
 
 def node_key_openssh(key_path: Path) -> tuple[bytes, bytes]:
     """`(private, public)` OpenSSH forms of the enrolment key in `key_path` (PEM); `ConfigError` if unusable."""
+    from cryptography.hazmat.primitives import serialization  # here: an agent that is not federated never loads it
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     try:
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as exc:
@@ -189,6 +188,8 @@ def _executable(path: Path) -> bool:
 
 def fetch_federation(coordinator_url: str, timeout_s: float = 10.0) -> FederationInfo:
     """Ask the coordinator where its SuperLink is; `FederationUnavailableError` (404: off), `TransportError`."""
+    import httpx
+
     url = f"{coordinator_url.rstrip('/')}/api/v1/enrolment/federation"
     try:
         response = httpx.get(url, timeout=timeout_s)

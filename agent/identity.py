@@ -21,16 +21,18 @@ import tempfile
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-
-import httpx
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from typing import TYPE_CHECKING
 
 from agent.errors import ConfigError, TransportError
 from agent.seq import start_counter
 from protocol.identity import BrokerLocation, EnrolmentRequest, EnrolmentResponse, RenewalRequest
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+# cryptography and httpx are imported where they are used: an agent without a fleet identity (an explicit
+# mqtt_url) never loads them (~10 MiB resident: cryptography's Rust extension and OpenSSL).
 
 __all__ = ["DeviceIdentity", "enrol", "load_identity", "locate_broker", "needs_renewal", "renew"]
 
@@ -74,6 +76,8 @@ class DeviceIdentity:
 
     def certificate(self) -> x509.Certificate:
         """The current client certificate."""
+        from cryptography import x509
+
         return x509.load_pem_x509_certificate(self.cert_path.read_bytes())
 
 
@@ -93,12 +97,18 @@ def _write(path: Path, data: bytes, mode: int = 0o600) -> None:
 
 
 def _csr(device_id: str, key: ec.EllipticCurvePrivateKey) -> str:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)])
     csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256())
     return csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
 def _post(url: str, body: dict[str, object], timeout_s: float) -> EnrolmentResponse:
+    import httpx
+
     try:
         response = httpx.post(url, json=body, timeout=timeout_s)
     except httpx.HTTPError as exc:
@@ -142,6 +152,9 @@ def enrol(
     """Make a key, send a CSR with the token (or bootstrap secret), store the certificate; returns the identity."""
     if (token is None) == (bootstrap_secret is None):
         raise ConfigError("give exactly one of an enrolment token and a bootstrap secret")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     directory = data_dir / IDENTITY_DIR
     key = ec.generate_private_key(ec.SECP256R1())
     request = EnrolmentRequest(
@@ -178,6 +191,8 @@ def locate_broker(identity: DeviceIdentity, timeout_s: float = 10.0) -> DeviceId
 
     `TransportError` when the coordinator cannot be reached, `ConfigError` when it answers nonsense.
     """
+    import httpx
+
     url = f"{identity.coordinator_url}/api/v1/enrolment/broker"
     try:
         response = httpx.get(url, timeout=timeout_s)
@@ -208,6 +223,9 @@ def needs_renewal(certificate: x509.Certificate, now: datetime | None = None) ->
 
 def renew(identity: DeviceIdentity, timeout_s: float = 30.0) -> DeviceIdentity:
     """A fresh certificate for the device's key (a CSR signed with it proves possession); files replaced."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     loaded = serialization.load_pem_private_key(identity.key_path.read_bytes(), password=None)
     if not isinstance(loaded, ec.EllipticCurvePrivateKey):
         raise ConfigError(f"{identity.key_path} is not an EC private key")

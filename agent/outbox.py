@@ -239,12 +239,15 @@ class Outbox:
         return len(seqs)
 
     def _forget(self, seqs: list[int]) -> None:
-        with self._lock:
-            for seq in seqs:
-                self._entries.pop(seq, None)
+        # Files first, then the entries: once a seq is no longer unconfirmed its file is gone (a send racing this
+        # finds no file: `payload` answers None). The other order let a caller see nothing unconfirmed while the
+        # files were still on disk.
         for seq in seqs:
             with contextlib.suppress(FileNotFoundError):
                 (self._dir / _name(seq)).unlink()
+        with self._lock:
+            for seq in seqs:
+                self._entries.pop(seq, None)
 
     def confirm(self, ack: TelemetryAck) -> int:
         """Delete the windows `ack` confirms stored; returns how many."""

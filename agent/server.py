@@ -9,6 +9,13 @@ With a sample store (`agent.samples`, federated retraining), a model in `sample_
 request with an `id` (the request's own, or a new one) and takes labels for kept requests at
 `POST /v2/models/{name}/labels` (`{"labels": [{"id": ..., "label": 3}]}` -> `{"stored": n, "unknown": [...]}`).
 
+With `feedback` (`agent.feedback`; an agent always has it), requests with an `id` are remembered, and
+`POST /v2/models/{name}/feedback` (also under `/versions/{version}`) takes labels for them, counted in telemetry:
+`{"id": ..., "label": 3}`, `{"id": ..., "labels": [3, 7]}` (one per row) or a list of those -> 200
+`{"labelled": n, "correct": k, "abs_error_sum": e, "stale": [...], "items": [...]}`; 400 a body that is not JSON or
+not that shape, 404 an id the agent does not remember, 409 an id already labelled, 422 a label of the wrong kind or
+count. Labels of sampled models are also stored in the sample store.
+
 With `metrics` (`agent.metrics`, config `metrics = true`, the default), `GET /metrics` answers Prometheus.
 """
 
@@ -33,9 +40,27 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from agent._http_guards import BodyLimit, TokenAuth
-from agent._oip_codec import DecodedRequest, decode_tensor, encode_response, encode_tensor, read_request
+from agent._oip_codec import (
+    DecodedRequest,
+    EncodedResponse,
+    decode_tensor,
+    encode_response,
+    encode_tensor,
+    read_request,
+)
 from agent.config import AgentConfig
-from agent.errors import ConfigError, InferenceFailedError, InferenceInputError, NoModelError
+from agent.errors import (
+    AlreadyLabelledError,
+    ConfigError,
+    FeedbackBodyError,
+    FeedbackError,
+    InferenceFailedError,
+    InferenceInputError,
+    LabelMismatchError,
+    NoModelError,
+    UnknownRequestError,
+)
+from agent.feedback import Feedback, FeedbackItem, parse_feedback
 from agent.metrics import AgentMetrics
 from agent.samples import LabelEntry, LabelsError, SampleStore, SampleStoreError, parse_labels
 from agent.serving import ActiveModel, Serving
@@ -78,12 +103,14 @@ def create_app(
     token: str | None = None,
     samples: SampleStore | None = None,
     metrics: AgentMetrics | None = None,
+    feedback: Feedback | None = None,
 ) -> Starlette:
     """The Starlette app of the endpoint for one agent's `serving` (handlers find it in `app.state`).
 
     Bodies over `max_request_bytes` get 413 unread; with a `token`, every route but health needs it.
     With `samples`, served requests of opted-in models are offered to the store, and labels are taken.
     With `metrics`, `GET /metrics` answers a Prometheus scrape (behind the token like every other route).
+    With `feedback`, requests with an id are remembered and `POST .../feedback` takes labels for them.
     """
     if max_request_bytes < 1:
         raise ConfigError(f"max_request_bytes (http_max_request_bytes) must be positive, got {max_request_bytes}")
@@ -91,17 +118,20 @@ def create_app(
         raise ConfigError("the endpoint token (http_token) is empty; set a long random one, or none")
     middleware = [Middleware(TokenAuth, token=token, open_paths=_HEALTH_PATHS)] if token is not None else []
     middleware.append(Middleware(BodyLimit, max_bytes=max_request_bytes))  # inside auth: strangers are refused first
-    routes = [*_routes(), Route("/metrics", _metrics)] if metrics is not None else _routes()
+    routes = _routes(feedback=feedback is not None)
+    if metrics is not None:
+        routes.append(Route("/metrics", _metrics))
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=_EXCEPTION_HANDLERS)
     app.state.serving = serving
     app.state.samples = samples
     app.state.metrics = metrics
+    app.state.feedback = feedback
     app.state.version = version
     app.state.token_required = token is not None
     return app
 
 
-def _routes() -> list[Route]:
+def _routes(*, feedback: bool) -> list[Route]:
     routes = [
         Route("/v2/health/live", _live),
         Route("/v2/health/ready", _ready),
@@ -113,6 +143,8 @@ def _routes() -> list[Route]:
             Route(f"{prefix}/ready", _model_ready),
             Route(f"{prefix}/infer", _infer, methods=["POST"]),
         ]
+        if feedback:
+            routes.append(Route(f"{prefix}/feedback", _feedback, methods=["POST"]))
     routes.append(Route("/v2/models/{name}/labels", _labels, methods=["POST"]))
     return routes
 
@@ -180,21 +212,40 @@ async def _model_ready(request: Request) -> Response:
 async def _infer(request: Request) -> Response:
     active = _model_for(request)
     raw = await request.body()  # at most max_request_bytes: BodyLimit refuses more
-    # Parsing and encoding run in threads: a large body must not hold up the health probes.
-    decoded = await run_in_threadpool(read_request, raw, request.headers.get(INFERENCE_HEADER_CONTENT_LENGTH))
-    samples = _samples(request)
+    # Parsing, inference and encoding run in one worker thread (a large body must not hold up the health probes),
+    # one hand-off per request: each hop to the thread pool and back costs more than a small model's inference.
+    encoded = await run_in_threadpool(
+        _serve,
+        raw,
+        request.headers.get(INFERENCE_HEADER_CONTENT_LENGTH),
+        _serving(request),
+        _samples(request),
+        request.app.state.feedback,
+        active,
+    )
+    return Response(encoded.content, media_type=encoded.media_type, headers=encoded.headers)
+
+
+def _serve(
+    raw: bytes,
+    header_length: str | None,
+    serving: Serving,
+    samples: SampleStore | None,
+    feedback: Feedback | None,
+    active: ActiveModel,
+) -> EncodedResponse:
+    """Decode a request, run it (`_infer_and_sample`) and encode the response (on a worker thread)."""
+    decoded = read_request(raw, header_length)
     if samples is not None and samples.opted_in(active.spec.name):
         decoded = _with_id(decoded)  # the id a client labels this request by
-    outputs = await run_in_threadpool(_infer_and_sample, _serving(request), samples, decoded, active)
+    outputs = _infer_and_sample(serving, samples, feedback, decoded, active)
     wanted = _wanted_outputs(decoded.body, outputs)
-    encoded = await run_in_threadpool(
-        encode_response,
+    return encode_response(
         decoded,
         [(name, outputs[name]) for name in wanted],
         model_name=active.spec.name,
         model_version=active.spec.version,
     )
-    return Response(encoded.content, media_type=encoded.media_type, headers=encoded.headers)
 
 
 def _samples(request: Request) -> SampleStore | None:
@@ -211,10 +262,17 @@ def _with_id(decoded: DecodedRequest) -> DecodedRequest:
 
 
 def _infer_and_sample(
-    serving: Serving, samples: SampleStore | None, decoded: DecodedRequest, active: ActiveModel
+    serving: Serving,
+    samples: SampleStore | None,
+    feedback: Feedback | None,
+    decoded: DecodedRequest,
+    active: ActiveModel,
 ) -> dict[str, np.ndarray]:
-    """Run the inference; then offer a served request of an opted-in model to the store (which never raises)."""
+    """Run the inference; remember the prediction of a request with an id (to take its label later); offer a served
+    request of an opted-in model to the store (neither ever raises)."""
     outputs = serving.infer(decoded.inputs, active)
+    if feedback is not None and decoded.body.id:
+        feedback.remember(decoded.body.id, active, outputs)
     if samples is not None and decoded.body.id and samples.opted_in(active.spec.name):
         samples.offer(decoded.body.id, active.spec.name, active.spec.version, decoded.inputs)
     return outputs
@@ -234,15 +292,38 @@ async def _labels(request: Request) -> Response:
     return JSONResponse({"stored": result.stored, "unknown": result.unknown})
 
 
+async def _feedback(request: Request) -> Response:
+    feedback: Feedback = request.app.state.feedback
+    name = request.path_params["name"]
+    raw = await request.body()  # at most max_request_bytes: BodyLimit refuses more
+    try:
+        items = await run_in_threadpool(_read_feedback, raw)
+    except FeedbackError as exc:
+        for _, _, reason, _ in exc.refused or [(0, "", "malformed", "")]:
+            feedback.observed(name, reason, 1)
+        raise
+    result = await run_in_threadpool(feedback.label, name, items, version=request.path_params.get("version"))
+    return JSONResponse(result.to_json())
+
+
+def _json_body(raw: bytes, error: type[Exception]) -> Any:
+    """A request body's JSON; `error` (the route's 400) saying why it is not usable."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise error("the body is not usable JSON: it is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise error(f"the body is not JSON: {exc}") from exc
+
+
+def _read_feedback(raw: bytes) -> list[FeedbackItem]:
+    """The items of a feedback body; `FeedbackBodyError` (400) or `LabelMismatchError` (422) saying what is wrong."""
+    return parse_feedback(_json_body(raw, FeedbackBodyError))
+
+
 def _read_labels(raw: bytes) -> list[LabelEntry]:
     """The entries of a labels body; `LabelsError` (400) saying what is wrong with it."""
-    try:
-        body = json.loads(raw)
-    except RecursionError:
-        raise LabelsError("the body is not usable JSON: it is nested too deeply") from None
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-        raise LabelsError(f"the body is not JSON: {exc}") from exc
-    return parse_labels(body)
+    return parse_labels(_json_body(raw, LabelsError))
 
 
 def _wanted_outputs(body: InferenceRequest, outputs: dict[str, np.ndarray]) -> list[str]:
@@ -274,6 +355,23 @@ async def _failed(_request: Request, exc: Exception) -> Response:
     return _error(500, str(exc))
 
 
+# Who is at fault for a refused label, as an HTTP status (a body with several refused items: the first one's).
+_FEEDBACK_STATUS: dict[type[FeedbackError], int] = {
+    UnknownRequestError: 404,
+    AlreadyLabelledError: 409,
+    LabelMismatchError: 422,
+}
+
+
+async def _feedback_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, FeedbackError)
+    refused = [{"index": i, "id": rid, "reason": reason, "error": msg} for i, rid, reason, msg in exc.refused]
+    body: dict[str, Any] = {"error": str(exc)}
+    if refused:
+        body["refused"] = refused
+    return JSONResponse(body, status_code=_FEEDBACK_STATUS.get(type(exc), 400))
+
+
 async def _not_found(_request: Request, _exc: Exception) -> Response:
     return _error(404, "not found")
 
@@ -282,6 +380,7 @@ _EXCEPTION_HANDLERS: dict[Any, Any] = {
     _HttpError: _http_error,
     InferenceInputError: _input_error,
     LabelsError: _input_error,
+    FeedbackError: _feedback_error,
     NoModelError: _no_model,
     InferenceFailedError: _failed,
     404: _not_found,

@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 
 
 class InferenceRecorder(Protocol):
-    """Called after every inference: the model, latency in ms, ok, and for one that ran its inputs, outputs and
-    how the outputs read; `input_name` names the input telemetry sketches (the model's first)."""
+    """Called after every inference on the caller's thread, so it must be quick: the model, latency in ms, ok, and
+    for one that ran its inputs, outputs and how the outputs read; `input_name` names the input telemetry sketches
+    (the model's first); `ran` is False for a call the runtime refused before running (the caller's bad input)."""
 
     def __call__(
         self,
@@ -31,9 +32,9 @@ class InferenceRecorder(Protocol):
         ok: bool,
         inputs: Mapping[str, np.ndarray] | None = None,
         outputs: Mapping[str, np.ndarray] | None = None,
-        *,
         semantics: OutputSemantics | None = None,
         input_name: str | None = None,
+        ran: bool = True,
     ) -> None: ...
 
 
@@ -52,15 +53,13 @@ class ActiveModel:
     ref: ModelRef = field(init=False)
     # How its outputs read (declared in the spec, else inferred once from the loaded model's outputs).
     semantics: OutputSemantics = field(init=False)
+    # The model's first input: the one telemetry sketches (read once: every inference passes it on).
+    input_name: str | None = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ref", self.spec.ref)
         object.__setattr__(self, "semantics", self.spec.output_semantics or _inferred_semantics(self))
-
-    @property
-    def input_name(self) -> str:
-        """The model's first input: the one telemetry sketches."""
-        return self.spec.inputs[0].name
+        object.__setattr__(self, "input_name", self.spec.inputs[0].name if self.spec.inputs else None)
 
 
 def _inferred_semantics(active: ActiveModel) -> OutputSemantics:
@@ -72,8 +71,9 @@ def _inferred_semantics(active: ActiveModel) -> OutputSemantics:
 
 
 class Serving:
-    """Holds the active model. The swap replaces a reference under a lock; an inference that already took
-    the old model finishes on it (the old session lives until its last caller returns)."""
+    """Holds the active model. A swap replaces one reference (under a lock, to wake waiters); callers read it
+    without the lock, so an inference that already took the old model finishes on it (the old session lives until
+    its last caller returns)."""
 
     def __init__(self, record: InferenceRecorder | None = None) -> None:
         self._lock = threading.Condition()
@@ -83,8 +83,7 @@ class Serving:
 
     def current(self) -> ActiveModel | None:
         """The active model right now (a snapshot: it stays valid after a swap)."""
-        with self._lock:
-            return self._active
+        return self._active  # one reference read: atomic, and every swap replaces the whole reference
 
     def swap(self, new: ActiveModel) -> ActiveModel | None:
         """Serve `new` from now on; returns the previous model."""
@@ -99,9 +98,10 @@ class Serving:
             self._taps = (*self._taps, tap)
 
     def remove_tap(self, tap: InferenceTap) -> None:
-        """Stop calling `tap`."""
+        """Stop calling `tap` (by equality: each `obj.method` is a new bound method, equal to but not `is` the one
+        added, so an identity test never removed a bound method and a trial's watch ran on every later call)."""
         with self._lock:
-            self._taps = tuple(t for t in self._taps if t is not tap)
+            self._taps = tuple(t for t in self._taps if t != tap)
 
     def wait_for(self, predicate: Callable[[ActiveModel | None], bool], timeout: float) -> bool:
         """Wait until `predicate(current model)` holds; False after `timeout` seconds."""
@@ -110,53 +110,46 @@ class Serving:
 
     def infer(self, inputs: Mapping[str, np.ndarray], active: ActiveModel | None = None) -> dict[str, np.ndarray]:
         """Run `inputs` on `active` (default: the current model) and record the outcome for telemetry."""
-        active = active or self.current()
         if active is None:
-            raise NoModelError("no model is loaded yet")
+            active = self._active
+            if active is None:
+                raise NoModelError("no model is loaded yet")
         start = time.perf_counter()
         try:
             outputs = active.model.infer(inputs)
         except InferenceInputError:
-            self._note(active, start)
+            self._failed(active, start, ran=False)
             raise
         except AgentError:
-            self._note(active, start)
-            self._tap(active, inputs, None, start)
+            self._tap(active, inputs, None, self._failed(active, start, ran=True))
             raise
         except Exception as exc:  # a runtime bug must reach the caller as an agent error, and be counted
-            self._note(active, start)
-            self._tap(active, inputs, None, start)
+            self._tap(active, inputs, None, self._failed(active, start, ran=True))
             raise InferenceFailedError(f"inference failed: {exc}") from exc
-        self._note(active, start, inputs, outputs)
-        self._tap(active, inputs, outputs, start)
+        latency_ms = (time.perf_counter() - start) * 1000.0
+        record = self._record
+        if record is not None:
+            record(active.ref, latency_ms, True, inputs, outputs, active.semantics, active.input_name)
+        if self._taps:
+            self._tap(active, inputs, outputs, latency_ms)
         return outputs
 
     def _tap(
-        self, active: ActiveModel, inputs: Mapping[str, np.ndarray], outputs: dict[str, np.ndarray] | None, start: float
+        self,
+        active: ActiveModel,
+        inputs: Mapping[str, np.ndarray],
+        outputs: dict[str, np.ndarray] | None,
+        latency_ms: float,
     ) -> None:
-        taps = self._taps
-        if not taps:
-            return
-        latency_ms = (time.perf_counter() - start) * 1000.0
-        for tap in taps:
+        for tap in self._taps:
             try:
                 tap(active, inputs, outputs, latency_ms)
             except Exception:  # an observer must never fail the caller's inference
                 log.exception("inference tap failed")
 
-    def _note(
-        self,
-        active: ActiveModel,
-        start: float,
-        inputs: Mapping[str, np.ndarray] | None = None,
-        outputs: dict[str, np.ndarray] | None = None,
-    ) -> None:
-        if self._record is None:
-            return
+    def _failed(self, active: ActiveModel, start: float, *, ran: bool) -> float:
+        """Record a failed call; its latency in ms."""
         latency_ms = (time.perf_counter() - start) * 1000.0
-        if outputs is None:
-            self._record(active.ref, latency_ms, False)
-        else:
-            self._record(
-                active.ref, latency_ms, True, inputs, outputs, semantics=active.semantics, input_name=active.input_name
-            )
+        if self._record is not None:
+            self._record(active.ref, latency_ms, False, ran=ran)
+        return latency_ms

@@ -5,9 +5,15 @@ subscription and QoS 1 messages across short disconnects, and paho resends unack
 publishes after reconnecting (bounded by `max_queued`). The last will is the device's `offline`
 reported state, retained.
 
+Several brokers (the nodes of a cluster, or a primary and a standby) are tried in turn: every failed connect
+moves to the next address, round robin, with paho's backoff between attempts. A lost connection is first tried
+again where it was (a restarted broker keeps the session), then on the next. After every (re)connect the agent
+subscribes again and re-publishes its retained reported state and its unconfirmed telemetry; paho resends the
+QoS 1 publishes not yet acknowledged. One TLS context and client id serve every address.
+
 A broker that moved (an embedded broker on a new port, a new host) is found again: after `rediscover_after`
-failed connects in a row, `rediscover()` asks where it is now (an enrolled agent asks the coordinator) and the
-next attempt goes there.
+failed connects in a row at every address, `rediscover()` asks where the brokers are now (an enrolled agent asks
+the coordinator) and the next attempt goes there.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import hashlib
 import logging
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
@@ -30,8 +36,8 @@ log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[str, bytes], None]
 ConnectHandler = Callable[[], None]
-# Where the broker is now (None: unknown, keep trying the current address).
-Rediscover = Callable[[], BrokerAddress | None]
+# Where the brokers are now, in the order to try them (None: unknown, keep trying the current addresses).
+Rediscover = Callable[[], Sequence[BrokerAddress] | None]
 
 
 class Transport(Protocol):
@@ -61,12 +67,12 @@ def client_id_for(device_id: str, topic_base: str) -> str:
 
 
 class MqttTransport:
-    """paho-mqtt 2.x client with last will, persistent session, backoff reconnects and resubscription."""
+    """paho-mqtt 2.x client with last will, persistent session, backoff reconnects, failover and resubscription."""
 
     def __init__(
         self,
         *,
-        address: BrokerAddress,
+        addresses: Sequence[BrokerAddress],
         client_id: str,
         subscriptions: list[str],
         will: tuple[str, bytes],
@@ -78,7 +84,11 @@ class MqttTransport:
         rediscover: Rediscover | None = None,
         rediscover_after: int = 5,
     ) -> None:
-        self._address = address
+        if not addresses:
+            raise ValueError("an MQTT transport needs at least one broker address")
+        self._addresses = tuple(addresses)
+        self._index = 0  # of the address the current (or next) attempt goes to
+        self._address = self._addresses[0]
         self._rediscover = rediscover
         self._rediscover_after = rediscover_after
         self._failed_connects = 0
@@ -100,9 +110,10 @@ class MqttTransport:
         client.will_set(will[0], will[1], qos=1, retain=True)
         client.reconnect_delay_set(max(1, round(reconnect_min_s)), max(1, round(reconnect_max_s)))
         client.max_queued_messages_set(max_queued)
-        if address.username is not None:
-            client.username_pw_set(address.username, address.password)
-        if address.tls:  # `tls`: the fleet CA and this device's client certificate; else the system's CAs
+        client.username_pw_set(self._address.username, self._address.password)
+        # One TLS setting for every address (`parse_mqtt_urls`). `tls`: the fleet CA and this device's client
+        # certificate; else the system's CAs.
+        if self._address.tls:
             client.tls_set_context(tls or ssl.create_default_context())
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
@@ -118,8 +129,13 @@ class MqttTransport:
 
     @property
     def address(self) -> BrokerAddress:
-        """Where this transport connects (changes when a moved broker was found again)."""
+        """Where this transport connects now (changes on failover, and when a moved broker was found again)."""
         return self._address
+
+    @property
+    def addresses(self) -> tuple[BrokerAddress, ...]:
+        """Every broker this transport fails over between, in order (replaced when moved brokers were found)."""
+        return self._addresses
 
     def wait_connected(self, timeout: float) -> bool:
         """Wait for the first (or next) connection; False after `timeout` seconds."""
@@ -177,38 +193,62 @@ class MqttTransport:
         self._call(self._on_connect)
 
     def _handle_connect_fail(self, client: mqtt.Client, _userdata: Any) -> None:
-        """paho could not connect (refused, unreachable, TLS failed): after a few in a row, ask where the broker is."""
+        """paho could not connect (refused, unreachable, TLS failed): try the next broker; after a few rounds in a
+        row, ask where the brokers are."""
         self._failed_connects += 1
-        if self._rediscover is None or self._failed_connects < self._rediscover_after:
-            return
-        self._failed_connects = 0
-        current = self._address
-        try:
-            found = self._rediscover()
-        except Exception as exc:  # the coordinator may be down too: keep trying the current address
-            log.warning("broker %s:%s unreachable; asking where it is failed: %s", current.host, current.port, exc)
-            return
-        if found is None or (found.host, found.port) == (current.host, current.port):
+        failed = self._address
+        if self._rediscover is not None and self._failed_connects >= self._rediscover_after * len(self._addresses):
+            self._failed_connects = 0
+            found = self._ask_where()
+            if found is not None:
+                self._addresses = found
+                self._connect_to(client, 0)
+                return
+        if len(self._addresses) > 1:
+            self._connect_to(client, (self._index + 1) % len(self._addresses))
+            following = self._address
             log.warning(
-                "broker %s:%s unreachable after %d attempts; the coordinator still names it, trying on",
-                current.host,
-                current.port,
+                "broker %s:%s unreachable; failing over to %s:%s",
+                failed.host,
+                failed.port,
+                following.host,
+                following.port,
+            )
+
+    def _ask_where(self) -> tuple[BrokerAddress, ...] | None:
+        """The brokers' addresses if `rediscover` names others than the current ones (with the same TLS), else None."""
+        assert self._rediscover is not None
+        current = self._addresses
+        named = _named(current)
+        try:
+            found = tuple(self._rediscover() or ())
+        except Exception as exc:  # the coordinator may be down too: keep trying the current addresses
+            log.warning("broker %s unreachable; asking where it is failed: %s", named, exc)
+            return None
+        if not found or [(a.host, a.port) for a in found] == [(a.host, a.port) for a in current]:
+            log.warning(
+                "broker %s unreachable after %d attempts each; the coordinator still names it, trying on",
+                named,
                 self._rediscover_after,
             )
-            return
-        if found.tls != current.tls:
-            log.error("the broker moved to %s:%s with another TLS setting; restart the agent", found.host, found.port)
-            return
+            return None
+        if any(a.tls != current[0].tls for a in found):
+            log.error("the broker moved to %s with another TLS setting; restart the agent", _named(found))
+            return None
         log.warning(
-            "broker %s:%s unreachable after %d attempts; the coordinator says it moved to %s:%s: connecting there",
-            current.host,
-            current.port,
+            "broker %s unreachable after %d attempts each; the coordinator says it moved to %s: connecting there",
+            named,
             self._rediscover_after,
-            found.host,
-            found.port,
+            _named(found),
         )
-        client.connect_async(found.host, found.port, keepalive=self._keepalive)  # the next attempt goes there
-        self._address = found
+        return found
+
+    def _connect_to(self, client: mqtt.Client, index: int) -> None:
+        """Make address `index` the target of paho's next attempt (called from paho's thread, between attempts)."""
+        address = self._addresses[index]
+        client.username_pw_set(address.username, address.password)
+        client.connect_async(address.host, address.port, keepalive=self._keepalive)
+        self._index, self._address = index, address
 
     def _handle_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
         self._connected.clear()
@@ -240,3 +280,8 @@ class MqttTransport:
             handler(*args)
         except Exception:
             log.exception("MQTT handler failed")
+
+
+def _named(addresses: Sequence[BrokerAddress]) -> str:
+    """`host:port, host:port` for logs."""
+    return ", ".join(f"{a.host}:{a.port}" for a in addresses)

@@ -15,7 +15,10 @@ through the DBAPI (SQLite: `executemany`; PostgreSQL: `COPY`) in transactions of
 interleaved (the order ingest writes them).
 
 Then, in the same process, interleaved SMALL/LARGE, median of `--runs` after one warm-up call each:
-`cloud.drift.service.fleet_drift(by="site", window_s=3600)`, `cloud.telemetry.summary.fleet_summary` (what
+`cloud.drift.service.fleet_drift(by="site", window_s=3600)` read raw (the drift rollups' mark hidden: every window in
+range decoded) and from drift rollups (whole 300 s buckets from `drift_rollup`, raw windows for the partial bucket at
+the range's start; compacted by `cloud.drift.rollups.compact_drift` after the build, the older windows counted as
+compacted already: the query never reads their buckets), `cloud.telemetry.summary.fleet_summary` (what
 `GET /fleet/summary` returns) and `cloud.telemetry.rollups.rollup_series` over the last hour. Prints seconds and
 the LARGE/SMALL ratio (near 1: the cost follows the windows in range, not the table), build times, database
 sizes, and the query plans (`EXPLAIN QUERY PLAN` / `EXPLAIN`) of the statements each function ran on LARGE.
@@ -50,15 +53,16 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sqlalchemy import event, null, update
+from sqlalchemy import delete, event, func, null, update
 from sqlalchemy.engine import Engine
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from cloud.artifacts import FileArtifactStore
 from cloud.db import create_db_engine, init_db
+from cloud.drift.rollups import compact_drift
 from cloud.drift.service import fleet_drift
 from cloud.models import Device, EnrolmentState, TelemetryRecord
-from cloud.models.telemetry import TelemetryRollup
+from cloud.models.telemetry import DriftRollup, DriftRollupMark, TelemetryRollup
 from cloud.services.registry import push_model_version
 from cloud.telemetry.rollups import DEFAULT_BUCKET_S, bucket_of, merge_counts, merge_histogram, rollup_series
 from cloud.telemetry.summary import fleet_summary
@@ -75,6 +79,7 @@ INTERVAL_S = 30  # seconds between a device's windows
 NEWEST_AGE_S = 90  # the newest window ends this long before `now`
 OLD_AGE_S = 86_400  # the newest of the older windows ends a day before `now` (the rest are days older)
 DRIFT_WINDOW_S = 3600
+DRIFT_BUCKET_S = 300  # drift rollups' buckets (the setting's default)
 RECENT_ROWS, OLD_ROWS, POOL = 100, 5, 64  # rows sketched per window (recent, old small), sketches per pool
 CHUNK = 100_000  # windows per transaction while building
 
@@ -115,7 +120,24 @@ class Built:
     rollups: int
     build_s: float
     size_bytes: int = 0
+    compaction_s: float = 0.0
+    drift_rollups: int = 0
     timings: dict[str, list[float]] = field(default_factory=dict)
+
+
+def compact(built: Built, recent: int) -> None:
+    """Drift rollups of the newest `recent` windows (the older ones counted as compacted: outside every range)."""
+    with Session(built.engine) as session:
+        newest = int(session.exec(select(func.max(TelemetryRecord.id))).one() or 0)
+        session.add(DriftRollupMark(window_id=max(0, newest - recent), bucket_s=DRIFT_BUCKET_S))
+        session.commit()
+    started = time.perf_counter()
+    done = compact_drift(built.engine, bucket_s=DRIFT_BUCKET_S)
+    built.compaction_s = time.perf_counter() - started
+    with Session(built.engine) as session:
+        built.drift_rollups = int(session.exec(select(func.count()).select_from(DriftRollup)).one())
+    if done.windows != recent:
+        raise RuntimeError(f"compaction merged {done.windows} windows, not the {recent} recent ones")
 
 
 def reference(directory: Path, old_sketches: str) -> Reference:
@@ -334,6 +356,13 @@ def queries(now: datetime) -> dict[str, Callable[[Session], Any]]:
         report = fleet_drift(session=session, model=MODEL, version=VERSION, by="site", window_s=DRIFT_WINDOW_S, now=now)
         return [(c.key, c.windows, len(c.devices), c.unreadable, d.drifted) for c, d in report.cohorts]
 
+    def drift_raw(session: Session) -> Any:
+        session.connection().execute(delete(DriftRollupMark))  # as if nothing were compacted; rolled back
+        try:
+            return drift(session)
+        finally:
+            session.rollback()
+
     def summary(session: Session) -> Any:
         result = fleet_summary(session=session)
         return (result.device_count, result.inference_count)
@@ -344,7 +373,12 @@ def queries(now: datetime) -> dict[str, Callable[[Session], Any]]:
         )
         return sum(r.windows for r in rows)
 
-    return {"fleet_drift(by=site)": drift, "fleet_summary": summary, "rollup_series(last hour)": series}
+    return {
+        "fleet_drift raw windows": drift_raw,
+        "fleet_drift drift rollups": drift,
+        "fleet_summary": summary,
+        "rollup_series(last hour)": series,
+    }
 
 
 def timed(engine: Engine, call: Callable[[Session], Any]) -> tuple[float, Any]:
@@ -378,7 +412,7 @@ def plans(engine: Engine, call: Callable[[Session], Any]) -> list[tuple[str, lis
     out = []
     with engine.connect() as connection:
         for statement, parameters in seen:
-            if "telemetry_window" not in statement and "telemetry_rollup" not in statement:
+            if not any(t in statement for t in ("telemetry_window", "telemetry_rollup", "drift_rollup")):
                 continue
             rows = connection.exec_driver_sql(prefix + statement, parameters).all()
             lines = [str(r[0]) if len(r) == 1 else str(r[-1]) for r in rows]
@@ -410,12 +444,17 @@ def databases(database_url: str | None, directory: Path) -> Iterator[tuple[str, 
 
 def measure(small: Built, large: Built, now: datetime, runs: int) -> None:
     """Each call on SMALL and LARGE, interleaved: one warm-up each, then `runs` timed; results checked equal."""
+    drifts = []
     for name, call in queries(now).items():
         results = {}
         for built in (small, large):
             _, results[built.name] = timed(built.engine, call)  # warm-up
         if name.startswith("fleet_drift") and results["SMALL"] != results["LARGE"]:
             raise RuntimeError(f"drift differs between SMALL and LARGE: {results}")
+        if name.startswith("fleet_drift"):
+            drifts.append(results["LARGE"])
+        if len(drifts) == 2 and drifts[0] != drifts[1]:
+            raise RuntimeError(f"drift from rollups differs from drift from raw windows: {drifts}")
         print(f"  {name}: SMALL returned {results['SMALL']!s:.120}; LARGE {results['LARGE']!s:.120}")
         for _ in range(runs):
             for built in (small, large):
@@ -453,6 +492,8 @@ def main() -> None:
                           now=now, directory=directory)
                     for name, engine, total in zip(("SMALL", "LARGE"), engines, (args.recent, args.large), strict=True)
                 ]  # fmt: skip
+                for one in built:
+                    compact(one, args.recent)
                 report(built, args, now)
             finally:
                 for engine in engines:
@@ -470,13 +511,20 @@ def report(built: list[Built], args: argparse.Namespace, now: datetime) -> None:
     for one in built:
         print(
             f"{one.name}: {one.windows:,} windows ({args.recent:,} in the last hour), {one.rollups:,} rollups; "
-            f"built in {one.build_s:.1f} s; {one.size_bytes / 2**20:,.1f} MiB"
+            f"built in {one.build_s:.1f} s; {one.size_bytes / 2**20:,.1f} MiB; {one.drift_rollups:,} drift rollups "
+            f"compacted in {one.compaction_s:.1f} s"
         )
     measure(small, large, now, args.runs)
     print(f"\nmedian of {args.runs} (seconds)          SMALL      LARGE   LARGE/SMALL")
     for name in small.timings:
         a, b = statistics.median(small.timings[name]), statistics.median(large.timings[name])
         print(f"{name:<28} {a:10.3f} {b:10.3f} {b / a:10.2f}x")
+    for one in built:
+        raw = statistics.median(one.timings["fleet_drift raw windows"])
+        rolled = statistics.median(one.timings["fleet_drift drift rollups"])
+        print(
+            f"{one.name}: fleet_drift from drift rollups {rolled:.3f} s vs raw windows {raw:.3f} s: {raw / rolled:.1f}x"
+        )
     print("\nquery plans on LARGE:")
     for name, call in queries(now).items():
         for statement, lines in plans(large.engine, call):

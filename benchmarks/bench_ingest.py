@@ -1,7 +1,9 @@
 """Telemetry ingest: windows/s the coordinator's MQTT bridge persists, against what a plain paho subscriber receives.
 
 One Mosquitto (plain TCP, on a free port) for the whole run. M publisher processes send N QoS 1 telemetry payloads
-(real `protocol.TelemetryWindow` JSON of D devices, each device's seqs in order with their `prev_seq`):
+(real `protocol.TelemetryWindow` JSON of D devices, each device's seqs in order with their `prev_seq`, carrying the
+sketches the default agent sends: `--sketch-rows` inferences of the digits model each, ~6 kB a window for 100;
+`--sketch-rows 0`: no sketches, ~0.4 kB, the figures before sketches existed):
 
 - (a) baseline: a plain paho subscriber (QoS 1) counts them: messages/s from the first publish to the last received;
 - (b) the same payloads through a real `cloud.bridge.MqttBridge` (its batched ingest, rollups, acknowledgements)
@@ -11,8 +13,13 @@ One Mosquitto (plain TCP, on a free port) for the whole run. M publisher process
 
 Prints JSON with each rate and its ratio to (a).
 
+- with `--processes 1,2` (the default) each database is run once per count: N ingest processes as the coordinator
+  runs them (`Settings.ingest_processes`: its bridge plus N-1 `cloud.telemetry.worker` processes sharing telemetry
+  through an MQTT shared subscription, `cloud.telemetry.processes.plan_ingest`); with N > 1 the end is when the
+  last row is in the database (polled every 20 ms: the members report their counters every 0.5 s).
+
     python benchmarks/bench_ingest.py [--windows 20000] [--devices 100] [--publishers 2] [--no-postgres]
-                                      [--batch-max 500]
+                                      [--batch-max 500] [--processes 1,2] [--sketch-rows 100]
 """
 
 from __future__ import annotations
@@ -43,25 +50,30 @@ from cloud.bridge import MqttBridge
 from cloud.db import create_db_engine, init_db
 from cloud.models import Device, EnrolmentState, TelemetryRecord
 from cloud.telemetry.counters import IngestCounters
+from cloud.telemetry.processes import plan_ingest
 from protocol.codec import encode
 from protocol.messages import ModelRef, TelemetryWindow
 from protocol.topics import Topics
 from simulators.brokers import plain_mosquitto
+from simulators.light import window_sketches
 
 POSTGRES_ADMIN = os.environ.get("EDGEFLEET_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 T0 = datetime(2026, 12, 1, tzinfo=UTC)
+SKETCH_VARIANTS = 10
 
 
 def device_ids(devices: int) -> list[str]:
     return [f"bench-{i:04d}" for i in range(devices)]
 
 
-def payloads(base: str, ids: list[str], per_device: int) -> list[tuple[str, bytes]]:
-    """Every device's windows, interleaved across devices as a fleet would send them."""
+def payloads(base: str, ids: list[str], per_device: int, sketch_rows: int = 0) -> list[tuple[str, bytes]]:
+    """Every device's windows, interleaved across devices as a fleet would send them (with the sketches of
+    `sketch_rows` inferences each: 0, none)."""
     topics, model = Topics(base), ModelRef(name="digits", version="1.0", sha256="a" * 64)
+    sketches = window_sketches(sketch_rows, SKETCH_VARIANTS)
     out = []
     for seq in range(per_device):
-        for device_id in ids:
+        for number, device_id in enumerate(ids):
             window = TelemetryWindow(
                 device_id=device_id,
                 seq=seq,
@@ -73,6 +85,7 @@ def payloads(base: str, ids: list[str], per_device: int) -> list[tuple[str, byte
                 error_count=seq % 3,
                 latency_histogram=[10, 50, 30, 8, 2],
                 class_counts={str(seq % 10): 60, "1": 40},
+                sketches=sketches[(seq + number) % len(sketches)],
             )
             out.append((topics.telemetry(device_id), encode(window)))
     return out
@@ -185,6 +198,7 @@ def bridge_rate(
     messages: list[tuple[str, bytes]],
     publishers: int,
     batch_max: int = 500,
+    processes: int = 1,
 ) -> dict[str, float]:
     """(b, c) The coordinator's bridge storing the same payloads: windows/s and lost windows."""
     engine = create_db_engine(database_url)
@@ -197,18 +211,36 @@ def bridge_rate(
         session.connection().execute(update(Device).values(desired_state=null()))
         session.commit()
     counters = IngestCounters()
+    client_id = f"bench-{uuid.uuid4().hex[:8]}"
+    batching: dict[str, Any] = {"gap_grace_s": 120.0, "batch_max": batch_max, "batch_wait_s": 0.005, "bucket_s": 60}
+    group, members = plan_ingest(
+        processes=processes,
+        previous=1,
+        url=url,
+        tls=None,
+        client_id=client_id,
+        counters=counters,
+        topic_base=base,
+        database_url=database_url,
+        **batching,
+    )
     bridge = MqttBridge(
         url=url,
         topics=Topics(base),
         engine=engine,
         counters=counters,
-        client_id=f"bench-{uuid.uuid4().hex[:8]}",
-        batch_max=batch_max,
+        client_id=client_id,
+        share_group=group,
+        share_telemetry=processes > 1,
+        **batching,
     )
     bridge.start()
+    if members is not None:
+        members.start()
     try:
         if not bridge.wait_connected(10):
             raise RuntimeError("the bridge did not connect")
+        wait(lambda: counters.snapshot()["connects"] >= processes, 60, "every ingest process connected")
         time.sleep(0.5)  # its subscriptions and the republish of (no) desired states
         total = len(messages)
 
@@ -221,11 +253,18 @@ def bridge_rate(
                 + sum(snapshot["rejected"].values())
             )
 
+        def rows() -> int:
+            time.sleep(0.015)
+            with Session(engine) as session:
+                return int(session.exec(select(func.count()).select_from(TelemetryRecord)).one())
+
         start, procs = publish_all(url, messages, publishers)
-        end = wait(lambda: handled() >= total, 600, "every window handled")
+        end = wait(lambda: handled() >= total if processes == 1 else rows() >= total, 600, "every window handled")
         for proc in procs:
             proc.join(60)
     finally:
+        if members is not None:
+            members.stop()
         bridge.stop()
     with Session(engine) as session:
         stored = int(session.exec(select(func.count()).select_from(TelemetryRecord)).one())
@@ -236,6 +275,7 @@ def bridge_rate(
         "lost": total - stored,
         "seconds": round(end - start, 3),
         "per_s": round(stored / (end - start), 1),
+        "processes": processes,
     }
 
 
@@ -246,29 +286,41 @@ def main() -> None:
     parser.add_argument("--publishers", type=int, default=2, help="publisher processes")
     parser.add_argument("--no-postgres", action="store_true")
     parser.add_argument("--batch-max", type=int, default=500, help="the bridge's ingest_batch_max (1: one by one)")
+    parser.add_argument("--processes", default="1,2", help="ingest_processes counts to run, comma-separated")
+    parser.add_argument(
+        "--sketch-rows",
+        type=int,
+        default=100,
+        help="inferences sketched per window (100: 10 a second over the agent's default 10 s window; 0: no sketches)",
+    )
     args = parser.parse_args()
     ids = device_ids(args.devices)
     per_device = max(1, args.windows // args.devices)
     result: dict[str, Any] = {"devices": args.devices, "windows": per_device * args.devices}
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp, plain_mosquitto(Path(tmp) / "mosquitto") as url:
         base = f"bench/{uuid.uuid4().hex[:6]}/v1"
-        messages = payloads(base, ids, per_device)
+        messages = payloads(base, ids, per_device, args.sketch_rows)
+        result["sketch_rows"], result["payload_bytes"] = args.sketch_rows, len(messages[0][1])
         result["raw_paho_qos1"] = raw = raw_rate(
             url, f"{base}-raw", _rebase(messages, base, f"{base}-raw"), args.publishers
         )
         print(f"raw: {raw}", file=sys.stderr)
         runs = [("sqlite", None)] + ([] if args.no_postgres else [("postgresql", "pg")])
+        counts = [int(n) for n in args.processes.split(",")]
         for name, kind in runs:
-            with _database(kind, Path(tmp) / f"{name}.db") as database_url:
-                if database_url is None:
-                    continue
-                run_base = f"{base}-{name}"
-                figures = bridge_rate(
-                    url, run_base, database_url, ids, _rebase(messages, base, run_base), args.publishers, args.batch_max
-                )
-                figures["ratio_to_raw"] = round(figures["per_s"] / raw["per_s"], 3)
-                result[f"bridge_{name}"] = figures
-                print(f"{name}: {figures}", file=sys.stderr)
+            for processes in counts:
+                with _database(kind, Path(tmp) / f"{name}-{processes}.db") as database_url:
+                    if database_url is None:
+                        continue
+                    run_base = f"{base}-{name}-{processes}"
+                    rebased = _rebase(messages, base, run_base)
+                    figures = bridge_rate(
+                        url, run_base, database_url, ids, rebased, args.publishers, args.batch_max, processes
+                    )
+                    figures["ratio_to_raw"] = round(figures["per_s"] / raw["per_s"], 3)
+                    key = f"bridge_{name}" if processes == 1 else f"bridge_{name}_{processes}_processes"
+                    result[key] = figures
+                    print(f"{name} x{processes}: {figures}", file=sys.stderr)
     print(json.dumps(result, indent=2))
 
 

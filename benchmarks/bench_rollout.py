@@ -1,14 +1,18 @@
 """Rollout control-plane benchmark: how fast a rollout converges over N real agents, and bytes served per device.
 
 (a) convergence: a coordinator process (`edgefleet up`, Mosquitto) rolls a tiny model out to N agents in
-    one process (no HTTP endpoint), one 100 % wave, gates off, every download allowed at once; timed from
-    the rollout's creation to every device reported on the new version — devices per minute;
+    `edgefleet sim` processes (no HTTP endpoint), one 100 % wave, gates off, every download allowed at once; timed
+    from the rollout's creation to every device reported on the new version — devices per minute. With `--light`
+    the devices are light simulated devices (`simulators.light`: a real MQTT session with its own certificate, a
+    real HTTP download checked against the sha256, the agent's reported states and events; no inference runtime),
+    enrolled with a fleet bootstrap secret, so that the coordinator, not N ONNX Runtime sessions, is measured;
 (b) bytes: a counting proxy in front of the coordinator's artifact route (the coordinator's public URL)
     counts artifact bytes served, per device, against the artifact's size;
 (c) baseline, same run: N raw paho clients on the same broker, each answering a QoS 1 message with an ack;
     publish-to-all-acks time as clients per minute — what the MQTT round trips alone cost.
 
-Run: `.venv/bin/python benchmarks/bench_rollout.py [--devices 1000]` (a few minutes for 1,000).
+Run: `.venv/bin/python benchmarks/bench_rollout.py [--devices 1000]` (a few minutes for 1,000);
+`.venv/bin/python benchmarks/bench_rollout.py --light --devices 10000 [--processes 4]`.
 """
 
 from __future__ import annotations
@@ -38,8 +42,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cloud.client import ApiClient
 from simulators import CoordinatorProcess
 from simulators.brokers import FleetBroker, fleet_broker
+from simulators.light import LightFleet
 
 
 def tiny_model() -> bytes:
@@ -70,7 +76,8 @@ def mosquitto(workdir: Path) -> Iterator[str]:
     conf = workdir / "mosquitto.conf"
     conf.write_text(
         f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        "max_queued_messages 100000\nmax_inflight_messages 100\nmax_connections -1\n"
+        # as `edgefleet broker mosquitto-config`: the coordinator's queue holds a 10k-device burst (~19 messages each)
+        "max_queued_messages 1000000\nmax_inflight_messages 100\nmax_connections -1\n"
     )
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -94,6 +101,7 @@ class CountingProxy:
         self.bytes = 0
         self.requests = 0
         self.lock = threading.Lock()
+        self.client = httpx.Client(timeout=60, limits=httpx.Limits(max_connections=64))
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -102,7 +110,7 @@ class CountingProxy:
 
             def do_GET(self) -> None:
                 headers = {"Range": self.headers["Range"]} if self.headers.get("Range") else {}
-                response = httpx.get(proxy.upstream + self.path, headers=headers, timeout=60)
+                response = proxy.client.get(proxy.upstream + self.path, headers=headers)
                 self.send_response(response.status_code)
                 for name in ("content-type", "content-range", "accept-ranges"):
                     if name in response.headers:
@@ -220,6 +228,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--light", action="store_true", help="light simulated devices instead of real agents")
+    parser.add_argument("--processes", type=int, default=0, help="light device processes (0: one per 2,500)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the raw MQTT baseline")
+    parser.add_argument(
+        "--profile", type=Path, help="sample the coordinator's threads (benchmarks/sampler) into this JSON file"
+    )
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 65536), hard), hard))
@@ -237,8 +251,18 @@ def run(args: argparse.Namespace, root: Path, fleet: FleetBroker, broker_url: st
     proxy = CountingProxy()
     os.environ["EDGEFLEET_ROLLOUT_TICK_S"] = "0.2"
     os.environ["EDGEFLEET_PUBLIC_URL"] = proxy.url
+    env = {}
+    if args.profile is not None:  # the sampler is loaded as sitecustomize: no coordinator code changes
+        env = {
+            "PYTHONPATH": str(Path(__file__).parent / "sampler"),
+            "EDGEFLEET_SAMPLE_OUT": str(args.profile.resolve()),
+        }
     process = FixedPortCoordinator(
-        root / "coordinator", mqtt_url=fleet.url, topic_base="bench/rollout/v1", extra_args=fleet.coordinator_args
+        root / "coordinator",
+        mqtt_url=fleet.url,
+        topic_base="bench/rollout/v1",
+        extra_args=fleet.coordinator_args,
+        env=env,
     )
     proxy.upstream = f"http://127.0.0.1:{process.port}"
     client = process.start()
@@ -247,6 +271,11 @@ def run(args: argparse.Namespace, root: Path, fleet: FleetBroker, broker_url: st
     model.write_bytes(tiny_model())
     size = model.stat().st_size
     client.push_model(model, name="tiny", version="1.0")
+    if args.light:
+        try:
+            return run_light(args, root, client, process, proxy, n, size, broker_url)
+        finally:
+            process.stop()  # also when the fleet failed: no coordinator left behind
     # The fleet runs as `edgefleet sim` in worker processes (paho's select() caps one process's sockets).
     sim = subprocess.Popen(
         [
@@ -273,31 +302,17 @@ def run(args: argparse.Namespace, root: Path, fleet: FleetBroker, broker_url: st
     while len(client.devices()) < n and time.monotonic() < deadline:
         time.sleep(1.0)
     enrolled = time.perf_counter() - started
-    plan = {
-        "model": "tiny",
-        "version": "1.0",
-        "waves": [{"percent": 100, "bake_seconds": 0}],
-        "gates": dict.fromkeys(
-            ["max_install_failure_rate", "max_error_rate_increase", "max_p95_latency_ratio", "max_psi"]
-        ),
-        "max_concurrent_downloads": n,
-        "device_timeout_seconds": args.timeout,
-    }
     t0 = time.perf_counter()
-    created = client.create_rollout(plan)
-    status = ""
-    while time.monotonic() < deadline:
-        status = client.get(f"/rollouts/{created['id']}", decisions=0)["status"]
-        if status == "completed":
-            break
-        time.sleep(0.2)
+    created = client.create_rollout(rollout_plan(n, args.timeout))
+    status = wait_completed(client, created["id"], deadline)
     converged = time.perf_counter() - t0
     on_version = sum(1 for d in client.devices() if d.get("active_model_version") == "1.0")
     sim.send_signal(signal.SIGTERM)
     sim.wait(120)
     process.stop()
-    baseline = mqtt_baseline(broker_url, n)
+    baseline = 0.0 if args.no_baseline else mqtt_baseline(broker_url, n)
     result = {
+        "devices_kind": "real agents (edgefleet sim)",
         "devices": n,
         "enrol_s": round(enrolled, 1),
         "rollout_status": status,
@@ -307,10 +322,86 @@ def run(args: argparse.Namespace, root: Path, fleet: FleetBroker, broker_url: st
         "artifact_bytes": size,
         "bytes_served_per_device": round(proxy.bytes / n, 1),
         "artifact_requests": proxy.requests,
-        "mqtt_baseline_s": round(baseline, 2),
-        "mqtt_baseline_clients_per_min": round(n / baseline * 60),
+        **_baseline_figures(baseline, n),
     }
     return result
+
+
+def _baseline_figures(baseline: float, n: int) -> dict[str, object]:
+    if not baseline:
+        return {}
+    return {"mqtt_baseline_s": round(baseline, 2), "mqtt_baseline_clients_per_min": round(n / baseline * 60)}
+
+
+def rollout_plan(n: int, timeout: float) -> dict[str, object]:
+    """One 100 % wave, gates off, every download at once."""
+    return {
+        "model": "tiny",
+        "version": "1.0",
+        "waves": [{"percent": 100, "bake_seconds": 0}],
+        "gates": dict.fromkeys(
+            ["max_install_failure_rate", "max_error_rate_increase", "max_p95_latency_ratio", "max_psi"]
+        ),
+        "max_concurrent_downloads": n,
+        "device_timeout_seconds": timeout,
+    }
+
+
+def wait_completed(client: ApiClient, rollout_id: int, deadline: float) -> str:
+    """Poll the rollout until it is completed (or the deadline); its last status."""
+    status = ""
+    while time.monotonic() < deadline:
+        status = client.get(f"/rollouts/{rollout_id}", decisions=0)["status"]
+        if status == "completed":
+            break
+        time.sleep(0.2)
+    return str(status)
+
+
+def run_light(
+    args: argparse.Namespace,
+    root: Path,
+    client: ApiClient,
+    process: CoordinatorProcess,
+    proxy: CountingProxy,
+    n: int,
+    size: int,
+    broker_url: str,
+) -> dict[str, object]:
+    """The same rollout to N light devices (enrolled with a bootstrap secret, in `--processes` processes)."""
+    secret = client.post_json("/bootstrap-secrets", {"name": "bench-light", "tags": {"fleet": "light"}})["secret"]
+    processes = args.processes or -(-n // 2500)
+    fleet = LightFleet(
+        coordinator_url=client.url, bootstrap_secret=secret, devices=n, data_root=root / "light", processes=processes
+    )
+    started = time.perf_counter()
+    fleet.start(timeout=args.timeout)
+    enrolled = time.perf_counter() - started
+    deadline = time.monotonic() + args.timeout
+    t0 = time.perf_counter()
+    created = client.create_rollout(rollout_plan(n, args.timeout))
+    status = wait_completed(client, created["id"], deadline)
+    converged = time.perf_counter() - t0
+    on_version = sum(1 for d in client.devices() if d.get("active_model_version") == "1.0")
+    devices = fleet.stop()
+    process.stop()
+    baseline = 0.0 if args.no_baseline else mqtt_baseline(broker_url, n)
+    return {
+        "devices_kind": f"light simulated devices in {processes} processes",
+        "devices": n,
+        "enrol_and_connect_s": round(enrolled, 1),
+        "rollout_status": status,
+        "devices_on_new_version": on_version,
+        "rollout_converge_s": round(converged, 2),
+        "rollout_devices_per_min": round(n / converged * 60),
+        "artifact_bytes": size,
+        "bytes_served_per_device": round(proxy.bytes / n, 1),
+        "bytes_served_per_device_over_artifact": round(proxy.bytes / n / size, 4),
+        "artifact_requests": proxy.requests,
+        "device_downloads": devices.downloads,
+        "devices_downloading_more_than_once": sum(1 for d in devices.devices.values() if d["downloads"] > 1),
+        **_baseline_figures(baseline, n),
+    }
 
 
 if __name__ == "__main__":

@@ -15,11 +15,13 @@ import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 
 from cloud import __version__
@@ -35,17 +37,21 @@ from cloud.broker import EmbeddedBroker, tls_files
 from cloud.coordinator import Coordinator
 from cloud.ct import service as ct
 from cloud.ct.service import CtContext
+from cloud.dashboard import mount_dashboard
 from cloud.db import create_db_engine, init_db
+from cloud.drift.rollups import compact_drift
 from cloud.federation.runner import FederatedRunner
 from cloud.federation.superlink import start_federation
 from cloud.governance.maintainer import GovernanceMaintainer
 from cloud.governance.service import Governance
+from cloud.leases import Leases, leases_for
 from cloud.metrics import CoordinatorMetrics
 from cloud.periodic import Periodic
 from cloud.rollouts.runner import RolloutRunner
 from cloud.services.devices import mark_unconfirmed
 from cloud.services.enrolment import refresh_crl
 from cloud.settings import Settings
+from cloud.telemetry.processes import plan_ingest, previous_processes, remember_processes
 from cloud.telemetry.retention import prune_telemetry
 
 __all__ = ["DOCS_ASSETS_URL", "DOCS_URL", "REDOC_URL", "create_app"]
@@ -67,12 +73,21 @@ _BRIDGE_CONNECT_WAIT_S = 10.0
 
 
 def _bridge_client_id(settings: Settings) -> str:
+    if settings.replicated:  # one session per replica (a clean one: `cloud.bridge`)
+        return f"{settings.mqtt_client_id or 'edgefleet-coordinator'}-{settings.replica}"
     if settings.mqtt_client_id:
         return settings.mqtt_client_id
     # Stable per coordinator (data dir + topic base) so the broker keeps its persistent session across restarts:
     # QoS 1 reports and telemetry sent while the coordinator is down are delivered when it comes back.
     digest = hashlib.sha256(f"{settings.data_dir.resolve()}|{settings.topic_base}".encode()).hexdigest()[:12]
     return f"edgefleet-coordinator-{digest}"
+
+
+def _replicas_share_group(settings: Settings) -> str:
+    """The shared subscription group of every replica of one coordinator: the same for all (derived from the topic
+    base they share, whatever their data directories), so the broker hands each inbound message to one of them."""
+    digest = hashlib.sha256(settings.topic_base.encode()).hexdigest()[:12]
+    return f"edgefleet-replicas-{digest}"
 
 
 def _telemetry_retention(coordinator: Coordinator) -> Periodic:
@@ -84,9 +99,23 @@ def _telemetry_retention(coordinator: Coordinator) -> Periodic:
             coordinator.engine,
             window_days=settings.telemetry_retention_days,
             rollup_days=settings.rollup_retention_days,
+            drift_rollup_days=settings.drift_rollup_retention_days,
         )
 
-    return Periodic("telemetry-retention", step, settings.retention_tick_s, at_start=True)
+    return Periodic("telemetry-retention", step, settings.retention_tick_s, at_start=True, lease=coordinator.leases)
+
+
+def _drift_compaction(coordinator: Coordinator) -> Periodic:
+    """The periodic job merging new telemetry windows into drift rollups (`cloud.drift.rollups`)."""
+    settings = coordinator.settings
+
+    def step() -> None:
+        # Between batches it rests as long as the batch took: ingest gets at least half of the process and of
+        # SQLite's writer while a big fleet's minute of windows is merged.
+        compact_drift(coordinator.engine, bucket_s=settings.drift_rollup_bucket_s, rest=job.rest)
+
+    job = Periodic("drift-rollups", step, settings.drift_rollup_tick_s, lease=coordinator.leases)
+    return job
 
 
 def _continuous_training(coordinator: Coordinator) -> Periodic:
@@ -96,7 +125,7 @@ def _continuous_training(coordinator: Coordinator) -> Periodic:
         with Session(coordinator.engine, expire_on_commit=False) as session:
             ct.step(session=session, context=CtContext.of(coordinator))
 
-    return Periodic("continuous-training", step, coordinator.settings.ct_tick_s)
+    return Periodic("continuous-training", step, coordinator.settings.ct_tick_s, lease=coordinator.leases)
 
 
 def create_app(
@@ -113,13 +142,18 @@ def create_app(
         engine=create_db_engine(settings.database_url),
         store=FileArtifactStore(settings.data_dir / "artifacts", max_bytes=settings.max_artifact_bytes),
     )
+    coordinator.leases = leases_for(
+        coordinator.engine, replicated=settings.replicated, holder=settings.replica, ttl_s=settings.lease_ttl_s
+    )
     coordinator.rollouts = RolloutRunner(
         engine=coordinator.engine,
         publisher=coordinator,
         links=lambda: coordinator.links,
         tick_s=settings.rollout_tick_s,
+        leases=coordinator.leases,
     )
-    alerts = AlertRunner(engine=coordinator.engine, settings=settings)  # rules every alert_tick_s, webhooks
+    # Rules every alert_tick_s, webhooks.
+    alerts = AlertRunner(engine=coordinator.engine, settings=settings, leases=coordinator.leases)
     coordinator.federated_runs = FederatedRunner(
         engine=coordinator.engine,
         store=coordinator.store,
@@ -133,6 +167,7 @@ def create_app(
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         retention: Periodic | None = None
         continuous: Periodic | None = None
+        compaction: Periodic | None = None
         init_db(coordinator.engine)
         _prepare_secrets(coordinator)
         if enable_mqtt and settings.mqtt_url is None:
@@ -150,7 +185,9 @@ def create_app(
             if coordinator.flower is not None and coordinator.federated_runs is not None:
                 coordinator.federated_runs.start()  # picks up the runs a previous start left unfinished
             if coordinator.governance is not None and settings.governance_tick_s > 0:
-                maintainer = GovernanceMaintainer(coordinator.governance, coordinator, settings.governance_tick_s)
+                maintainer = GovernanceMaintainer(
+                    coordinator.governance, coordinator, settings.governance_tick_s, coordinator.leases
+                )
                 coordinator.maintainer = maintainer
                 maintainer.start()
             if settings.retention_tick_s > 0:
@@ -159,10 +196,15 @@ def create_app(
             if settings.ct_tick_s > 0:
                 continuous = _continuous_training(coordinator)
                 continuous.start()
+            if settings.drift_rollup_tick_s > 0:
+                compaction = _drift_compaction(coordinator)
+                compaction.start()
             if on_started is not None:
                 on_started(coordinator)
             yield
         finally:
+            if compaction is not None:
+                compaction.stop()
             if continuous is not None:
                 continuous.stop()
             if retention is not None:
@@ -176,12 +218,16 @@ def create_app(
             alerts.stop()
             if coordinator.rollouts is not None:
                 coordinator.rollouts.stop()
+            if coordinator.ingest is not None:
+                coordinator.ingest.stop()
             if coordinator.bridge is not None:
                 coordinator.bridge.stop()
             if coordinator.broker is not None:
                 coordinator.broker.stop()
             if coordinator.audit is not None:
                 coordinator.audit.stop()  # a last checkpoint of what was recorded since the previous one
+            if coordinator.leases is not None:
+                _release_leases(coordinator.leases)  # the other replicas take the work over at their next tick
             coordinator.engine.dispose()
             log.info("coordinator stopped")
 
@@ -203,7 +249,16 @@ def create_app(
     app.include_router(drift.router, prefix="/api/v1", dependencies=[requires()])
     app.include_router(ct_routes.router, prefix="/api/v1", dependencies=[requires()])
     _offline_docs(app)
+    mount_dashboard(app)  # `/ui/`: the fleet dashboard (docs/dashboard.md)
     return app
+
+
+def _release_leases(leases: Leases) -> None:
+    """Give up this replica's leases at a clean stop; a failure is logged (they then expire by themselves)."""
+    try:
+        leases.release_all()
+    except SQLAlchemyError as exc:
+        log.warning("leases not released (they expire after at most their TTL): %s", exc)
 
 
 def _own_api_url(settings: Settings) -> str:
@@ -308,19 +363,47 @@ def _start_mqtt(coordinator: Coordinator) -> None:
         coordinator.broker.start()
         url = coordinator.broker.url
     coordinator.mqtt_url = url
-    cert, key = pki.coordinator_files()
+    cert, key = coordinator.bridge_certificate()
+    tls = BridgeTls(ca=settings.mqtt_ca_file or pki.ca_path, cert=cert, key=key)
+    client_id = _bridge_client_id(settings)
+    batching: dict[str, Any] = {
+        "gap_grace_s": settings.telemetry_gap_grace_s,
+        "batch_max": settings.ingest_batch_max,
+        "batch_wait_s": settings.ingest_batch_wait_ms / 1000,
+        "bucket_s": settings.rollup_bucket_s,
+    }
+    processes = settings.ingest_processes  # > 1 only with an external broker (Settings refuses the embedded one)
+    group: str | None
+    if settings.replicated:  # every inbound channel shared with the other replicas (ingest_processes is 1)
+        group = _replicas_share_group(settings)
+    else:
+        group, coordinator.ingest = plan_ingest(
+            processes=processes,
+            previous=previous_processes(settings.data_dir) if coordinator.broker is None else 1,
+            url=url,
+            tls=tls,
+            client_id=client_id,
+            counters=coordinator.counters,
+            topic_base=settings.topic_base,
+            database_url=settings.database_url,
+            **batching,
+        )
+        if coordinator.broker is None:
+            remember_processes(settings.data_dir, processes)
     coordinator.bridge = MqttBridge(
         url=url,
         topics=settings.topics,
         engine=coordinator.engine,
         counters=coordinator.counters,
-        client_id=_bridge_client_id(settings),
-        tls=BridgeTls(ca=settings.mqtt_ca_file or pki.ca_path, cert=cert, key=key),
-        gap_grace_s=settings.telemetry_gap_grace_s,
-        batch_max=settings.ingest_batch_max,
-        batch_wait_s=settings.ingest_batch_wait_ms / 1000,
-        bucket_s=settings.rollup_bucket_s,
+        client_id=client_id,
+        tls=tls,
+        share_group=group,
+        share_telemetry=processes > 1,
+        share_inbound=settings.replicated,
+        **batching,
     )
     coordinator.bridge.start()
+    if coordinator.ingest is not None:
+        coordinator.ingest.start()  # telemetry ingest over several processes (cloud.telemetry.processes)
     if not coordinator.bridge.wait_connected(_BRIDGE_CONNECT_WAIT_S):
         log.warning("mqtt bridge not connected yet url=%s; /healthz reports not ready until it is", url)

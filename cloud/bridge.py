@@ -15,6 +15,9 @@ within `batch_wait_s` of the first) and stores them in one transaction (`cloud.t
 each of them is acknowledged to the broker only after that commit. Any other message ends the batch, which is
 stored before it, so the order of a device's messages holds. A batch that fails for a reason a retry cannot fix
 is stored again window by window, so only the window at fault is counted as failed.
+Reported states and events queued back to back are applied the same way, in one transaction in their order
+(`_run_reports`; no waiting for more), and acknowledged after its commit; a run that fails for good is applied
+again message by message.
 
 After storing telemetry the bridge publishes the device's `TelemetryAck` retained, at most once a second per device
 (every 5 s while a backlog of telemetry waits) plus once when a burst ends (`cloud.telemetry.acks`), and at once
@@ -29,6 +32,25 @@ published after a newer generation of the same device (`publish_desired`), which
 A message the broker replays from its store (RETAIN flag set: a retained message, or one an embedded broker
 kept across its restart) is applied but is no sign of life: after a coordinator start only a live message
 makes a device `online` again (`cloud.services.devices.mark_unconfirmed`).
+
+Several ingest processes (`Settings.ingest_processes`, `cloud.telemetry.processes`): each runs a bridge, the
+coordinator's own with every channel and the others with `channels=(TELEMETRY,)`, and all of them take telemetry
+through one MQTT shared subscription (`$share/<group>/...`), so the broker hands each window to one of them. Only
+a bridge taking reported states republishes desired states. A device's acknowledgements may then come from two
+processes in any order; an older one only confirms less (`TelemetryAck.confirms`), and each process acknowledges
+a device once more an interval after its last window, so the last word is computed after every process's commit.
+
+Replicas of one coordinator (`Settings.replicated`, `share_inbound`): every inbound channel comes through the shared
+subscription, so each report, event and window is applied by one replica. Their sessions are clean: a replica that
+dies loses only what the broker had handed it unacknowledged (telemetry comes again from the agents' outboxes), and
+the broker hands the dead replica nothing more once its connection is gone. Every replica republishes the stored
+desired states on connect (the same retained messages: harmless).
+
+Several brokers (`url` lists the nodes of a cluster, comma-separated): the bridge connects to the first; a lost
+connection is tried again where it was (a restarted broker keeps the session), and every failed connect moves to the
+next address, round robin, with paho's backoff between attempts, as the agent does. Any (re)connect subscribes again
+and republishes the desired states, so a node that holds no session or retained messages of ours is brought up to
+date. One TLS context and client id serve every node; each URL brings its own credentials.
 """
 
 from __future__ import annotations
@@ -37,7 +59,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,26 +67,39 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from cloud.errors import ConfigurationError
 from cloud.outage import DatabaseUnavailableError, PatientDatabase
 from cloud.services.deployments import desired_states
-from cloud.services.devices import confirm_heard, ingest_event, ingest_reported
+from cloud.services.devices import confirm_heard, confirm_heard_all, ingest_batch, ingest_event, ingest_reported
 from cloud.services.enrolment import UnknownDeviceError
 from cloud.telemetry.acks import Acknowledgement, AckThrottle, acknowledge_devices, acknowledge_telemetry
 from cloud.telemetry.counters import IngestCounters
+from cloud.telemetry.decoding import decode_message
 from cloud.telemetry.gaps import GAP_GRACE_S
 from cloud.telemetry.ingest import Arrival, Outcome, Stored, store_windows
 from cloud.telemetry.rollups import DEFAULT_BUCKET_S
 from cloud.telemetry.windows import ingest_telemetry
-from protocol.codec import decode, encode
+from protocol.codec import encode
 from protocol.errors import BrokerUrlError, MalformedMessageError, TopicError
 from protocol.messages import DesiredState, DeviceEvent, DeviceStatus, Message, ReportedState, TelemetryWindow
-from protocol.mqtt import BrokerAddress, parse_mqtt_url, redact_mqtt_url
+from protocol.mqtt import BrokerAddress, parse_mqtt_url, parse_mqtt_urls, redact_mqtt_url
 from protocol.topics import Channel, Topics
 
-__all__ = ["BridgeTls", "Cleared", "Decoded", "MqttBridge", "Rejected", "broker_address", "classify"]
+__all__ = [
+    "INBOUND_CHANNELS",
+    "BridgeTls",
+    "Cleared",
+    "Decoded",
+    "MqttBridge",
+    "Rejected",
+    "broker_address",
+    "broker_addresses",
+    "classify",
+    "shared_filter",
+]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +108,7 @@ _INBOUND: dict[Channel, type[Message]] = {
     Channel.EVENTS: DeviceEvent,
     Channel.TELEMETRY: TelemetryWindow,
 }
+INBOUND_CHANNELS = tuple(_INBOUND)
 _STOP_TIMEOUT_S = 10.0
 _ACK_INTERVAL_S = 1.0
 _BUSY_ACK_INTERVAL_S = 5.0  # with a backlog of telemetry: well inside an agent's 30 s resend interval
@@ -115,7 +151,7 @@ def classify(topics: Topics, topic: str, payload: bytes) -> Decoded | Rejected |
     if kind is None:
         return Rejected(channel.value, f"the coordinator does not accept messages on {channel.value}")
     try:
-        message = decode(kind, payload)
+        message = decode_message(kind, payload)  # `protocol.codec.decode`'s verdict, in one pass when it can
     except MalformedMessageError as exc:
         return Rejected(channel.value, str(exc))
     claimed = getattr(message, "device_id", None)
@@ -125,10 +161,24 @@ def classify(topics: Topics, topic: str, payload: bytes) -> Decoded | Rejected |
     return Decoded(channel, message)
 
 
+def shared_filter(group: str, topic_filter: str) -> str:
+    """`topic_filter` as a member of the shared subscription `group` (MQTT 5; Mosquitto 2 also for MQTT 3.1.1)."""
+    return f"$share/{group}/{topic_filter}"
+
+
 def broker_address(url: str) -> BrokerAddress:
     """The broker address in `url`; `ConfigurationError` (the operator's setting) if it is not an MQTT URL."""
     try:
         return parse_mqtt_url(url)
+    except BrokerUrlError as exc:
+        raise ConfigurationError(str(exc)) from exc
+
+
+def broker_addresses(urls: str) -> tuple[BrokerAddress, ...]:
+    """The broker addresses in the comma-separated `urls`; `ConfigurationError` (the operator's setting) if one is not
+    an MQTT URL or they mix TLS and plain TCP."""
+    try:
+        return parse_mqtt_urls(urls)
     except BrokerUrlError as exc:
         raise ConfigurationError(str(exc)) from exc
 
@@ -152,6 +202,15 @@ class _Window:
     window: TelemetryWindow
 
 
+@dataclass(frozen=True)
+class _Report:
+    """An inbound message decoded as a reported state or an event: a member of a batch."""
+
+    job: _Inbound
+    channel: Channel
+    message: ReportedState | DeviceEvent
+
+
 class _Republish:
     """Worker job: publish every stored desired state (after a connect)."""
 
@@ -173,7 +232,8 @@ class BridgeTls:
 
 
 class MqttBridge:
-    """Connects the registry to the broker at `url`; implements `DesiredStatePublisher`."""
+    """Connects the registry to the broker at `url` (or the first reachable of several, comma-separated);
+    implements `DesiredStatePublisher`."""
 
     def __init__(
         self,
@@ -189,15 +249,38 @@ class MqttBridge:
         batch_max: int = BATCH_MAX,
         batch_wait_s: float = BATCH_WAIT_S,
         bucket_s: int = DEFAULT_BUCKET_S,
+        channels: Collection[Channel] = INBOUND_CHANNELS,
+        share_group: str | None = None,
+        share_telemetry: bool = False,
+        share_inbound: bool = False,
     ) -> None:
+        """`channels`: the inbound channels this bridge subscribes to. `share_group`: the shared subscription
+        telemetry comes through with `share_telemetry` (several ingest processes), and which one to leave without
+        it (a coordinator that ran with several before); None: no shared subscription is touched. `share_inbound`:
+        every channel through `share_group` (replicas of one coordinator), on a clean session."""
+        unknown = set(channels) - set(_INBOUND)
+        if unknown or not channels:
+            raise ValueError(f"a bridge takes some of {[c.value for c in _INBOUND]}, not {sorted(map(str, channels))}")
+        if share_telemetry and (share_group is None or Channel.TELEMETRY not in channels):
+            raise ValueError("share_telemetry needs a share_group and the telemetry channel")
+        if share_inbound and share_group is None:
+            raise ValueError("share_inbound needs a share_group")
         self.url = redact_mqtt_url(url)
         self.topics = topics
         self._engine = engine
         self.counters = counters
         self._keepalive = keepalive
-        self._address = address = broker_address(url)
+        self._addresses = broker_addresses(url)
+        self._index = 0
+        self._address = address = self._addresses[0]
         self._client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False, manual_ack=True
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            # A replica's session is clean: Mosquitto keeps handing a disconnected member of a shared subscription its
+            # share, queued in its session, so a dead replica's persistent session would swallow 1/N of the fleet's
+            # messages until it came back (or forever: its default name changes with its pid).
+            clean_session=share_inbound,
+            manual_ack=True,
         )
         if address.tls:
             if tls is None:
@@ -208,6 +291,7 @@ class MqttBridge:
             self._client.username_pw_set(address.username, address.password)
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
         self._client.on_connect = self._on_connect
+        self._client.on_connect_fail = self._on_connect_fail
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._jobs: queue.Queue[_Job] = queue.Queue()
@@ -224,6 +308,12 @@ class MqttBridge:
         self._confirmed: set[str] = set()  # devices heard on a live session since this start (worker thread only)
         self._desired_lock = threading.Lock()
         self._desired_generation: dict[str, int] = {}  # device → highest generation handed to the broker
+        self._channels = tuple(channels)
+        self._share_group = share_group
+        self._shared = share_telemetry or share_inbound  # telemetry through `$share/<share_group>/...`, split
+        self._share_all = share_inbound  # and every other inbound channel too (replicas)
+        # Only the bridge that hears reported states owns desired states (their republish after a connect).
+        self._owns_desired = Channel.REPORTED in self._channels
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -299,23 +389,60 @@ class MqttBridge:
 
     # -- paho callbacks (network thread: enqueue only) ------------------------------------------
 
+    @property
+    def broker(self) -> str:
+        """`host:port` of the broker this bridge connects to now (changes on failover)."""
+        return f"{self._address.host}:{self._address.port}"
+
     def _on_connect(self, client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
         if reason.is_failure:
-            log.warning("mqtt bridge connection refused url=%s reason=%s", self.url, reason)
+            log.warning("mqtt bridge connection refused broker=%s reason=%s", self.broker, reason)
             return
         self._epoch += 1
-        client.subscribe([(self.topics.all_devices(channel), 1) for channel in _INBOUND])
+        subscribe, leave = self._filters()
+        client.subscribe([(topic_filter, 1) for topic_filter in subscribe])
+        if leave:  # the persistent session may hold the other telemetry subscription of an earlier start
+            client.unsubscribe(leave)
         self._connected.set()
         self.counters.connected()
-        self._jobs.put(_Republish())
-        log.info("mqtt bridge connected url=%s epoch=%d", self.url, self._epoch)
+        if self._owns_desired:
+            self._jobs.put(_Republish())
+        log.info("mqtt bridge connected broker=%s epoch=%d", self.broker, self._epoch)
+
+    def _filters(self) -> tuple[list[str], list[str]]:
+        """The topic filters to subscribe to, and the telemetry one to leave (plain or shared: the one not used)."""
+        subscribe, leave = [], []
+        for channel in self._channels:
+            plain = self.topics.all_devices(channel)
+            if self._share_all and self._share_group is not None:
+                subscribe.append(shared_filter(self._share_group, plain))
+                continue
+            if channel is not Channel.TELEMETRY or self._share_group is None:
+                subscribe.append(plain)
+                continue
+            shared = shared_filter(self._share_group, plain)
+            subscribe.append(shared if self._shared else plain)
+            leave.append(plain if self._shared else shared)
+        return subscribe, leave
+
+    def _on_connect_fail(self, client: mqtt.Client, _userdata: Any) -> None:
+        """paho could not connect (unreachable, TLS failed): the next attempt goes to the next broker, if any."""
+        if len(self._addresses) < 2 or self._stopping:
+            return
+        failed = self.broker
+        self._index = (self._index + 1) % len(self._addresses)
+        self._address = address = self._addresses[self._index]
+        # Called on paho's thread between attempts: the next reconnect uses this host, port and credentials.
+        client.username_pw_set(address.username, address.password)
+        client.connect_async(address.host, address.port, keepalive=self._keepalive)
+        log.warning("mqtt bridge: broker %s unreachable; failing over to %s", failed, self.broker)
 
     def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
         self._connected.clear()
         if self._stopping:
-            log.info("mqtt bridge disconnected url=%s", self.url)
+            log.info("mqtt bridge disconnected broker=%s", self.broker)
         else:
-            log.warning("mqtt bridge disconnected url=%s reason=%s (reconnecting with backoff)", self.url, reason)
+            log.warning("mqtt bridge disconnected broker=%s reason=%s (reconnecting with backoff)", self.broker, reason)
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         self._jobs.put(
@@ -332,6 +459,9 @@ class MqttBridge:
                 if isinstance(job, _Inbound) and isinstance(window := self._telemetry(job), _Window):
                     batch, following = self._fill_batch(window)
                     self._run_batch(batch)
+                elif isinstance(job, _Inbound) and isinstance(report := self._report(job), _Report):
+                    reports, following = self._fill_reports(report)
+                    self._run_reports(reports)
                 else:
                     self._run(job)
                 self._acknowledge_due()
@@ -392,6 +522,80 @@ class MqttBridge:
             batch.append(window)
         return batch, _Idle()
 
+    def _report(self, job: _Inbound) -> _Report | None:
+        """The job as a decoded reported state or event, or None for anything else (handled on its own)."""
+        if not job.topic.endswith((f"/{Channel.REPORTED.value}", f"/{Channel.EVENTS.value}")):
+            return None
+        verdict = classify(self.topics, job.topic, job.payload)
+        if isinstance(verdict, Decoded) and isinstance(verdict.message, ReportedState | DeviceEvent):
+            return _Report(job, verdict.channel, verdict.message)
+        return None
+
+    def _fill_reports(self, first: _Report) -> tuple[list[_Report], _Job | _Idle]:
+        """`first` and the reported states and events queued right behind it (up to `batch_max`, no waiting);
+        the job that ended the run (to run next), else `_Idle`."""
+        reports = [first]
+        while len(reports) < self._batch_max:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            report = self._report(job) if isinstance(job, _Inbound) else None
+            if report is None:
+                return reports, job
+            reports.append(report)
+        return reports, _Idle()
+
+    def _run_reports(self, reports: list[_Report]) -> None:
+        """Apply reported states and events in one transaction (in their order), then acknowledge each to the broker.
+
+        A run that fails for a reason a retry cannot fix is applied again message by message (`_run`), so only the
+        message at fault is counted as failed. One message per transaction made each report cost a commit.
+        """
+        if len(reports) == 1:
+            self._run(reports[0].job)
+            return
+        try:
+            unknown = self._with_session(lambda s: self._apply_reports(s, reports))
+        except DatabaseUnavailableError:
+            raise
+        except Exception as exc:  # not transient: find the message at fault, apply the others
+            log.warning(
+                "report batch failed (%s: %s), applying its %d messages one by one",
+                type(exc).__name__,
+                exc,
+                len(reports),
+            )
+            for report in reports:
+                self._run(report.job)
+            return
+        online: dict[str, None] = {}  # devices whose online report is answered, in order, once each
+        heard: dict[str, None] = {}  # devices an event confirms alive (a live report confirmed its own already)
+        for index, report in enumerate(reports):
+            channel, message, job = report.channel.value, report.message, report.job
+            self.counters.received(channel)
+            if index in unknown:
+                self.counters.rejected(channel, unknown[index])
+                log.warning("mqtt message ignored topic=%s reason=%s", job.topic, unknown[index])
+            else:
+                self.counters.stored(channel)
+                if not job.replayed and isinstance(message, DeviceEvent) and message.device_id not in self._confirmed:
+                    heard[message.device_id] = None
+                if isinstance(message, ReportedState) and message.status is DeviceStatus.ONLINE:
+                    online[message.device_id] = None
+            if job.qos > 0 and job.epoch == self._epoch:
+                self._client.ack(job.mid, job.qos)
+        if heard:
+            self._with_session(lambda s: confirm_heard_all(session=s, device_ids=list(heard)))
+            self._confirmed.update(heard)
+        if online:
+            self._acknowledge_many(list(online))  # at once, as after a single online report, in one transaction
+
+    @staticmethod
+    def _apply_reports(session: Session, reports: list[_Report]) -> dict[int, str]:
+        """Apply every report in `session`, then commit; returns why messages of devices not enrolled were ignored."""
+        return ingest_batch(session=session, messages=[(r.message, not r.job.replayed) for r in reports])
+
     def _run_batch(self, batch: list[_Window]) -> None:
         """Store a batch of windows in one transaction, then acknowledge every message of it to the broker."""
         try:
@@ -423,6 +627,7 @@ class MqttBridge:
                 )
             results = [self._store_one(item, arrival) for item, arrival in zip(batch, arrivals, strict=True)]
         spoke: dict[str, bool] = {}
+        stored = 0
         for item, result in zip(batch, results, strict=True):
             window = item.window
             if result is None:
@@ -435,14 +640,18 @@ class MqttBridge:
                 self.counters.duplicate()
                 log.info("telemetry duplicate dropped device=%s seq=%d", window.device_id, window.seq)
             else:
-                self.counters.stored(channel)
+                stored += 1
             spoke[window.device_id] = spoke.get(window.device_id, False) or not item.job.replayed
+        if stored:
+            self.counters.stored(channel, stored)  # once per batch: the counters' lock is shared with the API
         now, due, busy = time.monotonic(), [], self._jobs.qsize() >= self._batch_max
         for device_id, live in spoke.items():
             if live:
                 self._heard(device_id)  # a live report confirmed it already (`ingest_reported`)
             if self._acks.stored(device_id, now, busy=busy):  # now, or once its throttle interval is over
                 due.append(device_id)
+            if self._shared:  # once more after the last window: another process may commit after this one acks
+                self._acks.recheck(device_id, now + _ACK_INTERVAL_S)
         self._acknowledge_many(due)
 
     def _store_one(self, item: _Window, arrival: Arrival) -> Stored | None:
@@ -537,6 +746,8 @@ class MqttBridge:
                 answers = self._with_session(lambda s: acknowledge_devices(s, device_ids, grace_s=self._gap_grace_s))
             except DatabaseUnavailableError:
                 raise
+            except IntegrityError as exc:  # another ingest process settled one of them first (a chain row)
+                log.info("telemetry acknowledgements raced another process (%s); one by one", type(exc.orig).__name__)
             except Exception:
                 log.exception("telemetry acknowledgements failed devices=%d; one by one", len(device_ids))
             else:
@@ -545,7 +756,10 @@ class MqttBridge:
                 return
         for device_id in device_ids:
             try:
-                self._acknowledge(device_id)
+                try:
+                    self._acknowledge(device_id)
+                except IntegrityError:  # raced another ingest process: the row it made is there now
+                    self._acknowledge(device_id)
             except DatabaseUnavailableError:
                 raise
             except Exception:  # a bug must not end the worker; the next stored window acknowledges again

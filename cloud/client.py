@@ -210,6 +210,11 @@ class ApiClient:
         params = {k: v for k, v in (("by", by), ("window_s", window_s)) if v is not None}
         return str(self.raw("GET", f"/drift/{name}/{version}/report", params=params or None).text)
 
+    def drift_report_png(self, name: str, version: str, *, by: str | None = None, window_s: int | None = None) -> bytes:
+        """The drift report of `name:version` as a PNG image."""
+        params = {"format": "png", **{k: v for k, v in (("by", by), ("window_s", window_s)) if v is not None}}
+        return bytes(self.raw("GET", f"/drift/{name}/{version}/report", params=params).content)
+
     def ct_status(self, model: str | None = None) -> dict[str, Any]:
         """Continuous-training policies and the newest turns of the loop."""
         return dict(self.get("/ct", **({"model": model} if model else {})))
@@ -336,6 +341,19 @@ class ApiClient:
     def alert_rules(self) -> dict[str, Any]:
         """The alert rules the coordinator evaluates (`data`), its tick, resolve_after and webhook count."""
         return dict(self.get("/alerts/rules"))
+
+    def set_alert_rule(
+        self, rule: str, *, model: str | None = None, enabled: bool | None = None, threshold: float | None = None
+    ) -> dict[str, Any]:
+        """Switch `rule` off or on and/or set its threshold for `model` (None: fleet-wide); the rules as they are."""
+        params = {"model": model} if model else None
+        body = {"enabled": enabled, "threshold": threshold}
+        return dict(self.request("PUT", f"/alerts/rules/{rule}", params=params, json=body))
+
+    def reset_alert_rule(self, rule: str, *, model: str | None = None) -> dict[str, Any]:
+        """Remove `rule`'s override for `model` (None: the fleet-wide one); the rules as they then are."""
+        params = {"model": model} if model else None
+        return dict(self.request("DELETE", f"/alerts/rules/{rule}", params=params))
 
     # -- federated runs ----------------------------------------------------------------------------
 

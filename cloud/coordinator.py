@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
@@ -18,11 +19,13 @@ from cloud.artifacts import ArtifactStore
 from cloud.audit import HEAD_FILE, AuditCheckpointer, load_audit_key
 from cloud.bridge import MqttBridge
 from cloud.broker import EmbeddedBroker
+from cloud.broker_rights import replica_identity
 from cloud.federation.flower import FlowerControl
 from cloud.federation.runner import FederatedRunner
 from cloud.federation.superlink import Federation
 from cloud.governance.maintainer import GovernanceMaintainer
 from cloud.governance.service import Governance
+from cloud.leases import Leases
 from cloud.models import ModelVersion
 from cloud.pki import FleetPki, private_write
 from cloud.rollouts.runner import RolloutRunner
@@ -30,6 +33,7 @@ from cloud.services.approvals import ensure_deployable
 from cloud.services.registry import ArtifactLinks, get_model_version
 from cloud.settings import Settings
 from cloud.telemetry.counters import IngestCounters
+from cloud.telemetry.processes import IngestProcesses
 from cloud.variant_policy import Variant
 from protocol.messages import DesiredState
 from protocol.mqtt import strip_mqtt_credentials
@@ -52,6 +56,7 @@ class Coordinator:
     mqtt_url: str | None = None
     broker: EmbeddedBroker | None = None
     bridge: MqttBridge | None = None
+    ingest: IngestProcesses | None = None  # with Settings.ingest_processes > 1: the extra ingest processes
     rollouts: RolloutRunner | None = None
     pki: FleetPki | None = None
     artifact_secret: bytes = b""
@@ -59,6 +64,7 @@ class Coordinator:
     federation: Federation | None = None  # with Settings.federated: the SuperLink, node registration
     flower: FlowerControl | None = None  # the `flwr` control of that SuperLink (None: federated learning off)
     federated_runs: FederatedRunner | None = None  # steps federated runs (started when `flower` is set)
+    leases: Leases | None = None  # with Settings.replicated: who of the replicas steps what (`cloud.leases`)
 
     @property
     def public_url(self) -> str:
@@ -95,11 +101,32 @@ class Coordinator:
             self.pki.ensure()
         return self.pki
 
+    def bridge_certificate(self) -> tuple[Path, Path]:
+        """`(certificate, key)` the bridge presents to the broker: a replica's own (`FleetPki.replica_files`: its CN
+        is its client id on Mosquitto), else the coordinator's."""
+        settings = self.settings
+        if not settings.replicated:
+            return self.fleet_pki().coordinator_files()
+        identity = replica_identity(settings.replica)
+        if "replica" not in settings.model_fields_set:
+            log.warning(
+                "replica name %s is the default (<hostname>-<pid>, new at every start): a broker with per-client "
+                "rights gives its certificate cn=%s none unless its ACL lists it; start each replica with a stable "
+                "--replica NAME and list them (edgefleet broker mosquitto-config --replica NAME)",
+                settings.replica,
+                identity,
+            )
+        else:
+            log.info("replica broker identity cn=%s (the broker's ACL must list it)", identity)
+        return self.fleet_pki().replica_files(settings.replica)
+
     def audit_checkpointer(self) -> AuditCheckpointer:
         """The audit log's signer: its key in the PKI directory (made on first use), its head file in data_dir."""
         if self.audit is None:
             key = load_audit_key(self.settings.resolved_pki_dir)
-            self.audit = AuditCheckpointer(engine=self.engine, key=key, head_file=self.settings.data_dir / HEAD_FILE)
+            self.audit = AuditCheckpointer(
+                engine=self.engine, key=key, head_file=self.settings.data_dir / HEAD_FILE, leases=self.leases
+            )
         return self.audit
 
     def approval_threshold(self, session: Session) -> int:

@@ -2,6 +2,11 @@
 
 Used for the coordinator's housekeeping (signing the audit head, re-signing governance metadata): a failure is
 logged once while it repeats (and the step is tried again next tick); a bug does not end the thread.
+
+With `lease` (replicas of one coordinator, `cloud.leases`) every replica runs the thread, but a tick runs the step
+only in the replica holding the job's lease (named after the job): taken when free, renewed at every tick, for two
+ticks plus the leases' TTL. The holder thus keeps the job's period (the job runs once per tick fleet-wide, not once
+per replica), and when it dies another replica takes the job over within that time.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from collections.abc import Callable
 from sqlalchemy.exc import SQLAlchemyError
 
 from cloud.errors import CloudError
+from cloud.leases import Leases
 
 __all__ = ["Periodic"]
 
@@ -20,13 +26,23 @@ log = logging.getLogger(__name__)
 
 
 class Periodic:
-    """Run `step` every `tick_s` seconds in a daemon thread named `name` (once at start when `at_start`)."""
+    """Run `step` every `tick_s` seconds in a daemon thread named `name` (once at start when `at_start`); with
+    `lease`, only while this replica holds the lease named `name`."""
 
-    def __init__(self, name: str, step: Callable[[], object], tick_s: float, *, at_start: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        step: Callable[[], object],
+        tick_s: float,
+        *,
+        at_start: bool = False,
+        lease: Leases | None = None,
+    ) -> None:
         self.name = name
         self.tick_s = tick_s
         self._step = step
         self._at_start = at_start
+        self._lease = lease
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_error = ""
@@ -46,10 +62,29 @@ class Periodic:
             self._thread.join(timeout=30)
             self._thread = None
 
+    def rest(self, seconds: float) -> bool:
+        """Pause a long step for `seconds` (a step that yields to other work); True when the job is being stopped."""
+        return self._stop.wait(seconds)
+
+    def holds_lease(self) -> bool:
+        """True without a lease, or when this replica holds the job's (taking it if free, renewing it if held)."""
+        if self._lease is None:
+            return True
+        return self._lease.acquire(self.name, ttl_s=2 * self.tick_s + self._lease.ttl_s) is not None
+
+    def leased(self, step: Callable[[], object]) -> Callable[[], object]:
+        """`step`, run only while this replica holds the job's lease (`holds_lease`)."""
+
+        def run() -> object:
+            return step() if self.holds_lease() else None
+
+        return run
+
     def run_guarded(self, step: Callable[[], object] | None = None) -> None:
-        """Run `step` (default: the periodic one); a failure is logged once while it repeats, never raised."""
+        """Run `step` (default: the periodic one, under the job's lease); a failure is logged once while it repeats,
+        never raised."""
         try:
-            (step or self._step)()
+            (step or self.leased(self._step))()
             self._last_error = ""
         except (SQLAlchemyError, CloudError, OSError) as exc:  # an outage: try again next tick
             self._report(f"{exc.__class__.__name__}: {exc}", unexpected=False)

@@ -6,6 +6,8 @@ Everything lives in one directory (`Settings.pki_dir`, default `data_dir/pki`), 
     ca.key  ca.crt                      the fleet CA (ECDSA P-256); ca.key is 0600 and never leaves here
     broker.key  broker.crt              server certificate of the MQTT broker (SANs: its host names)
     coordinator.key  coordinator.crt    the coordinator's client identity on the broker
+    coordinators/<replica>.key .crt     each replica's own client identity (`Settings.replicated`; CN
+                                        `edgefleet:coordinator.<replica>`, issued at the replica's first start)
     superlink.key  superlink.crt        server certificate of the Flower SuperLink (federated learning only)
     crl.pem                             revoked device certificates (Mosquitto `crlfile`, the embedded broker)
     issued/<serial>.crt                 every device certificate issued (the coordinator derives a device's
@@ -30,6 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from cloud.broker_rights import replica_identity
 from cloud.errors import InvalidInputError
 from protocol.identity import COORDINATOR_IDENTITY, COORDINATOR_OU, DEVICE_OU, DEVICE_URI_PREFIX
 
@@ -42,6 +45,7 @@ _REISSUE_BEFORE = timedelta(days=30)  # a server certificate this close to expir
 _BACKDATE = timedelta(minutes=5)  # tolerate devices whose clock is a little behind
 _CRL_DAYS = 7
 _ISSUED = "issued"
+_REPLICAS = "coordinators"
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,25 @@ class FleetPki:
     def coordinator_files(self) -> tuple[Path, Path]:
         """`(certificate, key)` of the coordinator's client identity on the broker."""
         return self.directory / "coordinator.crt", self.directory / "coordinator.key"
+
+    def replica_files(self, replica: str) -> tuple[Path, Path]:
+        """`(certificate, key)` of coordinator replica `replica`'s own client identity on the broker, issued when
+        missing or about to expire; `ValueError` for a name that cannot be a CN (`replica_identity`).
+
+        Replicas share the data directory (the CA) but not a certificate: Mosquitto makes the CN the client id, so
+        replicas sharing one would take each other's session over.
+        """
+        common_name = replica_identity(replica)
+        cert_path = self.directory / _REPLICAS / f"{replica}.crt"
+        key_path = self.directory / _REPLICAS / f"{replica}.key"
+        if not cert_path.exists() or not key_path.exists() or _expiring(cert_path):
+
+            def build(public_key: object) -> x509.Certificate:
+                return self._coordinator_certificate(public_key, common_name=common_name)
+
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._write_leaf(cert_path, key_path, build)
+        return cert_path, key_path
 
     def superlink_files(self, hostnames: Iterable[str] = ()) -> tuple[Path, Path]:
         """`(certificate, key)` of the Flower SuperLink's server identity, issued when missing, about to expire, or
@@ -246,8 +269,10 @@ class FleetPki:
         builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         return self._sign(builder)
 
-    def _coordinator_certificate(self, public_key: object) -> x509.Certificate:
-        builder = self._builder(_name(COORDINATOR_IDENTITY, COORDINATOR_OU), public_key, _SERVER_DAYS)
+    def _coordinator_certificate(
+        self, public_key: object, *, common_name: str = COORDINATOR_IDENTITY
+    ) -> x509.Certificate:
+        builder = self._builder(_name(common_name, COORDINATOR_OU), public_key, _SERVER_DAYS)
         builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         return self._sign(builder)
 
@@ -328,6 +353,12 @@ def _current(cert_path: Path, hostnames: Iterable[str]) -> bool:
     """True if the certificate at `cert_path` covers `hostnames` and is not close to expiring."""
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     return cert.not_valid_after_utc - _REISSUE_BEFORE > datetime.now(UTC) and _covers(cert, hostnames)
+
+
+def _expiring(cert_path: Path) -> bool:
+    """True if the certificate at `cert_path` expires within `_REISSUE_BEFORE`."""
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    return cert.not_valid_after_utc - _REISSUE_BEFORE <= datetime.now(UTC)
 
 
 def _authority_key_id(ca_key: ec.EllipticCurvePrivateKey) -> x509.AuthorityKeyIdentifier:

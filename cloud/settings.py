@@ -13,16 +13,19 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
+from cloud.broker_rights import replica_identity, validate_replica_name
 from cloud.errors import ConfigurationError
-from protocol.errors import TopicError
+from cloud.leases import default_replica_name
+from protocol.errors import BrokerUrlError, TopicError
+from protocol.mqtt import parse_mqtt_urls
 from protocol.topics import DEFAULT_BASE, Topics
 
-__all__ = ["Environment", "Settings", "default_data_dir", "split_host_port"]
+__all__ = ["Environment", "Settings", "default_data_dir", "settings_error", "split_host_port"]
 
 # Secrets that show up in examples and must never guard a production coordinator.
 _PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "admin", "secret", "token", "password", "test"})
@@ -35,6 +38,18 @@ def default_data_dir() -> Path:
         return Path(explicit).expanduser()
     xdg = os.environ.get("XDG_DATA_HOME")
     return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "edgefleet"
+
+
+def settings_error(exc: Exception) -> str:
+    """Why settings were refused, one line per field, without the values given: a rejected database or webhook URL
+    may carry a password, and pydantic's own message repeats the input."""
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    lines = []
+    for error in exc.errors(include_input=False, include_url=False):
+        where = ".".join(str(part) for part in error["loc"]) or "settings"
+        lines.append(f"{where}: {error['msg']}")
+    return "; ".join(lines)
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -60,7 +75,11 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(default_factory=default_data_dir, description="Database, artifacts and admin token.")
     database_url: str = Field(default="", description="SQLAlchemy URL; default SQLite in data_dir.")
-    mqtt_url: str | None = Field(default=None, description="External broker; None starts the embedded one.")
+    mqtt_url: str | None = Field(
+        default=None,
+        description="External broker, or several (the nodes of a cluster: comma-separated or a TOML list, tried "
+        "round robin); None starts the embedded one.",
+    )
     embedded_broker_host: str = "127.0.0.1"
     embedded_broker_port: int = Field(default=1883, ge=0, le=65535)
     topic_base: str = DEFAULT_BASE
@@ -70,6 +89,14 @@ class Settings(BaseSettings):
     environment: Environment = Environment.DEVELOPMENT
     admin_token: str | None = Field(default=None, description="Overrides the generated data_dir/admin-token.")
     max_artifact_bytes: int = Field(default=2 * 1024**3, gt=0)
+    artifact_base_url: str | None = Field(
+        default=None,
+        description=(
+            "Object storage or a CDN holding the artifacts keyed by sha256 (e.g. https://cdn.example.com/fleet-"
+            "artifacts): the artifact route still checks the caller, then answers 307 to <base>/<sha256>. Devices "
+            "verify the sha256 (and TUF targets under governance), so the CDN cannot substitute bytes."
+        ),
+    )
     mqtt_client_id: str | None = Field(
         default=None, description="Bridge client id; default derived from the data dir and topic base."
     )
@@ -80,7 +107,9 @@ class Settings(BaseSettings):
         default_factory=list, description="Extra names (DNS or IP) devices use for the embedded broker (TLS SANs)."
     )
     device_mqtt_url: str | None = Field(
-        default=None, description="The broker URL devices are told at enrolment; default the broker's own URL."
+        default=None,
+        description="The broker URL(s) devices are told at enrolment (comma-separated or a TOML list); default the "
+        "broker's own URL(s).",
     )
     mqtt_ca_file: Path | None = Field(
         default=None, description="CA that signed an external broker's server certificate; default the fleet CA."
@@ -232,6 +261,33 @@ class Settings(BaseSettings):
         le=1,
         description="Alert when a cohort's estimated accuracy is this far (0.05 = 5 points) under the reference's.",
     )
+    drift_min_labels: int = Field(
+        default=50,
+        ge=1,
+        le=10**9,
+        description="A cohort's labelled accuracy (labels local applications fed back) is reported and judged on at "
+        "least this many labels in the drift window.",
+    )
+    drift_rollup_tick_s: float = Field(
+        default=60.0,
+        ge=0,
+        le=86400,
+        description="How often the windows received since the last compaction are merged into drift rollups (drift "
+        "queries read rollups for whole buckets, raw windows for the rest); 0 = never.",
+    )
+    drift_rollup_bucket_s: int = Field(
+        default=300,
+        ge=10,
+        le=86400,
+        description="Length of the time buckets (by window end) drift rollups merge sketches over (changing it leaves "
+        "existing rollups at their old length).",
+    )
+    drift_rollup_retention_days: float = Field(
+        default=400,
+        gt=0,
+        le=36500,
+        description="Drift rollups whose bucket is older than this are deleted.",
+    )
     alert_resolve_after: int = Field(
         default=3,
         ge=1,
@@ -271,6 +327,14 @@ class Settings(BaseSettings):
         le=1000,
         description="How long the bridge waits for more telemetry to fill a batch once one window is queued.",
     )
+    ingest_processes: int = Field(
+        default=1,
+        ge=1,
+        le=16,
+        description="Processes storing telemetry (the coordinator's own plus N-1 started with it), sharing it through "
+        "an MQTT shared subscription ($share): needs an external broker that supports them (Mosquitto 2, EMQX); "
+        "the embedded one does not (docs/operations.md).",
+    )
     rollup_bucket_s: int = Field(
         default=60,
         ge=1,
@@ -297,10 +361,38 @@ class Settings(BaseSettings):
         description="How often old telemetry windows and rollups are deleted (in bounded batches); 0 = never.",
     )
 
+    replicated: bool = Field(
+        default=False,
+        description="This coordinator is one of several replicas sharing one PostgreSQL database and one broker "
+        "(docs/deployment.md): every inbound MQTT channel comes through shared subscriptions ($share/<group>/...) so "
+        "each message is handled by one replica, each replica's bridge has a session of its own, and rollouts and "
+        "periodic jobs are stepped by the replica holding their lease in the database. Needs an external broker "
+        "with shared subscriptions (Mosquitto 2, EMQX) and PostgreSQL.",
+    )
+    replica: str = Field(
+        default_factory=default_replica_name,
+        description="This replica's name, unique among the running replicas: the holder of its leases and the name "
+        "in its broker certificate (CN edgefleet:coordinator.<replica>, which the broker's ACL must list: "
+        "`edgefleet broker mosquitto-config --replica`). Characters A-Z a-z 0-9 . _ -, at most 42 when replicated. "
+        "Default <hostname>-<pid>, which changes at every start: give replicas stable names.",
+    )
+    lease_ttl_s: float = Field(
+        default=5.0,
+        ge=1,
+        le=3600,
+        description="How long a replica's lease on a rollout lasts unless renewed (every rollout tick): how soon "
+        "another replica takes a rollout over after its holder dies. Periodic jobs hold theirs two ticks longer.",
+    )
+
     @field_validator("data_dir")
     @classmethod
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @field_validator("replica")
+    @classmethod
+    def _replica_name(cls, value: str) -> str:
+        return validate_replica_name(value)
 
     @field_validator("topic_base")
     @classmethod
@@ -317,13 +409,38 @@ class Settings(BaseSettings):
         if not value:
             return value
         try:
-            make_url(value).get_dialect()
-        except (ArgumentError, NoSuchModuleError, ImportError) as exc:
+            url = make_url(value)
+        except (ArgumentError, ValueError) as exc:
+            # Unparsable, so SQLAlchemy cannot hide its password: everything up to the last "@" goes.
+            shown = f"***@{value.rpartition('@')[2]}" if "@" in value else value
             raise ValueError(
-                f"cannot use database URL {value!r} ({exc}); expected sqlite:///PATH or "
+                f"cannot use database URL {shown!r} ({exc}); expected sqlite:///PATH or "
+                "postgresql+psycopg://USER@HOST:PORT/DATABASE"
+            ) from None
+        try:
+            url.get_dialect()
+        except (ArgumentError, NoSuchModuleError, ImportError) as exc:
+            shown = url.render_as_string(hide_password=True)
+            raise ValueError(
+                f"cannot use database URL {shown!r} ({exc}); expected sqlite:///PATH or "
                 "postgresql+psycopg://USER@HOST:PORT/DATABASE"
             ) from exc
         return value
+
+    @field_validator("mqtt_url", "device_mqtt_url", mode="before")
+    @classmethod
+    def _broker_urls(cls, value: Any) -> Any:
+        """One broker URL or several (a TOML list, or commas in a string), kept as one comma-separated string; the
+        agent's rules (`parse_mqtt_urls`: MQTT schemes only, no mix of TLS and plain)."""
+        if value is None or not isinstance(value, str | list):
+            return value
+        urls = [str(url).strip().rstrip("/") for url in (value.split(",") if isinstance(value, str) else value)]
+        joined = ",".join(url for url in urls if url)
+        try:
+            parse_mqtt_urls(joined)
+        except BrokerUrlError as exc:
+            raise ValueError(str(exc)) from exc
+        return joined
 
     @field_validator("superlink_url", "device_superlink_address")
     @classmethod
@@ -347,12 +464,45 @@ class Settings(BaseSettings):
     def _strip_slash(cls, value: str | None) -> str | None:
         return value.rstrip("/") if value else value
 
+    @field_validator("artifact_base_url")
+    @classmethod
+    def _artifact_base_is_http(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in {"http", "https"} or not parts.hostname or parts.query or parts.fragment:
+            raise ValueError(f"artifact_base_url {value!r} is not an http:// or https:// URL with a host and no query")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _shared_ingest_needs_external_broker(self) -> Settings:
+        if self.ingest_processes > 1 and self.mqtt_url is None:
+            raise ValueError(
+                f"ingest_processes={self.ingest_processes} needs an external broker with shared subscriptions "
+                "(mqtt_url: Mosquitto 2, EMQX): the embedded broker accepts `$share/...` subscriptions but delivers "
+                "nothing to them; use ingest_processes=1 with it"
+            )
+        return self
+
     @model_validator(mode="after")
     def _derive(self) -> Settings:
         if not self.database_url:
             # Written past __setattr__ so that the derived value does not count as explicitly set, and
             # `load()` can still let a data_dir from a later source decide it.
             self.__dict__["database_url"] = f"sqlite:///{self.data_dir / 'edgefleet.db'}"
+        return self
+
+    @model_validator(mode="after")
+    def _replicas_share_a_database_and_a_broker(self) -> Settings:
+        if not self.replicated:
+            return self
+        if self.mqtt_url is None:
+            raise ValueError("replicated needs an external broker (mqtt_url) with shared subscriptions")
+        if not self.database_url.startswith("postgresql"):
+            raise ValueError("replicated needs PostgreSQL (database_url): replicas cannot share a SQLite file")
+        if self.ingest_processes > 1:
+            raise ValueError("replicated takes ingest_processes=1: the replicas themselves share the telemetry")
+        replica_identity(self.replica)  # the name must fit its broker certificate's CN
         return self
 
     @classmethod

@@ -2,7 +2,7 @@
 
 | variant        | source          | tool                                               | runtime     |
 |----------------|-----------------|----------------------------------------------------|-------------|
-| `int8-static`  | ONNX fp32       | `onnxruntime.quantization.quantize_static`, QDQ    | onnxruntime |
+| `int8-static`  | ONNX fp32       | `quantize_static`, QDQ, per-channel weights        | onnxruntime |
 | `int8-dynamic` | ONNX fp32       | `onnxruntime.quantization.quantize_dynamic`        | onnxruntime |
 | `fp16`         | ONNX fp32       | `compression.fp16`, onnxconverter-common, FP32 I/O | onnxruntime |
 | `tflite-int8`  | torch.export    | torchao PT2E + litert-torch's `PT2EQuantizer`      | litert      |
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import keyword
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,8 @@ __all__ = [
     "missing_source",
     "parse_variant_names",
 ]
+
+log = logging.getLogger(__name__)
 
 CALIBRATION_SAMPLES = 256
 
@@ -205,18 +208,32 @@ def _int8_static(source: Path, target: Path, calibration: Dataset) -> None:
     quant_pre_process(str(source), str(prepared))
     try:
         samples = calibration.head(CALIBRATION_SAMPLES).shaped(sample_shape)
-        reader = _CalibrationReader(input_name, samples, batch)
-        # U8 activations / S8 weights in QDQ: ONNX Runtime's recommended CPU scheme (docstring of quantize_static).
-        quantize_static(
-            str(prepared),
-            str(target),
-            reader,
-            quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            per_channel=False,
-            calibrate_method=CalibrationMethod.MinMax,
-        )
+
+        # U8 activations / S8 weights in QDQ: ONNX Runtime's recommended CPU scheme (docstring of quantize_static);
+        # S8 activations measured 1.7x slower on MobileNetV2 (1.02 vs 0.59 ms, EPYC with AVX-512 VNNI). Per-channel
+        # weight scales: once batch norm is folded in, the channels of one convolution differ in range (up to 100x in
+        # MobileNetV2's depthwise ones), and one scale for all leaves the typical channel a few of its 8 bits; it
+        # costs no speed (QLinearConv takes per-channel scales). No reduce_range: with VNNI (what this variant's
+        # `accelerated_by` names) u8 x s8 products do not saturate; without it they may, per-channel weights above
+        # all (quantize_static's docstring), which a device without VNNI only risks when nothing else runs there.
+        def quantize(per_channel: bool) -> None:
+            quantize_static(
+                str(prepared),
+                str(target),
+                _CalibrationReader(input_name, samples, batch),
+                quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                per_channel=per_channel,
+                calibrate_method=CalibrationMethod.MinMax,
+            )
+
+        try:
+            quantize(per_channel=True)
+        except Exception as exc:  # the quantizer's per-channel path fails on some graphs (skl2onnx's MatMul/Gemm)
+            log.info("int8-static: per-channel failed (%s: %s); per-tensor instead", type(exc).__name__, exc)
+            target.unlink(missing_ok=True)
+            quantize(per_channel=False)  # a failure here is the variant's failure
     finally:
         prepared.unlink(missing_ok=True)
 

@@ -250,6 +250,29 @@ class LatencySummary(_Part):
     mean_ms: float = Field(ge=0)
 
 
+class LabelCounts(_Part):
+    """What local applications fed back in one window: how many predictions got their true label (`labelled`) and how
+    many of those the model had right (`correct`, classifiers), per true class as `[labelled, correct]` pairs, and
+    for regressors the sum of absolute errors. A label is counted in the window in which it arrives, whichever window
+    its prediction was made in."""
+
+    labelled: int = Field(default=0, ge=0)
+    correct: int = Field(default=0, ge=0)
+    by_class: dict[str, Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=2, max_length=2)]] = Field(
+        default_factory=dict
+    )
+    abs_error_sum: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LabelCounts:
+        if self.correct > self.labelled:
+            raise ValueError(f"correct {self.correct} exceeds labelled {self.labelled}")
+        for name, (labelled, correct) in self.by_class.items():
+            if correct > labelled:
+                raise ValueError(f"class {name!r}: correct {correct} exceeds labelled {labelled}")
+        return self
+
+
 class TelemetryWindow(Message):
     """Counts of one reporting window. `seq` is per device and never reused, so duplicates can be dropped.
 
@@ -275,6 +298,8 @@ class TelemetryWindow(Message):
     class_counts: dict[str, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
     # KLL sketches of the window's inputs, confidence and values (`protocol.sketches`); None from older agents.
     sketches: WindowSketches | None = None
+    # Labels local applications fed back during the window (`LabelCounts`); None when none arrived or an older agent.
+    labels: LabelCounts | None = None
 
     @model_validator(mode="after")
     def _linked_backwards(self) -> TelemetryWindow:

@@ -16,6 +16,7 @@ __all__ = [
     "TLS_SCHEMES",
     "BrokerAddress",
     "parse_mqtt_url",
+    "parse_mqtt_urls",
     "redact_mqtt_url",
     "strip_mqtt_credentials",
 ]
@@ -54,8 +55,34 @@ def parse_mqtt_url(url: str) -> BrokerAddress:
     )
 
 
+def parse_mqtt_urls(urls: str) -> tuple[BrokerAddress, ...]:
+    """The addresses of a comma-separated list of broker URLs (one broker, or the nodes of a cluster), in order.
+
+    A client has one TLS context, so the list may not mix `mqtt://` and `mqtts://`. A comma inside a password is
+    written `%2C`.
+    """
+    addresses = tuple(parse_mqtt_url(url.strip()) for url in urls.split(",") if url.strip())
+    if not addresses:
+        raise BrokerUrlError("no MQTT URL given (expected mqtt://host:port, or several separated by commas)")
+    if len({address.tls for address in addresses}) > 1:
+        shown = redact_mqtt_url(urls)
+        raise BrokerUrlError(
+            f"MQTT URLs {shown!r} mix TLS (mqtts://) and plain TCP (mqtt://): list brokers of one kind"
+        )
+    return addresses
+
+
 def redact_mqtt_url(url: str) -> str:
-    """`url` without its password (for logs, messages and API answers)."""
+    """`url` without its password (for logs, messages and API answers); every URL of a comma-separated list."""
+    return ",".join(_redact_one(one) for one in url.split(","))
+
+
+def strip_mqtt_credentials(url: str) -> str:
+    """`url` without user name and password (what devices and API readers are told); every URL of a list."""
+    return ",".join(_strip_one(one) for one in url.split(","))
+
+
+def _redact_one(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
         return url
@@ -64,8 +91,7 @@ def redact_mqtt_url(url: str) -> str:
     return parts._replace(netloc=f"{user}:***@{netloc}").geturl()
 
 
-def strip_mqtt_credentials(url: str) -> str:
-    """`url` without user name and password (what devices and API readers are told)."""
+def _strip_one(url: str) -> str:
     parts = urlsplit(url)
     if parts.username is None and parts.password is None:
         return url

@@ -8,6 +8,8 @@ the fleet summary the coordinator computed from the devices' telemetry.
 
 from __future__ import annotations
 
+import secrets
+import signal
 import subprocess
 import sys
 import tempfile
@@ -95,6 +97,12 @@ def demo(
             "cohort retrained, its candidate compressed, signed and canaried; about 5 minutes; needs .venv-flower).",
         ),
     ] = False,
+    stay: Annotated[
+        bool,
+        typer.Option(
+            "--stay", help="After the summary, keep the coordinator, its dashboard and the fleet up until Ctrl-C."
+        ),
+    ] = False,
 ) -> None:
     """Run the whole flow on the embedded defaults: coordinator, fleet, model, deploy, traffic, summary."""
     # Wide enough for the summary table even when the output is not a terminal (CI logs, pipes).
@@ -105,7 +113,7 @@ def demo(
             if federated:
                 run_federated_demo(console, root, timeout=max(timeout, 900.0))
             else:
-                run_demo(console, root, devices=devices, requests=requests, timeout=timeout)
+                run_demo(console, root, devices=devices, requests=requests, timeout=timeout, stay=stay)
         except (CoordinatorError, DemoError, FederatedDemoError, ApiError, ManifestError) as exc:
             console.print(f"[bold red]demo failed:[/] {exc}")
             raise typer.Exit(1) from exc
@@ -115,8 +123,10 @@ class DemoError(RuntimeError):
     """A step of the demo did not reach its goal in time."""
 
 
-def run_demo(console: Console, root: Path, *, devices: int, requests: int, timeout: float) -> None:
-    """The demo's steps; raises `DemoError`, `CoordinatorError`, `ApiError` or `ManifestError` on a failure."""
+def run_demo(console: Console, root: Path, *, devices: int, requests: int, timeout: float, stay: bool = False) -> None:
+    """The demo's steps; raises `DemoError`, `CoordinatorError`, `ApiError` or `ManifestError` on a failure.
+
+    With `stay`, coordinator and fleet stay up after the summary until Ctrl-C (the dashboard stays readable)."""
     started = time.monotonic()
     coordinator = CoordinatorProcess(root / "coordinator")
     console.print("[bold]1/6[/] starting the coordinator (SQLite, embedded MQTT broker) ...")
@@ -124,6 +134,8 @@ def run_demo(console: Console, root: Path, *, devices: int, requests: int, timeo
     try:
         info = client.info()
         console.print(f"    coordinator {client.url}   broker {info.get('mqtt_url')}")
+        dashboard = _dashboard_line(client)
+        console.print(f"    {dashboard}")
         console.print("[bold]2/6[/] training the reference CNN on the digits, compressing it to int8/fp16/TFLite ...")
         variants_dir = _compress(root / "compressed")
         _push_variants(client, variants_dir)
@@ -153,18 +165,50 @@ def run_demo(console: Console, root: Path, *, devices: int, requests: int, timeo
             fleet.flush_telemetry()
             summary = _wait_for_telemetry(client, traffic, timeout=30)
             kinds = {a.config.device_id: a.config.tags.get("profile", "-") for a in fleet.agents}
-        console.print("[bold]6/6[/] fleet summary (from the devices' telemetry at the coordinator):")
-        console.print(_summary_table(summary, traffic, kinds))
-        sent = sum(t.sent for t in traffic)
-        accuracy = sum(t.correct for t in traffic) / max(1, sent - sum(t.errors for t in traffic))
-        console.print(
-            f"[bold green]done[/] in {time.monotonic() - started:.1f}s: {devices} devices on "
-            f"{MODEL_NAME}:{MODEL_VERSION}, {sent} inferences, accuracy {accuracy:.3f}"
-        )
+            console.print("[bold]6/6[/] fleet summary (from the devices' telemetry at the coordinator):")
+            console.print(_summary_table(summary, traffic, kinds))
+            sent = sum(t.sent for t in traffic)
+            accuracy = sum(t.correct for t in traffic) / max(1, sent - sum(t.errors for t in traffic))
+            console.print(
+                f"[bold green]done[/] in {time.monotonic() - started:.1f}s: {devices} devices on "
+                f"{MODEL_NAME}:{MODEL_VERSION}, {sent} inferences, accuracy {accuracy:.3f}"
+            )
+            if stay:
+                _stay(console, dashboard)
+            else:
+                console.print(f"{dashboard} (up while the demo runs; `edgefleet demo --stay` keeps it up)")
     finally:
         code = coordinator.stop()
         if code not in (0, None):
             console.print(f"[yellow]coordinator exited with {code}; see {coordinator.data_dir / 'coordinator.log'}")
+
+
+def _dashboard_line(client: ApiClient) -> str:
+    """The dashboard's URL and a viewer token of its own to sign in with (created for this demo)."""
+    name = f"demo-viewer-{secrets.token_hex(3)}"  # a new one per run: a kept --data-dir has the previous ones
+    token = client.post_json("/tokens", {"name": name, "role": "viewer"})["token"]
+    return f"dashboard {client.url}/ui/  sign in with the viewer token {token}"
+
+
+def _stay(console: Console, dashboard: str) -> None:
+    """Keep everything up (the caller's coordinator and fleet) until Ctrl-C or SIGTERM, then return."""
+    console.print(f"[bold]{dashboard}[/]")
+    console.print("coordinator and fleet stay up; Ctrl-C stops them")
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {number: signal.getsignal(number) for number in signals}
+    # Both end the wait the same way, so the fleet and the coordinator are stopped by the callers' cleanup: a
+    # SIGTERM (a service manager) would otherwise leave the coordinator process behind, and a shell starts a
+    # background job with SIGINT ignored.
+    for number in signals:
+        signal.signal(number, signal.default_int_handler)
+    try:
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        console.print("stopping the fleet and the coordinator ...")
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _print_variants(console: Console, directory: Path) -> None:

@@ -71,6 +71,9 @@ class FleetConfig:
     federated: bool = False
     flower_bin_dir: Path | None = None
     sample_rates: Mapping[str, float] = field(default_factory=dict)
+    # Share of calls whose inputs and confidence are sketched for drift (the agent's `telemetry_sketch_rate`);
+    # None: the agent's default. 1.0 makes every request count toward the coordinator's `drift_min_rows`.
+    sketch_rate: float | None = None
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -112,6 +115,8 @@ def agent_config(config: FleetConfig, index: int) -> AgentConfig:
         extra["cpu_features"] = list(profile.cpu_features)
     if profile.memory_mb is not None:
         extra["memory_mb"] = profile.memory_mb
+    if config.sketch_rate is not None:
+        extra["telemetry_sketch_rate"] = config.sketch_rate
     return AgentConfig(
         device_id=ident,
         data_dir=config.data_root / ident,

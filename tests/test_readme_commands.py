@@ -49,3 +49,7 @@ def test_make_demo_runs_the_main_job_and_exits_zero(tmp_path: Path) -> None:
         assert f"│ {variant}" in output, f"no device runs {variant}:\n{output[-4000:]}"
     assert "fleet summary" in output
     assert "demo-0019" in output, "the summary must list every device"
+    # The dashboard's address and a viewer token to sign in with, and how to keep it up (rich may wrap the lines).
+    dashboard = r"dashboard\s+http://127\.0\.0\.1:\d+/ui/\s+sign\s+in\s+with\s+the\s+viewer\s+token\s+\S+"
+    assert re.search(dashboard, output), output[-4000:]
+    assert re.search(r"edgefleet\s+demo\s+--stay", output), output[-4000:]

@@ -9,15 +9,20 @@ the next attempt resumes where it stopped.
 A server cannot hold an update hostage: more bytes than declared stop the download at once (endless
 data), and an attempt that has not finished within `timeout_s + remaining / min_rate_bps` seconds is
 cut (slow retrieval: a trickle of bytes never trips the per-read timeout); the next attempt resumes.
+
+A coordinator with `artifact_base_url` answers 307 to object storage or a CDN: redirects are followed to https,
+or to http from http, never from https down to http, and credentials do not cross origins. The bytes are
+trusted only after the verifying step checks the sha256 (and TUF targets), so a cache cannot substitute them.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import httpx
 
@@ -28,6 +33,9 @@ from protocol import ErrorCode
 __all__ = ["ArtifactFetcher", "DownloadCancelledError"]
 
 log = logging.getLogger(__name__)
+
+_MAX_REDIRECTS = 5
+_CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
 
 
 class DownloadCancelledError(StepCancelledError):
@@ -50,7 +58,8 @@ class ArtifactFetcher:
         base_url: str | None = None,
         sleep: Callable[[float], bool] | None = None,
     ) -> None:
-        self._client = httpx.Client(timeout=timeout_s, follow_redirects=True)
+        # Redirects are followed by `_stream`, which checks each hop (no downgrade to http, no credentials across).
+        self._client = httpx.Client(timeout=timeout_s, follow_redirects=False)
         self._attempts = attempts
         self._timeout_s = timeout_s
         self._min_rate_bps = min_rate_bps
@@ -99,7 +108,7 @@ class ArtifactFetcher:
         headers = {"Range": f"bytes={have}-"} if have else {}
         deadline = time.monotonic() + self._timeout_s + (expected_size - have) / self._min_rate_bps
         try:
-            with self._client.stream("GET", url, headers=headers) as response:
+            with self._stream(url, headers) as response:
                 offset = self._offset(url, response, have, dest)
                 received = self._write(url, response, dest, offset, expected_size, cancelled, deadline)
         except httpx.HTTPError as exc:
@@ -108,6 +117,24 @@ class ArtifactFetcher:
             raise StorageError(f"cannot write {dest}: {exc}") from exc
         if received < expected_size:
             raise DownloadError(f"GET {url} ended after {received} of {expected_size} bytes; the next attempt resumes")
+
+    @contextmanager
+    def _stream(self, url: str, headers: dict[str, str]) -> Iterator[httpx.Response]:
+        """GET `url` streamed, following up to 5 redirects (a coordinator sends devices to a CDN) by `_next_hop`."""
+        for _ in range(_MAX_REDIRECTS + 1):
+            response = self._client.send(self._client.build_request("GET", url, headers=headers), stream=True)
+            try:
+                if not response.is_redirect:
+                    yield response
+                    return
+                target = _next_hop(url, response.headers["location"])
+            finally:
+                response.close()
+            if _origin(target) != _origin(url):
+                headers = {k: v for k, v in headers.items() if k.lower() not in _CREDENTIAL_HEADERS}
+            log.debug("GET %s redirected to %s", url, target)
+            url = target
+        raise _ClientError(f"GET {url} redirected more than {_MAX_REDIRECTS} times")
 
     @staticmethod
     def _offset(url: str, response: httpx.Response, have: int, dest: Path) -> int:
@@ -161,6 +188,25 @@ class ArtifactFetcher:
                         "before the deadline); the next attempt resumes"
                     )
         return received
+
+
+def _next_hop(url: str, location: str) -> str:
+    """The absolute redirect target: https anywhere, or http from http; a downgrade from https is refused.
+
+    The digest check makes a redirect harmless to integrity, but https -> http would hand the download (and
+    what it reveals about the fleet) to anyone on the path: a coordinator or CDN misconfigured that way is told.
+    """
+    target = urljoin(url, location)
+    scheme, source = urlsplit(target).scheme, urlsplit(url).scheme
+    if scheme == "https" or (scheme == "http" and source == "http"):
+        return target
+    raise _ClientError(f"GET {url} redirected to {target!r}: only https, or http from http, is followed")
+
+
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    """Scheme, host and port: where credentials may go."""
+    parts = urlsplit(url)
+    return parts.scheme, parts.hostname, parts.port
 
 
 def _range_start(content_range: str | None) -> int | None:

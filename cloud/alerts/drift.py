@@ -1,6 +1,7 @@
 """Drift as an alert source (in `cloud.alerts.sources.SOURCES`): per profiled version served in the drift window and per
 grouping (the settings' `drift_group_by` and every continuous-training policy's), one observation per judged
-cohort: whether it drifted (1/0) and how far its estimated accuracy fell under the reference's."""
+cohort: whether it drifted (1/0), how far its estimated accuracy fell under the reference's, and — with at least
+`drift_min_labels` labels fed back in the window — how far its labelled accuracy fell under the reference's."""
 
 from __future__ import annotations
 
@@ -15,12 +16,20 @@ from cloud.drift.stats import DriftThresholds
 from cloud.models import CtPolicy
 from cloud.settings import Settings
 
-__all__ = ["DRIFT", "ESTIMATED_ACCURACY_DROP", "drift_observations", "drift_rules", "policy_groupings"]
+__all__ = [
+    "DRIFT",
+    "ESTIMATED_ACCURACY_DROP",
+    "LABELLED_ACCURACY_DROP",
+    "drift_observations",
+    "drift_rules",
+    "policy_groupings",
+]
 
 log = logging.getLogger(__name__)
 
 DRIFT = "drift"
 ESTIMATED_ACCURACY_DROP = "estimated_accuracy_drop"
+LABELLED_ACCURACY_DROP = "labelled_accuracy_drop"
 
 
 def policy_groupings(session: Session) -> dict[str, set[str]]:
@@ -39,7 +48,11 @@ def drift_observations(session: Session, now: datetime, settings: Settings) -> l
     """Per profiled version, grouping and judged cohort: drifted (1/0) and the estimated-accuracy drop."""
     since = now - timedelta(seconds=settings.drift_window_s)
     extra = policy_groupings(session)
-    thresholds = DriftThresholds(min_rows=settings.drift_min_rows, accuracy_drop=settings.drift_accuracy_drop)
+    thresholds = DriftThresholds(
+        min_rows=settings.drift_min_rows,
+        accuracy_drop=settings.drift_accuracy_drop,
+        min_labels=settings.drift_min_labels,
+    )
     observations: list[Observation] = []
     for model, version in profiled_versions(session, since=since):
         groupings = [_by(g) for g in sorted({settings.drift_group_by} | extra.get(model, set()))]
@@ -49,9 +62,14 @@ def drift_observations(session: Session, now: datetime, settings: Settings) -> l
         )  # fmt: skip
         for report in reports:
             for cohort, drift in report.cohorts:
+                ref = f"{model}:{version}"
+                labelled = cohort.labelled
+                if labelled is not None and labelled.drop is not None:  # enough labels, whatever the rows sketched
+                    observations.append(
+                        Observation(LABELLED_ACCURACY_DROP, labelled.drop, cohort=cohort.key, model=ref)
+                    )
                 if drift.insufficient:
                     continue  # too few rows to judge: neither opens nor resolves by itself
-                ref = f"{model}:{version}"
                 observations.append(Observation(DRIFT, 1.0 if drift.drifted else 0.0, cohort=cohort.key, model=ref))
                 if drift.accuracy_drop is not None:
                     observations.append(
@@ -61,7 +79,7 @@ def drift_observations(session: Session, now: datetime, settings: Settings) -> l
 
 
 def drift_rules(settings: Settings) -> list[Rule]:
-    """The drift rules: a cohort drifted (any of the statistics), its estimated accuracy fell too far."""
+    """The drift rules: a cohort drifted (any of the statistics), its estimated or labelled accuracy fell too far."""
     return [
         Rule(
             name="drift",
@@ -79,5 +97,13 @@ def drift_rules(settings: Settings) -> list[Rule]:
             severity="critical",
             description="a cohort's estimated accuracy (from its confidence, calibrated on the reference data) is "
             "this far under the reference's",
+        ),
+        Rule(
+            name="labelled_accuracy",
+            metric=LABELLED_ACCURACY_DROP,
+            threshold=settings.drift_accuracy_drop,
+            severity="critical",
+            description="a cohort's labelled accuracy (labels local applications fed back, at least "
+            f"{settings.drift_min_labels} in the window) is this far under the reference's",
         ),
     ]

@@ -7,7 +7,9 @@ returns a `Condition` for every cohort (and model) whose combined value breaks t
 `reconcile(open_alerts, conditions, now, resolve_after=N)` decides what happens to the stored alerts: a condition
 without an open alert opens one, a condition with one updates it (never a second one), and an open alert whose
 condition is absent for `resolve_after` evaluations in a row is resolved (a flapping condition neither spams
-nor closes at the first quiet evaluation). No IO here.
+nor closes at the first quiet evaluation). Operators' `RuleOverride`s switch a rule off or on, or change its
+threshold, per model or fleet-wide (`*`): `effective_rule` resolves them field by field, the model's over the fleet's
+over the settings', and `evaluate` judges each model's cohorts by its own effective rule. No IO here.
 """
 
 from __future__ import annotations
@@ -25,22 +27,29 @@ from pydantic import BaseModel, ConfigDict, Field
 from protocol.telemetry import LATENCY_BUCKETS_MS, histogram_quantile, merge_histograms
 
 __all__ = [
+    "ANY_MODEL",
     "FLEET",
     "Aggregate",
     "Condition",
+    "EffectiveRule",
     "Miss",
     "Observation",
     "OpenAlert",
     "Reconciliation",
     "Rule",
+    "RuleOverride",
     "Seen",
     "alert_key",
     "cohort_of",
+    "effective_rule",
     "evaluate",
+    "model_name_of",
     "reconcile",
+    "threshold_problem",
 ]
 
 FLEET = "fleet"  # the cohort of a rule grouped over the whole fleet
+ANY_MODEL = "*"  # an override's model for every model
 DEVICE = "device"  # `by` value: one cohort per device
 
 _OPERATORS: dict[str, Callable[[float, float], bool]] = {
@@ -152,13 +161,84 @@ def _combine(observations: Sequence[Observation]) -> tuple[float, float] | None:
     return sum(o.value * o.weight for o in observations) / weight, weight
 
 
+@dataclass(frozen=True)
+class RuleOverride:
+    """An operator's change to a rule for one model (or `*`): `enabled`/`threshold` None leave it as it was."""
+
+    rule: str
+    model: str = ANY_MODEL
+    enabled: bool | None = None
+    threshold: float | None = None
+
+
+@dataclass(frozen=True)
+class EffectiveRule:
+    """A rule as it applies to one model, and where each value came from (`settings`, `*` or `model`)."""
+
+    rule: Rule
+    enabled: bool
+    enabled_from: str
+    threshold_from: str
+
+
+# The range a threshold must be in, per rule (bounds inclusive); None: the rule has no threshold to change.
+THRESHOLD_RANGES: dict[str, tuple[float, float] | None] = {
+    "error_rate": (0.0, 1.0),  # a share of inferences
+    "latency_p95": (1.0, 600_000.0),  # ms
+    "devices_offline": (1.0, 1_000_000.0),  # devices
+    "rollout_stuck": (60.0, 90 * 86400.0),  # seconds
+    "estimated_accuracy": (0.001, 1.0),  # an accuracy drop
+    "drift": None,  # a cohort drifted or not (1/0): its statistics' thresholds are drift settings
+}
+
+
+def threshold_problem(rule: Rule, value: float) -> str | None:
+    """Why `value` cannot be `rule`'s threshold, or None when it can."""
+    if not math.isfinite(value):
+        return f"{rule.name}: the threshold must be a finite number, got {value}"
+    if rule.name not in THRESHOLD_RANGES:
+        return None
+    bounds = THRESHOLD_RANGES[rule.name]
+    if bounds is None:
+        return f"{rule.name} has no threshold to change (a cohort drifted or not); switch it --off or --on instead"
+    low, high = bounds
+    if not low <= value <= high:
+        return f"{rule.name}: the threshold must be between {low:g} and {high:g} ({rule.metric}), got {value:g}"
+    return None
+
+
+def model_name_of(model: str | None) -> str | None:
+    """The model name an alert's model stands for: `digits` of `digits` and of `digits:1.0` (drift rules)."""
+    return None if model is None else model.partition(":")[0]
+
+
+def effective_rule(rule: Rule, model: str | None, overrides: Iterable[RuleOverride] = ()) -> EffectiveRule:
+    """`rule` for `model` (a name, or None for the fleet-wide view): each field from the model's override if it sets
+    it, else the fleet's (`*`), else the settings'."""
+    name = model_name_of(model)
+    mine = [o for o in overrides if o.rule == rule.name and o.model in {ANY_MODEL, name}]
+    ordered = sorted(mine, key=lambda o: o.model != ANY_MODEL)  # the fleet's first, the model's last: it wins
+    enabled, enabled_from, threshold, threshold_from = True, "settings", rule.threshold, "settings"
+    for override in ordered:
+        level = "model" if override.model != ANY_MODEL else ANY_MODEL
+        if override.enabled is not None:
+            enabled, enabled_from = override.enabled, level
+        if override.threshold is not None:
+            threshold, threshold_from = override.threshold, level
+    changed = rule if threshold == rule.threshold else rule.model_copy(update={"threshold": threshold})
+    return EffectiveRule(changed, enabled, enabled_from, threshold_from)
+
+
 def _message(rule: Rule, cohort: str, model: str | None, value: float) -> str:
     where = cohort + (f" ({model})" if model else "")
     return f"{rule.name}: {where} {rule.metric} = {value:.4g} {rule.op} {rule.threshold:g}"
 
 
-def evaluate(rules: Iterable[Rule], observations: Iterable[Observation]) -> list[Condition]:
-    """Every (rule, cohort, model) whose combined observations break the rule now, sorted by key."""
+def evaluate(
+    rules: Iterable[Rule], observations: Iterable[Observation], overrides: Sequence[RuleOverride] = ()
+) -> list[Condition]:
+    """Every (rule, cohort, model) whose combined observations break the rule now, sorted by key; each model judged
+    by its effective rule (`overrides`: switched off for it, or its own threshold)."""
     by_metric: dict[str, list[Observation]] = {}
     for observation in observations:
         by_metric.setdefault(observation.metric, []).append(observation)
@@ -171,13 +251,19 @@ def evaluate(rules: Iterable[Rule], observations: Iterable[Observation]) -> list
                 model = observation.model if rule.per_model else None
                 groups.setdefault((cohort, model), []).append(observation)
         for (cohort, model), members in groups.items():
+            effective = effective_rule(rule, model, overrides)
+            if not effective.enabled:
+                continue  # switched off for this model (or the fleet): an open alert of it resolves as if quiet
+            judged = effective.rule
             combined = _combine(members)
-            if combined is None or combined[1] < rule.min_weight:
+            if combined is None or combined[1] < judged.min_weight:
                 continue  # too little data to judge: no condition either way
             value = combined[0]
-            if _OPERATORS[rule.op](value, rule.threshold):
-                message = _message(rule, cohort, model, value)
-                conditions.append(Condition(rule.name, cohort, model, value, rule.threshold, rule.severity, message))
+            if _OPERATORS[judged.op](value, judged.threshold):
+                message = _message(judged, cohort, model, value)
+                conditions.append(
+                    Condition(judged.name, cohort, model, value, judged.threshold, judged.severity, message)
+                )
     return sorted(conditions, key=lambda c: c.key)
 
 

@@ -17,6 +17,7 @@ from cloud.alerts.rules import Reconciliation
 from cloud.alerts.service import evaluate_alerts
 from cloud.alerts.sources import SOURCES, Source
 from cloud.alerts.webhooks import DeliveryCounters, deliver_due, redact_url
+from cloud.leases import Leases
 from cloud.periodic import Periodic
 from cloud.settings import Settings
 from protocol.messages import utcnow
@@ -36,15 +37,17 @@ class AlertRunner:
         settings: Settings,
         sources: Sequence[Source] = tuple(SOURCES),
         clock: Callable[[], datetime] = utcnow,
+        leases: Leases | None = None,
     ) -> None:
+        """`leases`: replicas of one coordinator evaluate and deliver in the replica holding each job's lease."""
         self._engine = engine
         self._settings = settings
         self._sources = sources
         self._clock = clock
         self.counters = DeliveryCounters()
-        self._evaluator = Periodic("edgefleet-alerts", self.evaluate, settings.alert_tick_s or 1.0)
+        self._evaluator = Periodic("edgefleet-alerts", self.evaluate, settings.alert_tick_s or 1.0, lease=leases)
         self._deliverer = Periodic(
-            "edgefleet-alert-webhooks", self.deliver, settings.alert_delivery_poll_s, at_start=True
+            "edgefleet-alert-webhooks", self.deliver, settings.alert_delivery_poll_s, at_start=True, lease=leases
         )
 
     def start(self) -> None:

@@ -22,14 +22,18 @@ from sqlmodel import Session, col, select
 from cloud import audit
 from cloud.alerts.drift import drift_rules
 from cloud.alerts.rules import (
+    ANY_MODEL,
     FLEET,
     Condition,
     OpenAlert,
     Reconciliation,
     Rule,
+    RuleOverride,
     alert_key,
+    effective_rule,
     evaluate,
     reconcile,
+    threshold_problem,
 )
 from cloud.alerts.sources import ERROR_RATE, LATENCY_P95_MS, OFFLINE, ROLLOUT_STALLED_S, SOURCES, Source
 from cloud.alerts.webhooks import ACTOR, redact_url
@@ -40,19 +44,25 @@ from cloud.models import (
     AlertDeliveryPublic,
     AlertDetailPublic,
     AlertPublic,
+    AlertRuleOverride,
     AlertState,
     DeliveryState,
 )
 from cloud.settings import Settings
+from protocol.messages import utcnow
 
 __all__ = [
     "ACTOR",
     "STATE_FILTERS",
     "ack_alert",
     "configured_rules",
+    "effective_rules",
     "evaluate_alerts",
     "get_alert",
     "list_alerts",
+    "load_overrides",
+    "reset_rule_override",
+    "set_rule_override",
 ]
 
 log = logging.getLogger(__name__)
@@ -199,7 +209,8 @@ def evaluate_alerts(
     """One evaluation: observe, evaluate, reconcile with the unresolved alerts, apply and commit."""
     with Session(engine, expire_on_commit=False) as session:
         observations = [o for source in sources for o in source(session, now, settings)]
-        conditions = evaluate(configured_rules(settings) if rules is None else rules, observations)
+        judged = configured_rules(settings) if rules is None else rules
+        conditions = evaluate(judged, observations, load_overrides(session))
         unresolved = session.exec(select(Alert).where(col(Alert.state).in_(UNRESOLVED)))
         open_alerts = [
             OpenAlert(a.id, a.open_key or alert_key(a.rule, a.cohort, a.model_name), a.misses)
@@ -278,3 +289,114 @@ def get_alert(*, session: Session, alert_id: int) -> AlertDetailPublic:
 def pending_deliveries(*, session: Session) -> int:
     """Webhook deliveries still waiting for an attempt."""
     return len(list(session.exec(select(AlertDelivery.id).where(AlertDelivery.state == DeliveryState.PENDING.value))))
+
+
+# -- rule overrides ----------------------------------------------------------------------------------
+
+
+def load_overrides(session: Session) -> list[RuleOverride]:
+    """Every operator override of a rule, as `evaluate` takes them."""
+    rows = session.exec(select(AlertRuleOverride).order_by(col(AlertRuleOverride.id)))
+    return [
+        RuleOverride(
+            rule=r.rule, model=r.model_name, enabled=r.enabled, threshold=(r.thresholds or {}).get("threshold")
+        )
+        for r in rows
+    ]
+
+
+def _rule(settings: Settings, name: str) -> Rule:
+    rules = {r.name: r for r in configured_rules(settings)}
+    if name not in rules:
+        raise NotFoundError(f"alert rule {name!r} does not exist; the rules are {', '.join(sorted(rules))}")
+    return rules[name]
+
+
+def _override_row(session: Session, rule: str, model: str) -> AlertRuleOverride | None:
+    statement = select(AlertRuleOverride).where(AlertRuleOverride.rule == rule, AlertRuleOverride.model_name == model)
+    return session.exec(statement).first()
+
+
+def effective_rules(*, session: Session, settings: Settings) -> list[dict[str, object]]:
+    """Each rule as evaluated: its settings, then fleet-wide (`enabled`, `threshold`, and where each comes from),
+    then one entry per model with an override of it (its effective values and their sources)."""
+    overrides = load_overrides(session)
+    rows = {(r.rule, r.model_name): r for r in session.exec(select(AlertRuleOverride))}
+    out: list[dict[str, object]] = []
+    for rule in configured_rules(settings):
+        fleet = effective_rule(rule, None, overrides)
+        models = []
+        for model in sorted({o.model for o in overrides if o.rule == rule.name and o.model != ANY_MODEL}):
+            mine = effective_rule(rule, model, overrides)
+            row = rows[(rule.name, model)]
+            models.append({
+                "model": model, "enabled": mine.enabled, "enabled_from": mine.enabled_from,
+                "threshold": mine.rule.threshold, "threshold_from": mine.threshold_from,
+                "updated_by": row.updated_by, "updated_at": row.updated_at,
+            })  # fmt: skip
+        out.append({
+            **rule.model_dump(), "threshold": fleet.rule.threshold, "settings_threshold": rule.threshold,
+            "enabled": fleet.enabled, "enabled_from": fleet.enabled_from, "threshold_from": fleet.threshold_from,
+            "models": models,
+        })  # fmt: skip
+    return out
+
+
+def set_rule_override(
+    *,
+    session: Session,
+    settings: Settings,
+    rule: str,
+    model: str | None,
+    actor: str,
+    enabled: bool | None = None,
+    threshold: float | None = None,
+) -> AlertRuleOverride:
+    """Switch `rule` off or on and/or set its threshold for `model` (None: fleet-wide); what is not given stays as the
+    override had it. Audited (`alert.rule_set`). `NotFoundError` for an unknown rule, `InvalidInputError` for a
+    threshold out of the rule's range, nothing to change, or a per-model change of a rule not judged per model."""
+    target = _rule(settings, rule)
+    if enabled is None and threshold is None:
+        raise InvalidInputError("give a threshold, or switch the rule off or on", field="threshold")
+    if model is not None and not target.per_model:
+        raise InvalidInputError(
+            f"{rule} is not judged per model (its alerts name no model): change it fleet-wide, without a model",
+            field="model",
+        )
+    if threshold is not None and (problem := threshold_problem(target, threshold)) is not None:
+        raise InvalidInputError(problem, field="threshold")
+    key = model or ANY_MODEL
+    row = _override_row(session, rule, key) or AlertRuleOverride(model_name=key, rule=rule, updated_by=actor)
+    before = {"enabled": row.enabled, "threshold": (row.thresholds or {}).get("threshold")}
+    if enabled is not None:
+        row.enabled = enabled
+    if threshold is not None:
+        row.thresholds = {**(row.thresholds or {}), "threshold": threshold}
+    row.updated_by, row.updated_at = actor, utcnow()
+    session.add(row)
+    after = {"enabled": row.enabled, "threshold": row.thresholds.get("threshold")}
+    audit.record(
+        session=session, actor=actor, action="alert.rule_set", subject=f"alert_rule:{rule}:{key}",
+        details={"rule": rule, "model": key, "before": before, "after": after},
+    )  # fmt: skip
+    session.commit()
+    session.refresh(row)
+    return row
+
+
+def reset_rule_override(*, session: Session, settings: Settings, rule: str, model: str | None, actor: str) -> None:
+    """Remove the override of `rule` for `model` (None: the fleet-wide one): the level below applies again. Audited
+    (`alert.rule_reset`); `NotFoundError` for an unknown rule or when there is no such override."""
+    _rule(settings, rule)
+    key = model or ANY_MODEL
+    row = _override_row(session, rule, key)
+    if row is None:
+        where = "fleet-wide" if key == ANY_MODEL else f"for model {key}"
+        raise NotFoundError(f"alert rule {rule} has no override {where}: nothing to reset")
+    before = {"enabled": row.enabled, "threshold": (row.thresholds or {}).get("threshold")}
+    session.delete(row)
+    audit.record(
+        session=session, actor=actor, action="alert.rule_reset", subject=f"alert_rule:{rule}:{key}",
+        details={"rule": rule, "model": key, "before": before},
+    )  # fmt: skip
+    session.commit()

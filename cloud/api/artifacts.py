@@ -3,6 +3,10 @@
 Devices hold no API token: the desired state they receive carries a URL with `device` and `token` query
 parameters (an HMAC of device id and digest, `cloud.auth.artifact_token`), valid only while the device is
 enrolled. People and programs use a viewer (or higher) bearer token.
+
+With `artifact_base_url` set, the route checks the caller exactly as before and answers 307 to
+`<base>/<sha256>`: object storage or a CDN serves the bytes, and devices verify the digest (and TUF targets
+under governance), so the cache cannot substitute them.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
 from sqlmodel import Session
 
@@ -29,7 +33,11 @@ router = APIRouter(tags=["models"])
     "/artifacts/{sha256}",
     summary="Artifact bytes (HTTP Range supported); a viewer token, or a device's download token",
     response_class=FileResponse,
-    responses={206: {"description": "Partial content"}, 416: {"description": "Range not satisfiable"}},
+    responses={
+        206: {"description": "Partial content"},
+        307: {"description": "The bytes are at `artifact_base_url`/sha256 (object storage or a CDN)"},
+        416: {"description": "Range not satisfiable"},
+    },
 )
 def get_artifact(
     sha256: Annotated[str, Path(pattern=r"^[0-9a-f]{64}$", description="Hex sha256 of the artifact.")],
@@ -37,11 +45,26 @@ def get_artifact(
     coordinator: CoordinatorDep,
     device: Annotated[DeviceId | None, Query(description="The downloading device (with `token`).")] = None,
     token: Annotated[str | None, Query(max_length=128, description="The device's download token.")] = None,
-) -> FileResponse:
-    """Stream the artifact; Starlette's FileResponse answers Range requests with 206 or 416."""
+) -> Response:
+    """The artifact's bytes (Range answered with 206 or 416), or 307 to `artifact_base_url`/sha256 when set."""
     authorize_download(request, coordinator, sha256)
-    path = coordinator.store.path(sha256)
-    return FileResponse(path, media_type="application/octet-stream", headers={"Cache-Control": "private, immutable"})
+    path = coordinator.store.path(sha256)  # an unknown digest is a 404 here, not a redirect to one
+    base = coordinator.settings.artifact_base_url
+    if base is not None:
+        # No token in the target: object storage keys by digest, and the device checks the digest itself.
+        return RedirectResponse(f"{base}/{sha256}", status_code=307, headers={"Cache-Control": "no-store"})
+    return ArtifactFileResponse(
+        path,
+        media_type="application/octet-stream",
+        # The digest is the strongest validator there is: If-Range resumes survive a restore that changes mtime.
+        headers={"Cache-Control": "private, immutable", "ETag": f'"{sha256}"'},
+    )
+
+
+class ArtifactFileResponse(FileResponse):
+    """Starlette's FileResponse with 1 MiB reads: a 64 KiB read is a thread-pool hop per 64 KiB of model."""
+
+    chunk_size = 1024 * 1024
 
 
 def authorize_download(request: Request, coordinator: CoordinatorDep, sha256: str) -> None:

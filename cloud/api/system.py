@@ -1,4 +1,4 @@
-"""Health, coordinator information, ingest counters and Prometheus metrics."""
+"""Health, coordinator information, who is calling, ingest counters and Prometheus metrics."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from cloud import __version__
-from cloud.api.deps import CoordinatorDep, requires
+from cloud.api.deps import CoordinatorDep, PrincipalDep, requires
 from cloud.metrics import CoordinatorMetrics
 
 __all__ = ["health_router", "metrics_router", "router"]
@@ -51,6 +51,12 @@ def info(coordinator: CoordinatorDep) -> dict[str, Any]:
         "public_url": coordinator.public_url,
         "environment": coordinator.settings.environment.value,
     }
+
+
+@router.get("/whoami", summary="The calling token's name and role")
+def whoami(principal: PrincipalDep) -> dict[str, str]:
+    """Who this bearer token is: its name and its one role (the dashboard shows only what that role may do)."""
+    return {"name": principal.name, "role": principal.role.value}
 
 
 @router.get("/stats", summary="MQTT ingest counters")

@@ -19,6 +19,7 @@ from sqlmodel import Session
 
 from cloud.audit.chain import AuditReport, checkpoint_due
 from cloud.audit.service import checkpoint, signed_head, unsigned_entries, verify, write_head_file
+from cloud.leases import Leases
 from cloud.models import AuditCheckpoint
 from cloud.periodic import Periodic
 from protocol.messages import utcnow
@@ -44,7 +45,9 @@ class AuditCheckpointer:
         every_entries: int = CHECKPOINT_EVERY_ENTRIES,
         every_s: float = CHECKPOINT_EVERY_S,
         tick_s: float = _TICK_S,
+        leases: Leases | None = None,
     ) -> None:
+        """`leases`: replicas of one coordinator checkpoint in the replica holding the job's lease, one at a time."""
         self.engine = engine
         self.key = key
         self.head_file = head_file
@@ -52,7 +55,7 @@ class AuditCheckpointer:
         self.every_s = every_s
         self.tick_s = tick_s
         self._lock = threading.Lock()  # one checkpoint (row + head file) at a time
-        self._periodic = Periodic("audit-checkpointer", self.tick, tick_s)
+        self._periodic = Periodic("audit-checkpointer", self.tick, tick_s, lease=leases)
 
     @property
     def public_key(self) -> Ed25519PublicKey:
@@ -95,7 +98,9 @@ class AuditCheckpointer:
     def stop(self) -> None:
         """Stop the thread, then sign whatever is still unsigned (the head file then holds the final head)."""
         self._periodic.stop()
-        self._periodic.run_guarded(lambda: self.tick(_FAR_FUTURE))  # any unsigned entry is due now
+        # Any unsigned entry is due now (under the lease: a replica stopping while another one checkpoints leaves
+        # the signing to that one).
+        self._periodic.run_guarded(self._periodic.leased(lambda: self.tick(_FAR_FUTURE)))
 
 
 _FAR_FUTURE = datetime.max.replace(tzinfo=UTC)

@@ -10,9 +10,9 @@ from rich.console import Group
 from rich.markup import escape
 from rich.text import Text
 
-from cloud.cli._common import JsonOpt, TokenOpt, UrlOpt, api_errors, connect, emit, table
+from cloud.cli._common import JsonOpt, TokenOpt, UrlOpt, api_errors, connect, emit, fail, table
 
-__all__ = ["alerts_app"]
+__all__ = ["alerts_app", "render_rules", "rules_app"]
 
 alerts_app = typer.Typer(
     help="Alerts: one per rule, cohort and model while its condition holds, resolved by themselves (docs/alerts.md).",
@@ -146,27 +146,89 @@ def alerts_ack(
     emit(alert, as_json, lambda a: f"alert {a['id']} acknowledged by {escape(a['acked_by'])}: {escape(a['message'])}")
 
 
-@alerts_app.command("rules")
-def alerts_rules(url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
-    """The rules evaluated: metric, condition, cohorts, minimum data, severity."""
-    with api_errors():
-        body = connect(url, token).alert_rules()
-    rows = [
-        (
-            r["name"],
-            r["metric"],
-            f"{r['op']} {r['threshold']:g}",
-            r["by"],
-            "yes" if r["per_model"] else "no",
-            f"{r['min_weight']:g}" if r["min_weight"] else None,
-            r["severity"],
-            r["description"],
-        )
-        for r in body["data"]
-    ]
+rules_app = typer.Typer(
+    help="The rules evaluated, and operators' overrides of them per model or fleet-wide: set, reset.",
+    invoke_without_command=True,
+)
+alerts_app.add_typer(rules_app, name="rules")
+
+
+def _source(where: str) -> str:
+    return {"settings": "settings", "*": "fleet override", "model": "model override"}.get(where, where)
+
+
+def render_rules(body: dict[str, Any]) -> Group:
+    """One row per rule as evaluated fleet-wide, then one per model with its own override; the source of each value."""
+    rows: list[tuple[Any, ...]] = []
+    for r in body["data"]:
+        threshold_from, enabled_from = r.get("threshold_from", "settings"), r.get("enabled_from", "settings")
+        rows.append((
+            r["name"], "*", "on" if r.get("enabled", True) else "OFF", _source(enabled_from),
+            f"{r['op']} {r['threshold']:g}", _source(threshold_from), r["metric"], r["by"],
+            f"{r['min_weight']:g}" if r["min_weight"] else None, r["severity"],
+        ))  # fmt: skip
+        for m in r.get("models", []):
+            rows.append((
+                r["name"], m["model"], "on" if m["enabled"] else "OFF", _source(m["enabled_from"]),
+                f"{r['op']} {m['threshold']:g}", _source(m["threshold_from"]), None, None, None, None,
+            ))  # fmt: skip
     every = f"every {body['tick_s']:g} s" if body["tick_s"] else "off (alert_tick_s = 0)"
     title = (
         f"alert rules ({every}; resolved after {body['resolve_after']} quiet evaluations; {body['webhooks']} webhooks)"
     )
-    columns = ["rule", "metric", "alert when", "cohorts by", "per model", "min data", "severity", "description"]
-    emit(body, as_json, lambda _: table(title, columns, rows))
+    columns = ["rule", "model", "state", "state from", "alert when", "threshold from", "metric", "cohorts by",
+               "min data", "severity"]  # fmt: skip
+    described = [Text(f"{r['name']}: {r['description']}") for r in body["data"] if r.get("description")]
+    return Group(table(title, columns, rows, whole=["rule", "model"]), *described)
+
+
+@rules_app.callback()
+def alerts_rules(ctx: typer.Context, url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+    """The rules evaluated: condition, cohorts, minimum data, severity; per model where an operator changed them,
+    with where each value comes from (settings, fleet override, model override)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    with api_errors():
+        body = connect(url, token).alert_rules()
+    emit(body, as_json, render_rules)
+
+
+_ModelOpt = Annotated[
+    str | None, typer.Option("--model", "-m", help="The model it applies to (default: fleet-wide, every model).")
+]
+
+
+@rules_app.command("set")
+def alerts_rules_set(
+    rule: Annotated[str, typer.Argument(help="The rule, e.g. error_rate (`edgefleet alerts rules` lists them).")],
+    model: _ModelOpt = None,
+    threshold: Annotated[float | None, typer.Option("--threshold", help="Its threshold for the model.")] = None,
+    off: Annotated[bool, typer.Option("--off", help="Switch the rule off for the model.")] = False,
+    on: Annotated[bool, typer.Option("--on", help="Switch it on (over a fleet-wide --off).")] = False,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Override a rule for one model (or fleet-wide): a threshold of its own, or switched off or on (operator)."""
+    if off and on:
+        fail("give --off or --on, not both")
+    if threshold is None and not (off or on):
+        fail("give --threshold X, --off or --on")
+    enabled = False if off else (True if on else None)
+    with api_errors():
+        body = connect(url, token).set_alert_rule(rule, model=model, enabled=enabled, threshold=threshold)
+    emit(body, as_json, render_rules)
+
+
+@rules_app.command("reset")
+def alerts_rules_reset(
+    rule: Annotated[str, typer.Argument(help="The rule, e.g. error_rate.")],
+    model: _ModelOpt = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove a rule's override for a model (or the fleet-wide one): the level below applies again (operator)."""
+    with api_errors():
+        body = connect(url, token).reset_alert_rule(rule, model=model)
+    emit(body, as_json, render_rules)

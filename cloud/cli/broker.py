@@ -9,6 +9,12 @@
 Clients must present a certificate of the fleet CA (`require_certificate`); the certificate's CN becomes the
 user name (`use_identity_as_username`) *and* the client id (`use_username_as_clientid`: one device cannot take
 over another's session); the ACL file gives each device its own topics only (`cloud.broker_rights`).
+
+Replicated coordinators (`edgefleet up --replicated --replica NAME`) each connect with a certificate of their own,
+CN `edgefleet:coordinator.NAME`, so that each has a client id (a session) of its own; the ACL gives a coordinator's
+rights to the CNs it lists, so every replica's stable name is given here too:
+
+    edgefleet broker mosquitto-config --out /etc/mosquitto/edgefleet --replica coord-a --replica coord-b
 """
 
 from __future__ import annotations
@@ -20,11 +26,12 @@ from typing import Annotated, Any
 
 import typer
 
-from cloud.broker_rights import mosquitto_acl
+from cloud.broker_rights import mosquitto_acl, replica_identity
 from cloud.cli._common import JsonOpt, emit, fail
 from cloud.errors import CloudError
 from cloud.pki import FleetPki
 from cloud.settings import Settings
+from protocol.identity import COORDINATOR_IDENTITY
 
 __all__ = ["broker_app", "mosquitto_conf"]
 
@@ -39,7 +46,9 @@ def mosquitto_conf(out: Path, *, bind: str, port: int, user: str | None, persist
         "allow_anonymous false",
         f"pid_file {out / 'mosquitto.pid'}",
         f"acl_file {out / 'acl'}",
-        "max_queued_messages 100000",
+        # The coordinator's session queues a whole fleet's burst while it catches up: a rollout wave of 10,000 devices
+        # sends ~19 reports and events each (~190,000); past this limit Mosquitto drops QoS 1 messages silently.
+        "max_queued_messages 1000000",
         "max_inflight_messages 100",
         "set_tcp_nodelay true",  # TLS handshakes and small QoS 1 messages otherwise wait out delayed ACKs
         f"persistence {'true' if persistence else 'false'}",
@@ -75,9 +84,25 @@ def mosquitto_config(
         str | None, typer.Option(help="OS user Mosquitto runs as (it must read --out); '' keeps Mosquitto's default.")
     ] = "mosquitto",
     persistence: Annotated[bool, typer.Option(help="Keep sessions and retained messages across restarts.")] = True,
+    replica: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--replica",
+            help="Name of a coordinator replica (`edgefleet up --replicated --replica NAME`) to give a coordinator's "
+            "rights to, as CN edgefleet:coordinator.NAME; repeat for each. Replicated coordinators need stable "
+            "names that match these: one missing here connects but may do nothing.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Write a Mosquitto configuration: mTLS with the fleet CA, per-device topic rights, the CRL."""
+    """Write a Mosquitto configuration: mTLS with the fleet CA, per-device topic rights, the CRL.
+
+    Replicated coordinators: list every replica's name with --replica (the names they are started with).
+    """
+    try:
+        coordinators = (COORDINATOR_IDENTITY, *(replica_identity(name) for name in dict.fromkeys(replica or [])))
+    except ValueError as exc:
+        fail(f"--replica: {exc}")
     try:
         settings = Settings.load(config, data_dir=data_dir, pki_dir=pki_dir, topic_base=topic_base)
         pki = FleetPki(settings.resolved_pki_dir, broker_hostnames=hostname or []).ensure()
@@ -89,7 +114,7 @@ def mosquitto_config(
     for source, name in ((pki.ca_path, "ca.crt"), (cert, "broker.crt"), (key, "broker.key"), (pki.crl_path, "crl.pem")):
         shutil.copyfile(source, out / name)
     os.chmod(out / "broker.key", 0o600)
-    (out / "acl").write_text(mosquitto_acl(settings.topics))
+    (out / "acl").write_text(mosquitto_acl(settings.topics, coordinators))
     (out / "mosquitto.conf").write_text(
         mosquitto_conf(out, bind=bind, port=port, user=user or None, persistence=persistence)
     )
@@ -101,6 +126,7 @@ def mosquitto_config(
         "mqtt_url": f"mqtts://{host}:{port}",
         "broker_crl_file": str(out / "crl.pem"),
         "broker_reload_command": f"kill -HUP $(cat {out / 'mosquitto.pid'})",
+        "coordinators": list(coordinators),
     }
     emit(summary, as_json, _render)
 
@@ -116,6 +142,7 @@ def _chown(out: Path, user: str) -> None:
 def _render(s: dict[str, Any]) -> str:
     return (
         f"wrote {s['config']} (with acl, ca.crt, broker.crt/key, crl.pem)\n"
+        f"coordinator identities in the ACL: {', '.join(s['coordinators'])}\n"
         f"start Mosquitto:    mosquitto -c {s['config']}\n"
         f"start the coordinator so that revocations reach Mosquitto at once:\n"
         f"  edgefleet up --mqtt-url {s['mqtt_url']} --broker-crl-file {s['broker_crl_file']} \\\n"

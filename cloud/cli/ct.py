@@ -2,13 +2,16 @@
 
     edgefleet ct set digits --on drift --by site --retrain federated --rounds 3 --rollout canary
     edgefleet ct set digits --on estimated_accuracy --by site --wait-for retrain
+    edgefleet ct set digits --on drift --by site --wait-for retrain,promote
     edgefleet ct status [--model digits] [--json]
     edgefleet ct approve 4 | edgefleet ct reject 4 --reason "site b is being recalibrated"
     edgefleet ct unset digits
 
 A turn of the loop: the alert (`edgefleet alerts list`) → a federated run on the cohort (`edgefleet federated
 status`) → the candidate version, built, signed and canaried against the parent → promoted or rolled back by the
-rollout's gates. Each step is in `ct status` and in the audit log (`ct.*`).
+rollout's gates. With `--wait-for promote` the turn stops in `awaiting_promotion` once the canary wave passed its
+gates: `ct approve` promotes the rest of the cohort, `ct reject` rolls the canary back. Each step is in `ct status`
+and in the audit log (`ct.*`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class Trigger(StrEnum):
 
     DRIFT = "drift"
     ESTIMATED_ACCURACY = "estimated_accuracy"
+    LABELLED_ACCURACY = "labelled_accuracy"
 
 
 class Retrain(StrEnum):
@@ -73,8 +77,13 @@ def ct_set(
         Rollout, typer.Option("--rollout", help="canary: gated rollout on the cohort; none: a person decides.")
     ] = Rollout.CANARY,
     wait_for: Annotated[
-        str, typer.Option("--wait-for", help="Steps that wait for a person's `ct approve`: retrain (or empty).")
-    ] = "",
+        list[str] | None,
+        typer.Option(
+            "--wait-for",
+            help="Steps that wait for a person's `ct approve`: retrain (before training), promote (after the "
+            "canary wave passed its gates); comma-separated or repeated.",
+        ),
+    ] = None,
     cooldown: Annotated[int, typer.Option("--cooldown", min=0, help="Seconds after a turn before the next.")] = 3600,
     disabled: Annotated[bool, typer.Option("--disabled", help="Store the policy but start no turns.")] = False,
     rollout_plan: Annotated[
@@ -98,7 +107,7 @@ def ct_set(
     body = {
         "trigger": on.value, "by": by, "retrain": retrain.value, "rounds": rounds, "strategy": strategy.value,
         "min_nodes": min_nodes, "local_epochs": local_epochs, "lr": lr, "rollout": rollout.value,
-        "wait_for": wait_for, "cooldown_s": cooldown, "enabled": not disabled,
+        "wait_for": _steps(wait_for), "cooldown_s": cooldown, "enabled": not disabled,
         "rollout_plan": _plan(rollout_plan), "max_accuracy_drop": max_accuracy_drop,
     }  # fmt: skip
     with api_errors():
@@ -156,6 +165,12 @@ def render_status(body: dict[str, Any]) -> RenderableType:
     return Group(policies, turns)
 
 
+def _steps(values: list[str] | None) -> str:
+    """`--wait-for a,b --wait-for c` as the policy's comma-separated `wait_for`, each step once."""
+    steps = [s.strip() for v in values or [] for s in v.split(",") if s.strip()]
+    return ",".join(dict.fromkeys(steps))
+
+
 @ct_app.command("status")
 def ct_status(
     model: Annotated[str | None, typer.Option("--model", help="Only this model's.")] = None,
@@ -176,7 +191,7 @@ def ct_approve(
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Approve the step a turn waits for: its federated run starts."""
+    """Approve the step a turn waits for: its federated run starts, or its held canary is promoted."""
     with api_errors():
         body = connect(url, token).ct_decide(action_id, approve=True)
     emit(body, as_json, lambda a: f"turn {a['id']}: {a['status']} — {a['detail']}")
@@ -190,7 +205,7 @@ def ct_reject(
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Decline the step a turn waits for: the turn ends."""
+    """Decline the step a turn waits for: the turn ends (a held canary is aborted and rolled back)."""
     with api_errors():
         body = connect(url, token).ct_decide(action_id, approve=False, reason=reason)
     emit(body, as_json, lambda a: f"turn {a['id']}: {a['status']} — {a['detail']}")

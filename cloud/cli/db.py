@@ -15,7 +15,7 @@ import typer
 
 from cloud.cli._common import JsonOpt, emit, fail
 from cloud.errors import CloudError
-from cloud.settings import Settings
+from cloud.settings import Settings, settings_error
 
 if TYPE_CHECKING:
     from cloud.db import SchemaStatus
@@ -38,7 +38,7 @@ def _settings(config: Path | None, data_dir: Path | None, database_url: str | No
     try:
         return Settings.load(config, data_dir=data_dir, database_url=database_url)
     except (CloudError, ValueError) as exc:
-        fail(f"invalid settings: {exc}")
+        fail(f"invalid settings: {settings_error(exc)}")
 
 
 def _progress(message: str) -> None:

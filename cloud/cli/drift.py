@@ -3,6 +3,7 @@
 edgefleet drift show digits:1.0 --by site
 edgefleet drift show digits:1.0 --by device --window 15m --json
 edgefleet drift report digits:1.0 --by site -o drift.html
+edgefleet drift report digits:1.0 --by site -o drift.png      # a PNG image (or --format png)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from rich.text import Text
 
 from cloud.cli._common import JsonOpt, TokenOpt, UrlOpt, api_errors, connect, emit, fail, table
 
-__all__ = ["drift_app", "parse_window", "render_drift"]
+__all__ = ["drift_app", "parse_window", "render_drift", "report_format"]
 
 drift_app = typer.Typer(
     help="Drift of a version on the fleet: per cohort, against the reference profile pushed with it.",
@@ -54,19 +55,32 @@ def _num(value: Any) -> str | None:
     return None if value is None else f"{float(value):.3f}"
 
 
+def _labelled(c: dict[str, Any]) -> str:
+    """`91.0% (n=120)`, `MAE 0.31 (n=80)`, or `- (n=12)` below the minimum of labels."""
+    n = c.get("labelled", 0)
+    if c.get("labelled_accuracy") is not None:
+        return f"{_pct(c['labelled_accuracy'])} (n={n})"
+    if c.get("labelled_mae") is not None:
+        return f"MAE {float(c['labelled_mae']):.4g} (n={n})"
+    return f"- (n={n})"
+
+
 def render_drift(body: dict[str, Any]) -> RenderableType:
-    """One row per cohort: state, devices, rows, max KS, class PSI, confidence and estimated accuracy; reasons."""
+    """One row per cohort: state, devices, rows, max KS, class PSI, confidence, estimated and labelled accuracy;
+    reasons."""
     rows = []
     for c in body["cohorts"]:
         state = "DRIFTED" if c["drifted"] else ("too few rows" if c["insufficient"] else "ok")
         accuracy = f"{_pct(c['estimated_accuracy']) or '-'} / {_pct(c['reference_accuracy']) or '-'}"
         rows.append([
             c["cohort"], state, len(c["devices"]), c["rows"], _num(c["max_ks"]), _num(c["class_psi"]),
-            _num(c["confidence_median"]), accuracy,
+            _num(c["confidence_median"]), accuracy, _labelled(c),
         ])  # fmt: skip
     by = body["by"] or "fleet"
     title = f"drift of {body['model']}:{body['version']} by {by}, last {body['window_s']} s"
-    columns = ["cohort", "state", "devices", "rows", "max KS", "class PSI", "confidence", "est. accuracy / ref"]
+    columns = [
+        "cohort", "state", "devices", "rows", "max KS", "class PSI", "confidence", "est. accuracy / ref", "labelled",
+    ]  # fmt: skip
     parts: list[RenderableType] = [table(title, columns, rows, whole=["cohort"])]
     for c in body["cohorts"]:
         for reason in c["reasons"]:
@@ -98,18 +112,50 @@ def drift_show(
     emit(body, as_json, render_drift)
 
 
+_FORMATS = ("html", "png")
+
+
+def report_format(out: Path | None, fmt: str | None) -> str:
+    """`html` or `png`: `--format` if given, else the suffix of `-o`, else html; `ValueError` when unusable."""
+    if fmt is not None:
+        if fmt.lower() not in _FORMATS:
+            raise ValueError(f"--format {fmt!r}: give html or png")
+        return fmt.lower()
+    suffix = out.suffix.lower().lstrip(".") if out is not None else ""
+    if suffix in ("htm", "html", ""):
+        return "html"
+    if suffix == "png":
+        return "png"
+    raise ValueError(f"-o {out}: cannot tell the format from .{suffix}; name it .html or .png, or give --format")
+
+
 @drift_app.command("report")
 def drift_report(
     model: Annotated[str, typer.Argument(help="MODEL:VERSION, e.g. digits:1.0.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the HTML page.")] = Path("drift.html"),
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Where to write it (default drift.html or drift.png).")
+    ] = None,
+    fmt: Annotated[
+        str | None, typer.Option("--format", "-f", help="html or png (default: from the -o suffix, else html).")
+    ] = None,
     by: _By = None,
     window: _WindowOpt = "1h",
     url: UrlOpt = None,
     token: TokenOpt = None,
 ) -> None:
-    """Write the drift report as one self-contained HTML page (tables and charts, no scripts, opens offline)."""
+    """Write the drift report: one self-contained HTML page (tables and charts, no scripts, opens offline), or one
+    PNG image of the same charts."""
     name, version, seconds = _target(model, window)
+    try:
+        kind = report_format(out, fmt)
+    except ValueError as exc:
+        fail(str(exc))
+    path = out if out is not None else Path(f"drift.{kind}")
     with api_errors():
-        page = connect(url, token).drift_report(name, version, by=by, window_s=seconds)
-    out.write_text(page, encoding="utf-8")
-    typer.echo(f"wrote {out} ({len(page)} bytes)")
+        client = connect(url, token)
+        if kind == "png":
+            data = client.drift_report_png(name, version, by=by, window_s=seconds)
+        else:
+            data = client.drift_report(name, version, by=by, window_s=seconds).encode("utf-8")
+    path.write_bytes(data)
+    typer.echo(f"wrote {path} ({len(data)} bytes)")

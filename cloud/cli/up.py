@@ -20,7 +20,7 @@ from cloud.client import write_config_if_absent
 from cloud.errors import CloudError
 from cloud.logs import configure_logging
 from cloud.pki import private_write
-from cloud.settings import Settings
+from cloud.settings import Settings, settings_error
 
 if TYPE_CHECKING:  # the coordinator is imported only when it runs: `edgefleet --help` stays fast
     from cloud.coordinator import Coordinator
@@ -84,6 +84,22 @@ def up(
     flower_bin_dir: Annotated[
         Path | None, typer.Option(help="bin directory of the Flower venv (default: .venv-flower/bin beside this one).")
     ] = None,
+    replicated: Annotated[
+        bool | None,
+        typer.Option(
+            "--replicated/--no-replicated",
+            help="One of several replicas on one PostgreSQL and one broker: inbound MQTT through shared "
+            "subscriptions, rollouts and periodic jobs by leases in the database [env EDGEFLEET_REPLICATED].",
+        ),
+    ] = None,
+    replica: Annotated[
+        str | None,
+        typer.Option(
+            help="This replica's name, unique and stable (at most 42 of A-Z a-z 0-9 . _ -): its broker certificate "
+            "is CN edgefleet:coordinator.NAME, which the broker's ACL must list (edgefleet broker mosquitto-config "
+            "--replica NAME). Default <hostname>-<pid>, new at every start.",
+        ),
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="Settings file (.toml or .env).", exists=True)] = None,
     log_json: Annotated[bool, typer.Option("--log-json", help="Log JSON lines instead of key=value.")] = False,
 ) -> None:
@@ -106,6 +122,8 @@ def up(
         superlink_port=superlink_port,
         superlink_url=superlink_url,
         flower_bin_dir=flower_bin_dir,
+        replicated=replicated,
+        replica=replica,
     )
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     sock = _bind(settings.host, settings.port)
@@ -119,7 +137,7 @@ def _settings(config: Path | None, **given: Any) -> Settings:
         settings = Settings.load(config, **given)
         settings.check_production_ready()
     except (CloudError, ValueError) as exc:
-        fail(f"invalid settings: {exc}")
+        fail(f"invalid settings: {settings_error(exc)}")
     return settings
 
 

@@ -4,8 +4,10 @@ promoted or rolled back by the rollout's gates.
 
 `step` is what the coordinator's CT thread runs every tick: it starts a turn (`CtAction`) for each open alert a
 policy covers — waiting for a person when the policy says so — and follows every unfinished turn through its
-federated run and rollout. Each change is audited (`ct.*`). One unfinished turn per policy and cohort; after a
-turn ends, the cohort's next one waits `cooldown_s`.
+federated run and rollout. With `wait_for` `promote` the candidate's canary holds after its first wave passed its
+gates (`hold_after_waves`) and the turn waits in `awaiting_promotion`: approving promotes the rollout's next wave,
+rejecting aborts it and rolls the canary back to the parent. Each change is audited (`ct.*`). One unfinished turn
+per policy and cohort; after a turn ends, the cohort's next one waits `cooldown_s`.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ from cloud.models import (
     RunStatus,
     as_utc,
 )
+from cloud.rollouts import service as rollouts
+from cloud.rollouts.inputs import Abort, Promote
+from cloud.rollouts.plan import HELD_FOR_PROMOTION
 from cloud.rollouts.state import RolloutStatus
 from protocol.messages import utcnow
 
@@ -56,8 +61,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ACTOR = "coordinator"
-_WAITING = {CtStep.RETRAIN.value: CtActionStatus.AWAITING_RETRAIN}
+_WAITING = {
+    CtStep.RETRAIN.value: CtActionStatus.AWAITING_RETRAIN,
+    CtStep.PROMOTE.value: CtActionStatus.AWAITING_PROMOTION,
+}
+_CANARY_WAVE = 1  # the canary plan's first wave: the candidate on a few devices of the cohort
 _ROLLED_BACK = {RolloutStatus.ROLLED_BACK.value, RolloutStatus.ABORTED.value}
+_ROLLING = (CtActionStatus.ROLLING_OUT.value, CtActionStatus.AWAITING_PROMOTION.value)
+_MOVING = (RolloutStatus.RUNNING.value, RolloutStatus.BAKING.value, RolloutStatus.ROLLING_BACK.value)
 
 
 @dataclass(frozen=True)
@@ -93,6 +104,10 @@ def _check_policy(body: CtPolicyBase) -> None:
                 "waits for a person's rollout anyway)",
                 field="wait_for",
             )
+    if CtStep.PROMOTE.value in _steps(body.wait_for) and body.rollout != "canary":
+        raise InvalidInputError(
+            "wait_for promote needs rollout canary: there is no canary to promote", field="wait_for"
+        )
 
 
 def _steps(wait_for: str) -> list[str]:
@@ -193,7 +208,7 @@ def _start_run(session: Session, policy: CtPolicy, action: CtAction, context: Ct
         local_epochs=policy.local_epochs,
         lr=policy.lr,
         rollout="canary" if policy.rollout == "canary" else None,
-        rollout_plan=policy.rollout_plan if policy.rollout == "canary" else None,
+        rollout_plan=_canary_plan(policy),
         **({"max_accuracy_drop": policy.max_accuracy_drop} if policy.max_accuracy_drop is not None else {}),
     )
     session.commit()  # the turn is stored whatever becomes of the run (create_run commits or raises)
@@ -210,9 +225,41 @@ def _start_run(session: Session, policy: CtPolicy, action: CtAction, context: Ct
     _set_status(session, action, CtActionStatus.TRAINING, f"federated run {run.id} on {action.cohort}", actor)
 
 
+def _canary_plan(policy: CtPolicy) -> dict[str, object] | None:
+    """The canary plan's overrides of the run: the policy's, held after the canary wave when a person promotes."""
+    if policy.rollout != "canary":
+        return None
+    if CtStep.PROMOTE.value not in _steps(policy.wait_for):
+        return policy.rollout_plan
+    return {**(policy.rollout_plan or {}), "hold_after_waves": [_CANARY_WAVE]}
+
+
+def _held(rollout: Rollout) -> bool:
+    """The rollout paused by its plan's hold, not by a failed gate or a person."""
+    reason = (rollout.state or {}).get("reason") or ""
+    return rollout.status == RolloutStatus.PAUSED.value and HELD_FOR_PROMOTION in str(reason)
+
+
+def _rollout_of(session: Session, action: CtAction) -> Rollout:
+    rollout = session.get(Rollout, action.rollout_id) if action.rollout_id is not None else None
+    if rollout is None:
+        raise ConflictError(f"turn {action.id}'s rollout is gone")
+    return rollout
+
+
 def approve_action(*, session: Session, action_id: int, actor: str, context: CtContext) -> CtAction:
-    """A person approves the step a turn waits for (the federated run)."""
+    """A person approves the step a turn waits for: the federated run, or the promotion of the held canary."""
     action = get_action(session=session, action_id=action_id)
+    if action.status == CtActionStatus.AWAITING_PROMOTION.value:
+        rollout = _rollout_of(session, action)
+        command = Promote(command_id=rollouts.new_command_id(), by=actor)
+        rollouts.queue_command(session=session, rollout_id=rollout.id or 0, command=command, actor=actor)
+        action.approved_by = actor
+        _set_status(session, action, CtActionStatus.ROLLING_OUT, f"promotion of {action.candidate_version} on "
+                    f"{action.cohort} approved by {actor}: rollout {rollout.id} goes on", actor)  # fmt: skip
+        session.commit()
+        session.refresh(action)
+        return action
     if action.status != CtActionStatus.AWAITING_RETRAIN.value:
         raise ConflictError(f"turn {action_id} is {action.status}: nothing waits for an approval")
     policy = session.get(CtPolicy, action.policy_id)
@@ -228,9 +275,16 @@ def approve_action(*, session: Session, action_id: int, actor: str, context: CtC
 def reject_action(*, session: Session, action_id: int, actor: str, reason: str = "") -> CtAction:
     """A person declines the step a turn waits for; the turn ends (the alert stays until the cohort recovers)."""
     action = get_action(session=session, action_id=action_id)
-    if CtActionStatus(action.status).finished or action.status != CtActionStatus.AWAITING_RETRAIN.value:
+    waiting = (CtActionStatus.AWAITING_RETRAIN.value, CtActionStatus.AWAITING_PROMOTION.value)
+    if action.status not in waiting:
         raise ConflictError(f"turn {action_id} is {action.status}: only a waiting step can be rejected")
-    _set_status(session, action, CtActionStatus.REJECTED, reason or f"rejected by {actor}", actor)
+    why = reason or f"rejected by {actor}"
+    if action.status == CtActionStatus.AWAITING_PROMOTION.value:  # the canary goes back to the parent
+        rollout = _rollout_of(session, action)
+        command = Abort(command_id=rollouts.new_command_id(), by=actor, rollback=True, reason=f"ct: {why}")
+        rollouts.queue_command(session=session, rollout_id=rollout.id or 0, command=command, actor=actor)
+        why = f"{why} (rollout {rollout.id} aborted, its canary rolled back to {action.version})"
+    _set_status(session, action, CtActionStatus.REJECTED, why, actor)
     session.commit()
     session.refresh(action)
     return action
@@ -274,9 +328,9 @@ def _start_turns(session: Session, context: CtContext, now: datetime) -> None:
         )
         session.add(action)
         session.flush()
-        waits = [s for s in _steps(policy.wait_for) if s in _WAITING]
-        if waits:
-            _set_status(session, action, _WAITING[waits[0]], f"alert {alert.id}: {alert.message}; waits for approval")
+        if CtStep.RETRAIN.value in _steps(policy.wait_for):
+            status = _WAITING[CtStep.RETRAIN.value]
+            _set_status(session, action, status, f"alert {alert.id}: {alert.message}; waits for approval")
         else:
             _start_run(session, policy, action, context, ACTOR)
         session.commit()
@@ -297,10 +351,17 @@ def _follow(session: Session, action: CtAction) -> None:
             else:
                 _set_status(session, action, CtActionStatus.AWAITING_ROLLOUT, f"candidate {run.candidate_version} "
                             "built and signed; a person decides its rollout")  # fmt: skip
-    elif action.status == CtActionStatus.ROLLING_OUT.value and action.rollout_id is not None:
+    elif action.status in _ROLLING and action.rollout_id is not None:
         rollout = session.get(Rollout, action.rollout_id)
+        held = rollout is not None and _held(rollout)
         if rollout is None:
             _set_status(session, action, CtActionStatus.FAILED, "its rollout is gone")
+        elif held and action.status != CtActionStatus.AWAITING_PROMOTION.value:
+            _set_status(session, action, CtActionStatus.AWAITING_PROMOTION, f"the canary of {action.candidate_version} "
+                        f"on {action.cohort} passed its gates (rollout {rollout.id}); `ct approve {action.id}` "
+                        f"promotes it, `ct reject {action.id}` rolls it back")  # fmt: skip
+        elif not held and action.status == CtActionStatus.AWAITING_PROMOTION.value and rollout.status in _MOVING:
+            _set_status(session, action, CtActionStatus.ROLLING_OUT, f"rollout {rollout.id} {rollout.status} again")
         elif rollout.status == RolloutStatus.COMPLETED.value:
             _set_status(
                 session, action, CtActionStatus.PROMOTED, f"{action.candidate_version} promoted on {action.cohort}"
@@ -313,7 +374,7 @@ def step(*, session: Session, context: CtContext, now: datetime | None = None) -
     """One tick: start turns for newly alerted cohorts, follow the unfinished ones."""
     now = now or utcnow()
     _start_turns(session, context, now)
-    moving = (CtActionStatus.TRAINING.value, CtActionStatus.ROLLING_OUT.value)
+    moving = (CtActionStatus.TRAINING.value, *_ROLLING)
     for action in session.exec(select(CtAction).where(col(CtAction.status).in_(moving))).all():
         _follow(session, action)
         session.commit()

@@ -68,6 +68,7 @@ def _cohort_rows(cohort: dict[str, Any]) -> str:
         f"<td>{_num(cohort['class_psi'])}</td>",
         f"<td>{_num(cohort['confidence_median'])} / {_num(cohort['reference_confidence_median'])}</td>",
         f"<td>{_pct(cohort['estimated_accuracy'])} / {_pct(cohort['reference_accuracy'])}</td>",
+        f"<td>{_pct(cohort.get('labelled_accuracy'))} (n={cohort.get('labelled', 0)})</td>",
     ]
     return f"<tr>{''.join(cells)}</tr>"
 
@@ -78,7 +79,8 @@ def render_html(drift: dict[str, Any]) -> str:
     ref = drift["reference"]
     head = (
         "<tr><th class=l>cohort</th><th class=l>state</th><th>devices</th><th>rows</th><th>max KS</th>"
-        "<th>class PSI</th><th>confidence median (now / ref)</th><th>est. accuracy (now / ref)</th></tr>"
+        "<th>class PSI</th><th>confidence median (now / ref)</th><th>est. accuracy (now / ref)</th>"
+        "<th>labelled accuracy (labels)</th></tr>"
     )
     sections = []
     for cohort in drift["cohorts"]:

@@ -11,20 +11,24 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy import or_
+from sqlalchemy import select as core_select
 from sqlmodel import Session, col, select
 
+from cloud.drift.labels import LabelledAccuracy, LabelSums, labelled_accuracy
+from cloud.drift.rollups import decode_sketches, edge_of, merge_into, read_rollups
 from cloud.drift.stats import CohortDrift, DriftThresholds, FeatureDrift, compare
 from cloud.errors import InvalidInputError
 from cloud.models import Device, ModelVersion, TelemetryRecord
 from cloud.services.registry import reference_profile
-from protocol.errors import ProtocolError
+from cloud.telemetry.rollups import bucket_of
 from protocol.messages import utcnow
 from protocol.profiles import ReferenceProfile
-from protocol.sketches import SketchSet, WindowSketches
+from protocol.sketches import SketchSet
 
 __all__ = [
     "DEFAULT_WINDOW_S",
@@ -53,6 +57,8 @@ class Cohort:
     sketches: SketchSet | None = None
     class_counts: Counter[str] = field(default_factory=Counter)
     unreadable: int = 0  # windows whose sketches did not decode or did not match the profile's features
+    labels: LabelSums = field(default_factory=LabelSums)
+    labelled: LabelledAccuracy | None = None  # set once the cohort is complete
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,8 @@ class DriftReport:
     window_s: int
     profile: ReferenceProfile
     cohorts: list[tuple[Cohort, CohortDrift]]
+    until: datetime | None = None  # the range's end when it was asked for (None: now)
+    thresholds: DriftThresholds = field(default_factory=DriftThresholds)
 
 
 def cohort_key(device: Device | None, device_id: str, by: str | None) -> str:
@@ -86,11 +94,12 @@ def fleet_drift(
     window_s: int = DEFAULT_WINDOW_S,
     thresholds: DriftThresholds | None = None,
     now: datetime | None = None,
+    until: datetime | None = None,
 ) -> DriftReport:
     """Drift per cohort; `NotFoundError` when the version or its profile is missing."""
     [report] = fleet_drifts(
         session=session, model=model, version=version, groupings=[by], window_s=window_s, thresholds=thresholds,
-        now=now,
+        now=now, until=until,
     )  # fmt: skip
     return report
 
@@ -104,67 +113,105 @@ def fleet_drifts(
     window_s: int = DEFAULT_WINDOW_S,
     thresholds: DriftThresholds | None = None,
     now: datetime | None = None,
+    until: datetime | None = None,
 ) -> list[DriftReport]:
-    """Drift per cohort for each grouping (`by`), the windows read and their sketches decoded once for all."""
+    """Drift per cohort for each grouping (`by`), rollups and windows read and their sketches decoded once for all.
+
+    Whole buckets come from the drift rollups (`cloud.drift.rollups`); the windows of the partial bucket at the start
+    of the range and those not compacted yet are read raw: the same windows as reading them all, merged in another
+    order (a KLL merge is the sketch of the union, within the sketch's error).
+
+    `until` ends the range at a past time (windows that ended in `[until - window_s, until]`: drift over time is
+    this query for consecutive ranges); without it the range ends now and has no upper bound, so that windows a
+    device's clock stamped a little ahead still count. The bucket holding `until` is then read raw as well.
+    """
     if window_s <= 0:
         raise InvalidInputError("window_s must be positive", field="window_s")
+    thresholds = thresholds or DriftThresholds()
     profile = reference_profile(session=session, name=model, version=version)
-    since = (now or utcnow()) - timedelta(seconds=window_s)
-    rows = session.exec(
-        select(TelemetryRecord.device_id, TelemetryRecord.inference_count, TelemetryRecord.class_counts,
-               TelemetryRecord.sketches)
-        .where(TelemetryRecord.model_name == model, TelemetryRecord.model_version == version,
-               col(TelemetryRecord.window_end) >= since)
-        .order_by(col(TelemetryRecord.window_end))
-    ).all()  # fmt: skip
-    devices = {d.id: d for d in session.exec(select(Device).where(col(Device.id).in_({r[0] for r in rows})))}
+    since = (until or now or utcnow()) - timedelta(seconds=window_s)
+    mark, rollups = read_rollups(session, model=model, version=version, since=since, until=until)
+    t = TelemetryRecord
+    columns = [col(c) for c in (t.device_id, t.inference_count, t.class_counts, t.sketches, t.labels)]
+    statement = core_select(*columns).where(
+        col(t.model_name) == model, col(t.model_version) == version, col(t.window_end) >= since
+    )
+    if until is not None:
+        statement = statement.where(col(t.window_end) <= until)
+    if mark is not None:  # compacted windows of whole buckets are in the rollups just read
+        edge = edge_of(since, mark.bucket_s)
+        raw = [col(t.window_end) < edge, col(t.id) > mark.window_id]
+        if until is not None:  # the partial bucket at the end of the range: no rollup read holds it
+            raw.append(col(t.window_end) >= bucket_of(until, mark.bucket_s))
+        statement = statement.where(or_(*raw))
+    rows = session.connection().execute(statement.order_by(col(t.window_end))).all()
+    ids = {r[0] for r in rows} | {r.device_id for r in rollups}
+    devices = {d.id: d for d in session.exec(select(Device).where(col(Device.id).in_(ids)))}
     by_grouping: list[dict[str, Cohort]] = [{} for _ in groupings]
-    for device_id, inferences, classes, raw in rows:
-        counts = {str(k): int(v) for k, v in (classes or {}).items()}
-        sketches, reason = _decoded(raw)
+
+    def cohorts_of(device_id: str) -> list[Cohort]:
+        out = []
         for by, cohorts in zip(groupings, by_grouping, strict=True):
             key = cohort_key(devices.get(device_id), device_id, by)
             cohort = cohorts.setdefault(key, Cohort(key=key))
             cohort.devices.add(device_id)
-            cohort.windows += 1
-            cohort.inferences += int(inferences)
-            cohort.class_counts.update(counts)
+            out.append(cohort)
+        return out
+
+    for rollup in rollups:
+        sketches, reason = decode_sketches(rollup.sketches)
+        for cohort in cohorts_of(rollup.device_id):
+            _add(cohort, rollup.windows, rollup.inferences, rollup.class_counts, rollup.labels)
+            cohort.unreadable += rollup.unreadable
+            skipped = _merge(cohort, sketches) if sketches is not None else reason
+            if skipped is not None:
+                cohort.unreadable += rollup.windows - rollup.unreadable
+                log.warning("drift: rollup sketches skipped cohort=%s reason=%s", cohort.key, skipped)
+    for device_id, inferences, classes, raw, labels in rows:
+        sketches, reason = decode_sketches(raw)
+        for cohort in cohorts_of(device_id):
+            _add(cohort, 1, inferences, classes, labels)
             skipped = _merge(cohort, sketches) if sketches is not None else reason
             if skipped is not None:
                 cohort.unreadable += 1
                 log.warning("drift: window sketches skipped cohort=%s reason=%s", cohort.key, skipped)
+    regressor = profile.semantics.kind == "regressor"
     reports = []
     for by, cohorts in zip(groupings, by_grouping, strict=True):
-        compared = [
-            (cohort, compare(profile, cohort.sketches or SketchSet(), cohort.class_counts, thresholds))
-            for cohort in sorted(cohorts.values(), key=lambda c: c.key)
-        ]
+        compared = []
+        for cohort in sorted(cohorts.values(), key=lambda c: c.key):
+            cohort.labelled = labelled_accuracy(
+                cohort.labels, regressor=regressor, min_labels=thresholds.min_labels, reference=profile.accuracy
+            )
+            compared.append((cohort, compare(profile, cohort.sketches or SketchSet(), cohort.class_counts, thresholds)))
         reports.append(
-            DriftReport(model=model, version=version, by=by, window_s=window_s, profile=profile, cohorts=compared)
+            DriftReport(
+                model=model,
+                version=version,
+                by=by,
+                window_s=window_s,
+                profile=profile,
+                cohorts=compared,
+                until=until,
+                thresholds=thresholds,
+            )
         )
     return reports
 
 
-def _decoded(raw: Mapping[str, Any] | None) -> tuple[SketchSet | None, str | None]:
-    """A window's sketches decoded (once, whatever the number of cohorts it counts in); the reason when they do not
-    decode (a device's sketches that do not decode are skipped, its counts still count)."""
-    if not raw:
-        return None, None
-    try:
-        return SketchSet.from_wire(WindowSketches.model_validate(raw)), None
-    except (ValueError, ProtocolError) as exc:
-        return None, str(exc)
+def _add(
+    cohort: Cohort, windows: int, inferences: int, classes: Mapping[str, Any] | None, labels: Mapping[str, Any] | None
+) -> None:
+    cohort.windows += windows
+    cohort.inferences += int(inferences)
+    cohort.class_counts.update({str(k): int(v) for k, v in (classes or {}).items()})
+    cohort.labels.add(labels)
 
 
 def _merge(cohort: Cohort, sketches: SketchSet) -> str | None:
-    """Add a window's sketches to its cohort's; the reason when they do not fit (another input shape)."""
-    try:
-        if cohort.sketches is None:
-            cohort.sketches = SketchSet()
-        cohort.sketches.merge(sketches)
-    except (ValueError, ProtocolError) as exc:
-        return str(exc)
-    return None
+    """Add sketches to their cohort's; the reason when they do not fit (another input shape)."""
+    cohort.sketches, reason = merge_into(cohort.sketches, sketches)
+    return reason
 
 
 def profiled_versions(session: Session, *, since: datetime) -> list[tuple[str, str]]:
@@ -189,12 +236,15 @@ def drift_public(report: DriftReport) -> dict[str, Any]:
         "version": report.version,
         "by": report.by,
         "window_s": report.window_s,
+        "until": report.until.isoformat() if report.until else None,
+        "thresholds": asdict(report.thresholds),
         "reference": {
             "rows": report.profile.rows,
             "accuracy": report.profile.accuracy,
             "source": report.profile.source,
             "feature_mode": report.profile.sketches.feature_mode,
             "features": len(report.profile.sketches.features),
+            "class_counts": dict(report.profile.class_counts),
         },
         "cohorts": [_cohort_public(c, d) for c, d in report.cohorts],
     }
@@ -233,4 +283,18 @@ def _cohort_public(cohort: Cohort, drift: CohortDrift) -> dict[str, Any]:
         "estimated_accuracy": drift.estimated_accuracy,
         "reference_accuracy": drift.reference_accuracy,
         "accuracy_drop": drift.accuracy_drop,
+        **_labelled_public(cohort),
+    }
+
+
+def _labelled_public(cohort: Cohort) -> dict[str, Any]:
+    """Labelled accuracy next to the estimate: correct / labelled (regressors: MAE), or None with the reason."""
+    labelled = cohort.labelled or LabelledAccuracy(0, None, None, "not computed")
+    return {
+        "labelled": labelled.labelled,
+        "labelled_accuracy": labelled.accuracy,
+        "labelled_mae": labelled.mae,
+        "labelled_reason": labelled.reason,
+        "reference_labelled_accuracy": labelled.reference,
+        "labelled_accuracy_drop": labelled.drop,
     }

@@ -54,6 +54,7 @@ class DriftThresholds:
     class_psi: float = 0.25
     accuracy_drop: float = 0.05
     min_rows: int = 200
+    min_labels: int = 50  # labelled accuracy is reported on at least this many labels fed back
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import logging
 from typing import Protocol
 
 from cloud.governance.service import Governance
+from cloud.leases import Leases
 from cloud.periodic import Periodic
 from protocol.messages import DesiredState
 
@@ -26,10 +27,13 @@ class DesiredPublisher(Protocol):
 class GovernanceMaintainer:
     """Runs `tick()` every `tick_s` seconds in a thread (and once at start)."""
 
-    def __init__(self, governance: Governance, publisher: DesiredPublisher, tick_s: float) -> None:
+    def __init__(
+        self, governance: Governance, publisher: DesiredPublisher, tick_s: float, leases: Leases | None = None
+    ) -> None:
+        """`leases`: replicas of one coordinator re-sign in the replica holding the job's lease, one at a time."""
         self._governance = governance
         self._publisher = publisher
-        self._periodic = Periodic("governance-maintainer", self.tick, tick_s, at_start=True)
+        self._periodic = Periodic("governance-maintainer", self.tick, tick_s, at_start=True, lease=leases)
 
     def tick(self) -> list[str]:
         """Re-sign what is due and publish renewed instructions; what was re-signed (roles, then device ids)."""

@@ -14,6 +14,7 @@ from cloud.models.alerts import (
     AlertDeliveryPublic,
     AlertDetailPublic,
     AlertPublic,
+    AlertRuleOverride,
     AlertsPublic,
     AlertState,
     DeliveryState,
@@ -85,6 +86,7 @@ from cloud.models.identity import (
     DeviceCertificatePublic,
     EnrolmentToken,
 )
+from cloud.models.leases import Lease
 from cloud.models.registry import (
     Model,
     ModelPublic,
@@ -115,6 +117,7 @@ __all__ = [
     "AlertDeliveryPublic",
     "AlertDetailPublic",
     "AlertPublic",
+    "AlertRuleOverride",
     "AlertState",
     "AlertsPublic",
     "AliasChange",
@@ -160,6 +163,7 @@ __all__ = [
     "FederatedRunPublic",
     "FederatedRunsPublic",
     "FlowerNode",
+    "Lease",
     "Model",
     "ModelAlias",
     "ModelAliasPublic",

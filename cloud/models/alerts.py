@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from enum import StrEnum
 
-from sqlalchemy import Column, Text
+from sqlalchemy import JSON, Column, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from cloud.models._common import UtcOut, when
@@ -17,6 +17,7 @@ __all__ = [
     "AlertDeliveryPublic",
     "AlertDetailPublic",
     "AlertPublic",
+    "AlertRuleOverride",
     "AlertState",
     "AlertsPublic",
     "DeliveryState",
@@ -124,3 +125,20 @@ class AlertDelivery(SQLModel, table=True):
     last_error: str | None = Field(default=None, max_length=1024)
     created_at: datetime = when()
     delivered_at: datetime | None = when(nullable=True)
+
+
+class AlertRuleOverride(SQLModel, table=True):
+    """An operator's change to one alert rule, for one model or (`*`) the whole fleet: the rule switched off or
+    on, and/or its thresholds (`{"threshold": 0.02}`) in place of the settings'. Unset fields fall through to the
+    next level: the model's override, then the fleet's, then the settings."""
+
+    __tablename__ = "alert_rule_override"
+    __table_args__ = (UniqueConstraint("model_name", "rule", name="uq_alert_rule_override"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    model_name: str = Field(max_length=128)  # a model name, or `*` (cloud.alerts.rules.ANY_MODEL)
+    rule: str = Field(max_length=64)
+    enabled: bool | None = None  # None: as the level below says
+    thresholds: dict[str, float] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    updated_by: str = Field(max_length=160)
+    updated_at: datetime = when()

@@ -17,6 +17,7 @@ class CtTrigger(StrEnum):
 
     DRIFT = "drift"  # any drift statistic of the cohort (the `drift` alert rule)
     ACCURACY = "estimated_accuracy"  # the estimated accuracy fell too far (the `estimated_accuracy` rule)
+    LABELLED = "labelled_accuracy"  # the labelled accuracy fell too far (the `labelled_accuracy` rule)
 
 
 class CtStep(StrEnum):
@@ -24,6 +25,7 @@ class CtStep(StrEnum):
 
     RETRAIN = "retrain"  # starting the federated run
     ROLLOUT = "rollout"  # rolling the candidate out (without: the candidate is built, signed and left for a person)
+    PROMOTE = "promote"  # promoting the candidate past its canary wave, once that wave passed its gates
 
 
 class CtPolicyBase(SQLModel):
@@ -73,6 +75,7 @@ class CtActionStatus(StrEnum):
     TRAINING = "training"  # the federated run (and its candidate build) is under way
     AWAITING_ROLLOUT = "awaiting_rollout"  # the candidate is built; a person must approve its canary
     ROLLING_OUT = "rolling_out"  # the canary rollout decides
+    AWAITING_PROMOTION = "awaiting_promotion"  # the canary wave passed its gates; a person must approve the rest
     PROMOTED = "promoted"  # the canary completed: the candidate runs on the cohort
     ROLLED_BACK = "rolled_back"  # a gate failed: the cohort is back on the parent
     FAILED = "failed"  # the run or the build failed (see detail)

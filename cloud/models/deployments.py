@@ -6,7 +6,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import BigInteger, UniqueConstraint
+from sqlalchemy import BigInteger, Index, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from cloud.models._common import UtcOut, json_column, when
@@ -67,7 +67,11 @@ class DeploymentTarget(DeploymentTargetBase, table=True):
     """A device targeted by a deployment, with the generation it was given."""
 
     __tablename__ = "deployment_target"
-    __table_args__ = (UniqueConstraint("deployment_id", "device_id", name="uq_target_deployment_device"),)
+    __table_args__ = (
+        UniqueConstraint("deployment_id", "device_id", name="uq_target_deployment_device"),
+        # Every report and event of a device looks up its targets of one generation (`_advance_targets`).
+        Index("ix_deployment_target_device_generation", "device_id", "generation"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     deployment_id: int = Field(foreign_key="deployment.id", index=True)

@@ -186,7 +186,8 @@ class TelemetryRecord(SQLModel, table=True):
     )
 
     id: int | None = Field(default=None, primary_key=True)
-    device_id: str = Field(foreign_key="device.id", index=True, max_length=128)
+    # Not indexed alone: the unique (device_id, seq) index serves every lookup by device (migration 0013).
+    device_id: str = Field(foreign_key="device.id", max_length=128)
     seq: int = Field(sa_type=BigInteger)
     # The window the device produced before this one (`TelemetryWindow.prev_seq`); null: none known.
     prev_seq: int | None = Field(default=None, sa_type=BigInteger)
@@ -202,3 +203,5 @@ class TelemetryRecord(SQLModel, table=True):
     # The window's mergeable sketches (`protocol.sketches.WindowSketches`), null when the device sent none.
     sketches: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     received_at: datetime = when()
+    # The labels local applications fed back in the window (`protocol.messages.LabelCounts`), null when none.
+    labels: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))

@@ -5,18 +5,21 @@ the windows the device says it dropped; `TelemetryGap` a hole in the chain: pend
 runs (`reported_at` null, at most one per device), reported once it is over, shrunk when late windows fill it.
 `TelemetryRollup` holds per device, model version and time bucket the sums of its stored windows; raw windows
 are deleted after a retention period, rollups kept much longer (`cloud.telemetry.retention`).
+`DriftRollup` holds per device, model version and time bucket (by window end) the merged sketches, class counts and
+label sums of its windows, `DriftRollupMark` up to which window id they are merged (`cloud.drift.rollups`).
 """
 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import BigInteger, Column, DateTime, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, DateTime, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from cloud.models._common import json_column, when
 
-__all__ = ["TelemetryChain", "TelemetryGap", "TelemetryGapsPublic", "TelemetryRollup"]
+__all__ = ["DriftRollup", "DriftRollupMark", "TelemetryChain", "TelemetryGap", "TelemetryGapsPublic", "TelemetryRollup"]
 
 
 class TelemetryChain(SQLModel, table=True):
@@ -77,3 +80,43 @@ class TelemetryRollup(SQLModel, table=True):
     error_count: int = Field(default=0, sa_type=BigInteger)
     latency_histogram: list[int] = json_column(list)
     class_counts: dict[str, int] = json_column(dict)
+
+
+class DriftRollup(SQLModel, table=True):
+    """The merged drift data of one device's windows of one model version whose `window_end` falls in one bucket.
+
+    Filled by compaction (`cloud.drift.rollups.compact_drift`), never by ingest; read by drift queries for the
+    whole buckets of their range.
+    """
+
+    __tablename__ = "drift_rollup"
+    __table_args__ = (
+        UniqueConstraint("model_name", "model_version", "bucket_start", "device_id", name="uq_drift_rollup_bucket"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(foreign_key="device.id", max_length=128)
+    model_name: str = Field(max_length=128)
+    model_version: str = Field(max_length=64)
+    bucket_start: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False, index=True))
+    windows: int = Field(default=0, sa_type=BigInteger)
+    inference_count: int = Field(default=0, sa_type=BigInteger)
+    # Windows whose sketches did not decode or did not merge with the bucket's (counted, not merged).
+    unreadable: int = Field(default=0, sa_type=BigInteger)
+    # The merged sketches (`protocol.sketches.WindowSketches`: rows, layout, KLL sketches), null when none.
+    sketches: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    class_counts: dict[str, int] = json_column(dict)
+    # Sums of the windows' `protocol.messages.LabelCounts`, null when none carried labels.
+    labels: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+
+
+class DriftRollupMark(SQLModel, table=True):
+    """One row: every telemetry window with an id up to `window_id` is merged into the drift rollups, whose buckets
+    are `bucket_s` long (fixed when compaction first runs: one length makes the partial bucket of a range exact)."""
+
+    __tablename__ = "drift_rollup_mark"
+
+    id: int = Field(default=1, primary_key=True)
+    window_id: int = Field(default=0, sa_type=BigInteger)
+    bucket_s: int
+    updated_at: datetime = when()

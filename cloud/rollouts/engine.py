@@ -39,7 +39,7 @@ from cloud.rollouts.decisions import (
 )
 from cloud.rollouts.gates import COMPARATIVE_GATES, CohortStats, GateReport, control_mismatch, evaluate_gates
 from cloud.rollouts.inputs import Abort, Command, Observations, Pause, Promote, Resume
-from cloud.rollouts.plan import RolloutPlan, assign_waves, promotion_target
+from cloud.rollouts.plan import HELD_FOR_PROMOTION, RolloutPlan, assign_waves, promotion_target
 from cloud.rollouts.state import TERMINAL, DevicePhase, DeviceRecord, RolloutState, RolloutStatus
 
 __all__ = ["command_error", "gate_report", "inflight_actions", "step"]
@@ -325,6 +325,9 @@ def _judge(ctx: StepContext, observations: Observations) -> None:
     if report.passed:
         summary = report.summary() or "no gates"
         ctx.decide(GatePassed, f"wave {wave + 1} gates passed: {summary}", wave=wave, report=report)
+        if wave + 1 in plan.hold_after_waves:  # a person promotes the next wave (resume bakes and judges again)
+            _pause(ctx, f"wave {wave + 1} passed its gates; {HELD_FOR_PROMOTION}", "plan")
+            return
         _enter_wave(ctx, wave + 1)
         return
     wait = plan.max_data_wait_seconds

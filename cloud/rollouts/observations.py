@@ -3,7 +3,8 @@
 The engine (`cloud.rollouts.step`) is pure; this module turns database rows into its `Observations`:
 
 - **fleet**: every enrolled device id → its reported tags (selectors and late joiners);
-- **reports**: each rollout device's last reported state as a `DeviceReport`. A report's update phase
+- **reports**: the last reported state, as a `DeviceReport`, of each rollout device a report can still move
+  (pending or in flight; settled devices are not read again). A report's update phase
   counts only when the device reported the *generation this rollout's attempt gave it*
   (`RolloutDispatchRecord`): a failure of another deployment, or of an earlier attempt, is not ours;
 - **wave / control**: `CohortStats` of the updated cohort (windows of the target version) and of the
@@ -27,7 +28,7 @@ from sqlmodel import Session, col, select
 from cloud.models import Device, RolloutDispatchRecord, TelemetryRecord, as_utc, in_fleet
 from cloud.rollouts import CohortStats, Command, DeviceReport, Observations, RolloutPlan, RolloutState, RolloutStatus
 from cloud.rollouts.gates import NO_MODEL
-from cloud.rollouts.state import DevicePhase, DeviceRecord
+from cloud.rollouts.state import IN_FLIGHT, DevicePhase, DeviceRecord
 from protocol.messages import UpdatePhase
 from protocol.telemetry import merge_histograms
 
@@ -42,6 +43,8 @@ __all__ = [
 ]
 
 _JUDGED = frozenset({RolloutStatus.RUNNING, RolloutStatus.BAKING})
+# Phases in which a device's report can change its record (`cloud.rollouts._devices.ingest_report`).
+_READS_REPORTS = frozenset({DevicePhase.PENDING, *IN_FLIGHT})
 
 
 def fleet_tags(*, session: Session) -> dict[str, dict[str, str]]:
@@ -50,17 +53,31 @@ def fleet_tags(*, session: Session) -> dict[str, dict[str, str]]:
     return {device_id: dict(tags or {}) for device_id, tags in rows}
 
 
-def attempt_generations(*, session: Session, rollout_id: int) -> dict[tuple[str, str, int], int]:
-    """`(device_id, kind, attempt)` → the desired generation that attempt gave the device."""
-    statement = select(RolloutDispatchRecord).where(RolloutDispatchRecord.rollout_id == rollout_id)
-    return {(r.device_id, r.kind, r.attempt): r.generation for r in session.exec(statement)}
+def attempt_generations(
+    *, session: Session, rollout_id: int, device_ids: Sequence[str] | None = None
+) -> dict[tuple[str, str, int], int]:
+    """`(device_id, kind, attempt)` → the desired generation that attempt gave the device (of `device_ids` only)."""
+    columns: tuple[Any, ...] = (
+        RolloutDispatchRecord.device_id,
+        RolloutDispatchRecord.kind,
+        RolloutDispatchRecord.attempt,
+        RolloutDispatchRecord.generation,
+    )
+    statement = sa_select(*columns).where(col(RolloutDispatchRecord.rollout_id) == rollout_id)
+    if device_ids is not None:
+        statement = statement.where(col(RolloutDispatchRecord.device_id).in_(list(device_ids)))
+    return {(r.device_id, r.kind, r.attempt): r.generation for r in session.execute(statement)}
 
 
 def device_reports(*, session: Session, rollout_id: int, state: RolloutState, plan: RolloutPlan) -> list[DeviceReport]:
     """The last reported state of every device of the rollout, as the engine reads reports."""
-    if not state.devices:
+    # Only devices a report can still move (`ingest_report`): a settled device's reports are ignored, so reading
+    # them again every tick made each step cost the whole rollout's size until its last device settled.
+    listening = [device_id for device_id, record in state.devices.items() if record.phase in _READS_REPORTS]
+    if not listening:
         return []
-    generations = attempt_generations(session=session, rollout_id=rollout_id)
+    in_flight = [device_id for device_id in listening if state.devices[device_id].phase in IN_FLIGHT]
+    generations = attempt_generations(session=session, rollout_id=rollout_id, device_ids=in_flight)
     # Only the columns a report needs: whole rows would decode every device's JSON columns on every tick.
     columns: tuple[Any, ...] = (
         Device.id,
@@ -71,7 +88,7 @@ def device_reports(*, session: Session, rollout_id: int, state: RolloutState, pl
         Device.active_model_version,
         Device.last_error_message,
     )
-    statement = sa_select(*columns).where(col(Device.id).in_(list(state.devices))).order_by(Device.id)
+    statement = sa_select(*columns).where(col(Device.id).in_(listening)).order_by(Device.id)
     rows: list[Any] = list(session.execute(statement))  # Rows: attribute access by column name
     reports = []
     for device in rows:

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 __all__ = [
+    "HELD_FOR_PROMOTION",
     "Baseline",
     "GateThresholds",
     "RolloutPlan",
@@ -30,6 +31,8 @@ __all__ = [
 
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
 Version = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}$")]
+# The reason a rollout paused by its plan's `hold_after_waves` carries (what a status page or the CT loop reads).
+HELD_FOR_PROMOTION = "held for a person's promotion (hold_after_waves)"
 # What the gates judge the updated cohort against: the control cohort, or the plan's absolute limits.
 Baseline = Literal["control", "absolute"]
 
@@ -155,6 +158,9 @@ class RolloutPlan(_Spec):
     retry_backoff_factor: float = Field(default=2.0, ge=1)
     retry_backoff_max_seconds: float = Field(default=900.0, ge=0)
     max_data_wait_seconds: float = Field(default=3600.0, ge=0)
+    # Waves (numbered from 1) after whose passed gates the rollout pauses, held for a person's `promote` (the
+    # continuous-training loop holds a candidate's canary so: `ct set --wait-for promote`). Never the last wave.
+    hold_after_waves: list[int] = Field(default_factory=list, max_length=100)
 
     @model_validator(mode="before")
     @classmethod
@@ -179,6 +185,11 @@ class RolloutPlan(_Spec):
             raise ValueError(f"previous_version equals the target version {self.version!r}")
         if self.on_gate_failure == "rollback" and self.previous_version is None:
             raise ValueError("on_gate_failure 'rollback' needs `previous_version`, the version to roll back to")
+        if any(not 1 <= w < len(self.waves) for w in self.hold_after_waves):
+            raise ValueError(
+                f"hold_after_waves {self.hold_after_waves}: waves are numbered 1 to {len(self.waves)}, and a hold "
+                "after the last wave would hold nothing"
+            )
         if self.retry_backoff_max_seconds < self.retry_backoff_seconds:
             raise ValueError("retry_backoff_max_seconds is below retry_backoff_seconds")
         return self

@@ -12,6 +12,10 @@ One step of one rollout (`RolloutRunner.step_rollout`):
 Killed before 3, the next step recomputes the same actions; killed between 3 and 4, `recover()` at start-up
 publishes `inflight_actions` again, which finds each attempt's dispatch row and republishes the very same
 desired state (same generation) instead of raising a new one. No device is skipped or updated twice.
+
+Replicas of one coordinator (`leases`): a tick steps only the rollouts whose lease (`rollout:<id>`, `cloud.leases`)
+this replica holds or takes; taking one over (first tick, or its holder died) starts with `recover()` of that
+rollout, so whatever the previous holder committed and may not have published goes out again, same generation.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
 
 from cloud.errors import CloudError
+from cloud.leases import Leases
 from cloud.models import Deployment, Device, Rollout, RolloutDecisionRecord, RolloutDispatchRecord
 from cloud.rollouts import Action, Decision, Dispatch, Rollback, RolloutPlan, Wait, inflight_actions, step
 from cloud.rollouts.observations import observe
@@ -67,28 +72,38 @@ def execute_actions(
         elif isinstance(action, Rollback):
             groups.setdefault(("rollback", action.to_version), []).append(action)
     states: list[DesiredState] = []
+    wanted = sorted({action.device_id for group in groups.values() for action in group})
+    # One query each for the devices and their dispatch rows, not two per device: a 10,000-device wave is one step.
+    devices = {d.id: d for d in session.exec(select(Device).where(col(Device.id).in_(wanted)))} if wanted else {}
+    done = _dispatch_rows(session, rollout_id, wanted)
     for (kind, version), group in sorted(groups.items()):
         fresh: list[tuple[Device, int]] = []
         for action in group:
-            device = session.get(Device, action.device_id)
+            device = devices.get(action.device_id)
             if device is None:
                 log.warning("rollout %s: device %s vanished; action dropped", rollout_id, action.device_id)
                 continue
-            done = session.exec(
-                select(RolloutDispatchRecord).where(
-                    RolloutDispatchRecord.rollout_id == rollout_id,
-                    RolloutDispatchRecord.device_id == action.device_id,
-                    RolloutDispatchRecord.kind == kind,
-                    RolloutDispatchRecord.attempt == action.attempt,
-                )
-            ).first()
-            if done is None:
+            generation = done.get((action.device_id, kind, action.attempt))
+            if generation is None:
                 fresh.append((device, action.attempt))
-            elif device.desired_state is not None and device.desired_generation == done.generation:
+            elif device.desired_state is not None and device.desired_generation == generation:
                 states.append(DesiredState.model_validate(device.desired_state))
         if fresh:
             states.extend(_assign(session, rollout_id, plan, kind, version, fresh, links))
     return states
+
+
+def _dispatch_rows(session: Session, rollout_id: int, device_ids: list[str]) -> dict[tuple[str, str, int], int]:
+    """`(device, kind, attempt)` → generation of the dispatch rows of `device_ids` in this rollout."""
+    if not device_ids:
+        return {}
+    statement = select(
+        RolloutDispatchRecord.device_id,
+        RolloutDispatchRecord.kind,
+        RolloutDispatchRecord.attempt,
+        RolloutDispatchRecord.generation,
+    ).where(RolloutDispatchRecord.rollout_id == rollout_id, col(RolloutDispatchRecord.device_id).in_(device_ids))
+    return {(device_id, kind, attempt): generation for device_id, kind, attempt, generation in session.exec(statement)}
 
 
 def _assign(
@@ -146,8 +161,11 @@ class RolloutRunner:
         links: Callable[[], ArtifactLinks],
         tick_s: float = 1.0,
         clock: Callable[[], datetime] = utcnow,
+        leases: Leases | None = None,
     ) -> None:
+        """`leases`: a replica of several steps only the rollouts whose lease it holds (None: every live one)."""
         self._engine = engine
+        self._leases = leases
         self._publisher = publisher
         self._links = links
         self.tick_s = tick_s
@@ -165,8 +183,10 @@ class RolloutRunner:
         return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> None:
-        """Republish in-flight attempts (after a crash), then step rollouts every `tick_s` in a thread."""
-        self.recover()
+        """Republish in-flight attempts (after a crash), then step rollouts every `tick_s` in a thread (with leases,
+        a rollout's recovery comes with taking its lease, in the thread)."""
+        if self._leases is None:
+            self.recover()
         self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name="edgefleet-rollouts", daemon=True)
         self._thread.start()
@@ -222,11 +242,27 @@ class RolloutRunner:
         changed = 0
         for rollout_id in self.live_rollouts():
             try:
+                if not self._holds(rollout_id):
+                    continue  # another replica steps it
                 changed += self.step_rollout(rollout_id, now)
             except (CloudError, SQLAlchemyError, ValueError) as exc:
                 # One broken rollout (unreadable state, database hiccup) must not hold the others back.
                 log.warning("rollout %s step failed: %s", rollout_id, exc)
         return changed
+
+    def _holds(self, rollout_id: int) -> bool:
+        """Whether this replica may step the rollout: no leases, or its lease held (renewed) or taken (recovered)."""
+        if self._leases is None:
+            return True
+        name = f"rollout:{rollout_id}"
+        grant = self._leases.acquire(name)
+        if grant is not None and grant.fresh:
+            try:
+                self.recover([rollout_id])  # the previous holder's committed dispatches may never have been published
+            except Exception:
+                self._leases.release(name)  # taken afresh (and recovered) at a later tick
+                raise
+        return grant is not None
 
     def step_rollout(self, rollout_id: int, now: datetime | None = None) -> bool:
         """One engine step of one rollout; persists, then publishes. True if anything changed."""
@@ -272,11 +308,12 @@ class RolloutRunner:
         self._publish(states)
         return True
 
-    def recover(self) -> int:
-        """Publish again the desired state of every attempt in flight (a crash may have lost the publish)."""
+    def recover(self, rollout_ids: Sequence[int] | None = None) -> int:
+        """Publish again the desired state of every attempt in flight (a crash may have lost the publish) of
+        `rollout_ids` (default: every live rollout)."""
         states: list[DesiredState] = []
         with self._lock, Session(self._engine, expire_on_commit=False) as session:
-            for rollout_id in self.live_rollouts():
+            for rollout_id in self.live_rollouts() if rollout_ids is None else rollout_ids:
                 row = session.get(Rollout, rollout_id)
                 if row is None:
                     continue

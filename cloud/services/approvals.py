@@ -46,6 +46,7 @@ class ApprovalStatus(BaseModel):
     missing: list[str] = Field(description="Approvers (not revoked) who have not signed yet, by name.")
     deployable: bool
     reason: str | None = Field(description="Why it may not be deployed (None when it may).")
+    has_card: bool = Field(default=False, description="Whether the version has a model card (GET .../card).")
 
 
 class ApprovalsPublic(BaseModel):
@@ -86,6 +87,7 @@ def judge(facts: Facts, threshold: int) -> ApprovalStatus:
         missing=missing,
         deployable=reason is None,
         reason=reason,
+        has_card=facts.has_card,
     )
 
 

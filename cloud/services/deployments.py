@@ -39,6 +39,7 @@ __all__ = [
     "get_deployment",
     "list_deployments",
     "next_generation",
+    "next_generations",
     "select_devices",
 ]
 
@@ -202,10 +203,10 @@ def assign_devices(
     then publishes the returned states.
     """
     assert deployment.id is not None
-    states = []
+    chosen: list[tuple[Device, DesiredState]] = []
     for device in sorted(devices, key=lambda d: d.id):  # one lock order for every writer: no deadlocks
         try:
-            # Generation 0 stands in until the device is known to get this state: `next_generation` below.
+            # Generation 0 stands in until the device is known to get this state: `next_generations` below.
             state = desired_state_for(
                 record=record, device=device, generation=0, deployment_id=str(deployment.id), links=links
             )
@@ -221,9 +222,14 @@ def assign_devices(
             )
             session.add(failed)
             continue
-        generation = next_generation(session, device)  # locks the device's row until the caller commits
-        _supersede(session, device)
-        state = _signed(state.model_copy(update={"generation": generation}), record, links)
+        chosen.append((device, state))
+    # One UPDATE ... RETURNING and one supersede for the whole set: a statement per device made a 10,000-device
+    # wave cost 20,000 round trips to the database inside the step's transaction.
+    generations = next_generations(session, [device for device, _ in chosen])  # locks the rows until the commit
+    _supersede_all(session, [device.id for device, _ in chosen])
+    states = []
+    for device, state in chosen:
+        state = _signed(state.model_copy(update={"generation": generations[device.id]}), record, links)
         device.desired_state = state.model_dump(mode="json")
         session.add(device)
         session.add(DeploymentTarget(deployment_id=deployment.id, device_id=device.id, generation=state.generation))
@@ -250,16 +256,40 @@ def next_generation(session: Session, device: Device) -> int:
     return generation
 
 
-def _supersede(session: Session, device: Device) -> None:
-    """Unsettled targets of older generations will never finish: mark them superseded."""
-    statement = select(DeploymentTarget).where(
-        DeploymentTarget.device_id == device.id,
-        col(DeploymentTarget.status).in_([TargetStatus.PENDING.value, TargetStatus.IN_PROGRESS.value]),
+def next_generations(session: Session, devices: Sequence[Device]) -> dict[str, int]:
+    """`next_generation` for many devices in one statement: device id → its new generation (rows locked likewise)."""
+    if not devices:
+        return {}
+    ids = sorted(device.id for device in devices)
+    # Lock the rows in id order first (PostgreSQL): an UPDATE ... IN locks them in scan order, and two writers
+    # taking overlapping sets in different orders deadlock. SQLite locks the whole database and ignores this.
+    session.exec(select(Device.id).where(col(Device.id).in_(ids)).order_by(col(Device.id)).with_for_update())
+    statement = (
+        update(Device)
+        .where(col(Device.id).in_(ids))
+        .values(desired_generation=col(Device.desired_generation) + 1)
+        .returning(col(Device.id), col(Device.desired_generation))
+        .execution_options(synchronize_session=False)
     )
-    for target in session.exec(statement):
-        target.status = TargetStatus.SUPERSEDED.value
-        target.updated_at = utcnow()
-        session.add(target)
+    generations = {device_id: int(generation) for device_id, generation in session.exec(statement)}
+    for device in devices:
+        set_committed_value(device, "desired_generation", generations[device.id])
+    return generations
+
+
+def _supersede_all(session: Session, device_ids: list[str]) -> None:
+    """Unsettled targets of older generations of these devices will never finish: mark them superseded."""
+    if not device_ids:
+        return
+    session.exec(
+        update(DeploymentTarget)
+        .where(
+            col(DeploymentTarget.device_id).in_(device_ids),
+            col(DeploymentTarget.status).in_([TargetStatus.PENDING.value, TargetStatus.IN_PROGRESS.value]),
+        )
+        .values(status=TargetStatus.SUPERSEDED.value, updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
 
 
 def desired_states(*, session: Session) -> list[DesiredState]:

@@ -6,6 +6,7 @@ Tags are the coordinator's, set at enrolment: tags a device reports are ignored.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from sqlalchemy import update
@@ -25,7 +26,7 @@ from cloud.models import (
     TelemetryGapsPublic,
     as_utc,
 )
-from cloud.services.enrolment import enrolled_device, require_device
+from cloud.services.enrolment import UnknownDeviceError, enrolled_device, require_device
 from cloud.telemetry.gaps import telemetry_health
 from cloud.telemetry.windows import telemetry_totals
 from protocol.errors import ErrorCode
@@ -44,12 +45,14 @@ __all__ = [
     "GENERATION_AHEAD",
     "UNCONFIRMED",
     "confirm_heard",
+    "confirm_heard_all",
     "device_detail",
     "device_events",
     "device_public",
     "devices_public",
     "generation_anomaly",
     "get_device",
+    "ingest_batch",
     "ingest_event",
     "ingest_reported",
     "mark_unconfirmed",
@@ -67,6 +70,9 @@ CLOCK_SKEW = timedelta(seconds=60)
 # Event kind recorded when a device reports a generation this coordinator never issued.
 GENERATION_AHEAD = "security.generation_ahead"
 
+# A batch's deployment targets, loaded at once (`ingest_batch`): (device id, generation) → its targets.
+Targets = dict[tuple[str, int], list[DeploymentTarget]]
+
 
 def target_status_for_phase(phase: UpdatePhase) -> TargetStatus:
     """How a deployment target stands when its device reports `phase` for the target's generation."""
@@ -79,19 +85,22 @@ def target_status_for_phase(phase: UpdatePhase) -> TargetStatus:
     return TargetStatus.IN_PROGRESS
 
 
-def ingest_reported(*, session: Session, state: ReportedState, live: bool = True) -> Device:
+def ingest_reported(
+    *, session: Session, state: ReportedState, live: bool = True, commit: bool = True, targets: Targets | None = None
+) -> Device:
     """Apply a reported state. A last will (`status=offline`) only flips connectivity.
 
     `live=False` is a report the broker replays from its store (a retained message, or one queued before the
     broker restarted) rather than one the device just sent: its content is applied, but it is no sign of
-    life, so it never makes the device `online` nor moves `last_seen`.
+    life, so it never makes the device `online` nor moves `last_seen`. `commit=False`: left for the caller to commit
+    (a batch of messages in one transaction). `targets`: the batch's deployment targets, loaded already.
     """
     device = enrolled_device(session=session, device_id=state.device_id)
     now = utcnow()
     if state.status is DeviceStatus.OFFLINE:
         device.status = DeviceStatus.OFFLINE.value
         session.add(device)
-        session.commit()
+        _finish(session, commit)
         return device
     reported_at = report_time(state.reported_at, now)
     last = as_utc(device.last_reported_at)
@@ -101,7 +110,7 @@ def ingest_reported(*, session: Session, state: ReportedState, live: bool = True
             device.status = DeviceStatus.ONLINE.value
             device.last_seen = now
         session.add(device)
-        session.commit()
+        _finish(session, commit)
         return device
     if live:
         device.status = DeviceStatus.ONLINE.value
@@ -126,9 +135,10 @@ def ingest_reported(*, session: Session, state: ReportedState, live: bool = True
             generation=state.update.generation,
             phase=state.update.phase,
             error=state.update.error,
+            targets=targets,
         )
     session.add(device)
-    session.commit()
+    _finish(session, commit)
     return device
 
 
@@ -189,10 +199,14 @@ def _check_generation(session: Session, device: Device, reported: int) -> None:
     device.anomaly = anomaly
 
 
-def ingest_event(*, session: Session, event: DeviceEvent, live: bool = True) -> DeviceEventRecord:
+def ingest_event(
+    *, session: Session, event: DeviceEvent, live: bool = True, commit: bool = True, targets: Targets | None = None
+) -> DeviceEventRecord:
     """Record an event; a failure stores its error on the device and on the deployment target.
 
     `live=False`: the broker replays it from its store (sent before a restart), so it does not move `last_seen`.
+    `commit=False`: left for the caller to commit (a batch of messages in one transaction). `targets`: the batch's
+    deployment targets, loaded already.
     """
     device = enrolled_device(session=session, device_id=event.device_id)
     if live:
@@ -215,11 +229,81 @@ def ingest_event(*, session: Session, event: DeviceEvent, live: bool = True) -> 
     if error is not None and event.kind in (EventKind.UPDATE_FAILED, EventKind.UPDATE_REFUSED):
         _record_error(device, error)
     if event.generation is not None and phase is not None:
-        _advance_targets(session, device_id=device.id, generation=event.generation, phase=phase, error=error)
+        _advance_targets(
+            session, device_id=device.id, generation=event.generation, phase=phase, error=error, targets=targets
+        )
     session.add(device)
-    session.commit()
-    session.refresh(record)
+    if commit:
+        session.commit()
+        session.refresh(record)
     return record
+
+
+def ingest_batch(*, session: Session, messages: Sequence[tuple[ReportedState | DeviceEvent, bool]]) -> dict[int, str]:
+    """Apply reported states and events (each with its `live`) in their order in one transaction, then commit;
+    returns why each message of a device not enrolled was ignored, by its index.
+
+    Every device of the batch is loaded with one query and every target they report on with another, and nothing is
+    flushed until the commit: a message costs no round trip of its own (a query per message, and the flush that
+    query set off, were most of the ingest's time). The commit writes each device row once (its last state wins) and
+    inserts the events together, in the order they were added.
+    """
+    device_ids = sorted({message.device_id for message, _ in messages})
+    with session.no_autoflush:
+        # Held until the commit: the session's identity map (what `enrolled_device` finds them in) holds them weakly.
+        loaded = session.exec(select(Device).where(col(Device.id).in_(device_ids))).all()
+        targets = _batch_targets(session, [message for message, _ in messages])
+        unknown: dict[int, str] = {}
+        for index, (message, live) in enumerate(messages):
+            try:
+                if isinstance(message, ReportedState):
+                    ingest_reported(session=session, state=message, live=live, commit=False, targets=targets)
+                else:
+                    ingest_event(session=session, event=message, live=live, commit=False, targets=targets)
+            except UnknownDeviceError as exc:  # raised before the message changed anything
+                unknown[index] = str(exc)
+    session.commit()
+    del loaded
+    return unknown
+
+
+def confirm_heard_all(*, session: Session, device_ids: Sequence[str]) -> None:
+    """`confirm_heard` for several devices in one statement."""
+    if device_ids:
+        session.exec(
+            update(Device)
+            .where(col(Device.id).in_(list(device_ids)), col(Device.status) == UNCONFIRMED)
+            .values(status=DeviceStatus.ONLINE.value, last_seen=utcnow())
+        )
+        session.commit()
+
+
+def _batch_targets(session: Session, messages: Sequence[ReportedState | DeviceEvent]) -> Targets:
+    """The deployment targets of every (device, generation) the messages report on, in one query."""
+    wanted: Targets = {}
+    for message in messages:
+        if isinstance(message, ReportedState):
+            generation = message.update.generation if message.update is not None else None
+        else:
+            generation = message.generation
+        if generation is not None:
+            wanted[(message.device_id, generation)] = []
+    if not wanted:
+        return wanted
+    statement = select(DeploymentTarget).where(
+        col(DeploymentTarget.device_id).in_(sorted({device_id for device_id, _ in wanted})),
+        col(DeploymentTarget.generation).in_(sorted({generation for _, generation in wanted})),
+    )
+    for target in session.exec(statement.order_by(col(DeploymentTarget.id))):
+        if (key := (target.device_id, target.generation)) in wanted:
+            wanted[key].append(target)
+    return wanted
+
+
+def _finish(session: Session, commit: bool) -> None:
+    """Commit, unless the caller commits a batch of messages itself."""
+    if commit:
+        session.commit()
 
 
 def _event_phase(event: DeviceEvent) -> UpdatePhase | None:
@@ -238,18 +322,31 @@ def _record_error(device: Device, error: ErrorInfo) -> None:
 
 
 def _advance_targets(
-    session: Session, *, device_id: str, generation: int, phase: UpdatePhase, error: ErrorInfo | None
+    session: Session,
+    *,
+    device_id: str,
+    generation: int,
+    phase: UpdatePhase,
+    error: ErrorInfo | None,
+    targets: Targets | None = None,
 ) -> None:
-    """Move the device's targets for `generation` to the status `phase` implies; settled ones stay settled."""
+    """Move the device's targets for `generation` to the status `phase` implies; settled ones stay settled.
+
+    `targets`: a batch's targets, loaded at once (`ingest_batch`); else they are read here."""
     status = target_status_for_phase(phase)
-    statement = select(DeploymentTarget).where(
-        DeploymentTarget.device_id == device_id, DeploymentTarget.generation == generation
-    )
-    for target in session.exec(statement):
+    found = targets.get((device_id, generation)) if targets is not None else None
+    if found is None:
+        statement = select(DeploymentTarget).where(
+            DeploymentTarget.device_id == device_id, DeploymentTarget.generation == generation
+        )
+        found = list(session.exec(statement))
+    for target in found:
         if target.status in (TargetStatus.SUCCEEDED, TargetStatus.SUPERSEDED):
             continue
         if target.status == TargetStatus.FAILED and status is not TargetStatus.SUCCEEDED:
             continue
+        if target.status == status.value and target.phase == phase.value and status is not TargetStatus.FAILED:
+            continue  # nothing changes (a report repeating its event's phase): no write
         target.status = status.value
         target.phase = phase.value
         if status is TargetStatus.FAILED and error is not None:

@@ -4,20 +4,22 @@
 windows per call, holes reported after their grace period) and reads the highest stored seq (one index lookup;
 never below what retention deleted: `TelemetryChain.pruned_seq`) and the reported gaps: a `TelemetryAck` an
 agent's outbox can trust (`TelemetryAck.confirms`), and when to walk the chain again (a hole's grace period
-ends). `AckThrottle` decides when the bridge publishes it: at once, unless it acknowledged the device less than
+ends). `acknowledge_devices` does the same for many devices in one pass, with a handful of statements for all of
+them (`cloud.telemetry.gaps.settle_chains`); `acknowledge_telemetry` is that pass for one. `AckThrottle` decides
+when the bridge publishes it: at once, unless it acknowledged the device less than
 `interval_s` ago; then once that interval is over, so the last window of a burst is always acknowledged.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import NamedTuple
 
-from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from cloud.models import TelemetryChain, TelemetryRecord
-from cloud.telemetry.gaps import GAP_GRACE_S, reported_missing, settle_chain
+from cloud.models import TelemetryChain
+from cloud.telemetry.gaps import GAP_GRACE_S, highest_seqs, reported_missing_of, settle_chains
 from protocol.messages import TelemetryAck, utcnow
 
 __all__ = [
@@ -48,29 +50,51 @@ def acknowledge_telemetry(
     commit: bool = True,
 ) -> Acknowledgement:
     """Settle `device_id`'s chain and say what is stored of its telemetry (`commit=False`: the caller commits)."""
-    now = now or utcnow()
-    settled = settle_chain(session, device_id, now=now, grace_s=grace_s, scan_rows=ACK_SCAN_ROWS, commit=commit)
-    max_seq = session.exec(
-        select(func.max(col(TelemetryRecord.seq))).where(col(TelemetryRecord.device_id) == device_id)
-    ).one()
-    chain = session.get(TelemetryChain, device_id)
-    if chain is not None and chain.pruned_seq is not None and (max_seq is None or chain.pruned_seq > max_seq):
-        max_seq = chain.pruned_seq  # every window of the device was old enough to be deleted
-    if max_seq is None:
-        return Acknowledgement(TelemetryAck(device_id=device_id), settled.recheck_s)
-    stored_seq = None if settled.seq is None else min(settled.seq, max_seq)
-    missing = reported_missing(session, device_id) if stored_seq is not None else []
-    ack = TelemetryAck(device_id=device_id, stored_seq=stored_seq, max_seq=max_seq, missing=missing, at=now)
-    return Acknowledgement(ack, settled.recheck_s)
+    return acknowledge_devices(session, [device_id], now=now, grace_s=grace_s, commit=commit)[device_id]
 
 
 def acknowledge_devices(
-    session: Session, device_ids: list[str], *, grace_s: float = GAP_GRACE_S
+    session: Session,
+    device_ids: Sequence[str],
+    *,
+    now: datetime | None = None,
+    grace_s: float = GAP_GRACE_S,
+    commit: bool = True,
 ) -> dict[str, Acknowledgement]:
-    """`acknowledge_telemetry` for each of `device_ids` in one transaction (one commit)."""
-    now = utcnow()
-    answers = {d: acknowledge_telemetry(session, d, now=now, grace_s=grace_s, commit=False) for d in device_ids}
-    session.commit()
+    """`acknowledge_telemetry` for each of `device_ids` in one transaction, with a handful of statements for all
+    of them (`cloud.telemetry.gaps.settle_chains`); `commit=False`: the caller commits."""
+    now = now or utcnow()
+    ids = sorted(set(device_ids))
+    settled = settle_chains(session, ids, now=now, grace_s=grace_s, scan_rows=ACK_SCAN_ROWS)
+    highest = highest_seqs(session, ids)
+    pruned = {
+        device_id: int(seq)
+        for device_id, seq in session.exec(
+            select(TelemetryChain.device_id, TelemetryChain.pruned_seq).where(col(TelemetryChain.device_id).in_(ids))
+        )
+        if seq is not None
+    }
+    stored: dict[str, tuple[int | None, int]] = {}
+    for device_id in ids:
+        max_seq = highest.get(device_id)
+        if device_id in pruned and (max_seq is None or pruned[device_id] > max_seq):
+            max_seq = pruned[device_id]  # every window of the device was old enough to be deleted
+        if max_seq is not None:
+            seq = settled[device_id].seq
+            stored[device_id] = (None if seq is None else min(seq, max_seq), max_seq)
+    missing = reported_missing_of(session, [d for d, (seq, _) in stored.items() if seq is not None])
+    answers = {}
+    for device_id in ids:
+        recheck = settled[device_id].recheck_s
+        if device_id not in stored:
+            answers[device_id] = Acknowledgement(TelemetryAck(device_id=device_id), recheck)
+            continue
+        stored_seq, max_seq = stored[device_id]
+        gaps = missing.get(device_id, []) if stored_seq is not None else []
+        ack = TelemetryAck(device_id=device_id, stored_seq=stored_seq, max_seq=max_seq, missing=gaps, at=now)
+        answers[device_id] = Acknowledgement(ack, recheck)
+    if commit:
+        session.commit()
     return answers
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Hole", "Walk", "split_range", "walk_chain"]
+__all__ = ["Hole", "Link", "Walk", "split_range", "walk_chain"]
 
 Link = tuple[int, int | None]  # (seq, prev_seq) of a stored window
 

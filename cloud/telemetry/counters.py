@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["IngestCounters"]
+__all__ = ["IngestCounters", "since"]
 
 
 class IngestCounters:
@@ -71,6 +72,22 @@ class IngestCounters:
         with self._lock:
             self._connects += 1
 
+    def add(self, delta: Mapping[str, Any]) -> None:
+        """Add another bridge's counts (`since()` of its snapshots: an ingest process of this coordinator)."""
+        with self._lock:
+            for key, counter in (
+                ("received", self._received),
+                ("stored", self._stored),
+                ("rejected", self._rejected),
+                ("failed", self._failed),
+            ):
+                counter.update({str(k): int(v) for k, v in dict(delta.get(key) or {}).items()})
+            self._duplicates += int(delta.get("duplicates_dropped") or 0)
+            self._acks += int(delta.get("acks_published") or 0)
+            self._connects += int(delta.get("connects") or 0)
+            if delta.get("last_rejection"):
+                self._last_rejection = str(delta["last_rejection"])[:500]
+
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready copy of the counters."""
         with self._lock:
@@ -87,3 +104,17 @@ class IngestCounters:
                 "database_down": self._database_down,
                 "last_rejection": self._last_rejection,
             }
+
+
+def since(now: Mapping[str, Any], before: Mapping[str, Any]) -> dict[str, Any]:
+    """The counts of snapshot `now` not in the earlier snapshot `before` of the same counters (for `add`). Pure."""
+    delta: dict[str, Any] = {}
+    for key in ("received", "stored", "rejected", "failed"):
+        grown = Counter(dict(now.get(key) or {}))
+        grown.subtract(dict(before.get(key) or {}))
+        delta[key] = {k: v for k, v in grown.items() if v}
+    for key in ("duplicates_dropped", "acks_published", "connects"):
+        delta[key] = int(now.get(key) or 0) - int(before.get(key) or 0)
+    if now.get("last_rejection") != before.get("last_rejection"):
+        delta["last_rejection"] = now.get("last_rejection")
+    return delta

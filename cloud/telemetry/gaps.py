@@ -1,7 +1,9 @@
 """Telemetry gaps: settling each device's chain of windows, reporting holes that outlive a grace period.
 
 `settle_chain` walks the stored windows above the device's settled seq (`cloud.telemetry.chain`, at most
-`scan_rows` per call). A hole it meets is pending first (one `TelemetryGap` row without `reported_at`); while the
+`scan_rows` per call); `settle_chains` walks many devices' chains with three statements for all of them (each
+device's own index lookup and LIMIT, joined by UNION ALL), a device reading on by itself only past its first page.
+A hole it meets is pending first (one `TelemetryGap` row without `reported_at`); while the
 grace period runs, the device's outbox resends what it has and the hole usually fills. Once the grace period is
 over the hole is reported (`reported_at`, a `telemetry.gap` device event) and the chain settles past it. A late
 window inside a reported gap shrinks it (`window_stored`); a gap filled entirely is deleted with a
@@ -14,12 +16,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from datetime import datetime
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+from sqlalchemy import text
 from sqlmodel import Session, col, select
 
 from cloud.models import DeviceEventRecord, TelemetryChain, TelemetryGap, TelemetryGapsPublic, TelemetryRecord, as_utc
-from cloud.telemetry.chain import Hole, split_range, walk_chain
+from cloud.telemetry.chain import Hole, Link, split_range, walk_chain
 from protocol.messages import MAX_ACK_MISSING, SeqRange, TelemetryWindow
 
 __all__ = [
@@ -29,8 +32,12 @@ __all__ = [
     "TELEMETRY_GAP",
     "TELEMETRY_GAP_FILLED",
     "Settled",
+    "highest_seqs",
+    "links_above",
     "reported_missing",
+    "reported_missing_of",
     "settle_chain",
+    "settle_chains",
     "telemetry_health",
     "window_stored",
     "windows_stored",
@@ -58,19 +65,74 @@ def settle_chain(
 ) -> Settled:
     """Walk `device_id`'s chain forward (at most `scan_rows` windows), reporting holes older than `grace_s`.
 
-    `commit=False` leaves the changes to the caller's transaction (several devices settled with one commit)."""
-    chain = session.get(TelemetryChain, device_id)
+    `commit=False` leaves the changes to the caller's transaction (flushed, not committed)."""
+    settled = settle_chains(session, [device_id], now=now, grace_s=grace_s, scan_rows=scan_rows)[device_id]
+    if commit:
+        session.commit()
+    return settled
+
+
+def settle_chains(
+    session: Session, device_ids: Sequence[str], *, now: datetime, grace_s: float, scan_rows: int
+) -> dict[str, Settled]:
+    """`settle_chain` for many devices in the caller's transaction (flushed, not committed).
+
+    Three statements whatever the number of devices (their chains, their pending holes, the first page of each
+    one's windows above its settled seq); a device walks on with queries of its own only when its first page is
+    not the end of the walk (more than a page of windows, or a hole reported and passed)."""
+    ids = sorted(set(device_ids))
+    chains = {
+        chain.device_id: chain
+        for chain in session.exec(select(TelemetryChain).where(col(TelemetryChain.device_id).in_(ids)))
+    }
+    pending: dict[str, TelemetryGap] = {}
+    unreported = select(TelemetryGap).where(
+        col(TelemetryGap.device_id).in_(ids), col(TelemetryGap.reported_at).is_(None)
+    )
+    for gap in session.exec(unreported.order_by(col(TelemetryGap.id))):
+        pending.setdefault(gap.device_id, gap)  # at most one per device
+    page = min(_PAGE, scan_rows)
+    first_pages = (
+        links_above(session, {d: chains[d].settled_seq if d in chains else None for d in ids}, page) if page > 0 else {}
+    )
+    answers = {
+        device_id: _settle(
+            session,
+            device_id,
+            chains.get(device_id),
+            pending.get(device_id),
+            first_pages.get(device_id, []),
+            now=now,
+            grace_s=grace_s,
+            scan_rows=scan_rows,
+        )
+        for device_id in ids
+    }
+    session.flush()
+    return answers
+
+
+def _settle(
+    session: Session,
+    device_id: str,
+    chain: TelemetryChain | None,
+    pending: TelemetryGap | None,
+    first_page: list[Link],
+    *,
+    now: datetime,
+    grace_s: float,
+    scan_rows: int,
+) -> Settled:
+    """One device's walk, its first page of links read already (`first_page`: at most min(_PAGE, scan_rows))."""
     start = settled = chain.settled_seq if chain is not None else None
-    pending = session.exec(
-        select(TelemetryGap).where(TelemetryGap.device_id == device_id, col(TelemetryGap.reported_at).is_(None))
-    ).first()
     scanned, recheck, walked_all = 0, None, False
+    ahead: list[Link] | None = first_page
     while True:
         limit = min(_PAGE, scan_rows - scanned)
         if limit <= 0:
             recheck = 0.0  # more to walk than one call may: again soon
             break
-        links = _links_above(session, device_id, settled, limit)
+        links, ahead = (ahead, None) if ahead is not None else (_links_above(session, device_id, settled, limit), None)
         walk = walk_chain(settled, links)
         settled, scanned, hole = walk.settled, scanned + walk.walked, walk.hole
         if hole is None:
@@ -93,11 +155,48 @@ def settle_chain(
         chain = chain or TelemetryChain(device_id=device_id)
         chain.settled_seq = settled
         session.add(chain)
-    if commit:
-        session.commit()
-    else:
-        session.flush()
     return Settled(settled, recheck)
+
+
+# Per-device statements joined by UNION ALL, this many devices a statement (SQLite allows 500 compound terms).
+_DEVICES_PER_STATEMENT = 100
+
+
+def _per_device(session: Session, term: str, params: list[dict[str, Any]]) -> list[Any]:
+    """Run `term` (SQL with :d, :s, :n placeholders) once per params dict, joined by UNION ALL; every row.
+
+    Each device keeps its own index lookup and LIMIT (a GROUP BY or window function over the devices would read
+    every row of a device with a long history)."""
+    rows: list[Any] = []
+    for start in range(0, len(params), _DEVICES_PER_STATEMENT):
+        chunk = params[start : start + _DEVICES_PER_STATEMENT]
+        sql, values = [], {}
+        for i, own in enumerate(chunk):
+            sql.append(f"SELECT * FROM ({term.replace(':', f':p{i}_')}) AS t{i}")
+            values.update({f"p{i}_{k}": v for k, v in own.items()})
+        rows.extend(session.connection().execute(text(" UNION ALL ".join(sql)), values))
+    return rows
+
+
+def links_above(session: Session, settled: dict[str, int | None], limit: int) -> dict[str, list[Link]]:
+    """device → its first `limit` (seq, prev_seq) above its settled seq (None: from the start), in seq order."""
+    term = (
+        "SELECT device_id, seq, prev_seq FROM telemetry_window WHERE device_id = :d AND seq > :s ORDER BY seq LIMIT :n"
+    )
+    # seqs are >= 0, so "nothing settled" reads from above -1
+    params = [{"d": d, "s": -1 if s is None else s, "n": limit} for d, s in settled.items()]
+    links: dict[str, list[Link]] = {}
+    for device_id, seq, prev in _per_device(session, term, params):
+        links.setdefault(device_id, []).append((int(seq), None if prev is None else int(prev)))
+    for own in links.values():
+        own.sort()
+    return links
+
+
+def highest_seqs(session: Session, device_ids: Sequence[str]) -> dict[str, int]:
+    """device → the highest seq stored of it (devices with none left out); one index lookup each."""
+    term = "SELECT device_id, seq FROM telemetry_window WHERE device_id = :d ORDER BY seq DESC LIMIT 1"
+    return {d: int(s) for d, s in _per_device(session, term, [{"d": d} for d in device_ids])}
 
 
 def _links_above(session: Session, device_id: str, settled: int | None, limit: int) -> list[tuple[int, int | None]]:
@@ -210,13 +309,23 @@ def _dropped(session: Session, window: TelemetryWindow) -> bool:
 
 def reported_missing(session: Session, device_id: str, limit: int = MAX_ACK_MISSING) -> list[SeqRange]:
     """The newest `limit` reported gaps of `device_id`, lowest first (`TelemetryAck.missing`)."""
-    statement = (
-        select(TelemetryGap.first_seq, TelemetryGap.last_seq)
-        .where(TelemetryGap.device_id == device_id, col(TelemetryGap.reported_at).is_not(None))
-        .order_by(col(TelemetryGap.last_seq).desc())
-        .limit(limit)
+    return reported_missing_of(session, [device_id], limit).get(device_id, [])
+
+
+def reported_missing_of(
+    session: Session, device_ids: Sequence[str], limit: int = MAX_ACK_MISSING
+) -> dict[str, list[SeqRange]]:
+    """`reported_missing` of each of `device_ids` in one statement (devices without a reported gap left out)."""
+    term = (
+        "SELECT device_id, first_seq, last_seq FROM telemetry_gap WHERE device_id = :d AND reported_at IS NOT NULL "
+        "ORDER BY last_seq DESC LIMIT :n"
     )
-    return [SeqRange(first=first, last=last) for first, last in reversed(list(session.exec(statement)))]
+    missing: dict[str, list[SeqRange]] = {}
+    for device_id, first, last in _per_device(session, term, [{"d": d, "n": limit} for d in device_ids]):
+        missing.setdefault(device_id, []).append(SeqRange(first=int(first), last=int(last)))
+    for ranges in missing.values():
+        ranges.sort(key=lambda r: r.last)
+    return missing
 
 
 def telemetry_health(

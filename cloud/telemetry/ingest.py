@@ -2,13 +2,17 @@
 
 `store_windows` is the one path every window takes (the bridge's batches, and `ingest_telemetry` for one):
 
-1. windows of devices that are not enrolled are rejected with the reason, the rest go on;
+1. windows of devices that are not enrolled are rejected with the reason, the rest go on (enrolment is read on
+   every batch, never cached: a device revoked a moment ago is refused from its next batch on);
 2. `last_seen` moves once per device (live windows only: a replayed one is no sign of life);
 3. duplicates inside the batch, and windows retention already deleted (at or below the device's `pruned_seq`,
    outside a reported gap), are dropped;
-4. `INSERT ... ON CONFLICT (device_id, seq) DO NOTHING RETURNING` stores the rest and says which were new;
-5. only the new windows add to the rollups (`cloud.telemetry.rollups`) and shrink reported gaps or raise the
-   dropped count (`cloud.telemetry.gaps.windows_stored`);
+4. `INSERT ... ON CONFLICT (device_id, seq) DO NOTHING RETURNING` stores the rest and says which were new: one
+   statement (`cloud.telemetry._json_rows`: on PostgreSQL the batch as one JSON parameter, on SQLite one VALUES
+   list) whose columns are `_record`'s keys (a new column is one line there); a window's sketches and labels are
+   written as pydantic serialises them (`RawJson`), never turned into dicts and encoded again;
+5. only the new windows add to the rollups (`cloud.telemetry.rollups`: two statements) and shrink reported gaps
+   or raise the dropped count (`cloud.telemetry.gaps.windows_stored`);
 6. one commit.
 
 An error in any step rolls the whole batch back; the caller (the bridge) then retries it window by window, so
@@ -17,19 +21,28 @@ one window the database refuses costs only itself.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from functools import cache, lru_cache
 from typing import Any
 
 from sqlalchemy import text, update
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col, select
 
 from cloud.models import Device, EnrolmentState, TelemetryGap, TelemetryRecord
 from cloud.models.telemetry import TelemetryChain
+from cloud.telemetry._json_rows import (
+    SQLITE_MAX_PARAMETERS,
+    Column,
+    RawJson,
+    columns_of,
+    rows_json,
+    rows_select,
+    rows_values,
+    values_clause,
+)
 from cloud.telemetry.gaps import windows_stored
 from cloud.telemetry.rollups import DEFAULT_BUCKET_S, apply_rollups, rollup_deltas
 from protocol.messages import TelemetryWindow, utcnow
@@ -61,13 +74,14 @@ class Stored:
     reason: str = ""
 
 
-def _not_enrolled(device_id: str, device: Device | None) -> str:
-    if device is None:
+def _not_enrolled(device_id: str, enrolment: str | None) -> str:
+    if enrolment is None:
         return f"device {device_id!r} is not enrolled"
-    return f"device {device_id!r} is {device.enrolment}, not enrolled"
+    return f"device {device_id!r} is {enrolment}, not enrolled"
 
 
 def _record(window: TelemetryWindow, received_at: datetime) -> dict[str, Any]:
+    """The row of `window`: the one place a window maps to its columns (the insert writes exactly these keys)."""
     model = window.model
     return {
         "device_id": window.device_id,
@@ -82,8 +96,9 @@ def _record(window: TelemetryWindow, received_at: datetime) -> dict[str, Any]:
         "error_count": window.error_count,
         "latency_histogram": list(window.latency_histogram),
         "class_counts": dict(window.class_counts),
-        "sketches": window.sketches.model_dump(mode="json") if window.sketches is not None else None,
+        "sketches": RawJson(window.sketches.model_dump_json()) if window.sketches is not None else None,
         "received_at": received_at,
+        "labels": RawJson(window.labels.model_dump_json()) if window.labels is not None else None,
     }
 
 
@@ -94,8 +109,14 @@ def store_windows(
     now = now or utcnow()
     postgres = session.get_bind().dialect.name == "postgresql"
     ids = sorted({a.window.device_id for a in arrivals})
-    devices = {d.id: d for d in session.exec(select(Device).where(col(Device.id).in_(ids)))}
-    enrolled = {i for i, d in devices.items() if d.enrolment == EnrolmentState.ENROLLED}
+    # Read on every batch, never cached: a device revoked a moment ago is refused from its next batch on.
+    lookup = select(Device.id, Device.enrolment).where(col(Device.id).in_(ids))
+    if postgres:
+        # Lock the rows whose last_seen moves below in one order (by id): two batches updating the same devices
+        # in the order each happened to scan them could deadlock.
+        lookup = lookup.order_by(col(Device.id)).with_for_update(key_share=True)
+    devices = dict(session.exec(lookup).all())
+    enrolled = {i for i, enrolment in devices.items() if enrolment == EnrolmentState.ENROLLED}
     results: list[Stored | None] = [None] * len(arrivals)
     for index, arrival in enumerate(arrivals):
         device_id = arrival.window.device_id
@@ -120,40 +141,41 @@ def store_windows(
     return [result or Stored(Outcome.DUPLICATE) for result in results]
 
 
-# PostgreSQL: the whole batch as one array per column (13 parameters, not 13 per row: a statement of thousands of
-# placeholders costs more to build and parse than to run).
-_PG_INSERT = text(
-    "INSERT INTO telemetry_window (device_id, seq, prev_seq, window_start, window_end, model_name, model_version, "
-    "model_sha256, inference_count, error_count, latency_histogram, class_counts, sketches, received_at) "
-    "SELECT * FROM unnest(CAST(:device_id AS varchar[]), CAST(:seq AS bigint[]), CAST(:prev_seq AS bigint[]), "
-    "CAST(:window_start AS timestamptz[]), CAST(:window_end AS timestamptz[]), CAST(:model_name AS varchar[]), "
-    "CAST(:model_version AS varchar[]), CAST(:model_sha256 AS varchar[]), CAST(:inference_count AS integer[]), "
-    "CAST(:error_count AS integer[]), CAST(CAST(:latency_histogram AS text[]) AS json[]), "
-    "CAST(CAST(:class_counts AS text[]) AS json[]), CAST(CAST(:sketches AS text[]) AS json[]), "
-    "CAST(:received_at AS timestamptz[])) "
-    "ON CONFLICT (device_id, seq) DO NOTHING RETURNING device_id, seq"
-)
-_JSON_COLUMNS = ("latency_histogram", "class_counts", "sketches")
-
-
-def _pg_value(name: str, value: Any) -> Any:
-    """A row's value in the PostgreSQL arrays: JSON columns as text (SQL NULL stays NULL, not JSON null)."""
-    return json.dumps(value) if name in _JSON_COLUMNS and value is not None else value
-
-
 def _insert_new(session: Session, rows: list[dict[str, Any]], postgres: bool) -> set[tuple[str, int]]:
-    """Insert `rows`, skipping `(device_id, seq)` already stored; the keys that were new."""
+    """Insert `rows` skipping `(device_id, seq)` already stored (one statement per `_SQLITE_ROWS` on SQLite, one on
+    PostgreSQL); the keys that were new."""
+    connection = session.connection()
+    columns = columns_of(_TABLE, rows[0])  # `_record`'s keys: the one list of columns
     if postgres:
-        columns = {name: [_pg_value(name, r[name]) for r in rows] for name in rows[0]}
-        result = session.connection().execute(_PG_INSERT, columns)
-    else:
-        statement = (
-            sqlite_insert(TelemetryRecord.__table__)  # type: ignore[attr-defined]
-            .on_conflict_do_nothing(index_elements=["device_id", "seq"])
-            .returning(col(TelemetryRecord.device_id), col(TelemetryRecord.seq))
-        )
-        result = session.connection().execute(statement, rows)
-    return {(r[0], int(r[1])) for r in result}
+        statement = _insert_statement(columns)
+        result = connection.execute(statement, {"rows": rows_json(connection.dialect, _TABLE, columns, rows)})
+        return {(r[0], int(r[1])) for r in result}
+    new: set[tuple[str, int]] = set()
+    step = SQLITE_MAX_PARAMETERS // len(columns)
+    for start in range(0, len(rows), step):
+        chunk = rows[start : start + step]
+        parameters = rows_values(connection.dialect, _TABLE, columns, chunk)
+        result = connection.exec_driver_sql(_sqlite_insert(columns, len(chunk)), tuple(parameters))
+        new.update((r[0], int(r[1])) for r in result)
+    return new
+
+
+_TABLE = TelemetryRecord.__table__  # type: ignore[attr-defined]
+_CONFLICT = "ON CONFLICT (device_id, seq) DO NOTHING RETURNING device_id, seq"
+
+
+@cache
+def _insert_statement(columns: tuple[Column, ...]) -> Any:
+    """PostgreSQL: the batch as one JSON parameter (`cloud.telemetry._json_rows`), whatever its size."""
+    names = ", ".join(name for name, _ in columns)
+    return text(f"INSERT INTO telemetry_window ({names}) {rows_select('postgresql', columns)} {_CONFLICT}")
+
+
+@lru_cache(maxsize=32)
+def _sqlite_insert(columns: tuple[Column, ...], count: int) -> str:
+    """SQLite: `count` rows as one VALUES list of plain parameters (bound text is stored without parsing)."""
+    names = ", ".join(name for name, _ in columns)
+    return f"INSERT INTO telemetry_window ({names}) {values_clause(count, len(columns))} {_CONFLICT}"
 
 
 def _by_key(arrivals: Sequence[Arrival]) -> Any:

@@ -1,4 +1,5 @@
-"""Retention: raw telemetry windows deleted after `telemetry_retention_days`, rollups after `rollup_retention_days`.
+"""Retention: raw telemetry windows deleted after `telemetry_retention_days`, rollups after `rollup_retention_days`,
+drift rollups after `drift_rollup_retention_days`.
 
 Deletes run in bounded batches, one transaction each, so the bridge keeps ingesting between them. A window is
 deleted only when its device's chain is settled past it (`TelemetryChain.settled_seq`): the chain walk never
@@ -19,10 +20,10 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from cloud.models import TelemetryRecord
-from cloud.models.telemetry import TelemetryChain, TelemetryRollup
+from cloud.models.telemetry import DriftRollup, TelemetryChain, TelemetryRollup
 from protocol.messages import utcnow
 
-__all__ = ["DELETE_BATCH", "Pruned", "prune_rollups", "prune_telemetry", "prune_windows"]
+__all__ = ["DELETE_BATCH", "Pruned", "prune_drift_rollups", "prune_rollups", "prune_telemetry", "prune_windows"]
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +32,11 @@ DELETE_BATCH = 5000  # rows per delete transaction: bounds how long one holds th
 
 @dataclass(frozen=True)
 class Pruned:
-    """How many raw windows and rollup rows one retention pass deleted."""
+    """How many raw windows, rollup rows and drift rollup rows one retention pass deleted."""
 
     windows: int
     rollups: int
+    drift_rollups: int = 0
 
 
 def prune_windows(session: Session, *, before: datetime, limit: int = DELETE_BATCH) -> int:
@@ -85,6 +87,23 @@ def prune_rollups(session: Session, *, before: datetime, limit: int = DELETE_BAT
     return len(ids)
 
 
+def prune_drift_rollups(session: Session, *, before: datetime, limit: int = DELETE_BATCH) -> int:
+    """Delete up to `limit` drift rollup rows whose bucket starts before `before`; committed."""
+    ids = list(
+        session.exec(
+            select(DriftRollup.id)
+            .where(col(DriftRollup.bucket_start) < before)
+            .order_by(col(DriftRollup.bucket_start))
+            .limit(limit)
+        )
+    )
+    if not ids:
+        return 0
+    session.connection().execute(delete(DriftRollup).where(col(DriftRollup.id).in_(ids)))
+    session.commit()
+    return len(ids)
+
+
 def prune_telemetry(
     engine: Engine,
     *,
@@ -93,11 +112,18 @@ def prune_telemetry(
     now: datetime | None = None,
     batch: int = DELETE_BATCH,
     max_batches: int = 1000,
+    drift_rollup_days: float | None = None,
 ) -> Pruned:
-    """One retention pass: old windows, then old rollups, `batch` rows per transaction until none is left."""
+    """One retention pass: old windows, then old rollups and drift rollups (kept `rollup_days` unless
+    `drift_rollup_days`), `batch` rows per transaction until none is left."""
     now = now or utcnow()
     counts = []
-    for prune, days in ((prune_windows, window_days), (prune_rollups, rollup_days)):
+    passes = (
+        (prune_windows, window_days),
+        (prune_rollups, rollup_days),
+        (prune_drift_rollups, rollup_days if drift_rollup_days is None else drift_rollup_days),
+    )
+    for prune, days in passes:
         total = 0
         for _ in range(max_batches):
             with Session(engine, expire_on_commit=False) as session:
@@ -106,7 +132,10 @@ def prune_telemetry(
             if deleted < batch:
                 break
         counts.append(total)
-    pruned = Pruned(windows=counts[0], rollups=counts[1])
-    if pruned.windows or pruned.rollups:
-        log.info("telemetry retention deleted windows=%d rollups=%d", pruned.windows, pruned.rollups)
+    pruned = Pruned(windows=counts[0], rollups=counts[1], drift_rollups=counts[2])
+    if pruned.windows or pruned.rollups or pruned.drift_rollups:
+        log.info(
+            "telemetry retention deleted windows=%d rollups=%d drift_rollups=%d",
+            pruned.windows, pruned.rollups, pruned.drift_rollups,
+        )  # fmt: skip
     return pruned

@@ -1,9 +1,10 @@
 """Rollups: per device, model version and time bucket, the sums of its stored telemetry windows.
 
 `rollup_deltas` (pure) sums a batch of new windows per `RollupKey`; `apply_rollups` adds them to the stored rows
-in the caller's transaction: missing rows are inserted empty (`ON CONFLICT DO NOTHING`), then every row of the
-batch is locked (`FOR UPDATE` on PostgreSQL; SQLite has one writer at a time), merged in Python and written
-back, so concurrent batches never lose an increment. Counts are added; each JSON column is merged by its
+in the caller's transaction with two statements whatever the batch: one upsert adds the counts (inserting missing
+rows) and returns each row's JSON columns, which are merged in Python and written back by the second. The upsert
+leaves every row of the batch written by this transaction (PostgreSQL: locked until the commit; SQLite has one
+writer at a time), so concurrent batches never lose an increment. Counts are added; each JSON column is merged by its
 function in `MERGED` — a new per-window field (a sketch) is a column on `TelemetryRollup`, a reader of the
 window in `_window_values` and an entry here. Readers of time ranges (`rollup_series`, `rollup_totals`, the
 fleet summary) read rollups, which outlive the raw windows (`cloud.telemetry.retention`).
@@ -14,14 +15,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cache
 from typing import Any
 
-from sqlalchemy import bindparam, func, tuple_, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import func, text
 from sqlmodel import Session, col, select
 
 from cloud.models.telemetry import TelemetryRollup
+from cloud.telemetry._json_rows import columns_of, rows_json, rows_select
 from protocol.messages import TelemetryWindow
 
 __all__ = [
@@ -123,8 +124,28 @@ def rollup_deltas(windows: Iterable[TelemetryWindow], bucket_s: int) -> dict[Rol
     return deltas
 
 
-def _insert(session: Session) -> Any:
-    return pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+_KEY = ("device_id", "model_name", "model_version", "bucket_start")
+
+
+@cache
+def _statements(dialect: str) -> tuple[Any, Any]:
+    """(add the counts, inserting missing rows, and return the JSON columns to merge; write the merged JSON back):
+    one JSON parameter each (`cloud.telemetry._json_rows`), whatever the number of rows."""
+    table = TelemetryRollup.__table__  # type: ignore[attr-defined]
+    inserted = columns_of(table, (*_KEY, *_ADDED, *MERGED))
+    added = ", ".join(f"{name} = telemetry_rollup.{name} + excluded.{name}" for name in _ADDED)
+    returned = [table.c[name] for name in ("id", *_KEY, *MERGED)]
+    upsert = text(
+        f"INSERT INTO telemetry_rollup ({', '.join(name for name, _ in inserted)}) {rows_select(dialect, inserted)} "
+        f"ON CONFLICT ({', '.join(_KEY)}) DO UPDATE SET {added} RETURNING {', '.join(c.name for c in returned)}"
+    ).columns(*returned)  # typed: timestamps and JSON read back as SQLAlchemy reads them
+    merged = columns_of(table, ("id", *MERGED))
+    assignments = ", ".join(f"{name} = r.{name}" for name, _ in merged[1:])
+    update = text(
+        f"UPDATE telemetry_rollup SET {assignments} FROM ({rows_select(dialect, merged)}) AS r "
+        "WHERE telemetry_rollup.id = r.id"
+    )
+    return upsert, update
 
 
 def apply_rollups(session: Session, deltas: dict[RollupKey, RollupDelta]) -> None:
@@ -133,6 +154,9 @@ def apply_rollups(session: Session, deltas: dict[RollupKey, RollupDelta]) -> Non
         return
     keys = sorted(deltas)  # one lock order for every batch: concurrent batches do not deadlock
     table = TelemetryRollup.__table__  # type: ignore[attr-defined]
+    connection = session.connection()
+    dialect = connection.dialect
+    upsert, update = _statements(dialect.name)
     empty = {name: make() for name, make in _EMPTY.items()}
     rows = [
         {
@@ -140,39 +164,22 @@ def apply_rollups(session: Session, deltas: dict[RollupKey, RollupDelta]) -> Non
             "model_name": k.model_name,
             "model_version": k.model_version,
             "bucket_start": k.bucket_start,
-            "windows": 0,
-            "inference_count": 0,
-            "error_count": 0,
-            **empty,
+            **{name: getattr(deltas[k], name) for name in _ADDED},
+            **empty,  # merged below, with the row's stored values
         }
         for k in keys
     ]
-    conflict = ["device_id", "model_name", "model_version", "bucket_start"]
-    connection = session.connection()
-    connection.execute(_insert(session)(table).on_conflict_do_nothing(index_elements=conflict), rows)
-    columns = [table.c.device_id, table.c.model_name, table.c.model_version, table.c.bucket_start]
-    wanted = [(k.device_id, k.model_name, k.model_version, k.bucket_start) for k in keys]
-    statement = (
-        table.select()
-        .where(tuple_(*columns).in_(wanted))
-        .order_by(*columns)
-        .with_for_update()  # PostgreSQL: concurrent batches on these rows wait; SQLite ignores it
-    )
-    stored = {
-        RollupKey(r.device_id, r.model_name, r.model_version, _utc(r.bucket_start)): r
-        for r in connection.execute(statement)
-    }
-    updates = []
-    for key in keys:
-        row, delta = stored[key], deltas[key]
-        values: dict[str, Any] = {"_id": row.id}
-        for name in _ADDED:
-            values[name] = getattr(row, name) + getattr(delta, name)
+    # The counts are added in SQL; each row is now written by this transaction (PostgreSQL: locked until the commit,
+    # so a concurrent batch waits to merge the JSON columns after this one; SQLite has one writer at a time).
+    stored = connection.execute(upsert, {"rows": rows_json(dialect, table, columns_of(table, rows[0]), rows)})
+    merged = []
+    for row in stored:
+        delta = deltas[RollupKey(row.device_id, row.model_name, row.model_version, _utc(row.bucket_start))]
+        values: dict[str, Any] = {"id": row.id}
         for name, merge in MERGED.items():
             values[name] = merge(getattr(row, name) or _EMPTY[name](), delta.merged[name])
-        updates.append(values)
-    assignments: dict[str, Any] = {name: bindparam(name) for name in (*_ADDED, *MERGED)}
-    connection.execute(update(table).where(table.c.id == bindparam("_id")).values(**assignments), updates)
+        merged.append(values)
+    connection.execute(update, {"rows": rows_json(dialect, table, columns_of(table, merged[0]), merged)})
 
 
 def _utc(value: datetime) -> datetime:

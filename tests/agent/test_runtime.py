@@ -41,6 +41,8 @@ def test_file_that_is_not_onnx_is_an_invalid_model(tmp_path: Path) -> None:
         ({"input": np.zeros((64,), np.float32)}, "shape"),
         ({"input": np.zeros((1, 64), np.float64)}, "must be FP32"),
         ({"input": [[0.0] * 64]}, "numpy array"),
+        # ONNX Runtime itself would run it, reading the big-endian bytes as little-endian floats.
+        ({"input": np.zeros((1, 64), ">f4")}, "must be FP32"),
     ],
 )
 def test_inputs_that_do_not_fit_are_refused(digits_model_path: Path, inputs: dict, fragment: str) -> None:

@@ -150,7 +150,7 @@ def test_agent_serving_an_skl2onnx_classifier_publishes_class_counts_and_sketche
     data, expected = classifier
     spec, _ = spec_of(data, tmp_path)
     install_model(tmp_path / "agents" / "dev-1", spec, data)
-    agent = make_agent()
+    agent = make_agent(telemetry_sketch_rate=1.0)  # every call sketched: the window's rows are all of ROWS
     agent.start()
     for start in range(0, len(ROWS), 10):
         agent.infer({"X": ROWS[start : start + 10]})

@@ -64,6 +64,7 @@ def api(database_url: str, tmp_path: Path) -> Iterator[Api]:
         # No background alert or continuous-training ticks: tests call them when they mean to (no stray audit entries).
         alert_tick_s=0,
         ct_tick_s=0,
+        drift_rollup_tick_s=0,
     )
     app = create_app(settings, enable_mqtt=False)
     with TestClient(app) as client:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
@@ -21,6 +22,10 @@ from protocol.profiles import ReferenceProfile
 from protocol.sketches import SketchSet
 from protocol.telemetry import latency_histogram
 from simulators.drift import parse_drift
+from tests.cloud.fleet_helpers import enrol
+
+if TYPE_CHECKING:
+    from tests.cloud.conftest import Api
 
 
 @dataclass
@@ -90,3 +95,18 @@ def send_traffic(
             window = device.window(x, data.y[picked], model=model)
             with Session(coordinator.engine) as session:
                 assert ingest_telemetry(session=session, window=window)
+
+
+def profiled_fleet(
+    api: Api, model_path: Path, sites: dict[str, str]
+) -> tuple[list[DigitsDevice], ModelRef, ReferenceProfile, dict[str, Any]]:
+    """digits:1.0 pushed with its reference profile, and one enrolled device per `sites` entry (device id → its
+    `site` tag): the devices, the model they serve, the profile and the push's answer."""
+    profile = digits_profile(model_path)
+    pushed = api.push("digits", "1.0", model_path.read_bytes(), profile=profile.model_dump_json())
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    devices = []
+    for device_id, site in sites.items():
+        enrol(api.coordinator, device_id, tags={"site": site})
+        devices.append(DigitsDevice(device_id, session, profile.semantics))
+    return devices, ModelRef(name="digits", version="1.0", sha256=str(pushed["sha256"])), profile, pushed

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import onnxruntime as ort
 import pytest
 from sqlmodel import Session, select
 
@@ -19,8 +18,7 @@ from protocol.messages import ModelRef, utcnow
 from protocol.profiles import profile_digest
 from tests.cloud.cli_helpers import in_process_cli, ok_json
 from tests.cloud.conftest import Api
-from tests.cloud.drift_helpers import DigitsDevice, digits_profile, send_traffic
-from tests.cloud.fleet_helpers import enrol
+from tests.cloud.drift_helpers import DigitsDevice, profiled_fleet, send_traffic
 
 SITES = {"a-1": "a", "a-2": "a", "b-1": "b", "b-2": "b", "c-1": "c"}
 # Noise moves pixels and confidence alike (the estimated accuracy falls); a rotation would move the pixels too,
@@ -30,15 +28,8 @@ DRIFT = "noise=0.5:site=b"
 
 @pytest.fixture
 def fleet(api: Api, digits_model_path: Path) -> tuple[Api, list[DigitsDevice], ModelRef]:
-    profile = digits_profile(digits_model_path)
-    pushed = api.push("digits", "1.0", digits_model_path.read_bytes(), profile=profile.model_dump_json())
+    devices, model, profile, pushed = profiled_fleet(api, digits_model_path, SITES)
     assert pushed["profile_sha256"] == profile_digest(profile)
-    session = ort.InferenceSession(str(digits_model_path), providers=["CPUExecutionProvider"])
-    devices = []
-    for device_id, site in SITES.items():
-        enrol(api.coordinator, device_id, tags={"site": site})
-        devices.append(DigitsDevice(device_id, session, profile.semantics))
-    model = ModelRef(name="digits", version="1.0", sha256=str(pushed["sha256"]))
     send_traffic(api.coordinator, devices, model=model, drift={d: DRIFT.split(":")[0] for d in ("b-1", "b-2")})
     return api, devices, model
 

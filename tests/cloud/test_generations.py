@@ -47,6 +47,10 @@ def test_deployments_racing_rollout_steps_issue_every_generation_exactly_once(
     api.push("digits", "1.0", digits_model_bytes)
     for device_id in DEVICES:
         enrol(api.coordinator, device_id)
+    # The steps below are the rollout's only steps: the coordinator's own runner would dispatch attempt 1 of the
+    # same rollout at its next tick (and publish it before `published` listens), racing the threads' attempt 1.
+    assert api.coordinator.rollouts is not None
+    api.coordinator.rollouts.stop()
     rollout = api.client.post("/api/v1/rollouts", json={"model": "digits", "version": "1.0"}, headers=api.auth)
     assert rollout.status_code == 201, rollout.text
     rollout_id, plan = rollout.json()["id"], RolloutPlan(model="digits", version="1.0")

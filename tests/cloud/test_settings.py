@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cloud.errors import ConfigurationError
-from cloud.settings import Environment, Settings
+from cloud.settings import Environment, Settings, settings_error
 
 
 def test_database_defaults_to_sqlite_in_the_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -51,3 +51,54 @@ def test_unreadable_settings_file_is_a_configuration_error(tmp_path: Path) -> No
     bad.write_text("port = = 1")
     with pytest.raises(ConfigurationError, match=r"cannot read settings file"):
         Settings.load(bad)
+
+
+@pytest.mark.parametrize(
+    ("given", "field"),
+    [
+        ({"alert_webhook_urls": ["ftp://ops:hunter2@hooks.example"]}, "alert_webhook_urls"),
+        ({"database_url": "mysql+nosuch://ops:hunter2@db.example/fleet"}, "database_url"),
+        ({"database_url": "postgresql+psycopg://ops:hunter2@db.example:notaport/fleet"}, "database_url"),
+    ],
+)
+def test_refused_settings_name_the_field_without_echoing_a_password(
+    tmp_path: Path, given: dict[str, object], field: str
+) -> None:
+    with pytest.raises(ValueError) as refused:
+        Settings(data_dir=tmp_path, **given)  # type: ignore[arg-type]
+    message = settings_error(refused.value)  # pydantic's own message repeats the input; this one does not
+    assert message.startswith(f"{field}: ") and "hunter2" not in message
+
+
+@pytest.mark.parametrize(
+    "given",
+    ["mqtt://node-1:1883, mqtt://node-2:1884/", ["mqtt://node-1:1883", "mqtt://node-2:1884"]],
+    ids=["comma-separated", "toml-list"],
+)
+def test_several_broker_urls_are_kept_as_one_list(tmp_path: Path, given: object) -> None:
+    settings = Settings(data_dir=tmp_path, mqtt_url=given, device_mqtt_url=given)  # type: ignore[arg-type]
+    assert settings.mqtt_url == settings.device_mqtt_url == "mqtt://node-1:1883,mqtt://node-2:1884"
+
+
+def test_broker_list_from_a_settings_file(tmp_path: Path) -> None:
+    path = tmp_path / "edgefleet.toml"
+    path.write_text('mqtt_url = ["mqtts://node-1:8883", "mqtts://node-2:8883"]\n')
+    assert Settings.load(path, data_dir=tmp_path).mqtt_url == "mqtts://node-1:8883,mqtts://node-2:8883"
+
+
+@pytest.mark.parametrize(
+    ("urls", "why"),
+    [
+        ("mqtts://ops:hunter2@node-1:8883,mqtt://node-2:1883", "mix TLS"),
+        ("mqtt://ops:hunter2@node-1:1883,http://node-2", "must look like"),
+        ("mqtt://ops:hunter2@node-1:1883,mqtt://node-2:port", "invalid port"),
+    ],
+)
+@pytest.mark.parametrize("field", ["mqtt_url", "device_mqtt_url"])
+def test_refused_broker_lists_name_the_field_without_echoing_a_password(
+    tmp_path: Path, urls: str, why: str, field: str
+) -> None:
+    with pytest.raises(ValueError) as refused:
+        Settings(data_dir=tmp_path, **{field: urls})  # type: ignore[arg-type]
+    message = settings_error(refused.value)
+    assert message.startswith(f"{field}: ") and why in message and "hunter2" not in message

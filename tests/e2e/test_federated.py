@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
@@ -37,9 +39,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud.client import ApiClient
 from tests.cloud.test_superlink import alive, cmdline, family
+from tests.e2e.dashboard_helpers import browser_missing, chromium, signing_in
 from tests.e2e.test_fleet_deploy import deployment_statuses, wait_until
 from tests.federated.flower import require_flower
-from tests.services import require_convert_extra
+from tests.services import in_ci, require_convert_extra
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -165,9 +168,7 @@ def world(mosquitto_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         cohort_a, cohort_b = fleet("fla", 3, "a"), fleet("flb", 4, "b")
         for prefix in ("fla", "flb"):
             deployed = api.deploy(model=MODEL, version=PARENT, tags={"fleet": prefix})["id"]
-            wait_until(
-                lambda d=deployed: set(deployment_statuses(api, d).values()) == {"succeeded"}, 120, "the parent"
-            )
+            wait_until(lambda d=deployed: set(deployment_statuses(api, d).values()) == {"succeeded"}, 120, "the parent")
         # cohort a: half noisy, half clean, labelled right; cohort b: clean inputs, labels shifted by one.
         rng = np.random.default_rng(5)
         noisy = rng.random(len(split.x_train)) < 0.5
@@ -285,6 +286,80 @@ def test_noisy_cohort_retrains_into_a_signed_candidate_that_a_canary_rollout_pro
     assert {a.active_model.version for a in world.cohort_a.agents if a.active_model} == {candidate}
     assert {a.active_model.version for a in world.cohort_b.agents if a.active_model} == {PARENT}
     _assert_no_marker_left_the_devices(world)
+    # Last, after every federated assertion: the browser part is the only one a machine without chromium leaves out.
+    _assert_dashboard_shows_the_run(world, world.api.federated_run(run_id))
+
+
+def _assert_dashboard_shows_the_run(world: World, run: dict[str, Any]) -> None:
+    """A viewer opens `#/federated/{id}` of the finished run on the coordinator's dashboard: its real rounds with their
+    metrics and the nodes that took part, no console error, no request off 127.0.0.1; a screenshot is saved as
+    `test-output/dashboard/real-federated-run.png`. Without chromium or Playwright this logs why and does nothing
+    (under CI it fails: CI must run everything)."""
+    if reason := browser_missing():
+        if in_ci():
+            pytest.fail(f"CI=true and the dashboard check of a real federated run cannot run: {reason}")
+        print(f"NOT CHECKED: the dashboard page of federated run fl-{run['id']} ({reason})")
+        warnings.warn(f"dashboard check of a real federated run not done: {reason}", stacklevel=2)
+        return
+    token = world.api.post_json("/tokens", {"name": "fl-viewer", "role": "viewer"})["token"]
+    rounds, nodes = run["rounds"], run["node_ids"]
+    assert nodes, "the API's run detail names no node: nothing to look for on the page"
+    with chromium() as browser, signing_in(browser, world.api.url) as sign_in:
+        visit = sign_in(token)
+        page = visit.page
+        visit.go(f"/federated/{run['id']}", ".page-federated table[aria-label='nodes per round']")
+        assert page.inner_text("#who") == "fl-viewer (viewer)"
+        heading = page.inner_text("h1")
+        assert f"fl-{run['id']}" in heading and f"{MODEL}:{PARENT}" in heading and "completed" in heading, heading
+        facts = page.inner_text(".page-federated dl")
+        done = len({r["round"] for r in rounds})
+        assert done == run["params"].get("rounds") == 3 and f"{done} of {done}" in facts, facts
+        assert f"{MODEL}:{run['candidate_version']}" in facts and f"#{run['rollout_id']}" in facts, facts
+
+        # One row per round and phase, with every metric the API has for it, formatted as the page does.
+        shown = page.locator("table[aria-label=rounds] tbody tr")
+        assert shown.count() == len(rounds), (shown.count(), len(rounds))
+        for i, line in enumerate(rounds):
+            number, phase, replies, _failures, metrics, _at = shown.nth(i).locator("td").all_inner_texts()
+            assert (number, phase, replies) == (str(line["round"]), line["phase"], str(line["replies"]))
+            assert line["metrics"], f"round {line['round']} ({line['phase']}) has no metrics in the API"
+            for key, value in line["metrics"].items():
+                assert f"{key} {_as_the_page_shows(value)}" in metrics, (key, value, metrics)
+        # One chart per phase, from round 1 to the last, with a line for each of the phase's numeric quality metrics
+        # (counts and timings stay in the table: on one scale with them accuracy and loss would be flat lines).
+        for phase in {r["phase"] for r in rounds}:
+            chart = page.locator(f"svg.chart[aria-label='{phase} metrics per round']")
+            assert chart.count() == 1, f"no chart of the {phase} metrics"
+            drawn = chart.inner_html()
+            assert "round 1" in drawn and f"round {done}" in drawn, f"the {phase} chart does not span every round"
+            metrics = {k for r in rounds if r["phase"] == phase for k, v in r["metrics"].items() if _number(v)}
+            charted = {k for k in metrics if not re.match(r"(num|time)[-_]", k)}
+            assert charted, f"the {phase} phase reported no quality metric: {sorted(metrics)}"
+            for key in metrics:
+                lines = chart.locator(f"text[data-series='{key}']").count()
+                assert lines == (1 if key in charted else 0), f"{key}: {lines} lines in the {phase} chart"
+        assert " null" not in (page.text_content("main") or ""), "a parameter without a value shown as null"
+
+        # As many nodes as the API lists, each of which answered in some round.
+        table = page.locator("table[aria-label='nodes per round'] tbody tr")
+        assert table.count() == len(nodes), (table.count(), nodes)
+        by_node = {table.nth(i).locator("td").first.inner_text(): table.nth(i).inner_text() for i in range(len(nodes))}
+        assert set(by_node) == {str(n) for n in nodes}, (by_node, nodes)
+        assert all("✔" in row for row in by_node.values()), by_node
+        print(f"dashboard: fl-{run['id']} shows {len(rounds)} round lines and {len(nodes)} nodes")
+        visit.shot("real-federated-run")
+        visit.assert_clean()
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _as_the_page_shows(value: Any) -> str:
+    """A metric's value as the dashboard's `fmtNum(value, 4)` writes it (JavaScript has one number type)."""
+    if _number(value) and float(value).is_integer():
+        return str(int(value))
+    return f"{value:.4f}" if _number(value) else str(value)
 
 
 def test_poisoned_cohort_survives_a_killed_node_and_its_candidate_fails_the_gate(world: World) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from protocol.errors import BrokerUrlError
-from protocol.mqtt import BrokerAddress, parse_mqtt_url, redact_mqtt_url
+from protocol.mqtt import BrokerAddress, parse_mqtt_url, parse_mqtt_urls, redact_mqtt_url, strip_mqtt_credentials
 
 
 def test_plain_url_with_a_port_is_a_plain_connection() -> None:
@@ -44,3 +44,19 @@ def test_redacted_url_hides_the_password_and_keeps_the_rest() -> None:
     assert "s3cret" not in redacted
     assert redacted == "mqtts://user:***@broker.example:8883"
     assert redact_mqtt_url("mqtt://broker:1883") == "mqtt://broker:1883"
+
+
+def test_every_url_of_a_broker_list_is_redacted() -> None:
+    urls = "mqtts://a:one@node-1:8883,mqtts://node-2:8883,mqtts://b:two@node-3"
+    assert redact_mqtt_url(urls) == "mqtts://a:***@node-1:8883,mqtts://node-2:8883,mqtts://b:***@node-3"
+
+
+def test_devices_are_told_a_broker_list_without_any_credentials() -> None:
+    urls = "mqtt://a:one@node-1:1883,mqtt://node-2:1884,mqtt://b@node-3"
+    assert strip_mqtt_credentials(urls) == "mqtt://node-1:1883,mqtt://node-2:1884,mqtt://node-3"
+
+
+def test_mixing_tls_and_plain_brokers_is_refused_without_leaking_a_password() -> None:
+    with pytest.raises(BrokerUrlError, match="mix TLS") as info:
+        parse_mqtt_urls("mqtts://u:secret@node-1,mqtt://v:hidden@node-2")
+    assert "secret" not in str(info.value) and "hidden" not in str(info.value)
