@@ -69,6 +69,10 @@ telemetry_sketch_rate = 0.125
 telemetry_outbox_windows = 10000
 telemetry_outbox_bytes = 67108864
 
+# Seconds a change in the middle of an update waits before the retained reported state is sent (with the
+# state of that moment; each phase still sends its event, the end of an update goes out at once). 0 = every change.
+report_interval_s = 0.2
+
 # MQTT reconnect backoff bounds, download timeout and attempts, threads per inference.
 reconnect_min_s = 1
 reconnect_max_s = 60

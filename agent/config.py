@@ -27,6 +27,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agent.errors import ConfigError
+from agent.reporting import DEFAULT_REPORT_INTERVAL_S
 from protocol import TopicError, Topics, validate_device_id
 
 __all__ = ["ENV_PREFIX", "AgentConfig", "load_config", "split_host_port"]
@@ -81,6 +82,14 @@ class AgentConfig(BaseModel):
         le=1,
         description="share of inference calls whose input rows and confidence are sketched for drift (each call drawn "
         "at random; 1 = every call); counts, latencies and classes always cover every call",
+    )
+    report_interval_s: float = Field(
+        default=DEFAULT_REPORT_INTERVAL_S,
+        ge=0,
+        le=60,
+        description="seconds a change in the middle of an update waits before the retained reported state is sent "
+        "(with the state of that moment: at most one report per interval; each phase still sends its event, and the "
+        "end of an update, connects and stops go out at once); 0 = every change at once",
     )
     reconnect_min_s: float = Field(default=1.0, gt=0, le=3600)
     reconnect_max_s: float = Field(default=60.0, gt=0, le=3600)

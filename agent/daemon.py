@@ -25,6 +25,7 @@ from agent.errors import ConfigError, NoModelError, TransportError
 from agent.feedback import Feedback, FeedbackResult, PredictionLog, parse_feedback
 from agent.metrics import AgentMetrics, AgentReading
 from agent.outbox import Outbox
+from agent.reporting import ReportCoalescer, must_flush
 from agent.runtime import LoadedModel, RuntimeCatalog, default_catalog
 from agent.seq import SEQ_FILE, SeqCounter
 from agent.server import InferenceServer, create_app
@@ -122,6 +123,7 @@ class Agent:
         self._started = False
         self._topics: Topics | None = None
         self._transport: Transport | None = None
+        self._reports: ReportCoalescer | None = None  # the retained reported state's publisher
         self._worker: UpdateWorker | None = None
         self._fetcher: ArtifactFetcher | None = None
         self._telemetry: TelemetryPublisher | None = None
@@ -447,6 +449,7 @@ class Agent:
             rediscover_after=cfg.broker_rediscover_after,
         )
         self._telemetry = self._telemetry_publisher(self._transport)
+        self._reports = ReportCoalescer(self._publish_report, interval_s=cfg.report_interval_s)
         self._transport.start(on_message=self._on_message, on_connect=self._on_connect)
         self._telemetry.start()
 
@@ -468,6 +471,8 @@ class Agent:
         if self._transport is not None:
             if report:
                 self._report(status=DeviceStatus.OFFLINE)
+            if self._reports is not None:
+                self._reports.close()  # no trailing `online` after the goodbye
             self._transport.close(timeout=5.0)
         if self._server is not None:
             self._server.stop()
@@ -476,6 +481,7 @@ class Agent:
         if self._fetcher is not None:
             self._fetcher.close()
         self._transport = self._telemetry = self._server = self._fetcher = None
+        self._reports = None
 
     def _on_connect(self) -> None:
         if self._telemetry is not None:
@@ -541,9 +547,24 @@ class Agent:
             self._event(
                 kind, generation=new.generation, phase=new.phase, message=f"{new.phase.value} {target}", error=new.error
             )
-        self._report()
+        # Every phase has its event (the history); the retained report of a phase in the middle of an update is
+        # coalesced (`agent.reporting`), the end of an update published at once.
+        self._report(coalesce=not must_flush(new.phase))
 
-    def _report(self, status: DeviceStatus = DeviceStatus.ONLINE) -> None:
+    def _report(self, status: DeviceStatus = DeviceStatus.ONLINE, *, coalesce: bool = False) -> None:
+        """Publish the retained reported state now, or with `coalesce` at most once per `report_interval_s`."""
+        reports = self._reports
+        if reports is None:
+            return  # messaging not started (or stopped): nobody to tell
+        if coalesce:
+            reports.report()
+        elif status is DeviceStatus.ONLINE:
+            reports.flush()
+        else:
+            reports.flush(functools.partial(self._publish_report, status))
+
+    def _publish_report(self, status: DeviceStatus = DeviceStatus.ONLINE) -> None:
+        """The reported state of this moment, published retained."""
         transport, topics = self._transport, self._topics
         if transport is None or topics is None:
             return

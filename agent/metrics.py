@@ -9,6 +9,9 @@ serving tap, for a `Serving` without that recorder). Everything else is read fro
 Labels fed back for earlier predictions (`agent.feedback`) are counted as they arrive: received (counted into
 telemetry) and refused, by reason (`unknown_id`, `duplicate`, `wrong_kind`, `malformed`, `stale_version`).
 Labels are bounded: model name and version, update phase, SuperNode state, refusal reason.
+
+prometheus_client (with http.server, wsgiref and friends, ~1 MiB resident) is imported on the first scrape or the
+first label fed back, not by an agent nobody scrapes.
 """
 
 from __future__ import annotations
@@ -21,16 +24,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, get_args
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    InfoMetricFamily,
-    Metric,
-)
-from prometheus_client.exposition import choose_encoder
-from prometheus_client.utils import floatToGoString
 
 from agent.federation import State
 from agent.windows import ServedCounts
@@ -38,6 +31,9 @@ from protocol import ModelRef, UpdatePhase
 from protocol.telemetry import LATENCY_BUCKETS_MS
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry, Counter
+    from prometheus_client.core import GaugeMetricFamily, Metric
+
     from agent.serving import ActiveModel
 
 __all__ = [
@@ -73,6 +69,8 @@ class AgentReading:
 
 def families(reading: AgentReading) -> list[Metric]:
     """The scrape-time metric families of `reading`. Pure."""
+    from prometheus_client.core import CounterMetricFamily, InfoMetricFamily
+
     build = InfoMetricFamily("edgefleet_agent_build", "the agent's version")
     build.add_metric([], {"version": reading.version})
     out: list[Metric] = [build]
@@ -101,11 +99,15 @@ def families(reading: AgentReading) -> list[Metric]:
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    from prometheus_client.core import GaugeMetricFamily
+
     return GaugeMetricFamily(name, documentation, value=value)
 
 
 def _one_of(name: str, documentation: str, label: str, values: Iterable[str], current: str) -> GaugeMetricFamily:
     """An enum as a gauge: one series per value, 1 for `current` (added when it is not a known value)."""
+    from prometheus_client.core import GaugeMetricFamily
+
     family = GaugeMetricFamily(name, documentation, labels=[label])
     known = list(values)
     for value in known if current in known else [*known, current]:
@@ -118,6 +120,9 @@ ServedReading = Callable[[], Mapping[tuple[str, str], ServedCounts]]
 
 def served_families(served: Mapping[tuple[str, str], ServedCounts]) -> list[Metric]:
     """Inferences, runtime failures and the latency histogram by model and version. Pure."""
+    from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+    from prometheus_client.utils import floatToGoString
+
     labels = ["model", "version"]
     inferences = CounterMetricFamily("edgefleet_agent_inferences", "inferences run, by model", labels=labels)
     errors = CounterMetricFamily(
@@ -148,24 +153,43 @@ class AgentMetrics:
     """The agent's registry: inference counters filled by `tap`, the rest read by `read()` at scrape time."""
 
     def __init__(self, read: Callable[[], AgentReading], served: ServedReading | None = None) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
+        self._read = read
         self._served = served
         self._tapped: dict[tuple[str, str], ServedCounts] = {}
         self._tap_lock = threading.Lock()
-        self._labels = Counter(
+        self._registry: tuple[CollectorRegistry, Counter, Counter] | None = None
+        self._registry_lock = threading.Lock()
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The Prometheus registry, made (and prometheus_client imported) on first use."""
+        return self._made()[0]
+
+    def _made(self) -> tuple[CollectorRegistry, Counter, Counter]:
+        with self._registry_lock:
+            if self._registry is None:
+                self._registry = self._make()
+            return self._registry
+
+    def _make(self) -> tuple[CollectorRegistry, Counter, Counter]:
+        from prometheus_client import CollectorRegistry, Counter
+
+        registry = CollectorRegistry(auto_describe=False)
+        received = Counter(
             "edgefleet_agent_labels_received",
             "labels fed back for earlier predictions and counted in telemetry, by model (one per row)",
             ["model"],
-            registry=self.registry,
+            registry=registry,
         )
-        self._refused = Counter(
+        refused = Counter(
             "edgefleet_agent_labels_refused",
             "labels fed back and not counted, by model and reason (unknown_id, duplicate, wrong_kind, malformed: "
             "per refused body item; stale_version: per row)",
             ["model", "reason"],
-            registry=self.registry,
+            registry=registry,
         )
-        self.registry.register(_ReadingCollector(read, self._served_families))
+        registry.register(_ReadingCollector(self._read, self._served_families))
+        return registry, received, refused
 
     def _served_families(self) -> list[Metric]:
         served = dict(self._served()) if self._served is not None else {}
@@ -182,10 +206,11 @@ class AgentMetrics:
 
     def labels(self, model: str, reason: str | None, n: int) -> None:
         """Count `n` labels fed back for `model`: received (`reason` None) or refused for `reason`."""
+        _, received, refused = self._made()
         if reason is None:
-            self._labels.labels(model).inc(n)
+            received.labels(model).inc(n)
         else:
-            self._refused.labels(model, reason if reason in LABEL_REFUSALS else "malformed").inc(n)
+            refused.labels(model, reason if reason in LABEL_REFUSALS else "malformed").inc(n)
 
     def tap(
         self,
@@ -204,5 +229,7 @@ class AgentMetrics:
 
     def exposition(self, accept: str | None) -> tuple[bytes, str]:
         """The scrape's body and content type: OpenMetrics when `accept` asks for it, else the text format."""
+        from prometheus_client.exposition import choose_encoder
+
         encoder, content_type = choose_encoder(accept or "")
         return encoder(self.registry), content_type

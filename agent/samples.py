@@ -19,17 +19,19 @@ import json
 import logging
 import math
 import random
-import sqlite3
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from agent.errors import AgentError
+
+if TYPE_CHECKING:  # sqlite3 (~1 MiB resident) is imported where it is used: only `sample_rates` opens a store
+    import sqlite3
 
 __all__ = [
     "SAMPLES_FILE",
@@ -224,6 +226,8 @@ class SampleStore:
 
     def keep(self, request_id: str, model: str, version: str, inputs: Mapping[str, np.ndarray]) -> int:
         """Write every batch row of a single-input request (replacing an earlier request with the same id)."""
+        import sqlite3
+
         rows = self._rows(request_id, model, version, inputs)
         if not rows:
             return 0
@@ -286,6 +290,8 @@ class SampleStore:
 
     def label(self, model: str, entries: Sequence[LabelEntry]) -> LabelsResult:
         """Store the labels of `model`'s requests, all or none; `LabelsError` when a list does not fit its batch."""
+        import sqlite3
+
         now = time.time()
         with self._lock:
             conn = self._connection()
@@ -342,6 +348,8 @@ class SampleStore:
 
     def stats(self) -> SampleStats:
         """Counters, and rows / labelled rows per model read from the file (empty when it cannot be read)."""
+        import sqlite3
+
         rows: dict[str, int] = {}
         labelled: dict[str, int] = {}
         with self._lock:
@@ -374,6 +382,8 @@ class SampleStore:
 
     def _connection(self) -> sqlite3.Connection:
         """The open connection, opening (and creating) the file when needed; at most every `retry_s` after a failure."""
+        import sqlite3
+
         if self._conn is not None:
             return self._conn
         if time.monotonic() < self._retry_at:
@@ -430,6 +440,8 @@ class SampleStore:
 
 def _prepare(conn: sqlite3.Connection, path: Path) -> None:
     """WAL, and the schema of format version 1 (created in an empty file); `SampleStoreError` otherwise."""
+    import sqlite3
+
     try:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")  # WAL stays consistent; a power loss may lose the last rows
@@ -458,6 +470,8 @@ class _transaction:
         return self._conn
 
     def __exit__(self, exc_type: object, *_: object) -> None:
+        import sqlite3
+
         if exc_type is None:
             self._conn.execute("COMMIT")
         else:

@@ -28,10 +28,9 @@ import logging
 import socket
 import threading
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
@@ -72,6 +71,9 @@ from protocol.inference import (
     ModelMetadata,
     ServerMetadata,
 )
+
+if TYPE_CHECKING:
+    import uvicorn
 
 __all__ = ["DEFAULT_MAX_REQUEST_BYTES", "InferenceServer", "create_app", "decode_tensor", "encode_tensor"]
 
@@ -414,7 +416,10 @@ class InferenceServer:
             raise ConfigError(f"cannot listen on {self._host}:{self._port} (http_host/http_port): {exc}") from exc
         port = sock.getsockname()[1]
         self._warn_if_open(port)
-        config = uvicorn.Config(self._app, log_level="warning", access_log=False, lifespan="off")
+        import uvicorn  # with the endpoint: an agent without one never loads it
+
+        # ws="none": the endpoint speaks HTTP only, so uvicorn does not load a WebSocket library (~1.5 MiB resident).
+        config = uvicorn.Config(self._app, log_level="warning", access_log=False, lifespan="off", ws="none")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [sock]}, name=f"http-{self._name}", daemon=True

@@ -8,11 +8,13 @@
 (c) the agent daemon's resident memory, idle with the demo model loaded, vs a bare Python process that
     has loaded the same model into onnxruntime.
 
-Run: `.venv/bin/python benchmarks/bench_agent.py` (about a minute).
+Run: `.venv/bin/python benchmarks/bench_agent.py` (about a minute); `--memory` runs (c) alone, `--runs N` times
+interleaved (the median is printed).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -123,20 +125,22 @@ def bare_starlette(payload: bytes) -> tuple[str, uvicorn.Server, threading.Threa
     return f"http://127.0.0.1:{port}/infer", server, thread
 
 
-def daemon_rss(tmp: Path, broker_url: str, artifact_url: str, model_path: Path) -> int:
-    """RSS (KiB) of `edgefleet-agent run`, idle, after it activated the model."""
-    config = tmp / "agent.toml"
+def daemon_rss(tmp: Path, broker_url: str, artifact_url: str, model_path: Path, run: int = 0) -> int:
+    """RSS (KiB) of `edgefleet-agent run`, idle, after it activated the model (a fresh device and data dir per run)."""
+    device = f"bench-rss-{run}"
+    config = tmp / f"{device}.toml"
+    data_dir = tmp / f"{device}-data"
     config.write_text(
-        f'device_id = "bench-rss"\ndata_dir = "{tmp / "rss-data"}"\nmqtt_url = "{broker_url}"\n'
+        f'device_id = "{device}"\ndata_dir = "{data_dir}"\nmqtt_url = "{broker_url}"\n'
         f'topic_base = "{TOPIC_BASE}"\nhttp_port = 0\ntelemetry_interval_s = 3600\n'
     )
-    publish_desired(broker_url, "bench-rss", model_path, artifact_url, "1.0.0")
+    publish_desired(broker_url, device, model_path, artifact_url, "1.0.0")
     agent_bin = Path(sys.executable).parent / "edgefleet-agent"
     proc = subprocess.Popen(
         [str(agent_bin), "run", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        state = tmp / "rss-data" / "slots" / "active"
+        state = data_dir / "slots" / "active"
         deadline = time.monotonic() + 60
         while not state.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -167,7 +171,38 @@ def baseline_rss(model_path: Path) -> int:
         proc.wait()
 
 
+def memory_only(runs: int) -> None:
+    """Part (c) alone: agent and bare process measured alternately, `runs` times each."""
+    agent_kib: list[int] = []
+    base_kib: list[int] = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        model_path = tmp / "digits.onnx"
+        model_path.write_bytes(train_digits_mlp().onnx_bytes)
+        with embedded_broker() as broker_url, FaultyArtifactServer() as artifacts:
+            artifact_url = artifacts.publish(model_path.name, model_path.read_bytes())
+            for run in range(runs):
+                base_kib.append(baseline_rss(model_path))
+                agent_kib.append(daemon_rss(tmp, broker_url, artifact_url, model_path, run))
+    rss_base, rss_agent = statistics.median(base_kib), statistics.median(agent_kib)
+
+    def each(kib: list[int]) -> str:
+        return " ".join(f"{k / 1024:.1f}" for k in kib)
+
+    print(f"(c) resident memory, idle with the model loaded, median of {runs} interleaved runs")
+    print(f"    bare python + onnxruntime  {rss_base / 1024:8.1f} MiB   ({each(base_kib)})")
+    ratio = rss_agent / rss_base
+    print(f"    edgefleet-agent run        {rss_agent / 1024:8.1f} MiB   ({each(agent_kib)})   ratio {ratio:5.2f}x")
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--memory", action="store_true", help="run only part (c), resident memory")
+    parser.add_argument("--runs", type=int, default=3, help="interleaved runs for --memory (default 3)")
+    args = parser.parse_args()
+    if args.memory:
+        memory_only(max(args.runs, 1))
+        return
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         model_path = tmp / "digits.onnx"

@@ -400,6 +400,9 @@ def run_light(
         "artifact_requests": proxy.requests,
         "device_downloads": devices.downloads,
         "devices_downloading_more_than_once": sum(1 for d in devices.devices.values() if d["downloads"] > 1),
+        # Published by the devices, connect included (an `online` report and `agent.started` each, more on reconnects).
+        "reports_per_device": round(sum(int(d.get("reports_sent", 0)) for d in devices.devices.values()) / n, 2),
+        "events_per_device": round(sum(int(d.get("events_sent", 0)) for d in devices.devices.values()) / n, 2),
         **_baseline_figures(baseline, n),
     }
 

@@ -21,12 +21,13 @@ import struct
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-from datasketches import kll_floats_sketch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from protocol.errors import ProtocolError
 
 if TYPE_CHECKING:
+    from datasketches import kll_floats_sketch
+
     from protocol.outputs import Predictions
 
 __all__ = [
@@ -124,7 +125,7 @@ def decode_sketch(text: str) -> kll_floats_sketch:
         raise SketchError(f"sketch is not base64: {exc}") from exc
     _check_kll(data)
     try:
-        return kll_floats_sketch.deserialize(data)
+        return _kll().deserialize(data)
     except (RuntimeError, ValueError, MemoryError) as exc:
         raise SketchError(f"sketch does not deserialize: {exc}") from exc
 
@@ -199,8 +200,16 @@ def _check_items(items: np.ndarray) -> None:
         raise SketchError("malformed KLL sketch: NaN items")
 
 
+def _kll() -> type[kll_floats_sketch]:
+    """The DataSketches KLL class, imported on first use: an agent that has not served a request yet does not hold
+    the library (~1.5 MiB resident)."""
+    from datasketches import kll_floats_sketch
+
+    return kll_floats_sketch
+
+
 def _new() -> kll_floats_sketch:
-    return kll_floats_sketch(SKETCH_K)
+    return _kll()(SKETCH_K)
 
 
 def _update(sketch: kll_floats_sketch | None, parts: list[np.ndarray]) -> kll_floats_sketch | None:

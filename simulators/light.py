@@ -4,8 +4,9 @@ A light device does on the wire what a real agent does on an update (`agent.daem
 inference: it enrols with the coordinator (`agent.identity.enrol`, here with a fleet bootstrap secret so that
 10,000 devices need no operator token each), connects to the fleet broker with its own certificate, reports
 `online` and `agent.started`, and on a new desired state walks the agent's phases — downloading, verifying,
-staging, loading, health_check, shadow, switching, committing, active — publishing at each the same event
-and retained `ReportedState` an agent publishes (`protocol.messages`, the agent's topics). The artifact is
+staging, loading, health_check, shadow, switching, committing, active — publishing at each the same event an
+agent publishes, and the retained `ReportedState` through the agent's own `agent.reporting.ReportCoalescer`
+(at most one per interval in the middle of an update, the end of it at once). The artifact is
 really downloaded over HTTP (httpx, the URL and token the desired state names) and its size and sha256
 really checked; it is never loaded.
 
@@ -50,6 +51,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.credentials import tls_context
 from agent.errors import TransportError
 from agent.identity import DeviceIdentity, enrol, load_identity
+from agent.reporting import DEFAULT_REPORT_INTERVAL_S, ReportCoalescer, must_flush
 from protocol import (
     Capabilities,
     DesiredState,
@@ -126,6 +128,7 @@ class LightDevice:
     identity: DeviceIdentity
     topics: Topics
     client: mqtt.Client
+    reports: ReportCoalescer = field(init=False)  # set by `_Loop.add`: it publishes through the loop
     generation: int | None = None
     phase: UpdatePhase = UpdatePhase.IDLE
     target: ModelSpec | None = None
@@ -133,6 +136,7 @@ class LightDevice:
     error: ErrorInfo | None = None
     downloads: int = 0
     bytes_received: int = 0
+    events_sent: int = 0
     connected: bool = False
     started: bool = False  # `agent.started` sent (once per process, as an agent does per start)
     # Telemetry (only with a telemetry interval): the next window's seq, windows published, and per window the
@@ -178,9 +182,18 @@ class _Downloaded:
 class _Loop:
     """The devices of one process on one epoll loop."""
 
-    def __init__(self, devices_dir: Path, *, trial_s: float, download_threads: int, telemetry_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        devices_dir: Path,
+        *,
+        trial_s: float,
+        download_threads: int,
+        telemetry_s: float = 0.0,
+        report_interval_s: float = DEFAULT_REPORT_INTERVAL_S,
+    ) -> None:
         self.devices_dir = devices_dir
         self.trial_s = trial_s
+        self.report_interval_s = report_interval_s
         self.telemetry_s = telemetry_s
         self._sketches = window_sketches(_WINDOW_SKETCH_ROWS, _SKETCH_VARIANTS) if telemetry_s > 0 else []
         self.selector = selectors.DefaultSelector()
@@ -217,6 +230,9 @@ class _Loop:
             protocol=mqtt.MQTTv311,
         )
         device = LightDevice(identity=identity, topics=topics, client=client)
+        device.reports = ReportCoalescer(
+            lambda: self._publish_report(device), interval_s=self.report_interval_s, schedule=self._schedule
+        )
         offline = ReportedState(device_id=identity.device_id, status=DeviceStatus.OFFLINE, tags=identity.tags)
         client.will_set(topics.reported(identity.device_id), encode(offline), qos=1, retain=True)
         client.max_queued_messages_set(1000)
@@ -281,13 +297,25 @@ class _Loop:
 
     # -- what an agent publishes ---------------------------------------------------------------------
 
-    def _report(self, device: LightDevice, status: DeviceStatus = DeviceStatus.ONLINE) -> None:
+    def _report(self, device: LightDevice, *, coalesce: bool = False) -> None:
+        """The agent's `_report`: the reported state now, or with `coalesce` at most once per report interval."""
+        if coalesce:
+            device.reports.report()
+        else:
+            device.reports.flush()
+
+    def _publish_report(self, device: LightDevice) -> None:
         topic = device.topics.reported(device.device_id)
-        device.client.publish(topic, encode(device.reported(status)), qos=1, retain=True)
+        device.client.publish(topic, encode(device.reported()), qos=1, retain=True)
+
+    def _schedule(self, delay_s: float, action: Callable[[], None]) -> None:
+        """The coalescers' trailing reports, on this loop's timers (one thread: nothing to cancel)."""
+        self.later(delay_s, action)
 
     def _event(self, device: LightDevice, kind: EventKind, **fields: Any) -> None:
         event = DeviceEvent(device_id=device.device_id, kind=kind, **fields)
         device.client.publish(device.topics.events(device.device_id), encode(event), qos=1)
+        device.events_sent += 1
 
     def _enter(self, device: LightDevice, phase: UpdatePhase, *, started: bool = False) -> None:
         """A transition, reported as the agent's `_on_transition` does: its event, then the reported state."""
@@ -307,7 +335,7 @@ class _Loop:
             message=f"{phase.value} {target}",
             error=device.error,
         )
-        self._report(device)
+        self._report(device, coalesce=not must_flush(phase))
 
     # -- telemetry (an addition: only with a telemetry interval) --------------------------------------------
 
@@ -375,7 +403,7 @@ class _Loop:
             return
         if in_progress and device.target is not None and device.target.ref == model.ref:
             device.target = model  # a newer generation of the same model: the update goes on
-            self._report(device)
+            self._report(device, coalesce=True)
             return
         device.target = model
         self._enter(device, UpdatePhase.DOWNLOADING, started=True)
@@ -481,6 +509,9 @@ class _Loop:
         """Disconnect every device cleanly (no last will), flushing what is queued, and stop the downloads."""
         self.stopping = True
         for device in self.devices:
+            if device.reports.pending:  # the retained state stays the device's current one
+                device.reports.flush()
+            device.reports.close()
             device.client.disconnect()
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and any(d.client.want_write() for d in self.devices):
@@ -558,12 +589,22 @@ def worker_main(argv: Sequence[str]) -> None:
     parser.add_argument("--trial-s", type=float, default=0.0)
     parser.add_argument("--download-threads", type=int, default=8)
     parser.add_argument("--telemetry-s", type=float, default=0.0, help="a telemetry window every N s (0: none)")
+    parser.add_argument(
+        "--report-interval-s",
+        type=float,
+        default=DEFAULT_REPORT_INTERVAL_S,
+        help="the agent's report_interval_s: least seconds between reported states mid-update (0: every change)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s light %(levelname)s %(message)s")
     raise_open_files_limit()
     ids = Path(args.ids).read_text().split()
     loop = _Loop(
-        args.data_dir, trial_s=args.trial_s, download_threads=args.download_threads, telemetry_s=args.telemetry_s
+        args.data_dir,
+        trial_s=args.trial_s,
+        download_threads=args.download_threads,
+        telemetry_s=args.telemetry_s,
+        report_interval_s=args.report_interval_s,
     )
     enrol_pool = ThreadPoolExecutor(max_workers=_ENROL_THREADS)
     identities = list(
@@ -589,6 +630,8 @@ def worker_main(argv: Sequence[str]) -> None:
             "generation": d.generation,
             "active": d.active.model_dump(mode="json") if d.active else None,
             "windows_sent": d.windows_sent,
+            "reports_sent": d.reports.published,
+            "events_sent": d.events_sent,
             "pubacks": d.pubacks,
         }
         for d in loop.devices
@@ -611,6 +654,11 @@ class LightFleetResult:
     def bytes_received(self) -> int:
         """Artifact bytes received by every device together."""
         return sum(int(d["bytes"]) for d in self.devices.values())
+
+    @property
+    def messages_sent(self) -> int:
+        """Reported states and events every device published together (telemetry apart)."""
+        return sum(int(d.get("reports_sent", 0)) + int(d.get("events_sent", 0)) for d in self.devices.values())
 
     @property
     def windows_sent(self) -> int:

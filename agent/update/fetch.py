@@ -13,18 +13,26 @@ cut (slow retrieval: a trickle of bytes never trips the per-read timeout); the n
 A coordinator with `artifact_base_url` answers 307 to object storage or a CDN: redirects are followed to https,
 or to http from http, never from https down to http, and credentials do not cross origins. The bytes are
 trusted only after the verifying step checks the sha256 (and TUF targets), so a cache cannot substitute them.
+
+The standard library does the HTTP (`urllib.request`, which the agent has loaded anyway): proxies from the
+environment (`HTTPS_PROXY`, `NO_PROXY`, ...) as before, https verified against certifi's bundle (or `SSL_CERT_FILE` /
+`SSL_CERT_DIR` when set), and no compressed encodings, so a Range counts the artifact's own bytes. httpx is not
+loaded by an agent that only downloads (~2 MiB resident).
 """
 
 from __future__ import annotations
 
+import http.client
 import logging
+import os
+import ssl
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.error import HTTPError
 from urllib.parse import urljoin, urlsplit
-
-import httpx
 
 from agent.errors import ArtifactVerificationError, DownloadError, StorageError
 from agent.update.cancel import StepCancelledError
@@ -36,6 +44,11 @@ log = logging.getLogger(__name__)
 
 _MAX_REDIRECTS = 5
 _CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_READ = 64 * 1024
+# What a dropped, reset, timed-out or garbled connection raises (`URLError`, `socket.timeout` and `ssl.SSLError` are
+# `OSError`s; `IncompleteRead` and a bad status line are `HTTPException`s).
+_NETWORK_ERRORS = (OSError, http.client.HTTPException)
 
 
 class DownloadCancelledError(StepCancelledError):
@@ -46,8 +59,26 @@ class _ClientError(DownloadError):
     """A client error (4xx): asking again gets the same answer, so it is not retried."""
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Hands every 3xx back as an `HTTPError`: `ArtifactFetcher._stream` checks each hop itself."""
+
+    def redirect_request(self, *_args: object, **_kwargs: object) -> None:
+        return None
+
+
+def _tls_context() -> ssl.SSLContext:
+    """Verified TLS: certifi's CA bundle (as httpx used), or the system's with `SSL_CERT_FILE` / `SSL_CERT_DIR` set."""
+    if os.environ.get("SSL_CERT_FILE") or os.environ.get("SSL_CERT_DIR"):
+        return ssl.create_default_context()
+    try:
+        import certifi
+    except ImportError:  # not installed: the system's store
+        return ssl.create_default_context()
+    return ssl.create_default_context(cafile=certifi.where())
+
+
 class ArtifactFetcher:
-    """Downloads artifacts with one pooled `httpx.Client`; relative URLs resolve against the coordinator."""
+    """Downloads artifacts over HTTP(S); relative URLs resolve against the coordinator."""
 
     def __init__(
         self,
@@ -59,7 +90,7 @@ class ArtifactFetcher:
         sleep: Callable[[float], bool] | None = None,
     ) -> None:
         # Redirects are followed by `_stream`, which checks each hop (no downgrade to http, no credentials across).
-        self._client = httpx.Client(timeout=timeout_s, follow_redirects=False)
+        self._opener: urllib.request.OpenerDirector | None = None
         self._attempts = attempts
         self._timeout_s = timeout_s
         self._min_rate_bps = min_rate_bps
@@ -68,8 +99,33 @@ class ArtifactFetcher:
         self._sleep = sleep
 
     def close(self) -> None:
-        """Close the connection pool."""
-        self._client.close()
+        """Nothing stays open between downloads (each response is closed when read); kept for the callers."""
+        self._opener = None
+
+    def _open(self, url: str, headers: dict[str, str]) -> http.client.HTTPResponse:
+        """The response to GET `url`, whatever its status; `DownloadError` when there is none (network, TLS)."""
+        if urlsplit(url).scheme not in ("http", "https"):
+            raise _ClientError(f"GET {url}: only http and https artifact URLs are fetched")
+        if self._opener is None:  # built on the first download: the TLS context reads the CA bundle
+            self._opener = urllib.request.OpenerDirector()
+            for handler in (
+                urllib.request.ProxyHandler(),  # HTTP(S)_PROXY / NO_PROXY from the environment
+                urllib.request.HTTPHandler(),
+                urllib.request.HTTPSHandler(context=_tls_context()),
+                urllib.request.HTTPDefaultErrorHandler(),
+                urllib.request.HTTPErrorProcessor(),
+                _NoRedirects(),
+            ):
+                self._opener.add_handler(handler)
+        request = urllib.request.Request(url, headers=headers, method="GET")
+        try:
+            response: http.client.HTTPResponse = self._opener.open(request, timeout=self._timeout_s)
+        except HTTPError as answer:  # a 3xx, 4xx or 5xx is an answer: its status and headers decide
+            return answer  # type: ignore[return-value]  # an HTTPError is the response (status, headers, read)
+        except (ValueError, *_NETWORK_ERRORS) as exc:  # ValueError: a URL urllib cannot use
+            reason = getattr(exc, "reason", exc)
+            raise DownloadError(f"GET {url} failed: {type(reason).__name__}: {reason}") from exc
+        return response
 
     def resolve(self, url: str) -> str:
         """`url`, or `url` joined onto the coordinator URL when it is relative."""
@@ -111,23 +167,22 @@ class ArtifactFetcher:
             with self._stream(url, headers) as response:
                 offset = self._offset(url, response, have, dest)
                 received = self._write(url, response, dest, offset, expected_size, cancelled, deadline)
-        except httpx.HTTPError as exc:
-            raise DownloadError(f"GET {url} failed: {type(exc).__name__}: {exc}") from exc
-        except OSError as exc:
+        except OSError as exc:  # the file's: network errors are `DownloadError`s by now
             raise StorageError(f"cannot write {dest}: {exc}") from exc
         if received < expected_size:
             raise DownloadError(f"GET {url} ended after {received} of {expected_size} bytes; the next attempt resumes")
 
     @contextmanager
-    def _stream(self, url: str, headers: dict[str, str]) -> Iterator[httpx.Response]:
+    def _stream(self, url: str, headers: dict[str, str]) -> Iterator[http.client.HTTPResponse]:
         """GET `url` streamed, following up to 5 redirects (a coordinator sends devices to a CDN) by `_next_hop`."""
         for _ in range(_MAX_REDIRECTS + 1):
-            response = self._client.send(self._client.build_request("GET", url, headers=headers), stream=True)
+            response = self._open(url, headers)
             try:
-                if not response.is_redirect:
+                location = response.headers.get("location")
+                if response.status not in _REDIRECTS or location is None:
                     yield response
                     return
-                target = _next_hop(url, response.headers["location"])
+                target = _next_hop(url, location)
             finally:
                 response.close()
             if _origin(target) != _origin(url):
@@ -137,9 +192,9 @@ class ArtifactFetcher:
         raise _ClientError(f"GET {url} redirected more than {_MAX_REDIRECTS} times")
 
     @staticmethod
-    def _offset(url: str, response: httpx.Response, have: int, dest: Path) -> int:
+    def _offset(url: str, response: http.client.HTTPResponse, have: int, dest: Path) -> int:
         """Where the response body starts in the file: `have` for a matching 206, 0 for a 200."""
-        status = response.status_code
+        status = response.status
         if status == 200:
             if have:
                 log.info("%s ignored the Range request; downloading from byte 0", url)
@@ -150,14 +205,14 @@ class ArtifactFetcher:
             # A range we did not ask for, or our part is longer than the server's file: start over.
             dest.unlink(missing_ok=True)
             raise DownloadError(f"GET {url} answered {status} to bytes={have}-; restarting from byte 0")
-        message = f"GET {url} answered {status} {response.reason_phrase}"
+        message = f"GET {url} answered {status} {response.reason}"
         transient = status >= 500 or status in (408, 429)
         raise DownloadError(message) if transient else _ClientError(message)
 
     @staticmethod
     def _write(
         url: str,
-        response: httpx.Response,
+        response: http.client.HTTPResponse,
         dest: Path,
         offset: int,
         expected_size: int,
@@ -168,7 +223,7 @@ class ArtifactFetcher:
         with dest.open("r+b" if offset else "wb") as out:
             out.seek(offset)
             out.truncate()
-            for chunk in response.iter_bytes():  # as they arrive: the part holds what was received
+            for chunk in _body(url, response):  # as they arrive: the part holds what was received
                 if cancelled():
                     raise DownloadCancelledError(f"download of {url} cancelled at byte {received}")
                 received += len(chunk)
@@ -188,6 +243,19 @@ class ArtifactFetcher:
                         "before the deadline); the next attempt resumes"
                     )
         return received
+
+
+def _body(url: str, response: http.client.HTTPResponse) -> Iterator[bytes]:
+    """The body's bytes as they arrive; a dropped or timed-out connection is a `DownloadError` (the next attempt
+    resumes), told apart from the `OSError`s of writing the file."""
+    while True:
+        try:
+            chunk = response.read1(_READ)
+        except _NETWORK_ERRORS as exc:
+            raise DownloadError(f"GET {url} failed: {type(exc).__name__}: {exc}") from exc
+        if not chunk:
+            return
+        yield chunk
 
 
 def _next_hop(url: str, location: str) -> str:

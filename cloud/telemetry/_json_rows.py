@@ -31,6 +31,8 @@ _KINDS = {BigInteger: "bigint", Integer: "integer", String: "varchar", DateTime:
 _INT64 = (-(2**63), 2**63 - 1)
 # SQLite's bound-parameter limit (SQLITE_MAX_VARIABLE_NUMBER since 3.32) bounds the rows of one VALUES list.
 SQLITE_MAX_PARAMETERS = 32766
+# `json.dumps(value, separators=(",", ":"), allow_nan=False)` without building an encoder per call (two per row).
+_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
 
 class RawJson(str):
@@ -109,13 +111,13 @@ def rows_json(dialect: Dialect, table: Table, columns: Sequence[Column], rows: I
         raws.append([(name, row.pop(name)) for name in spliced if isinstance(row[name], RawJson)])
         out.append(row)
     if not any(raws):
-        return json.dumps(out, separators=(",", ":"), allow_nan=False)
+        return _encode(out)
     return "[" + ",".join(_spliced(row, raw) for row, raw in zip(out, raws, strict=True)) + "]"
 
 
 def _spliced(row: dict[str, Any], raw: list[tuple[str, RawJson]]) -> str:
     """`row` as a JSON object with the already serialised `raw` values added as they are."""
-    head = json.dumps(row, separators=(",", ":"), allow_nan=False)
+    head = _encode(row)
     if not raw:
         return head
     tail = ",".join(f"{json.dumps(name)}:{value}" for name, value in raw)
@@ -143,7 +145,7 @@ def rows_values(dialect: Dialect, table: Table, columns: Sequence[Column], rows:
             if value is None or isinstance(value, RawJson):
                 pass
             elif name in encoded:
-                value = json.dumps(value, separators=(",", ":"), allow_nan=False)
+                value = _encode(value)
             elif name in stamps:
                 value = _stamped(value, stamps[name], written)
             params.append(value)

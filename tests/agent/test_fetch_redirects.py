@@ -123,3 +123,34 @@ def test_redirects_go_to_https_or_http_from_http_never_down_from_https(
             _next_hop(source, location)
     else:
         assert _next_hop(source, location) == followed
+
+
+def test_artifact_url_that_is_not_http_is_refused_without_retrying(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(BLOB)
+    fetcher = ArtifactFetcher(timeout_s=10, attempts=3)
+    try:
+        with pytest.raises(DownloadError, match="only http and https"):
+            fetcher.fetch(secret.as_uri(), tmp_path / "m.part", expected_size=len(BLOB), cancelled=lambda: False)
+    finally:
+        fetcher.close()
+    assert not (tmp_path / "m.part").exists()
+
+
+def test_unreachable_artifact_server_is_a_transient_download_error_retried(tmp_path: Path) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    port = server.server_address[1]
+    server.server_close()  # nothing listens there now: connection refused
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> bool:
+        waits.append(seconds)
+        return False  # not interrupted
+
+    fetcher = ArtifactFetcher(timeout_s=5, attempts=3, sleep=sleep)
+    try:
+        with pytest.raises(DownloadError, match="failed: ConnectionRefusedError"):
+            fetcher.fetch(f"http://127.0.0.1:{port}/a", tmp_path / "m.part", expected_size=10, cancelled=lambda: False)
+    finally:
+        fetcher.close()
+    assert waits == [0.5, 1.0]  # attempts 2 and 3 came after a backoff

@@ -81,6 +81,10 @@ def test_light_fleet_converges_on_a_rollout_with_one_download_each_and_agent_rep
         assert figures["downloads"] == 1
         assert figures["bytes"] == size
         assert figures["phase"] == "active"
+        # Every phase's event, as an agent; the reported state coalesced as an agent's (`agent.reporting`): `online`
+        # on connect, `active` at once, and one in between if the download outlasted the report interval.
+        assert figures["events_sent"] == len(AGENT_EVENTS)
+        assert 2 <= figures["reports_sent"] <= 3
     sha256 = pushed.get("sha256") or client.model_version("digits", "1.0")["sha256"]
     for device in client.devices():
         assert (device["active_model_name"], device["active_model_version"]) == ("digits", "1.0")
