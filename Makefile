@@ -40,6 +40,7 @@ test: install flower
 	$(BIN)/pip check
 	$(FLOWER_VENV)/bin/pip check
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(MAKE) test-tflite-legacy
 	$(BIN)/pytest
@@ -58,6 +59,7 @@ test-tflite-legacy: install
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 typecheck: install
 	$(BIN)/mypy

@@ -209,7 +209,7 @@ class Agent:
         federation = self._federation
         if federation is not None:
             return federation.status
-        from agent.federation import FederationStatus
+        from agent._federation_status import FederationStatus  # not agent.federation: never loaded unless federated
 
         return FederationStatus(state="disabled")
 

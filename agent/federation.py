@@ -39,6 +39,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Literal
 
+from agent._federation_status import FederationStatus
 from agent._fs import atomic_write_bytes
 from agent.config import split_host_port
 from agent.errors import AgentError, ConfigError, TransportError
@@ -74,8 +75,6 @@ _ANSI = re.compile(rb"\x1b\[[0-9;]*[A-Za-z]")
 STALE_SESSION_S = 75.0
 STALE_RETRY_S = 15.0  # how often a node refused for a held session tries again (not the growing backoff)
 
-State = Literal["disabled", "waiting-for-superlink", "running", "restarting", "refused", "stopped"]
-
 
 class FederationUnavailableError(AgentError):
     """The coordinator has federated learning off (404): nothing to join; asked again slowly."""
@@ -87,20 +86,6 @@ class FederationInfo:
 
     superlink: str
     root_certificates: str
-
-
-@dataclass(frozen=True)
-class FederationStatus:
-    """What the supervisor is doing: `state`, restarts so far, the last exit code and error, the node id."""
-
-    state: State = "disabled"
-    restarts: int = 0
-    last_exit_code: int | None = None  # the process's exit status (Flower exits 1 on every error)
-    last_flower_code: int | None = None  # Flower's own code from its output ("Exit Code: 305"), if it gave one
-    last_error: str = ""
-    superlink: str | None = None
-    node_id: str | None = None
-    pid: int | None = None  # of the guard, which leads the SuperNode's process group
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, get_args
 
 import numpy as np
 
-from agent.federation import State
+from agent._federation_status import State
 from agent.windows import ServedCounts
 from protocol import ModelRef, UpdatePhase
 from protocol.telemetry import LATENCY_BUCKETS_MS

@@ -61,7 +61,6 @@ from agent.errors import (
 )
 from agent.feedback import Feedback, FeedbackItem, parse_feedback
 from agent.metrics import AgentMetrics
-from agent.samples import LabelEntry, LabelsError, SampleStore, SampleStoreError, parse_labels
 from agent.serving import ActiveModel, Serving
 from protocol import ModelFormat
 from protocol.inference import (
@@ -74,6 +73,8 @@ from protocol.inference import (
 
 if TYPE_CHECKING:
     import uvicorn
+
+    from agent.samples import LabelEntry, SampleStore
 
 __all__ = ["DEFAULT_MAX_REQUEST_BYTES", "InferenceServer", "create_app", "decode_tensor", "encode_tensor"]
 
@@ -123,7 +124,12 @@ def create_app(
     routes = _routes(feedback=feedback is not None)
     if metrics is not None:
         routes.append(Route("/metrics", _metrics))
-    app = Starlette(routes=routes, middleware=middleware, exception_handlers=_EXCEPTION_HANDLERS)
+    handlers = dict(_EXCEPTION_HANDLERS)
+    if samples is not None:  # `agent.samples` is loaded by then (the caller made the store), and only then
+        from agent.samples import LabelsError
+
+        handlers[LabelsError] = _input_error
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)
     app.state.serving = serving
     app.state.samples = samples
     app.state.metrics = metrics
@@ -285,6 +291,8 @@ async def _labels(request: Request) -> Response:
     samples = _samples(request)
     if samples is None or not samples.opted_in(name):
         raise _HttpError(404, f"sampling is not enabled for model {name!r} on this device: set sample_rates")
+    from agent.samples import SampleStoreError
+
     raw = await request.body()  # at most max_request_bytes: BodyLimit refuses more
     entries = await run_in_threadpool(_read_labels, raw)
     try:
@@ -325,6 +333,8 @@ def _read_feedback(raw: bytes) -> list[FeedbackItem]:
 
 def _read_labels(raw: bytes) -> list[LabelEntry]:
     """The entries of a labels body; `LabelsError` (400) saying what is wrong with it."""
+    from agent.samples import LabelsError, parse_labels
+
     return parse_labels(_json_body(raw, LabelsError))
 
 
@@ -381,7 +391,6 @@ async def _not_found(_request: Request, _exc: Exception) -> Response:
 _EXCEPTION_HANDLERS: dict[Any, Any] = {
     _HttpError: _http_error,
     InferenceInputError: _input_error,
-    LabelsError: _input_error,
     FeedbackError: _feedback_error,
     NoModelError: _no_model,
     InferenceFailedError: _failed,

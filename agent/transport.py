@@ -178,7 +178,10 @@ class MqttTransport:
 
     def _handle_connect(self, client: mqtt.Client, _userdata: Any, flags: Any, reason: Any, _props: Any) -> None:
         if reason.is_failure:
+            # A broker that answers but refuses (busy, unavailable, this node's credentials) is no better than one
+            # that cannot be reached: paho would retry it forever, so the next attempt goes to the next broker.
             log.warning("MQTT connection to %s:%s refused: %s", self._address.host, self._address.port, reason)
+            self._next_broker(client, "refused the connection")
             return
         log.info(
             "MQTT connected to %s:%s (session present: %s)",
@@ -193,8 +196,12 @@ class MqttTransport:
         self._call(self._on_connect)
 
     def _handle_connect_fail(self, client: mqtt.Client, _userdata: Any) -> None:
-        """paho could not connect (refused, unreachable, TLS failed): try the next broker; after a few rounds in a
-        row, ask where the brokers are."""
+        """paho could not connect (unreachable, TLS failed): try the next broker."""
+        self._next_broker(client, "unreachable")
+
+    def _next_broker(self, client: mqtt.Client, why: str) -> None:
+        """Point paho's next attempt at the next broker (none with one broker); after every broker failed a few times
+        in a row, ask where the brokers are."""
         self._failed_connects += 1
         failed = self._address
         if self._rediscover is not None and self._failed_connects >= self._rediscover_after * len(self._addresses):
@@ -208,9 +215,10 @@ class MqttTransport:
             self._connect_to(client, (self._index + 1) % len(self._addresses))
             following = self._address
             log.warning(
-                "broker %s:%s unreachable; failing over to %s:%s",
+                "broker %s:%s %s; failing over to %s:%s",
                 failed.host,
                 failed.port,
+                why,
                 following.host,
                 following.port,
             )
@@ -227,7 +235,7 @@ class MqttTransport:
             return None
         if not found or [(a.host, a.port) for a in found] == [(a.host, a.port) for a in current]:
             log.warning(
-                "broker %s unreachable after %d attempts each; the coordinator still names it, trying on",
+                "broker %s failed %d attempts each; the coordinator still names it, trying on",
                 named,
                 self._rediscover_after,
             )
@@ -236,7 +244,7 @@ class MqttTransport:
             log.error("the broker moved to %s with another TLS setting; restart the agent", _named(found))
             return None
         log.warning(
-            "broker %s unreachable after %d attempts each; the coordinator says it moved to %s: connecting there",
+            "broker %s failed %d attempts each; the coordinator says it moved to %s: connecting there",
             named,
             self._rediscover_after,
             _named(found),

@@ -9,7 +9,9 @@
     has loaded the same model into onnxruntime.
 
 Run: `.venv/bin/python benchmarks/bench_agent.py` (about a minute); `--memory` runs (c) alone, `--runs N` times
-interleaved (the median is printed).
+interleaved (the median is printed); `--memory --breakdown` adds where the agent's memory goes: the resident size of
+a fresh interpreter after each layer of libraries the idle agent loads, in the order it loads them (a module shared
+by two layers counts in the first).
 """
 
 from __future__ import annotations
@@ -171,10 +173,65 @@ def baseline_rss(model_path: Path) -> int:
         proc.wait()
 
 
-def memory_only(runs: int) -> None:
-    """Part (c) alone: agent and bare process measured alternately, `runs` times each."""
+# Layers of an idle `edgefleet-agent run`, cumulative: each adds the modules named (and what they import).
+MEMORY_LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("numpy + onnxruntime (as the baseline)", ("numpy", "onnxruntime")),
+    ("hashlib + ssl (libcrypto, libssl)", ("hashlib", "ssl")),
+    ("pydantic", ("pydantic",)),
+    ("importlib.metadata (pydantic plugins)", ("importlib.metadata", "email.message", "zipfile")),
+    ("protocol (its pydantic models)", ("protocol", "protocol.inference", "protocol.telemetry", "protocol.mqtt")),
+    ("paho-mqtt + urllib (MQTT, downloads)", ("paho.mqtt.client", "urllib.request")),
+    ("starlette + anyio + asyncio", ("starlette.applications", "starlette.routing", "starlette.responses")),
+    ("uvicorn (click, logging.config, h11)", ("uvicorn", "uvicorn.protocols.http.h11_impl", "uvicorn.loops.auto")),
+    ("agent's own modules", ("agent.cli", "agent.daemon")),
+)
+BREAKDOWN_SCRIPT = r"""
+import importlib, json, sys
+sys.path.insert(0, sys.argv[1])
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+sizes = [rss()]
+for modules in json.loads(sys.argv[2]):
+    for name in modules:
+        importlib.import_module(name)
+    sizes.append(rss())
+print(json.dumps(sizes))
+"""
+
+
+def import_layers_kib() -> list[int]:
+    """RSS (KiB) of a fresh interpreter, bare and after each of `MEMORY_LAYERS` in turn."""
+    layers = json.dumps([modules for _, modules in MEMORY_LAYERS])
+    root = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", BREAKDOWN_SCRIPT, root, layers], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"memory breakdown failed: {out.stderr.strip()}")
+    sizes: list[int] = json.loads(out.stdout)
+    return sizes
+
+
+def print_breakdown(layers: list[list[int]], rss_base: float, rss_agent: float) -> None:
+    """Median size after each layer and what it adds; the rest is the session, threads and state at runtime."""
+    medians = [statistics.median(run[i] for run in layers) for i in range(len(MEMORY_LAYERS) + 1)]
+    print(f"    where it goes (fresh interpreter, cumulative imports, median of {len(layers)})")
+    print(f"      {'python':40s} {medians[0] / 1024:6.1f} MiB")
+    for (name, _), before, after in zip(MEMORY_LAYERS, medians[:-1], medians[1:], strict=True):
+        print(f"      + {name:38s} {after / 1024:6.1f} MiB  {(after - before) / 1024:+5.1f}")
+    session = rss_base - medians[1]
+    runtime = rss_agent - medians[-1]
+    extra = (runtime - session) / 1024
+    print(f"      {'baseline: session and first run':40s} {session / 1024:+13.1f} (bare process)")
+    label = "agent at runtime: session, threads, ..."
+    print(f"      {label:40s} {runtime / 1024:+13.1f} ({extra:+.1f} over the baseline's)")
+
+
+def memory_only(runs: int, breakdown: bool = False) -> None:
+    """Part (c) alone: agent and bare process measured alternately, `runs` times each (and the import layers)."""
     agent_kib: list[int] = []
     base_kib: list[int] = []
+    layers: list[list[int]] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         model_path = tmp / "digits.onnx"
@@ -184,6 +241,8 @@ def memory_only(runs: int) -> None:
             for run in range(runs):
                 base_kib.append(baseline_rss(model_path))
                 agent_kib.append(daemon_rss(tmp, broker_url, artifact_url, model_path, run))
+                if breakdown:
+                    layers.append(import_layers_kib())
     rss_base, rss_agent = statistics.median(base_kib), statistics.median(agent_kib)
 
     def each(kib: list[int]) -> str:
@@ -193,15 +252,18 @@ def memory_only(runs: int) -> None:
     print(f"    bare python + onnxruntime  {rss_base / 1024:8.1f} MiB   ({each(base_kib)})")
     ratio = rss_agent / rss_base
     print(f"    edgefleet-agent run        {rss_agent / 1024:8.1f} MiB   ({each(agent_kib)})   ratio {ratio:5.2f}x")
+    if breakdown:
+        print_breakdown(layers, rss_base, rss_agent)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--memory", action="store_true", help="run only part (c), resident memory")
     parser.add_argument("--runs", type=int, default=3, help="interleaved runs for --memory (default 3)")
+    parser.add_argument("--breakdown", action="store_true", help="with --memory: the resident size of each layer")
     args = parser.parse_args()
     if args.memory:
-        memory_only(max(args.runs, 1))
+        memory_only(max(args.runs, 1), breakdown=args.breakdown)
         return
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

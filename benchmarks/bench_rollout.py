@@ -234,6 +234,11 @@ def main() -> None:
     parser.add_argument(
         "--profile", type=Path, help="sample the coordinator's threads (benchmarks/sampler) into this JSON file"
     )
+    parser.add_argument(
+        "--py-spy",
+        type=Path,
+        help="py-spy (--gil, collapsed stacks) of the coordinator from the rollout's creation to its end, into FILE",
+    )
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 65536), hard), hard))
@@ -327,6 +332,27 @@ def run(args: argparse.Namespace, root: Path, fleet: FleetBroker, broker_url: st
     return result
 
 
+def _py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy sampling the coordinator's thread that holds the GIL (collapsed stacks, per thread) until SIGINT."""
+    options = ["--gil", "--nonblocking", "--threads", "--format", "raw", "--pid", str(pid), "--output", str(out)]
+    spy = subprocess.Popen(
+        [str(Path(sys.executable).parent / "py-spy"), "record", *options],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(1.0)  # attached before the rollout starts
+    return spy
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, every thread) a process has used so far, from /proc (0.0 where there is none)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14, 15 of stat
+
+
 def _baseline_figures(baseline: float, n: int) -> dict[str, object]:
     if not baseline:
         return {}
@@ -378,10 +404,17 @@ def run_light(
     fleet.start(timeout=args.timeout)
     enrolled = time.perf_counter() - started
     deadline = time.monotonic() + args.timeout
+    pid = process.proc.pid if process.proc is not None else 0
+    spy = _py_spy(pid, args.py_spy) if args.py_spy is not None else None
+    cpu0 = process_cpu_s(pid)
     t0 = time.perf_counter()
     created = client.create_rollout(rollout_plan(n, args.timeout))
     status = wait_completed(client, created["id"], deadline)
     converged = time.perf_counter() - t0
+    coordinator_cpu = process_cpu_s(pid) - cpu0
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its profile on SIGINT
+        spy.wait(60)
     on_version = sum(1 for d in client.devices() if d.get("active_model_version") == "1.0")
     devices = fleet.stop()
     process.stop()
@@ -394,6 +427,10 @@ def run_light(
         "devices_on_new_version": on_version,
         "rollout_converge_s": round(converged, 2),
         "rollout_devices_per_min": round(n / converged * 60),
+        # The coordinator's CPU (user + system, all threads) from the rollout's creation to its end: what the
+        # rollout cost it, less sensitive than the wall time to what else runs on a shared machine.
+        "coordinator_cpu_s": round(coordinator_cpu, 2),
+        "coordinator_cpu_ms_per_device": round(coordinator_cpu / n * 1000, 2),
         "artifact_bytes": size,
         "bytes_served_per_device": round(proxy.bytes / n, 1),
         "bytes_served_per_device_over_artifact": round(proxy.bytes / n / size, 4),

@@ -23,7 +23,10 @@ After storing telemetry the bridge publishes the device's `TelemetryAck` retaine
 (every 5 s while a backlog of telemetry waits) plus once when a burst ends (`cloud.telemetry.acks`), and at once
 after an online report (an agent reports on every connect; one that lost its seq counter waits for this answer).
 Computing it settles the device's chain of windows; a hole in it is reported as a gap once `gap_grace_s` is over
-(`cloud.telemetry.gaps`), the bridge coming back to it then even if the device stays silent.
+(`cloud.telemetry.gaps`), the bridge coming back to it then even if the device stays silent. A bridge that takes
+telemetry acknowledges, after its process's first connect, every device heard from in the last two minutes: a
+process killed after storing windows but before its throttled acknowledgement went out (their PUBACKs sent, so the
+broker redelivers nothing) would otherwise leave those devices unconfirmed until their agents resend.
 
 On every (re)connect the bridge subscribes again and republishes every device's stored desired state,
 because an embedded broker forgets its retained messages when it restarts. A desired state is never
@@ -76,7 +79,13 @@ from cloud.outage import DatabaseUnavailableError, PatientDatabase
 from cloud.services.deployments import desired_states
 from cloud.services.devices import confirm_heard, confirm_heard_all, ingest_batch, ingest_event, ingest_reported
 from cloud.services.enrolment import UnknownDeviceError
-from cloud.telemetry.acks import Acknowledgement, AckThrottle, acknowledge_devices, acknowledge_telemetry
+from cloud.telemetry.acks import (
+    Acknowledgement,
+    AckThrottle,
+    acknowledge_devices,
+    acknowledge_telemetry,
+    recently_heard,
+)
 from cloud.telemetry.collector import pace_full_collections
 from cloud.telemetry.counters import IngestCounters
 from cloud.telemetry.decoding import decode_message
@@ -114,6 +123,9 @@ INBOUND_CHANNELS = tuple(_INBOUND)
 _STOP_TIMEOUT_S = 10.0
 _ACK_INTERVAL_S = 1.0
 _BUSY_ACK_INTERVAL_S = 5.0  # with a backlog of telemetry: well inside an agent's 30 s resend interval
+# A process that stored windows and died before its throttled acknowledgement went out left their devices waiting
+# (until their agents resend, 30 s later): a starting process acknowledges the devices heard from this long ago.
+_REACKNOWLEDGE_S = 120.0
 BATCH_MAX = 500
 BATCH_WAIT_S = 0.005
 
@@ -243,7 +255,11 @@ class _Idle:
     """Worker wake-up without a job: a deferred telemetry acknowledgement is due."""
 
 
-_Job = _Inbound | _Republish | _Idle | None
+class _Reacknowledge:
+    """Worker job: acknowledge every device heard from lately (after this process's first connect)."""
+
+
+_Job = _Inbound | _Republish | _Reacknowledge | _Idle | None
 
 
 @dataclass(frozen=True)
@@ -433,6 +449,8 @@ class MqttBridge:
         self.counters.connected()
         if self._owns_desired:
             self._jobs.put(_Republish())
+        if self._epoch == 1 and Channel.TELEMETRY in self._channels:
+            self._jobs.put(_Reacknowledge())
         log.info("mqtt bridge connected broker=%s epoch=%d", self.broker, self._epoch)
 
     def _filters(self) -> tuple[list[str], list[str]]:
@@ -503,11 +521,15 @@ class MqttBridge:
         except queue.Empty:
             return _Idle()
 
-    def _run(self, job: _Inbound | _Republish | _Idle) -> None:
+    def _run(self, job: _Inbound | _Republish | _Reacknowledge | _Idle) -> None:
         """Do one job; an inbound message is acknowledged once applied, rejected or failed for good."""
         try:
             if isinstance(job, _Republish):
                 self._republish()
+            elif isinstance(job, _Reacknowledge):
+                heard = self._with_session(lambda s: recently_heard(s, _REACKNOWLEDGE_S))
+                for start in range(0, len(heard), self._batch_max):
+                    self._acknowledge_many(heard[start : start + self._batch_max])
             elif isinstance(job, _Inbound):
                 self._ingest(job)
         except DatabaseUnavailableError:

@@ -18,7 +18,7 @@ import binascii
 import functools
 import itertools
 import struct
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -56,6 +56,9 @@ MAX_SKETCH_BYTES = 96 * 1024
 _MAX_SKETCH_CHARS = (MAX_SKETCH_BYTES + 2) // 3 * 4
 
 FeatureMode = Literal["direct", "chunk-means"]
+# One sketch as base64 text: its length bound is part of the schema, checked by pydantic-core while it parses (no
+# Python loop over the features; a too-long one is refused naming its field).
+SketchText = Annotated[str, Field(max_length=_MAX_SKETCH_CHARS)]
 
 
 class SketchError(ProtocolError, ValueError):
@@ -70,15 +73,13 @@ class WindowSketches(BaseModel):
     rows: int = Field(ge=0)  # rows sketched
     feature_mode: FeatureMode
     input_name: str = Field(max_length=256)  # which input was sketched (the first)
-    features: list[str] = Field(max_length=max(MAX_DIRECT_FEATURES, PROJECTIONS))  # one per feature, in order
-    confidence: str | None = Field(default=None, max_length=_MAX_SKETCH_CHARS)  # top-1 probability
-    margin: str | None = Field(default=None, max_length=_MAX_SKETCH_CHARS)  # top1 - top2 probability
-    value: str | None = Field(default=None, max_length=_MAX_SKETCH_CHARS)  # regressor outputs
+    features: list[SketchText] = Field(max_length=max(MAX_DIRECT_FEATURES, PROJECTIONS))  # one per feature, in order
+    confidence: SketchText | None = None  # top-1 probability
+    margin: SketchText | None = None  # top1 - top2 probability
+    value: SketchText | None = None  # regressor outputs
 
     @model_validator(mode="after")
-    def _bounded(self) -> WindowSketches:
-        if any(len(f) > _MAX_SKETCH_CHARS for f in self.features):
-            raise ValueError(f"a feature sketch is longer than {_MAX_SKETCH_CHARS} characters")
+    def _projections(self) -> WindowSketches:
         if self.feature_mode == "chunk-means" and len(self.features) not in (0, PROJECTIONS):
             raise ValueError(f"chunk-means carries {PROJECTIONS} projections, not {len(self.features)}")
         return self

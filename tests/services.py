@@ -76,8 +76,9 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0) -> bool:
 
 
 @contextmanager
-def run_mosquitto(workdir: Path) -> Iterator[str]:
-    """Start a private Mosquitto on a free loopback port; yields its `mqtt://` URL."""
+def run_mosquitto(workdir: Path, *, anonymous: bool = True) -> Iterator[str]:
+    """Start a private Mosquitto on a free loopback port; yields its `mqtt://` URL. `anonymous=False`: it refuses
+    every client (no password file: CONNACK "not authorized")."""
     binary = mosquitto_binary()
     if binary is None:
         unavailable("Mosquitto is not installed (apt-get install mosquitto); MQTT end-to-end tests need it")
@@ -86,7 +87,7 @@ def run_mosquitto(workdir: Path) -> Iterator[str]:
     workdir.mkdir(parents=True, exist_ok=True)
     conf = workdir / "mosquitto.conf"
     conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        f"listener {port} 127.0.0.1\nallow_anonymous {str(anonymous).lower()}\npersistence false\n"
         "max_queued_messages 100000\nmax_inflight_messages 100\n"
     )
     with _broker_process([binary, "-c", str(conf)], port, workdir / "mosquitto.log", unavailable) as url:

@@ -77,6 +77,24 @@ def _tls_context() -> ssl.SSLContext:
     return ssl.create_default_context(cafile=certifi.where())
 
 
+class _VerifiedHttps(urllib.request.HTTPSHandler):
+    """HTTPS verified with `_tls_context()`, made on the first https request and kept for the next ones.
+
+    The first TLS context of a process costs ~2 MiB resident that stays (OpenSSL's set-up, then the CA bundle): an
+    agent whose artifacts come over http never pays it. (`HTTPSHandler.__init__` is skipped: from Python 3.12 it
+    makes a default context itself.)
+    """
+
+    def __init__(self) -> None:
+        urllib.request.AbstractHTTPHandler.__init__(self)
+        self._tls: ssl.SSLContext | None = None
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        if self._tls is None:  # one downloading thread; two contexts made at once would both be right anyway
+            self._tls = _tls_context()
+        return self.do_open(http.client.HTTPSConnection, req, context=self._tls)
+
+
 class ArtifactFetcher:
     """Downloads artifacts over HTTP(S); relative URLs resolve against the coordinator."""
 
@@ -106,12 +124,12 @@ class ArtifactFetcher:
         """The response to GET `url`, whatever its status; `DownloadError` when there is none (network, TLS)."""
         if urlsplit(url).scheme not in ("http", "https"):
             raise _ClientError(f"GET {url}: only http and https artifact URLs are fetched")
-        if self._opener is None:  # built on the first download: the TLS context reads the CA bundle
+        if self._opener is None:  # built on the first download (the TLS context on the first https one)
             self._opener = urllib.request.OpenerDirector()
             for handler in (
                 urllib.request.ProxyHandler(),  # HTTP(S)_PROXY / NO_PROXY from the environment
                 urllib.request.HTTPHandler(),
-                urllib.request.HTTPSHandler(context=_tls_context()),
+                _VerifiedHttps(),
                 urllib.request.HTTPDefaultErrorHandler(),
                 urllib.request.HTTPErrorProcessor(),
                 _NoRedirects(),

@@ -11,6 +11,8 @@ under governance), so the cache cannot substitute them.
 
 from __future__ import annotations
 
+import os
+from email.utils import formatdate
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request
@@ -21,12 +23,16 @@ from sqlmodel import Session
 from cloud.api.deps import CoordinatorDep, get_principal
 from cloud.auth import artifact_token, token_matches
 from cloud.errors import UnauthorizedError
-from cloud.services.enrolment import enrolled_device
+from cloud.services.enrolment import check_enrolled
 from protocol.messages import DeviceId
 
 __all__ = ["router"]
 
 router = APIRouter(tags=["models"])
+
+# Whole small artifacts are answered from memory (a Range request, or a larger one, is a FileResponse): at most
+# 64 KiB held per download in flight.
+SMALL_ARTIFACT = 64 * 1024
 
 
 @router.get(
@@ -53,12 +59,15 @@ def get_artifact(
     if base is not None:
         # No token in the target: object storage keys by digest, and the device checks the digest itself.
         return RedirectResponse(f"{base}/{sha256}", status_code=307, headers={"Cache-Control": "no-store"})
-    return ArtifactFileResponse(
-        path,
-        media_type="application/octet-stream",
-        # The digest is the strongest validator there is: If-Range resumes survive a restore that changes mtime.
-        headers={"Cache-Control": "private, immutable", "ETag": f'"{sha256}"'},
-    )
+    # Here, in the endpoint's worker thread: else the response stats the file in a thread-pool hop of its own.
+    stat_result = os.stat(path)
+    # The digest is the strongest validator there is: If-Range resumes survive a restore that changes mtime.
+    headers = {"Cache-Control": "private, immutable", "ETag": f'"{sha256}"'}
+    if stat_result.st_size <= SMALL_ARTIFACT and "range" not in request.headers:
+        # Read here too: a FileResponse opens, reads and closes the file in three thread-pool hops more.
+        headers |= {"Last-Modified": formatdate(stat_result.st_mtime, usegmt=True), "Accept-Ranges": "bytes"}
+        return Response(path.read_bytes(), media_type="application/octet-stream", headers=headers)
+    return ArtifactFileResponse(path, stat_result=stat_result, media_type="application/octet-stream", headers=headers)
 
 
 class ArtifactFileResponse(FileResponse):
@@ -80,7 +89,7 @@ def _check_device_token(coordinator: CoordinatorDep, device_id: str, token: str,
     if not token_matches(token, artifact_token(coordinator.artifact_secret, device_id, sha256)):
         raise UnauthorizedError("the download token does not match this device and artifact")
     with Session(coordinator.engine) as session:
-        enrolled_device(session=session, device_id=device_id)  # a revoked device's links die with it
+        check_enrolled(session=session, device_id=device_id)  # a revoked device's links die with it
 
 
 def _bearer_of(request: Request) -> HTTPAuthorizationCredentials | None:

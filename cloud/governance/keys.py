@@ -26,14 +26,18 @@ from cloud.pki import private_write
 
 __all__ = [
     "ONLINE_ROLES",
+    "KeyStamp",
     "generate_encrypted_key",
     "key_to_file",
     "load_encrypted_signer",
     "load_public_key",
+    "online_key_stamp",
     "online_signer",
 ]
 
 ONLINE_ROLES = ("targets", "snapshot", "timestamp", "low", "director")
+
+KeyStamp = tuple[int, int, int]
 
 
 def _signer(private: Ed25519PrivateKey) -> CryptoSigner:
@@ -42,9 +46,7 @@ def _signer(private: Ed25519PrivateKey) -> CryptoSigner:
 
 def online_signer(pki_dir: Path, role: str) -> CryptoSigner:
     """The online signing key of `role` (created on first use, 0600 in `pki_dir/online/`)."""
-    if role not in ONLINE_ROLES:
-        raise ValueError(f"{role!r} has no online key")
-    path = pki_dir / "online" / f"{role}.key"
+    path = _online_path(pki_dir, role)
     if not path.exists():
         private = Ed25519PrivateKey.generate()
         encoding, fmt = serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8
@@ -53,6 +55,21 @@ def online_signer(pki_dir: Path, role: str) -> CryptoSigner:
     if not isinstance(loaded, Ed25519PrivateKey):
         raise ConfigurationError(f"{path} is not an Ed25519 private key")
     return _signer(loaded)
+
+
+def online_key_stamp(pki_dir: Path, role: str) -> KeyStamp | None:
+    """Tells one file of `role`'s online key from the next (a rotation replaces it); None while there is none."""
+    try:
+        stat = _online_path(pki_dir, role).stat()
+    except FileNotFoundError:
+        return None
+    return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+
+def _online_path(pki_dir: Path, role: str) -> Path:
+    if role not in ONLINE_ROLES:
+        raise ValueError(f"{role!r} has no online key")
+    return pki_dir / "online" / f"{role}.key"
 
 
 def key_to_file(key: Key) -> str:

@@ -23,8 +23,8 @@ from sqlmodel import Session, col, select
 from tuf.api.metadata import Metadata, TargetFile, Targets
 
 from cloud.errors import CloudError, ConfigurationError, ConflictError
-from cloud.governance.director import INSTRUCTION_TTL, sign_instruction
-from cloud.governance.keys import generate_encrypted_key, load_encrypted_signer
+from cloud.governance.director import INSTRUCTION_TTL, Director
+from cloud.governance.keys import KeyStamp, generate_encrypted_key, load_encrypted_signer, online_key_stamp
 from cloud.governance.repository import ImageRepository
 from cloud.governance.root import new_root, sign_root
 from cloud.models import Device, EnrolmentState, ModelCard, ModelVersion
@@ -99,6 +99,13 @@ class Governance:
         self._settings = settings
         self.pki_dir = settings.resolved_pki_dir
         self.repository = ImageRepository(engine, self.pki_dir)
+        # The last record instructions were signed for, its card and targets; the director key and its file's stamp.
+        self._targets: tuple[ModelVersion | None, ModelCard | None, dict[tuple[str, str], TargetFile]] = (
+            None,
+            None,
+            {},
+        )
+        self._signing: tuple[KeyStamp | None, Director | None] = (None, None)
 
     def ensure_initialized(self) -> None:
         """Root metadata exists (created here on a development coordinator); then sign what is due."""
@@ -199,11 +206,33 @@ class Governance:
     # -- director --------------------------------------------------------------------------------------
 
     def instruction(self, *, device_id: str, generation: int, record: ModelVersion, variant: Variant) -> str:
-        """The director's signed instruction for `device_id` to install `variant` of `record` as `generation`."""
-        with Session(self._engine) as session:
-            card = session.exec(select(ModelCard).where(ModelCard.model_version_id == record.id)).first()
-        target = target_file(record, variant, card)
-        return sign_instruction(self.pki_dir, device_id=device_id, generation=generation, target=target)
+        """The director's signed instruction for `device_id` to install `variant` of `record` as `generation`.
+
+        A wave signs one loaded `record` device after device: its card is read and its target built once for that
+        object, not once a device, and the director key is read again only when its file changed (a rotation).
+        """
+        target = self._target(record, variant)
+        return self._director().sign(device_id=device_id, generation=generation, target=target)
+
+    def _target(self, record: ModelVersion, variant: Variant) -> TargetFile:
+        held, card, targets = self._targets
+        if held is not record:
+            with Session(self._engine) as session:
+                card = session.exec(select(ModelCard).where(ModelCard.model_version_id == record.id)).first()
+            targets = {}
+            self._targets = (record, card, targets)
+        key = (variant.name, variant.sha256)
+        if key not in targets:
+            targets[key] = target_file(record, variant, card)
+        return targets[key]
+
+    def _director(self) -> Director:
+        held, director = self._signing
+        stamp = online_key_stamp(self.pki_dir, "director")
+        if director is None or stamp != held:
+            director = Director(self.pki_dir)  # creates the key on first use: stamped once it exists
+            self._signing = (stamp or online_key_stamp(self.pki_dir, "director"), director)
+        return director
 
     def renew_instructions(self, now: datetime | None = None) -> list[DesiredState]:
         """Re-sign instructions that pass half their lifetime, or whose director key was rotated, before their
@@ -215,6 +244,7 @@ class Governance:
         """
         now = now or datetime.now(UTC)
         renewed = []
+        director: Director | None = None
         with Session(self._engine) as session:
             director_keys = self.repository.policy(session).director_keyids
             rows = session.exec(
@@ -235,10 +265,9 @@ class Governance:
                 if current_key and old.expires - now >= INSTRUCTION_TTL / 2:
                     continue
                 target = next(iter(old.targets.values()))
-                director = sign_instruction(
-                    self.pki_dir, device_id=device.id, generation=state.generation, target=target, now=now
-                )
-                fresh = state.model_copy(update={"director": director})
+                director = director or Director(self.pki_dir)
+                signed = director.sign(device_id=device.id, generation=state.generation, target=target, now=now)
+                fresh = state.model_copy(update={"director": signed})
                 statement = (
                     update(Device)
                     .where(col(Device.id) == device.id, col(Device.desired_generation) == state.generation)

@@ -113,18 +113,24 @@ def fail_attempt(ctx: StepContext, device_id: str, record: DeviceRecord, track: 
 def check_timeouts(ctx: StepContext) -> None:
     """Fail every attempt in flight for longer than `device_timeout_seconds`."""
     timeout = timedelta(seconds=ctx.plan.device_timeout_seconds)
-    for device_id, record in sorted(ctx.state.devices.items()):
-        if record.phase in IN_FLIGHT and record.dispatched_at is not None and ctx.now >= record.dispatched_at + timeout:
-            track = _track_of(record)
-            attempt = track.attempts(record)
-            ctx.decide(
-                DeviceTimedOut,
-                f"{device_id}: no result {timeout.total_seconds():g} s after attempt {attempt}",
-                device_id=device_id,
-                attempt=attempt,
-                rollback=track.rollback,
-            )
-            fail_attempt(ctx, device_id, record, track, f"timed out after {timeout.total_seconds():g} s")
+    # The expired attempts first, then only those in id order: sorting the whole rollout's records every step was most
+    # of a 1,000-device step's engine time (failing one attempt changes no other record, so the result is the same).
+    expired = [
+        (device_id, record)
+        for device_id, record in ctx.state.devices.items()
+        if record.phase in IN_FLIGHT and record.dispatched_at is not None and ctx.now >= record.dispatched_at + timeout
+    ]
+    for device_id, record in sorted(expired, key=lambda item: item[0]):
+        track = _track_of(record)
+        attempt = track.attempts(record)
+        ctx.decide(
+            DeviceTimedOut,
+            f"{device_id}: no result {timeout.total_seconds():g} s after attempt {attempt}",
+            device_id=device_id,
+            attempt=attempt,
+            rollback=track.rollback,
+        )
+        fail_attempt(ctx, device_id, record, track, f"timed out after {timeout.total_seconds():g} s")
 
 
 def _action(plan: RolloutPlan, device_id: str, record: DeviceRecord, track: Track) -> Action:

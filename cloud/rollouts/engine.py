@@ -60,7 +60,7 @@ def step(
     """
     if now.tzinfo is None:
         raise ValueError("`now` must be timezone-aware (UTC)")
-    ctx = StepContext(state=state.model_copy(deep=True), plan=plan, now=now)
+    ctx = StepContext(state=_copy(state), plan=plan, now=now)
     for command in observations.commands:
         _apply_command(ctx, command)
     if observations.control is not None and observations.control.devices > 0:
@@ -199,6 +199,17 @@ def _start_rollback(ctx: StepContext, reason: str) -> None:
         f"rolling {count} devices back to {ctx.plan.previous_version}: {reason}",
         reason=reason,
         devices=count,
+    )
+
+
+def _copy(state: RolloutState) -> RolloutState:
+    """`state.model_copy(deep=True)`, at a tenth of the cost: a `DeviceRecord` holds immutable values only (ints,
+    strings, enums, datetimes), so a shallow copy of each is a deep one (a deep copy of a 1,000-device state was a
+    tenth of the runner's step)."""
+    devices = {device_id: record.model_copy() for device_id, record in state.devices.items()}
+    last_control = state.last_control.model_copy(deep=True) if state.last_control is not None else None
+    return state.model_copy(
+        update={"devices": devices, "last_control": last_control, "applied_commands": list(state.applied_commands)}
     )
 
 

@@ -17,11 +17,13 @@ The engine (`cloud.rollouts.step`) is pure; this module turns database rows into
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import String, cast
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
@@ -49,8 +51,18 @@ _READS_REPORTS = frozenset({DevicePhase.PENDING, *IN_FLIGHT})
 
 def fleet_tags(*, session: Session) -> dict[str, dict[str, str]]:
     """Every enrolled device id → its tags."""
-    rows = session.exec(select(Device.id, Device.tags).where(in_fleet()))  # never a decommissioned device
-    return {device_id: dict(tags or {}) for device_id, tags in rows}
+    # Read every step: the tags as the JSON text the database holds, each distinct text decoded once (a fleet's
+    # devices mostly share a few tag sets; decoding every device's tags was a sixth of a 1,000-device step).
+    # `in_fleet`: never a decommissioned device.
+    statement = sa_select(col(Device.id), cast(col(Device.tags), String)).where(in_fleet())
+    decoded: dict[str | None, dict[str, str]] = {}
+    fleet: dict[str, dict[str, str]] = {}
+    for device_id, text in session.execute(statement):
+        tags = decoded.get(text)
+        if tags is None:
+            tags = decoded[text] = dict(json.loads(text) or {}) if text is not None else {}
+        fleet[device_id] = dict(tags)
+    return fleet
 
 
 def attempt_generations(
@@ -200,8 +212,10 @@ def observe(
     plan: RolloutPlan,
     commands: Sequence[Command] = (),
     with_fleet: bool = True,
+    with_reports: bool = True,
 ) -> Observations:
-    """Everything the engine needs for one step of rollout `rollout_id`."""
+    """Everything the engine needs for one step of rollout `rollout_id` (without the fleet, or without the device
+    reports, for what reads the gates only: `cloud.rollouts.engine.gate_report` uses neither)."""
     wave = control = None
     since = _judged_since(state)
     if state.status in _JUDGED and since is not None:
@@ -222,7 +236,7 @@ def observe(
             runs = serving(session=session, device_ids=untouched)
             control = cohort_stats(control_windows, devices=len(untouched), runs=runs)
     return Observations(
-        reports=device_reports(session=session, rollout_id=rollout_id, state=state, plan=plan),
+        reports=device_reports(session=session, rollout_id=rollout_id, state=state, plan=plan) if with_reports else [],
         fleet=fleet_tags(session=session) if with_fleet else None,
         wave=wave,
         control=control,

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 
+from sqlalchemy import insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
@@ -131,22 +132,27 @@ def _assign(
         session=session, deployment=deployment, record=record, devices=[d for d, _ in devices], links=links
     )
     given = {state.device_id: state for state in states}
+    rows = []
+    now = utcnow()
     for device, attempt in devices:
         state = given.get(device.id)
         if state is None:
             # No variant of the version runs on it: the deployment target says why, and the attempt times out.
             log.warning("rollout %s: %s got no desired state (see deployment %s)", rollout_id, device.id, deployment.id)
             continue
-        session.add(
-            RolloutDispatchRecord(
-                rollout_id=rollout_id,
-                device_id=device.id,
-                kind=kind,
-                attempt=attempt,
-                generation=state.generation,
-                deployment_id=deployment.id,
-            )
+        rows.append(
+            {
+                "rollout_id": rollout_id,
+                "device_id": device.id,
+                "kind": kind,
+                "attempt": attempt,
+                "generation": state.generation,
+                "deployment_id": deployment.id,
+                "created_at": now,
+            }
         )
+    if rows:  # one INSERT, not an ORM object a device
+        session.execute(insert(RolloutDispatchRecord), rows)
     return states
 
 

@@ -173,9 +173,9 @@ def command_applied(*, session: Session, command_id: str) -> bool:
     return session.exec(statement).first() is not None
 
 
-def rollout_public(row: Rollout) -> RolloutPublic:
-    """The listing shape of a rollout."""
-    plan, state = load_rollout(row)
+def rollout_public(row: Rollout, loaded: tuple[RolloutPlan, RolloutState] | None = None) -> RolloutPublic:
+    """The listing shape of a rollout (`loaded`: its plan and state, read from `row` already)."""
+    plan, state = loaded or load_rollout(row)
     counts = Counter(record.phase.value for record in state.devices.values())
     return RolloutPublic.model_validate(
         row,
@@ -225,7 +225,10 @@ def _live_gates(session: Session, row: Rollout, plan: RolloutPlan, state: Rollou
     """The current wave's gates on the telemetry so far (while a wave runs or bakes), else the last verdict."""
     assert row.id is not None
     if state.status in {RolloutStatus.RUNNING, RolloutStatus.BAKING}:
-        observations = observe(session=session, rollout_id=row.id, state=state, plan=plan, with_fleet=False)
+        # The gates read the cohorts' telemetry, not the device reports: those were half of a status poll.
+        observations = observe(
+            session=session, rollout_id=row.id, state=state, plan=plan, with_fleet=False, with_reports=False
+        )
         report = gate_report(state, plan, observations)
         wave = state.current_wave
         return {"wave": wave, "wave_number": wave + 1, "live": True, **report.model_dump(mode="json")}
@@ -278,7 +281,7 @@ def get_rollout(*, session: Session, rollout_id: int, decisions: int = 200) -> R
         for device_id, record in sorted(state.devices.items())
     ]
     return RolloutDetailPublic.model_validate(
-        rollout_public(row),
+        rollout_public(row, (plan, state)),
         update={
             "plan": row.plan,
             "waves": _waves(plan, state),

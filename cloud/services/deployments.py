@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Protocol
 
-from sqlalchemy import update
+from sqlalchemy import insert, update
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, col, select
 
@@ -24,7 +24,7 @@ from cloud.models import (
     in_fleet,
 )
 from cloud.services.registry import ArtifactLinks, get_model_version
-from cloud.variant_policy import NoCompatibleVariantError, choose_variant, version_variants
+from cloud.variant_policy import NoCompatibleVariantError, Variant, choose_variant, version_variants
 from protocol.messages import ArtifactRef, DesiredState, ModelSpec, TensorSpec, utcnow
 from protocol.outputs import OutputSemantics
 
@@ -146,16 +146,23 @@ def _refuse_decommissioned(session: Session, device_ids: list[str]) -> None:
 
 
 def desired_state_for(
-    *, record: ModelVersion, device: Device, generation: int, deployment_id: str | None, links: ArtifactLinks
+    *,
+    record: ModelVersion,
+    device: Device,
+    generation: int,
+    deployment_id: str | None,
+    links: ArtifactLinks,
+    variants: Sequence[Variant] | None = None,
 ) -> DesiredState:
     """The desired state telling `device` to run the model version `record` at `generation`. Pure.
 
     The one place a desired state is built from a registry record: deployments and rollouts both call it.
     The director signs it when `generation` is known (not for the placeholder generation 0).
-    The artifact is the variant `choose_variant` picks from the device's reported capabilities;
-    `NoCompatibleVariantError` when none of the version's variants runs on the device.
+    The artifact is the variant `choose_variant` picks from the device's reported capabilities (of `variants`:
+    the version's, decoded once for a batch of devices); `NoCompatibleVariantError` when none runs on the device.
     """
-    choice = choose_variant(version_variants(record), record.primary_variant, device.capabilities)
+    variants = version_variants(record) if variants is None else variants
+    choice = choose_variant(variants, record.primary_variant, device.capabilities)
     variant = choice.variant
     spec = ModelSpec(
         name=record.name,
@@ -186,11 +193,13 @@ def _semantics_of(record: ModelVersion, outputs: list[TensorSpec]) -> OutputSema
     return semantics if semantics.kind != "unknown" and not semantics.missing_from(outputs) else None
 
 
-def _signed(state: DesiredState, record: ModelVersion, links: ArtifactLinks) -> DesiredState:
+def _signed(
+    state: DesiredState, record: ModelVersion, variants: Sequence[Variant], links: ArtifactLinks
+) -> DesiredState:
     """`state` with the director's instruction for its generation (unchanged without a director)."""
     if links.instruct is None or state.model is None:
         return state
-    variant = next(v for v in version_variants(record) if v.name == state.model.variant)
+    variant = next(v for v in variants if v.name == state.model.variant)
     return state.model_copy(update={"director": links.instruct(state.device_id, state.generation, record, variant)})
 
 
@@ -203,12 +212,18 @@ def assign_devices(
     then publishes the returned states.
     """
     assert deployment.id is not None
+    variants = version_variants(record)
     chosen: list[tuple[Device, DesiredState]] = []
     for device in sorted(devices, key=lambda d: d.id):  # one lock order for every writer: no deadlocks
         try:
             # Generation 0 stands in until the device is known to get this state: `next_generations` below.
             state = desired_state_for(
-                record=record, device=device, generation=0, deployment_id=str(deployment.id), links=links
+                record=record,
+                device=device,
+                generation=0,
+                deployment_id=str(deployment.id),
+                links=links,
+                variants=variants,
             )
         except NoCompatibleVariantError as exc:
             # The device keeps its current desired state; the deployment shows why it was left out.
@@ -229,11 +244,24 @@ def assign_devices(
     _supersede_all(session, [device.id for device, _ in chosen])
     states = []
     for device, state in chosen:
-        state = _signed(state.model_copy(update={"generation": generations[device.id]}), record, links)
+        state = _signed(state.model_copy(update={"generation": generations[device.id]}), record, variants, links)
         device.desired_state = state.model_dump(mode="json")
         session.add(device)
-        session.add(DeploymentTarget(deployment_id=deployment.id, device_id=device.id, generation=state.generation))
         states.append(state)
+    # One INSERT for the targets: an ORM object a device cost as much as building its desired state.
+    now = utcnow()
+    targets = [
+        {
+            "deployment_id": deployment.id,
+            "device_id": state.device_id,
+            "generation": state.generation,
+            "status": TargetStatus.PENDING.value,
+            "updated_at": now,
+        }
+        for state in states
+    ]
+    if targets:
+        session.execute(insert(DeploymentTarget), targets)
     return states
 
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
 
-from sqlalchemy import update
+from sqlalchemy import insert, update
+from sqlalchemy.orm import QueryableAttribute, defer
 from sqlmodel import Session, col, select
 
 from cloud.models import (
@@ -95,12 +97,22 @@ def ingest_reported(
     life, so it never makes the device `online` nor moves `last_seen`. `commit=False`: left for the caller to commit
     (a batch of messages in one transaction). `targets`: the batch's deployment targets, loaded already.
     """
+    device = _apply_reported(session, state, live, targets, None)
+    _finish(session, commit)
+    return device
+
+
+def _apply_reported(
+    session: Session, state: ReportedState, live: bool, targets: Targets | None, events: list[dict[str, Any]] | None
+) -> Device:
+    """`ingest_reported` without the commit; `events`: a batch's event rows, to insert at its end (else added).
+
+    The device comes from `session` (`enrolled_device`), so what is set on it is written at the commit without a
+    `session.add` (whose cascade walk cost more than the message's other writes)."""
     device = enrolled_device(session=session, device_id=state.device_id)
     now = utcnow()
     if state.status is DeviceStatus.OFFLINE:
         device.status = DeviceStatus.OFFLINE.value
-        session.add(device)
-        _finish(session, commit)
         return device
     reported_at = report_time(state.reported_at, now)
     last = as_utc(device.last_reported_at)
@@ -109,8 +121,6 @@ def ingest_reported(
         if live:
             device.status = DeviceStatus.ONLINE.value
             device.last_seen = now
-        session.add(device)
-        _finish(session, commit)
         return device
     if live:
         device.status = DeviceStatus.ONLINE.value
@@ -126,7 +136,7 @@ def ingest_reported(
     if state.update is not None:
         device.reported_generation = state.update.generation
         device.update_phase = state.update.phase.value
-        _check_generation(session, device, state.update.generation)
+        _check_generation(session, device, state.update.generation, events)
         if state.update.error is not None:
             _record_error(device, state.update.error)
         _advance_targets(
@@ -137,8 +147,6 @@ def ingest_reported(
             error=state.update.error,
             targets=targets,
         )
-    session.add(device)
-    _finish(session, commit)
     return device
 
 
@@ -184,8 +192,11 @@ def generation_anomaly(reported: int, desired: int) -> str | None:
     )
 
 
-def _check_generation(session: Session, device: Device, reported: int) -> None:
-    """Flag (once, with a security event) or clear the device's anomaly from its reported generation."""
+def _check_generation(
+    session: Session, device: Device, reported: int, events: list[dict[str, Any]] | None = None
+) -> None:
+    """Flag (once, with a security event) or clear the device's anomaly from its reported generation (`events`: a
+    batch's event rows, where the security event goes instead of into the session)."""
     anomaly = generation_anomaly(reported, device.desired_generation)
     if anomaly == device.anomaly:
         return
@@ -195,7 +206,11 @@ def _check_generation(session: Session, device: Device, reported: int) -> None:
         )
     else:
         log.warning("device anomaly device=%s: %s", device.id, anomaly)
-        session.add(DeviceEventRecord(device_id=device.id, kind=GENERATION_AHEAD, generation=reported, message=anomaly))
+        row = _event_row(device_id=device.id, kind=GENERATION_AHEAD, generation=reported, message=anomaly)
+        if events is None:
+            session.add(DeviceEventRecord(**row))
+        else:
+            events.append(row)
     device.anomaly = anomaly
 
 
@@ -208,11 +223,85 @@ def ingest_event(
     `commit=False`: left for the caller to commit (a batch of messages in one transaction). `targets`: the batch's
     deployment targets, loaded already.
     """
+    row = _apply_event(session, event, live, targets)
+    if _stored_events(session, [row]):  # delivered again: applied again, which changes nothing, not recorded twice
+        device_id, kind, at = _event_key(row)
+        earlier = session.exec(
+            select(DeviceEventRecord).where(
+                DeviceEventRecord.device_id == device_id, DeviceEventRecord.kind == kind, DeviceEventRecord.at == at
+            )
+        ).first()
+        if earlier is not None:
+            _finish(session, commit)
+            return earlier
+    record = DeviceEventRecord(**row)
+    session.add(record)
+    if commit:
+        session.commit()
+        session.refresh(record)
+    return record
+
+
+def _event_key(row: dict[str, Any]) -> tuple[str, str, datetime]:
+    """What makes a device's event the same event delivered again: its device, kind and the device's own time."""
+    return row["device_id"], row["kind"], row["at"]
+
+
+def _stored_events(session: Session, rows: Sequence[dict[str, Any]]) -> set[tuple[str, str, datetime]]:
+    """Of the device events `rows`, the `_event_key`s stored already (one query, three columns).
+
+    MQTT delivers at least once: a coordinator killed between its commit and its PUBACK gets the event again from
+    the broker. Events carry no sequence number, so their device's timestamp (microseconds, UTC) names them."""
+    if not rows:
+        return set()
+    wanted = {_event_key(row) for row in rows}
+    statement = select(DeviceEventRecord.device_id, DeviceEventRecord.kind, DeviceEventRecord.at).where(
+        col(DeviceEventRecord.device_id).in_(sorted({key[0] for key in wanted})),
+        col(DeviceEventRecord.at).in_(sorted({key[2] for key in wanted})),
+    )
+    stored = {(device_id, kind, _instant(at)) for device_id, kind, at in session.exec(statement)}
+    return stored & wanted
+
+
+def _instant(value: datetime) -> datetime:
+    """`value` in UTC, zone-aware (SQLite gives back what it stored without its zone: UTC, see `_apply_event`)."""
+    return cast(datetime, as_utc(value)).astimezone(UTC)
+
+
+def _event_row(
+    *,
+    device_id: str,
+    kind: str,
+    generation: int | None = None,
+    phase: str | None = None,
+    message: str = "",
+    error_code: str | None = None,
+    error_message: str | None = None,
+    at: datetime | None = None,
+) -> dict[str, Any]:
+    """The column values of a `DeviceEventRecord` (`at`, `received_at`: now unless given)."""
+    now = utcnow()
+    return {
+        "device_id": device_id,
+        "kind": kind,
+        "generation": generation,
+        "phase": phase,
+        "message": message,
+        "error_code": error_code,
+        "error_message": error_message,
+        "at": at if at is not None else now,
+        "received_at": now,
+    }
+
+
+def _apply_event(session: Session, event: DeviceEvent, live: bool, targets: Targets | None) -> dict[str, Any]:
+    """`ingest_event` but the record: applies the event to its device (from `session`: no `session.add`) and its
+    targets; returns the record's values."""
     device = enrolled_device(session=session, device_id=event.device_id)
     if live:
         device.last_seen = utcnow()
     error = event.error
-    record = DeviceEventRecord(
+    row = _event_row(
         device_id=event.device_id,
         kind=event.kind.value,
         generation=event.generation,
@@ -220,9 +309,8 @@ def ingest_event(
         message=event.message,
         error_code=error.code.value if error else None,
         error_message=error.message if error else None,
-        at=event.at,
+        at=_instant(event.at),  # in UTC: SQLite keeps a timestamp's wall time and drops its zone
     )
-    session.add(record)
     phase = _event_phase(event)
     if event.kind in (EventKind.UPDATE_FAILED, EventKind.UPDATE_REFUSED) and error is None:
         error = ErrorInfo.of(ErrorCode.INTERNAL, message=event.message or "update failed (no reason given)")
@@ -232,11 +320,7 @@ def ingest_event(
         _advance_targets(
             session, device_id=device.id, generation=event.generation, phase=phase, error=error, targets=targets
         )
-    session.add(device)
-    if commit:
-        session.commit()
-        session.refresh(record)
-    return record
+    return row
 
 
 def ingest_batch(*, session: Session, messages: Sequence[tuple[ReportedState | DeviceEvent, bool]]) -> dict[int, str]:
@@ -251,17 +335,37 @@ def ingest_batch(*, session: Session, messages: Sequence[tuple[ReportedState | D
     device_ids = sorted({message.device_id for message, _ in messages})
     with session.no_autoflush:
         # Held until the commit: the session's identity map (what `enrolled_device` finds them in) holds them weakly.
-        loaded = session.exec(select(Device).where(col(Device.id).in_(device_ids))).all()
+        # Not the columns no message touches (the tags, the signed desired state): JSON decoded for nothing.
+        unread = [defer(cast("QueryableAttribute[Any]", column)) for column in (Device.tags, Device.desired_state)]
+        loaded = session.exec(select(Device).options(*unread).where(col(Device.id).in_(device_ids))).all()
         targets = _batch_targets(session, [message for message, _ in messages])
         unknown: dict[int, str] = {}
+        # The events' rows, inserted in order with one statement: an ORM object per event cost more than the rest of
+        # its message.
+        events: list[dict[str, Any]] = []
+        received: list[dict[str, Any]] = []  # of `events`, those the devices sent (the others are the coordinator's)
         for index, (message, live) in enumerate(messages):
             try:
                 if isinstance(message, ReportedState):
-                    ingest_reported(session=session, state=message, live=live, commit=False, targets=targets)
+                    _apply_reported(session, message, live, targets, events)
                 else:
-                    ingest_event(session=session, event=message, live=live, commit=False, targets=targets)
+                    events.append(row := _apply_event(session, message, live, targets))
+                    received.append(row)
             except UnknownDeviceError as exc:  # raised before the message changed anything
                 unknown[index] = str(exc)
+        if received:
+            seen = _stored_events(session, received)
+            sent = {id(row) for row in received}
+            once = []
+            for row in events:
+                if id(row) in sent:
+                    if (key := _event_key(row)) in seen:
+                        continue  # delivered again, in this batch or an earlier one
+                    seen.add(key)
+                once.append(row)
+            events = once
+        if events:
+            session.execute(insert(DeviceEventRecord), events)
     session.commit()
     del loaded
     return unknown

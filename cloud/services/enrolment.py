@@ -12,6 +12,7 @@ import hashlib
 import logging
 from datetime import timedelta
 
+from sqlalchemy import select as sa_select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
@@ -33,12 +34,14 @@ from protocol.messages import utcnow
 
 __all__ = [
     "UnknownDeviceError",
+    "check_enrolled",
     "create_bootstrap_secret",
     "create_enrolment_token",
     "device_actor",
     "enrol_device",
     "enrolled_device",
     "list_bootstrap_secrets",
+    "not_enrolled",
     "refresh_crl",
     "renew_certificate",
     "require_device",
@@ -47,6 +50,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+_DEVICE = Device.__table__  # type: ignore[attr-defined]
 
 
 class UnknownDeviceError(UnauthorizedError):
@@ -64,11 +69,25 @@ def require_device(*, session: Session, device_id: str) -> Device:
 def enrolled_device(*, session: Session, device_id: str) -> Device:
     """The device if it is enrolled; `UnknownDeviceError` for an unknown, pending or revoked one."""
     device = session.get(Device, device_id)
-    if device is None:
-        raise UnknownDeviceError(f"device {device_id!r} is not enrolled")
-    if device.enrolment != EnrolmentState.ENROLLED:
-        raise UnknownDeviceError(f"device {device_id!r} is {device.enrolment}, not enrolled")
+    if device is None or device.enrolment != EnrolmentState.ENROLLED:
+        raise UnknownDeviceError(not_enrolled(device_id, device.enrolment if device is not None else None))
     return device
+
+
+def check_enrolled(*, session: Session, device_id: str) -> None:
+    """`enrolled_device`'s check and errors, reading one column: for callers that need no Device row (an artifact
+    download: loading the whole row, JSON columns and all, through the ORM was most of the download's time)."""
+    statement = sa_select(_DEVICE.c.enrolment).where(_DEVICE.c.id == device_id)
+    enrolment = session.connection().execute(statement).scalar_one_or_none()
+    if enrolment != EnrolmentState.ENROLLED:
+        raise UnknownDeviceError(not_enrolled(device_id, enrolment))
+
+
+def not_enrolled(device_id: str, enrolment: str | None) -> str:
+    """Why a device may not speak: never enrolled (`enrolment` None), or its enrolment state."""
+    if enrolment is None:
+        return f"device {device_id!r} is not enrolled"
+    return f"device {device_id!r} is {enrolment}, not enrolled"
 
 
 def _event(session: Session, device_id: str, kind: str, message: str) -> None:

@@ -13,12 +13,12 @@ when the bridge publishes it: at once, unless it acknowledged the device less th
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import NamedTuple
 
 from sqlmodel import Session, col, select
 
-from cloud.models import TelemetryChain
+from cloud.models import Device, EnrolmentState, TelemetryChain
 from cloud.telemetry.gaps import GAP_GRACE_S, highest_seqs, reported_missing_of, settle_chains
 from protocol.messages import TelemetryAck, utcnow
 
@@ -28,6 +28,7 @@ __all__ = [
     "Acknowledgement",
     "acknowledge_devices",
     "acknowledge_telemetry",
+    "recently_heard",
     "telemetry_ack",
 ]
 
@@ -152,3 +153,12 @@ class AckThrottle:
             self._sent = {d: at for d, at in self._sent.items() if now - at < self._busy_interval}
             self._pruned_at = now
         return ready
+
+
+def recently_heard(session: Session, within_s: float, *, now: datetime | None = None) -> list[str]:
+    """Enrolled devices heard from in the last `within_s` seconds (one query on the device table), sorted."""
+    since = (now or utcnow()) - timedelta(seconds=within_s)
+    statement = select(Device.id).where(
+        col(Device.last_seen) >= since, col(Device.enrolment) == EnrolmentState.ENROLLED
+    )
+    return sorted(session.exec(statement.order_by(col(Device.id))).all())

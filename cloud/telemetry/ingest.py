@@ -9,8 +9,8 @@
    outside a reported gap), are dropped;
 4. `INSERT ... ON CONFLICT (device_id, seq) DO NOTHING RETURNING` stores the rest and says which were new: one
    statement (`cloud.telemetry._json_rows`: on PostgreSQL the batch as one JSON parameter, on SQLite one VALUES
-   list) whose columns are `_record`'s keys (a new column is one line there); a window's sketches and labels are
-   written as pydantic serialises them (`RawJson`), never turned into dicts and encoded again;
+   list) whose columns are `_record`'s keys (a new column is one line there); a window's JSON columns are written
+   as pydantic serialises them (`RawJson`), never turned into dicts and encoded again;
 5. only the new windows add to the rollups (`cloud.telemetry.rollups`: two statements) and shrink reported gaps
    or raise the dropped count (`cloud.telemetry.gaps.windows_stored`);
 6. one commit.
@@ -28,11 +28,13 @@ from enum import StrEnum
 from functools import cache, lru_cache
 from typing import Any
 
+from pydantic_core import to_json
 from sqlalchemy import text, update
 from sqlmodel import Session, col, select
 
 from cloud.models import Device, EnrolmentState, TelemetryGap, TelemetryRecord
 from cloud.models.telemetry import TelemetryChain
+from cloud.services.enrolment import not_enrolled
 from cloud.telemetry._json_rows import (
     SQLITE_MAX_PARAMETERS,
     Column,
@@ -74,10 +76,12 @@ class Stored:
     reason: str = ""
 
 
-def _not_enrolled(device_id: str, enrolment: str | None) -> str:
-    if enrolment is None:
-        return f"device {device_id!r} is not enrolled"
-    return f"device {device_id!r} is {enrolment}, not enrolled"
+_STORED, _DUPLICATE = Stored(Outcome.STORED), Stored(Outcome.DUPLICATE)  # immutable: shared, not built per window
+
+
+def _json(value: list[int] | dict[str, int]) -> RawJson:
+    # In Rust: ~0.3 µs where `json.dumps` takes ~1 µs. The values were validated as integers (no NaN to refuse).
+    return RawJson(to_json(value).decode())
 
 
 def _record(window: TelemetryWindow, received_at: datetime) -> dict[str, Any]:
@@ -94,8 +98,8 @@ def _record(window: TelemetryWindow, received_at: datetime) -> dict[str, Any]:
         "model_sha256": model.sha256 if model else None,
         "inference_count": window.inference_count,
         "error_count": window.error_count,
-        "latency_histogram": list(window.latency_histogram),
-        "class_counts": dict(window.class_counts),
+        "latency_histogram": _json(window.latency_histogram),
+        "class_counts": _json(window.class_counts),
         "sketches": RawJson(window.sketches.model_dump_json()) if window.sketches is not None else None,
         "received_at": received_at,
         "labels": RawJson(window.labels.model_dump_json()) if window.labels is not None else None,
@@ -121,7 +125,7 @@ def store_windows(
     for index, arrival in enumerate(arrivals):
         device_id = arrival.window.device_id
         if device_id not in enrolled:
-            results[index] = Stored(Outcome.REJECTED, _not_enrolled(device_id, devices.get(device_id)))
+            results[index] = Stored(Outcome.REJECTED, not_enrolled(device_id, devices.get(device_id)))
     live = sorted({a.window.device_id for a in arrivals if a.live and a.window.device_id in enrolled})
     if live:
         session.connection().execute(update(Device).where(col(Device.id).in_(live)).values(last_seen=now))
@@ -133,12 +137,12 @@ def store_windows(
     fresh = []
     for key, index in candidates.items():
         if key in new:
-            results[index] = Stored(Outcome.STORED)
+            results[index] = _STORED
             fresh.append(arrivals[index].window)
     apply_rollups(session, rollup_deltas(fresh, bucket_s))
     windows_stored(session, fresh)
     session.commit()
-    return [result or Stored(Outcome.DUPLICATE) for result in results]
+    return [result or _DUPLICATE for result in results]
 
 
 def _insert_new(session: Session, rows: list[dict[str, Any]], postgres: bool) -> set[tuple[str, int]]:
@@ -149,14 +153,14 @@ def _insert_new(session: Session, rows: list[dict[str, Any]], postgres: bool) ->
     if postgres:
         statement = _insert_statement(columns)
         result = connection.execute(statement, {"rows": rows_json(connection.dialect, _TABLE, columns, rows)})
-        return {(r[0], int(r[1])) for r in result}
+        return {(r[0], int(r[1])) for r in result.all()}  # fetched at once: row by row cost ~2 µs a window
     new: set[tuple[str, int]] = set()
     step = SQLITE_MAX_PARAMETERS // len(columns)
     for start in range(0, len(rows), step):
         chunk = rows[start : start + step]
         parameters = rows_values(connection.dialect, _TABLE, columns, chunk)
         result = connection.exec_driver_sql(_sqlite_insert(columns, len(chunk)), tuple(parameters))
-        new.update((r[0], int(r[1])) for r in result)
+        new.update((r[0], int(r[1])) for r in result.all())
     return new
 
 

@@ -89,9 +89,11 @@ def run(config: WorkerConfig, stdin: IO[bytes], stdout: IO[str]) -> int:
         share_group=config.share_group,
         share_telemetry=True,
     )
+    # Before the bridge starts: what it counts from its first connect on (which can come before the next line runs)
+    # is reported, not taken for what was reported already.
+    reported = counters.snapshot()
     bridge.start()
     log.info("ingest process started index=%d client_id=%s", config.index, config.client_id)
-    reported = counters.snapshot()
     try:
         while not ended.wait(REPORT_S):
             reported = _report(counters, reported, stdout)

@@ -1,12 +1,15 @@
 """Several broker URLs: how they are configured, parsed, and tried in turn (failover, then rediscovery).
 
 The failover order is checked on the transport's own decision, with paho's client standing in as a recorder of
-where the next attempt goes; tests/e2e/test_broker_failover.py kills real brokers.
+where the next attempt goes, and against a real Mosquitto that refuses; tests/e2e/test_broker_failover.py kills real
+brokers.
 """
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -15,6 +18,7 @@ from agent import AgentConfig, ConfigError, load_config
 from agent.transport import MqttTransport
 from protocol.errors import BrokerUrlError
 from protocol.mqtt import BrokerAddress, parse_mqtt_urls
+from tests.services import run_mosquitto
 
 A, B, C = (BrokerAddress("127.0.0.1", port) for port in (1883, 1884, 1885))
 
@@ -122,3 +126,33 @@ def test_rediscovery_naming_the_same_brokers_keeps_failing_over() -> None:
     fail(mqtt, client, 3)
     assert mqtt.addresses == (A, B)
     assert client.targets == [(B.host, B.port), (A.host, A.port), (B.host, B.port)]
+
+
+def test_a_broker_refusing_the_connection_is_failed_over_like_an_unreachable_one() -> None:
+    mqtt, client = transport([A, B]), _NextAttempt()
+    refused = SimpleNamespace(is_failure=True)
+    mqtt._handle_connect(client, None, SimpleNamespace(session_present=False), refused, None)  # type: ignore[arg-type]
+    assert client.targets == [(B.host, B.port)] and mqtt.address == B
+    assert not mqtt.connected
+
+
+def test_agent_refused_by_its_first_broker_connects_to_the_second(tmp_path: Path, mosquitto_url: str) -> None:
+    """A real Mosquitto answering CONNACK "not authorized" (a node whose credentials or ACLs are not the fleet's yet):
+    paho alone would retry it forever; the transport moves on to the next broker."""
+    with run_mosquitto(tmp_path / "refusing", anonymous=False) as refusing:
+        addresses = parse_mqtt_urls(f"{refusing},{mosquitto_url}")
+        topic = f"t{uuid.uuid4().hex[:10]}/will"
+        mqtt = MqttTransport(
+            addresses=addresses,
+            client_id=f"c-{uuid.uuid4().hex[:8]}",
+            subscriptions=[],
+            will=(topic, b""),
+            reconnect_min_s=1,
+            reconnect_max_s=1,
+        )
+        mqtt.start(on_message=lambda _topic, _payload: None, on_connect=lambda: None)
+        try:
+            assert mqtt.wait_connected(30), "never connected to the second broker"
+            assert mqtt.address == addresses[1]
+        finally:
+            mqtt.close(timeout=1)

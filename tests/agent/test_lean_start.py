@@ -48,3 +48,15 @@ def test_sketches_and_metrics_load_their_libraries_when_first_used() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_an_agent_that_is_not_federated_and_samples_nothing_leaves_out_those_modules() -> None:
+    result = _run(
+        "import json, sys\n"
+        "import agent.cli, agent.daemon, agent.server, agent.metrics\n"
+        "from agent.daemon import Agent\n"
+        "assert Agent.federation_status.fget is not None\n"
+        "print(json.dumps([m for m in ('agent.federation', 'agent.samples') if m in sys.modules]))\n"
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == []

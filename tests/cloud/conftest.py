@@ -16,6 +16,7 @@ from cloud.models import Device, EnrolmentState
 from cloud.services.devices import ingest_reported
 from cloud.settings import Settings
 from protocol.messages import ReportedState
+from tests.cloud.cards_helpers import migrated_engine
 
 
 class Api:
@@ -51,6 +52,13 @@ class Api:
         enrol_for_test(self.coordinator.engine, device_id, dict(tags) if isinstance(tags, dict) else None, keep=True)
         with Session(self.coordinator.engine) as session:
             ingest_reported(session=session, state=ReportedState.model_validate({"device_id": device_id, **fields}))
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    """A database migrated to head (as a coordinator runs it), SQLite and PostgreSQL."""
+    with migrated_engine(database_url) as engine:
+        yield engine
 
 
 @pytest.fixture

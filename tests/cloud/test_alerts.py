@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,6 @@ from cloud.alerts import evaluate_alerts
 from cloud.audit import list_entries
 from cloud.auth import Role
 from cloud.client import ApiClient
-from cloud.db import create_db_engine, init_db
 from cloud.models import Alert, Device, Rollout, TelemetryRecord
 from cloud.services.tokens import create_token
 from cloud.settings import Settings
@@ -26,14 +24,6 @@ from tests.cloud.cli_helpers import in_process_cli, ok_json
 from tests.cloud.conftest import Api, enrol_for_test
 
 START = utcnow().replace(microsecond=0)
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    engine = create_db_engine(database_url)
-    init_db(engine)
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture

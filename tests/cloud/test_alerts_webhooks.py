@@ -23,7 +23,6 @@ from cloud.alerts import AlertRunner, evaluate_alerts
 from cloud.alerts.webhooks import backoff_s, redact_url, sign
 from cloud.app import create_app
 from cloud.audit import list_entries
-from cloud.db import create_db_engine, init_db
 from cloud.models import AlertDelivery, TelemetryRecord
 from cloud.settings import Settings
 from protocol.messages import utcnow
@@ -126,14 +125,6 @@ def open_an_alert(engine: Engine, settings: Settings) -> None:
 def deliveries(engine: Engine) -> list[AlertDelivery]:
     with Session(engine) as session:
         return list(session.exec(select(AlertDelivery)))
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    engine = create_db_engine(database_url)
-    init_db(engine)
-    yield engine
-    engine.dispose()
 
 
 def test_a_receiver_failing_twice_gets_the_signed_alert_on_the_third_attempt(

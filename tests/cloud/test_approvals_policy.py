@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -26,7 +25,6 @@ from tests.cloud.cards_helpers import (
     INPUTS,
     add_approvers,
     add_version,
-    migrated_engine,
     set_state,
     sign,
     version_row,
@@ -34,13 +32,6 @@ from tests.cloud.cards_helpers import (
 from tests.cloud.conftest import Api
 
 ROLE = high_role("digits", "2.0")
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    """A migrated database, SQLite and PostgreSQL."""
-    with migrated_engine(database_url) as engine:
-        yield engine
 
 
 def refusal(engine: Engine, name: str = "digits", version: str = "2.0", threshold: int = 2) -> str | None:

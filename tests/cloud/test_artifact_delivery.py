@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
+from sqlmodel import Session
 
 from cloud.auth import artifact_token
+from cloud.models import Device
 from cloud.settings import Settings
 from tests.cloud.conftest import Api
 
@@ -62,3 +64,27 @@ def test_artifact_base_url_that_is_not_a_plain_http_url_is_refused(url: str) -> 
 
 def test_artifact_base_url_loses_its_trailing_slash() -> None:
     assert Settings(artifact_base_url=CDN + "/").artifact_base_url == CDN
+
+
+@pytest.mark.parametrize("enrolment", ["pending", "revoked", "decommissioned"])
+def test_a_device_download_token_is_refused_once_its_device_is_not_enrolled(
+    api: Api, digits_model_bytes: bytes, enrolment: str
+) -> None:
+    sha = str(api.push("digits", "1.0", digits_model_bytes)["sha256"])
+    api.enrol("dev-1")
+    url = f"/api/v1/artifacts/{sha}?device=dev-1&token={artifact_token(api.coordinator.artifact_secret, 'dev-1', sha)}"
+    assert api.anonymous.get(url).content == digits_model_bytes
+    with Session(api.coordinator.engine) as session:
+        device = session.get(Device, "dev-1")
+        assert device is not None
+        device.enrolment = enrolment
+        session.add(device)
+        session.commit()
+
+    refused = api.anonymous.get(url)
+    assert refused.status_code == 401 and f"device 'dev-1' is {enrolment}, not enrolled" in refused.text
+    stranger = (
+        f"/api/v1/artifacts/{sha}?device=dev-9&token={artifact_token(api.coordinator.artifact_secret, 'dev-9', sha)}"
+    )
+    unknown = api.anonymous.get(stranger)
+    assert unknown.status_code == 401 and "device 'dev-9' is not enrolled" in unknown.text

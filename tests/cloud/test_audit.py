@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -26,19 +25,10 @@ from cloud.audit.chain import ChainEntry, checkpoint_due, keyid_of, timestamp
 from cloud.audit.keys import sign_head
 from cloud.audit.service import read_head_file, write_head_file
 from cloud.auth import Role
-from cloud.db import create_db_engine, init_db
 from cloud.errors import ConflictError
 from cloud.models import AuditCheckpoint, AuditEntry
 from cloud.services.tokens import create_token
 from protocol.messages import utcnow
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    engine = create_db_engine(database_url)
-    init_db(engine)
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture

@@ -101,6 +101,26 @@ def test_same_telemetry_window_twice_is_counted_once(live: Api, broker_url: str,
     assert stats(live)["duplicates_dropped"] == 1
 
 
+def test_same_event_twice_is_recorded_once(live: Api, broker_url: str, topic_base: str) -> None:
+    """An MQTT tool (or the broker after the coordinator died between its commit and its PUBACK) hands an event
+    again: one record; the next event, sent after it, is recorded as well."""
+    topic = Topics(topic_base).events("cam-5")
+    live.enrol("cam-5")
+    started = DeviceEvent(device_id="cam-5", kind="agent.started", message="hello")
+    moved = DeviceEvent(device_id="cam-5", kind="broker.moved", message="found it elsewhere")
+    with connected_client(broker_url) as (client, _):
+        publish(client, topic, encode(started))
+        publish(client, topic, encode(started))  # a QoS 1 redelivery
+    wait_until(lambda: stats(live)["received"].get("events") == 2, what="two events received")
+    with connected_client(broker_url) as (client, _):
+        publish(client, topic, encode(started))  # again, in a later batch
+        publish(client, topic, encode(moved))
+    wait_until(lambda: stats(live)["received"].get("events") == 4, what="four events received")
+    listed = live.client.get("/api/v1/devices/cam-5/events").json()["data"]
+    kinds = sorted(e["kind"] for e in listed if e["kind"] in ("agent.started", "broker.moved"))
+    assert kinds == ["agent.started", "broker.moved"], listed
+
+
 MALFORMED = [
     ("reported", b"not json at all"),
     ("reported", json.dumps({"schema_version": 99, "device_id": "victim"}).encode()),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +25,8 @@ from cloud.services.cards import (
     require_card,
     set_card,
 )
-from tests.cloud.cards_helpers import CARD, INPUTS, add_version, migrated_engine, set_state, version_row
+from tests.cloud.cards_helpers import CARD, INPUTS, add_version, set_state, version_row
 from tests.cloud.conftest import Api
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    """A migrated database, SQLite and PostgreSQL."""
-    with migrated_engine(database_url) as engine:
-        yield engine
-
 
 # -- the schema and its digest ---------------------------------------------------------------------------
 

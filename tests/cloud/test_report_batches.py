@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, timedelta, timezone
 from typing import Any
 
 from sqlmodel import Session, col, select
@@ -105,3 +105,32 @@ def test_batch_of_interleaved_phases_stores_each_devices_last_state_and_every_ev
     assert second[0][:3] == ("failed", 1, "internal") and second[1][0][:2] == ("failed", "failed")
     kinds = [kind for kind, *_ in first[2]]
     assert kinds == ["update.started", "update.progress", "update.activated"], "events lost or reordered"
+
+
+def test_an_event_delivered_again_is_recorded_once_in_its_batch_in_a_later_one_and_alone(api: Api) -> None:
+    enrol(api.coordinator, "again")
+    engine = api.coordinator.engine
+    with Session(engine) as session:
+        prepare(session, ["again"])
+    started = DeviceEvent(device_id="again", kind=EventKind.UPDATE_STARTED, generation=1, phase=UpdatePhase.DOWNLOADING)
+    # Another kind at the same instant is another event; the same instant written with another offset is not.
+    progress = DeviceEvent(
+        device_id="again", kind=EventKind.UPDATE_PROGRESS, generation=1, phase=UpdatePhase.VERIFYING, at=started.at
+    )
+    shifted = started.model_copy(update={"at": started.at.astimezone(timezone(timedelta(hours=2)))})
+    activated = DeviceEvent(device_id="again", kind=EventKind.UPDATE_ACTIVATED, generation=1)
+    with Session(engine) as session:
+        ingest_batch(session=session, messages=[(started, True), (started, False), (progress, True)])
+    with Session(engine) as session:  # the broker hands them again after a restart, the next one with them
+        ingest_batch(session=session, messages=[(shifted, False), (progress, False), (activated, True)])
+    with Session(engine) as session:
+        ingest_event(session=session, event=activated, live=False)
+        _, targets, events = outcome(session, "again")
+        (stored,) = session.exec(
+            select(DeviceEventRecord.at).where(
+                DeviceEventRecord.device_id == "again", DeviceEventRecord.kind == EventKind.UPDATE_STARTED.value
+            )
+        ).all()
+    assert [kind for kind, *_ in events] == ["update.started", "update.progress", "update.activated"]
+    assert targets == [("succeeded", "active", None)]
+    assert (stored if stored.tzinfo else stored.replace(tzinfo=UTC)) == started.at, "the instant the device sent"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -339,3 +340,22 @@ def test_promote_to_a_wave_number_through_the_api_starts_that_wave(rb: RolloutBe
     status, body = promote({"wave_number": 3})
     assert status == 409
     assert body["detail"] == f"rollout {rid}: cannot promote: wave 3 is already under way (the current wave is 3)"
+
+
+def test_runner_reads_the_state_another_replica_stored_since_its_own_last_step(rb: RolloutBench) -> None:
+    ids = rb.enrol(4)
+    rollout = rb.create(waves=[{"percent": 100, "bake_seconds": 0}], max_concurrent_downloads=2, gates=NO_GATES)
+    rb.tick(1)  # rb.runner dispatches two devices (and keeps the state it stored); they update
+    assert len(rb.recorder.published) == 2
+    replica = Recorder()
+    rb.new_runner(replica).tick(rb.now + timedelta(seconds=0.5))  # took the rollout over: two done, two dispatched
+    assert sorted(s.device_id for s in replica.published + rb.recorder.published) == ids
+    rb.tick(1)  # back on rb.runner: it must step the replica's state, not the copy of its own last step
+    assert rb.recorder.new() == [], "nothing dispatched again"
+    for state in replica.published:
+        rb.answer(state)
+    rb.tick(1)
+    assert rb.rollout(rollout["id"])["status"] == "completed"
+    updated = Counter(d.figures["device_id"] for d in rb.decisions(rollout["id"]) if d.kind == "device_updated")
+    assert updated == dict.fromkeys(ids, 1), "each device updated once, no decision taken twice"
+    assert Counter(d.device_id for d in rb.dispatches(rollout["id"])) == dict.fromkeys(ids, 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,10 @@ from sqlmodel import Session
 import cloud.telemetry.acks as acks
 from cloud.db import create_db_engine, init_db
 from cloud.models import Device, TelemetryRecord
-from cloud.telemetry.acks import AckThrottle, acknowledge_telemetry, telemetry_ack
+from cloud.telemetry.acks import AckThrottle, acknowledge_telemetry, recently_heard, telemetry_ack
+from cloud.telemetry.ingest import Arrival, store_windows
 from protocol.codec import decode, encode
-from protocol.messages import ReportedState, TelemetryAck
+from protocol.messages import ReportedState, TelemetryAck, utcnow
 from protocol.topics import Topics
 from tests.cloud.fleet_helpers import enrol, live_coordinator, window
 from tests.cloud.mqtt_helpers import connected_client, publish
@@ -131,3 +133,31 @@ def test_burst_of_windows_ends_in_one_retained_ack_of_all_of_them(
     with connected_client(mosquitto_url, topics.ack("edge-1")) as (_, received):
         retained = received.wait_for(lambda m: True)
     assert retained.retain and json.loads(retained.payload)["max_seq"] == 49
+
+
+def test_a_starting_coordinator_acknowledges_what_a_process_that_died_stored_but_never_acknowledged(
+    mosquitto_url: str, topic_base: str, tmp_path: Path
+) -> None:
+    """A process killed between storing windows and its throttled acknowledgement leaves the device unconfirmed (its
+    agent would resend 30 s later): the next process to start acknowledges every device heard in the last minutes."""
+    topics = Topics(topic_base)
+    database_url = f"sqlite:///{tmp_path / 'shared.db'}"
+    with live_coordinator(
+        tmp_path / "first", mqtt_url=mosquitto_url, topic_base=topic_base, database_url=database_url
+    ) as api:
+        enrol(api.coordinator, "edge-1")
+        enrol(api.coordinator, "edge-quiet")
+        with Session(api.coordinator.engine) as session:  # stored as a bridge stores them, then no acknowledgement
+            store_windows(session, [Arrival(window("edge-1", seq)) for seq in range(3)])
+            device = session.get(Device, "edge-quiet")
+            assert device is not None
+            device.last_seen = utcnow() - timedelta(hours=1)  # heard from long ago: nothing of it waits
+            session.add(device)
+            session.commit()
+            assert recently_heard(session, 120.0) == ["edge-1"]
+    with (
+        connected_client(mosquitto_url, topics.ack("edge-1")) as (_, received),
+        live_coordinator(tmp_path / "second", mqtt_url=mosquitto_url, topic_base=topic_base, database_url=database_url),
+    ):
+        answer = decode(TelemetryAck, received.wait_for(lambda m: True, timeout=15).payload)
+    assert (answer.stored_seq, answer.max_seq) == (2, 2)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -13,7 +12,6 @@ from hypothesis import strategies as st
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from cloud.db import create_db_engine, init_db
 from cloud.models import Device, EnrolmentState, TelemetryRecord
 from cloud.models.telemetry import TelemetryRollup
 from cloud.telemetry.ingest import Arrival, Outcome, store_windows
@@ -23,15 +21,6 @@ from cloud.telemetry.windows import telemetry_totals
 from protocol.messages import ModelRef, TelemetryWindow
 
 T0 = datetime(2026, 12, 1, 10, 0, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    """A migrated database (SQLite or PostgreSQL)."""
-    engine = create_db_engine(database_url)
-    init_db(engine)
-    yield engine
-    engine.dispose()
 
 
 def enrol(engine: Engine, *device_ids: str, state: EnrolmentState = EnrolmentState.ENROLLED) -> None:

@@ -3,7 +3,6 @@ as one statement with one JSON parameter, rollups in two, and many devices ackno
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -13,7 +12,6 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 import cloud.telemetry.gaps as gaps
-from cloud.db import create_db_engine, init_db
 from cloud.models import Device, EnrolmentState, TelemetryChain, TelemetryRecord
 from cloud.models._common import as_utc
 from cloud.models.telemetry import TelemetryRollup
@@ -23,15 +21,6 @@ from cloud.telemetry.ingest import Arrival, Outcome, store_windows
 from protocol.messages import LabelCounts, ModelRef, SeqRange, TelemetryAck, TelemetryWindow, utcnow
 
 T0 = datetime(2026, 12, 1, 10, 0, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    """A migrated database (SQLite or PostgreSQL)."""
-    engine = create_db_engine(database_url)
-    init_db(engine)
-    yield engine
-    engine.dispose()
 
 
 def enrol(engine: Engine, *device_ids: str) -> None:

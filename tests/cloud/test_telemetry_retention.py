@@ -13,9 +13,7 @@ from cloud.telemetry.acks import telemetry_ack
 from cloud.telemetry.ingest import Arrival, Outcome, store_windows
 from cloud.telemetry.retention import prune_telemetry
 from protocol.messages import utcnow
-from tests.cloud.test_telemetry_ingest import engine, enrol, rollups, stored_seqs, window
-
-__all__ = ["engine"]  # the fixture, shared with the ingest tests
+from tests.cloud.test_telemetry_ingest import enrol, rollups, stored_seqs, window
 
 
 def store_at(engine: Engine, windows: list, days_ago: float) -> list[Outcome]:

@@ -260,6 +260,7 @@ def test_viewer_sees_every_page_with_real_data_and_no_operator_buttons(
     visit.shot("viewer-rollout")
 
     visit.go("/alerts", ".page-alerts table[aria-label=alerts]")
+    page.wait_for_selector("table[aria-label='drift of digits:1.0']")  # drawn when its own query answers
     alerts = page.inner_text("table[aria-label=alerts]")
     for drifted in scene.drifted:
         assert f"device={drifted}" in alerts, "the viewer sees every unresolved alert"

@@ -133,6 +133,19 @@ def test_step_does_not_modify_its_input_state() -> None:
     assert state.model_dump() == before
 
 
+def test_step_does_not_modify_the_device_records_or_control_cohort_of_its_input() -> None:
+    p = plan(waves=[{"percent": 100}], device_timeout_seconds=60, max_retries=1)
+    started, _, _ = step(RolloutState.new("r"), p, Observations(fleet=fleet_of(8)), T0)
+    state = started.model_copy(update={"last_control": cohort(devices=3)})
+    before = state.model_dump()
+    # Every attempt times out and is retried, records change, the control cohort is replaced: the input stays as it was.
+    after, _, decisions = step(
+        state, p, Observations(fleet=fleet_of(8), control=cohort(devices=2)), T0 + timedelta(seconds=61)
+    )
+    assert any(d.kind == "device_timed_out" for d in decisions) and after.devices != state.devices
+    assert state.model_dump() == before
+
+
 def test_never_more_downloads_in_flight_than_the_limit() -> None:
     sim = Sim(plan(max_concurrent_downloads=3, waves=[{"percent": 100}]), fleet_of(25))
     actions, _ = sim.step()

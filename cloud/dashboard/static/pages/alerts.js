@@ -62,6 +62,25 @@ export function mount(el, ctx) {
   // A refresh started earlier (the periodic one) can answer after a later one (after an ack): only the newest
   // refresh draws, so stale alerts never overwrite fresh ones.
   let generation = 0;
+  // Drift is computed from sketches and can take seconds on a busy coordinator: alerts never wait for it. One drift
+  // query runs at a time per cohort choice; a periodic refresh that finds one in flight leaves it to finish.
+  let driftGeneration = 0;
+  let driftInFlight = null; // the `by` of the drift query in flight, or null
+
+  async function drawDrift() {
+    const wanted = by.value || undefined;
+    if (driftInFlight !== null && driftInFlight === (wanted || "")) return;
+    const mine = ++driftGeneration;
+    driftInFlight = wanted || "";
+    try {
+      const drift = await driftSections(wanted);
+      if (mine === driftGeneration) fill(driftBox, ...drift.flat());
+    } catch (error) {
+      if (mine === driftGeneration) fill(driftBox, h("p", { class: "error", role: "status" }, `drift query failed: ${error.message}`));
+    } finally {
+      if (mine === driftGeneration) driftInFlight = null;
+    }
+  }
 
   const handle = {
     async refresh() {
@@ -72,9 +91,8 @@ export function mount(el, ctx) {
         tagKeys = keys.join(",");
         fillCohorts(keys);
       }
-      const [alerts, drift] = await Promise.all([
-        api("/alerts", { query: { state: "unresolved", limit: 200 } }), driftSections(by.value || undefined),
-      ]);
+      drawDrift();
+      const alerts = await api("/alerts", { query: { state: "unresolved", limit: 200 } });
       if (mine !== generation) return;
       const operator = ctx.can("operator");
       fill(alertsBox,
@@ -89,7 +107,6 @@ export function mount(el, ctx) {
           ].filter((c) => c !== null)),
           { empty: "no open alerts", label: "alerts" }),
       );
-      fill(driftBox, ...drift.flat());
     },
   };
   return handle;
