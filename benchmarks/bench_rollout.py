@@ -377,7 +377,7 @@ def wait_completed(client: ApiClient, rollout_id: int, deadline: float) -> str:
     """Poll the rollout until it is completed (or the deadline); its last status."""
     status = ""
     while time.monotonic() < deadline:
-        status = client.get(f"/rollouts/{rollout_id}", decisions=0)["status"]
+        status = client.get(f"/rollouts/{rollout_id}", decisions=0, devices=0)["status"]
         if status == "completed":
             break
         time.sleep(0.2)

@@ -313,9 +313,11 @@ class ApiClient:
         """Rollouts, newest first."""
         return list(self.get("/rollouts")["data"])
 
-    def rollout(self, rollout_id: int) -> dict[str, Any]:
-        """One rollout with its waves, devices, gates and decisions."""
-        return dict(self.get(f"/rollouts/{rollout_id}"))
+    def rollout(self, rollout_id: int, *, devices: bool = True) -> dict[str, Any]:
+        """One rollout with its waves, gates, decisions and (unless `devices` is False: a status poll) devices."""
+        if devices:
+            return dict(self.get(f"/rollouts/{rollout_id}"))
+        return dict(self.get(f"/rollouts/{rollout_id}", devices=0))
 
     def rollout_command(self, rollout_id: int, command: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         """Send `pause`, `resume`, `abort` or `promote` to a rollout."""

@@ -105,10 +105,20 @@ def list_rollouts(session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000
 
 @router.get("/rollouts/{rollout_id}", summary="One rollout with waves, devices, gates and decisions")
 def get_rollout(
-    rollout_id: RolloutId, session: SessionDep, decisions: Annotated[int, Query(ge=0, le=10_000)] = 200
+    rollout_id: RolloutId,
+    session: SessionDep,
+    decisions: Annotated[int, Query(ge=0, le=10_000, description="The latest decisions to include")] = 200,
+    devices: Annotated[
+        int | None,
+        Query(
+            ge=0,
+            description="At most this many per-device rows, by device id (default: every device; 0 for a "
+            "status poll: device_count and counts still say how many devices are in each phase)",
+        ),
+    ] = None,
 ) -> RolloutDetailPublic:
     """Per-wave progress, per-device states, the current gates' figures and the latest decisions."""
-    return rollouts.get_rollout(session=session, rollout_id=rollout_id, decisions=decisions)
+    return rollouts.get_rollout(session=session, rollout_id=rollout_id, decisions=decisions, devices=devices)
 
 
 def _submit(

@@ -414,7 +414,7 @@ def _watch_live(client: ApiClient, rollout_id: int, body: dict[str, Any], interv
         while body["status"] not in ENDED and time.monotonic() < deadline:
             time.sleep(interval)
             with api_errors():
-                body = client.rollout(rollout_id)
+                body = client.rollout(rollout_id, devices=False)  # the view shows counts, not device rows
             live.update(render_status(body))
     if body["status"] not in ENDED:
         fail(f"rollout {rollout_id} is still {body['status']} after {timeout:g}s")
@@ -434,7 +434,7 @@ def _watch_json(client: ApiClient, rollout_id: int, body: dict[str, Any], interv
             break
         time.sleep(interval)
         with api_errors():
-            body = client.rollout(rollout_id)
+            body = client.rollout(rollout_id, devices=False)  # each line holds counts, not device rows
     if body["status"] not in ENDED:
         fail(f"rollout {rollout_id} is still {body['status']} after {timeout:g}s")
 

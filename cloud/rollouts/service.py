@@ -8,6 +8,7 @@ not apply), stored, and handed to the engine at its next step, so it is never lo
 
 from __future__ import annotations
 
+import heapq
 import uuid
 from collections import Counter
 from typing import Any
@@ -26,6 +27,7 @@ from cloud.models import (
     RolloutDevicePublic,
     RolloutPublic,
     RolloutWavePublic,
+    as_utc,
 )
 from cloud.rollouts import Command, RolloutPlan, RolloutState, RolloutStatus, command_error, gate_report
 from cloud.rollouts.observations import fleet_tags, observe
@@ -252,8 +254,12 @@ def _numbered(figures: dict[str, Any]) -> dict[str, Any]:
     return figures | extra
 
 
-def get_rollout(*, session: Session, rollout_id: int, decisions: int = 200) -> RolloutDetailPublic:
-    """One rollout with per-wave progress, per-device states, gate figures and its latest `decisions`."""
+def get_rollout(
+    *, session: Session, rollout_id: int, decisions: int = 200, devices: int | None = None
+) -> RolloutDetailPublic:
+    """One rollout with per-wave progress, gate figures, its latest `decisions` and per-device states: the first
+    `devices` by device id (None: every device; 0: none, for a status poll: `device_count` and `counts` say how many
+    and in which phase, and 10,000 device rows cost a poll more than the rest of it)."""
     row = _get(session, rollout_id)
     plan, state = load_rollout(row)
     statement = (
@@ -266,30 +272,39 @@ def get_rollout(*, session: Session, rollout_id: int, decisions: int = 200) -> R
         RolloutDecisionPublic.model_validate(d, update={"figures": _numbered(d.figures)})
         for d in reversed(list(session.exec(statement)))
     ]
-    devices = [
-        RolloutDevicePublic(
-            device_id=device_id,
-            wave=record.wave,
-            wave_number=record.wave + 1,
-            phase=record.phase.value,
-            attempts=record.attempts,
-            rollback_attempts=record.rollback_attempts,
-            late_joiner=record.late_joiner,
-            last_error=record.last_error,
-            next_retry_at=record.next_retry_at,
-        )
-        for device_id, record in sorted(state.devices.items())
-    ]
     return RolloutDetailPublic.model_validate(
         rollout_public(row, (plan, state)),
         update={
             "plan": row.plan,
             "waves": _waves(plan, state),
-            "devices": devices,
+            "devices": _device_rows(state, devices),
             "gates": _live_gates(session, row, plan, state),
             "decisions": log,
         },
     )
+
+
+def _device_rows(state: RolloutState, limit: int | None) -> list[RolloutDevicePublic]:
+    """The first `limit` devices of `state` by id (None: all). Built without validation: every value comes from the
+    validated state (`model_construct` takes ~1 µs a row, validating ~8)."""
+    ids = sorted(state.devices) if limit is None else heapq.nsmallest(limit, state.devices)
+    rows = []
+    for device_id in ids:
+        record = state.devices[device_id]
+        rows.append(
+            RolloutDevicePublic.model_construct(
+                device_id=device_id,
+                wave=record.wave,
+                wave_number=record.wave + 1,
+                phase=record.phase.value,
+                attempts=record.attempts,
+                rollback_attempts=record.rollback_attempts,
+                late_joiner=record.late_joiner,
+                last_error=record.last_error,
+                next_retry_at=as_utc(record.next_retry_at),  # what `UtcOut` validation would do
+            )
+        )
+    return rows
 
 
 def decision_count(*, session: Session, rollout_id: int) -> int:

@@ -209,6 +209,26 @@ def test_pause_resume_abort_and_promote_follow_the_documented_states(rb: Rollout
     assert ids  # every device of the fleet was enrolled
 
 
+def test_status_poll_asks_for_no_device_rows_and_still_gets_the_counts(rb: RolloutBench) -> None:
+    ids = rb.enrol(6)
+    rollout = rb.create(waves=[{"count": 2, "bake_seconds": 30}, {"percent": 100}], gates=NO_GATES)
+    rb.tick(1)
+    full = rb.rollout(rollout["id"])
+    get = rb.client.get
+    url = f"/api/v1/rollouts/{rollout['id']}"
+    poll = get(url, params={"devices": 0}).json()
+    assert poll["devices"] == [] and poll["device_count"] == 6 == len(full["devices"])
+    assert poll["counts"] == full["counts"] and sum(full["counts"].values()) == 6
+    assert {k: v for k, v in poll.items() if k != "devices"} == {k: v for k, v in full.items() if k != "devices"}
+    first = get(url, params={"devices": 2}).json()["devices"]
+    assert first == full["devices"][:2] and [d["device_id"] for d in first] == sorted(ids)[:2]
+    assert [d["device_id"] for d in full["devices"]] == sorted(ids)
+    dispatched = [d for d in full["devices"] if d["phase"] != "pending"]
+    assert len(dispatched) == 2 and {d["wave_number"] for d in dispatched} == {1}
+    refused = get(url, params={"devices": -1})
+    assert refused.status_code == 422 and "devices" in refused.text
+
+
 def test_invalid_plans_conflicts_and_unknown_rollouts_are_refused_clearly(rb: RolloutBench) -> None:
     rb.enrol(2)
     post = rb.client.post

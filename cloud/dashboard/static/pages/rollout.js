@@ -53,7 +53,7 @@ export function mount(el, ctx) {
 
   const handle = {
     async refresh() {
-      const r = await api(`/rollouts/${id}`, { query: { decisions: 100 } });
+      const r = await api(`/rollouts/${id}`, { query: { decisions: 100, devices: 0 } }); // the page shows counts, not device rows
       const buttons = ctx.can("operator")
         ? COMMANDS.filter((c) => c.when(r.status)).map((c) =>
             h("button", { type: "button", class: c.danger ? "danger" : null, "data-command": c.name, onclick: () => command(c, r) }, c.name))
