@@ -9,11 +9,15 @@ not apply), stored, and handed to the engine at its next step, so it is never lo
 from __future__ import annotations
 
 import heapq
+import threading
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import Any
+from typing import cast as cast_type
 
 from pydantic import TypeAdapter
+from sqlalchemy import String, cast
+from sqlalchemy.orm import QueryableAttribute, defer
 from sqlmodel import Session, col, func, select
 
 from cloud import audit
@@ -260,8 +264,11 @@ def get_rollout(
     """One rollout with per-wave progress, gate figures, its latest `decisions` and per-device states: the first
     `devices` by device id (None: every device; 0: none, for a status poll: `device_count` and `counts` say how many
     and in which phase, and 10,000 device rows cost a poll more than the rest of it)."""
-    row = _get(session, rollout_id)
-    plan, state = load_rollout(row)
+    unread = defer(cast_type("QueryableAttribute[Any]", Rollout.state))  # read as text below, decoded once per content
+    row = session.exec(select(Rollout).options(unread).where(Rollout.id == rollout_id)).first()
+    if row is None:
+        raise NotFoundError(f"rollout {rollout_id} does not exist")
+    plan, state = _shown(session, row)
     statement = (
         select(RolloutDecisionRecord)
         .where(RolloutDecisionRecord.rollout_id == rollout_id)
@@ -282,6 +289,43 @@ def get_rollout(
             "decisions": log,
         },
     )
+
+
+class _ShownStates:
+    """The engine states the status views decoded last, keyed by their stored JSON text: a status poll of a rollout
+    that has not moved since the last one reads the text (one column) and skips decoding it (a 10,000-device state
+    is ~1.5 MB of JSON and ~10,000 validated records: most of a poll's time). The key is the content itself, so a
+    state changed by any writer, replica or clock is never served stale. Read-only: what is handed out here must
+    never be changed (the engine steps a copy of the state it loads itself, `load_rollout`)."""
+
+    def __init__(self, size: int = 4) -> None:
+        self._lock = threading.Lock()
+        self._size = size
+        self._states: OrderedDict[str, RolloutState] = OrderedDict()
+
+    def get(self, text: str) -> RolloutState:
+        with self._lock:
+            state = self._states.get(text)
+            if state is not None:
+                self._states.move_to_end(text)
+                return state
+        state = RolloutState.model_validate_json(text)
+        with self._lock:
+            self._states[text] = state
+            while len(self._states) > self._size:
+                self._states.popitem(last=False)
+        return state
+
+
+_SHOWN_STATES = _ShownStates()
+
+
+def _shown(session: Session, row: Rollout) -> tuple[RolloutPlan, RolloutState]:
+    """`load_rollout` for the status views: the same refusals, the state decoded at most once per content."""
+    if row.format_version != FORMAT_VERSION:
+        return load_rollout(row)  # refused there, with the reason
+    text = session.execute(select(cast(col(Rollout.state), String)).where(Rollout.id == row.id)).scalar_one()
+    return RolloutPlan.model_validate(row.plan), _SHOWN_STATES.get(text)
 
 
 def _device_rows(state: RolloutState, limit: int | None) -> list[RolloutDevicePublic]:

@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import update
+from sqlmodel import Session, col
 
+from cloud.models import Rollout
 from compression.reference import shifted_model
 from tests.cloud.rollout_helpers import SHIFTED, Recorder, RolloutBench, bench
 
@@ -227,6 +230,30 @@ def test_status_poll_asks_for_no_device_rows_and_still_gets_the_counts(rb: Rollo
     assert len(dispatched) == 2 and {d["wave_number"] for d in dispatched} == {1}
     refused = get(url, params={"devices": -1})
     assert refused.status_code == 422 and "devices" in refused.text
+
+
+def test_status_poll_shows_a_state_another_writer_changed_without_touching_updated_at(rb: RolloutBench) -> None:
+    rb.enrol(3)
+    rid = rb.create(waves=[{"percent": 100}], max_concurrent_downloads=1, gates=NO_GATES)["id"]
+    rb.tick(1)
+    before = rb.rollout(rid)  # decoded and kept by the status views
+    assert before["counts"] == {"dispatched": 1, "pending": 2}
+    with Session(rb.coordinator.engine) as session:  # e.g. another replica's step in the same clock tick
+        row = session.get(Rollout, rid)
+        assert row is not None
+        stamp, state = row.updated_at, dict(row.state)
+        state["reason"] = "changed elsewhere"
+        row.state = state
+        session.add(row)
+        session.commit()
+        assert row.updated_at == stamp
+    after = rb.rollout(rid)
+    assert after["reason"] == "changed elsewhere" and before["reason"] != after["reason"]
+    with Session(rb.coordinator.engine) as session:
+        session.execute(update(Rollout).where(col(Rollout.id) == rid).values(format_version=99))
+        session.commit()
+    refused = rb.client.get(f"/api/v1/rollouts/{rid}", params={"devices": 0})
+    assert refused.status_code >= 400 and "state format 99" in refused.text
 
 
 def test_invalid_plans_conflicts_and_unknown_rollouts_are_refused_clearly(rb: RolloutBench) -> None:
