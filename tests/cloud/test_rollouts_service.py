@@ -12,7 +12,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 from sqlmodel import Session, col
 
+from cloud.leases import Leases
 from cloud.models import Rollout
+from cloud.rollouts.runner import RolloutRunner
 from compression.reference import shifted_model
 from tests.cloud.rollout_helpers import SHIFTED, Recorder, RolloutBench, bench
 
@@ -406,3 +408,20 @@ def test_runner_reads_the_state_another_replica_stored_since_its_own_last_step(r
     updated = Counter(d.figures["device_id"] for d in rb.decisions(rollout["id"]) if d.kind == "device_updated")
     assert updated == dict.fromkeys(ids, 1), "each device updated once, no decision taken twice"
     assert Counter(d.device_id for d in rb.dispatches(rollout["id"])) == dict.fromkeys(ids, 1)
+
+
+def test_runner_rests_twice_as_long_as_a_slow_tick_took_but_renews_its_leases_in_time(rb: RolloutBench) -> None:
+    runner = RolloutRunner(
+        engine=rb.coordinator.engine, publisher=Recorder(), links=lambda: rb.coordinator.links, tick_s=0.2
+    )
+    assert runner.rest_after(0.01) == 0.2, "a cheap tick keeps the configured period"
+    assert runner.rest_after(0.5) == 1.0, "a tick of a large rollout is followed by twice its time"
+    replica = RolloutRunner(
+        engine=rb.coordinator.engine,
+        publisher=Recorder(),
+        links=lambda: rb.coordinator.links,
+        tick_s=0.2,
+        leases=Leases(rb.coordinator.engine, "replica-a", ttl_s=3.0),
+    )
+    assert replica.rest_after(0.5) == 1.0
+    assert replica.rest_after(4.0) == 1.0, "never so long that the leases (3 s) expire before the next renewal"
