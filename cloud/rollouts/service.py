@@ -264,11 +264,14 @@ def get_rollout(
     """One rollout with per-wave progress, gate figures, its latest `decisions` and per-device states: the first
     `devices` by device id (None: every device; 0: none, for a status poll: `device_count` and `counts` say how many
     and in which phase, and 10,000 device rows cost a poll more than the rest of it)."""
-    unread = defer(cast_type("QueryableAttribute[Any]", Rollout.state))  # read as text below, decoded once per content
-    row = session.exec(select(Rollout).options(unread).where(Rollout.id == rollout_id)).first()
-    if row is None:
+    # The row without its state, and the state as the text it is stored as (decoded once per content): one query.
+    unread = defer(cast_type("QueryableAttribute[Any]", Rollout.state))
+    lookup = select(Rollout, cast(col(Rollout.state), String)).options(unread).where(Rollout.id == rollout_id)
+    found = session.exec(lookup).first()
+    if found is None:
         raise NotFoundError(f"rollout {rollout_id} does not exist")
-    plan, state = _shown(session, row)
+    row, text = found
+    plan, state = _shown(row, text)
     statement = (
         select(RolloutDecisionRecord)
         .where(RolloutDecisionRecord.rollout_id == rollout_id)
@@ -320,11 +323,11 @@ class _ShownStates:
 _SHOWN_STATES = _ShownStates()
 
 
-def _shown(session: Session, row: Rollout) -> tuple[RolloutPlan, RolloutState]:
-    """`load_rollout` for the status views: the same refusals, the state decoded at most once per content."""
+def _shown(row: Rollout, text: str) -> tuple[RolloutPlan, RolloutState]:
+    """`load_rollout` for the status views (`text`: the row's state as stored): the same refusals, the state decoded
+    at most once per content."""
     if row.format_version != FORMAT_VERSION:
         return load_rollout(row)  # refused there, with the reason
-    text = session.execute(select(cast(col(Rollout.state), String)).where(Rollout.id == row.id)).scalar_one()
     return RolloutPlan.model_validate(row.plan), _SHOWN_STATES.get(text)
 
 
